@@ -1,0 +1,44 @@
+# tokenmill: run `make demo` for the end-to-end job, `make test` for the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROTO_SRC := $(wildcard protos/tokenmill/v1/*.proto)
+
+.PHONY: venv proto proto-check demo test lint up down clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q 'torch>=2.6,<=2.13.0'
+	$(PY) -m pip install -q -e '.[dev,ray]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Generated stubs are committed (tokenmill/v1/); this regenerates them.
+proto: venv
+	$(PY) -m common.protogen
+
+# Fails when the committed stubs differ from what the protos generate.
+proto-check: venv
+	$(PY) -m common.protogen --check
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: venv proto-check
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) -m common.demo
+
+up: venv
+	$(VENV)/bin/tokenmill up
+
+down: venv
+	$(VENV)/bin/tokenmill down
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,185 @@
+"""Platform configuration: one YAML file plus `TOKENMILL_*` environment variables.
+
+Precedence (highest first): constructor arguments, environment, YAML file, defaults.
+Nested fields use `__` in the environment: `TOKENMILL_AUTH__TOKENS='["t1"]'`,
+`TOKENMILL_SERVICES__CHECKPOINT__PORT=7003`. The plain `REDIS_URL` is honoured too.
+Validation happens at load time and `ConfigError` names the offending field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+SERVICE_NAMES = ("ingest", "trainer", "checkpoint", "compress", "inference")
+DEFAULT_PORTS = {"ingest": 50051, "trainer": 50052, "checkpoint": 50053, "compress": 50054, "inference": 50055}
+
+
+class ConfigError(ValueError):
+    """Raised for a config that cannot start a service; the message names each bad field."""
+
+
+class AuthConfig(BaseModel):
+    """Bearer-token auth. Turning it off must be explicit (`disabled: true`)."""
+
+    disabled: bool = False
+    tokens: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _tokens_or_disabled(self) -> AuthConfig:
+        if not self.disabled and not self.tokens:
+            raise ValueError("auth.tokens is empty: give at least one token, or set auth.disabled: true for local use")
+        if any(len(t) < 16 for t in self.tokens):
+            raise ValueError("auth.tokens: every token must be at least 16 characters")
+        return self
+
+
+class TlsConfig(BaseModel):
+    """Server TLS; `client_ca_file` turns on mutual TLS (clients must present a certificate)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    server_ca_file: Path | None = None  # what clients trust; defaults to the system roots
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file must be set together")
+        for name in ("cert_file", "key_file", "client_ca_file", "server_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"tls.{name}: {path} is not a readable file")
+        return self
+
+
+class ServiceConfig(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    metrics_port: int = Field(default=0, ge=0, le=65535)  # 0 = port + 1000
+    workers: int = Field(default=8, ge=1, le=256)  # gRPC handler threads
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def effective_metrics_port(self) -> int:
+        return self.metrics_port or self.port + 1000
+
+
+def _default_services() -> dict[str, ServiceConfig]:
+    return {name: ServiceConfig(port=port) for name, port in DEFAULT_PORTS.items()}
+
+
+class JobsConfig(BaseModel):
+    lease_seconds: float = Field(default=30.0, gt=0)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _heartbeat_below_lease(self) -> JobsConfig:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError("jobs.heartbeat_seconds must be smaller than jobs.lease_seconds")
+        return self
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TOKENMILL_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    data_dir: Path = Path(os.path.expanduser("~/.tokenmill"))
+    redis_url: str | None = None  # None = start the embedded redis-server under data_dir
+    auth: AuthConfig = Field(default_factory=lambda: AuthConfig(disabled=True))
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    services: dict[str, ServiceConfig] = Field(default_factory=_default_services)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    storage_url: str | None = None  # None = file://<data_dir>/store; or s3://bucket/prefix
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("services")
+    @classmethod
+    def _known_services(cls, value: dict[str, ServiceConfig]) -> dict[str, ServiceConfig]:
+        unknown = set(value) - set(SERVICE_NAMES)
+        if unknown:
+            raise ValueError(f"unknown service(s) {sorted(unknown)}; known: {list(SERVICE_NAMES)}")
+        merged = _default_services()
+        merged.update(value)
+        return merged
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = os.environ.get("TOKENMILL_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    def service(self, name: str) -> ServiceConfig:
+        return self.services[name]
+
+    @property
+    def effective_storage_url(self) -> str:
+        return self.storage_url or f"file://{self.data_dir / 'store'}"
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
+    """Load and validate the config; `path` (or `TOKENMILL_CONFIG`) names the YAML file."""
+    previous = os.environ.get("TOKENMILL_CONFIG")
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            os.environ["TOKENMILL_CONFIG"] = str(path)
+        elif previous and not Path(previous).is_file():
+            raise ConfigError(f"TOKENMILL_CONFIG={previous} does not exist")
+        if "redis_url" not in overrides and os.environ.get("REDIS_URL") and not os.environ.get("TOKENMILL_REDIS_URL"):
+            overrides["redis_url"] = os.environ["REDIS_URL"]
+        return Config(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    finally:
+        if path is not None:
+            if previous is None:
+                os.environ.pop("TOKENMILL_CONFIG", None)
+            else:
+                os.environ["TOKENMILL_CONFIG"] = previous
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "(root)"
+        lines.append(f"config field '{field}': {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
