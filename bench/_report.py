@@ -58,7 +58,10 @@ def write_report(
     rows = [(f"figure {k}", v) for k, v in figures.items()]
     rows += [(f"baseline {k}", v) for k, v in baseline.items()]
     rows += [(f"ratio {k}", v) for k, v in ratios.items()]
-    rows += [(f"target {k}", f"{t['value']:.4g} vs goal {t['goal']} -> {'met' if t['met'] else 'NOT met'}") for k, t in targets.items()]
+    rows += [
+        (f"target {k}", f"{t['value']:.4g} vs goal {t['goal']} -> {'met' if t['met'] else 'NOT met'}")
+        for k, t in targets.items()
+    ]
     width = max(len(r[0]) for r in rows) if rows else 10
     print(f"== {name} on {report['machine']}")
     for label, value in rows:

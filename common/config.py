@@ -21,7 +21,13 @@ from pydantic_settings import (
 )
 
 SERVICE_NAMES = ("ingest", "trainer", "checkpoint", "compress", "inference")
-DEFAULT_PORTS = {"ingest": 50051, "trainer": 50052, "checkpoint": 50053, "compress": 50054, "inference": 50055}
+DEFAULT_PORTS = {
+    "ingest": 50051,
+    "trainer": 50052,
+    "checkpoint": 50053,
+    "compress": 50054,
+    "inference": 50055,
+}
 
 
 class ConfigError(ValueError):
@@ -37,7 +43,9 @@ class AuthConfig(BaseModel):
     @model_validator(mode="after")
     def _tokens_or_disabled(self) -> AuthConfig:
         if not self.disabled and not self.tokens:
-            raise ValueError("auth.tokens is empty: give at least one token, or set auth.disabled: true for local use")
+            raise ValueError(
+                "auth.tokens is empty: give at least one token, or set auth.disabled: true for local use"
+            )
         if any(len(t) < 16 for t in self.tokens):
             raise ValueError("auth.tokens: every token must be at least 16 characters")
         return self
@@ -164,7 +172,11 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
             os.environ["TOKENMILL_CONFIG"] = str(path)
         elif previous and not Path(previous).is_file():
             raise ConfigError(f"TOKENMILL_CONFIG={previous} does not exist")
-        if "redis_url" not in overrides and os.environ.get("REDIS_URL") and not os.environ.get("TOKENMILL_REDIS_URL"):
+        if (
+            "redis_url" not in overrides
+            and os.environ.get("REDIS_URL")
+            and not os.environ.get("TOKENMILL_REDIS_URL")
+        ):
             overrides["redis_url"] = os.environ["REDIS_URL"]
         return Config(**overrides)
     except ValidationError as exc:
