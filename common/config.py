@@ -35,20 +35,40 @@ class ConfigError(ValueError):
 
 
 class AuthConfig(BaseModel):
-    """Bearer-token auth. Turning it off must be explicit (`disabled: true`)."""
+    """Bearer-token auth, on by default. Turning it off must be explicit (`disabled: true`).
+
+    Tokens come from `tokens` and/or `token_file` (one per line). With neither set, the
+    platform's own token file `<data_dir>/auth_token` is used, which `tokenmill up` creates,
+    so a local install is authenticated without any configuration.
+    """
 
     disabled: bool = False
     tokens: list[str] = Field(default_factory=list)
+    token_file: Path | None = None
 
-    @model_validator(mode="after")
-    def _tokens_or_disabled(self) -> AuthConfig:
-        if not self.disabled and not self.tokens:
-            raise ValueError(
-                "auth.tokens is empty: give at least one token, or set auth.disabled: true for local use"
-            )
-        if any(len(t) < 16 for t in self.tokens):
-            raise ValueError("auth.tokens: every token must be at least 16 characters")
-        return self
+    @field_validator("tokens")
+    @classmethod
+    def _long_enough(cls, value: list[str]) -> list[str]:
+        if any(len(t) < 16 for t in value):
+            raise ValueError("every token must be at least 16 characters")
+        return value
+
+    def resolve(self, data_dir: Path) -> AuthConfig:
+        """Fold the token file into `tokens`; fail if auth is on and no token exists anywhere."""
+        if self.disabled:
+            return self
+        token_file = self.token_file or (data_dir / "auth_token" if not self.tokens else None)
+        tokens = list(self.tokens)
+        if token_file is not None:
+            if not token_file.is_file():
+                raise ValueError(
+                    f"auth.token_file {token_file} does not exist: run `tokenmill up` (which creates it), "
+                    "set auth.tokens, or set auth.disabled: true for local use"
+                )
+            tokens += [line.strip() for line in token_file.read_text().splitlines() if line.strip()]
+        if not tokens:
+            raise ValueError("auth.tokens is empty: give at least one token, or set auth.disabled: true")
+        return self.model_copy(update={"tokens": self._long_enough(tokens), "token_file": token_file})
 
 
 class TlsConfig(BaseModel):
@@ -112,7 +132,7 @@ class Config(BaseSettings):
 
     data_dir: Path = Path(os.path.expanduser("~/.tokenmill"))
     redis_url: str | None = None  # None = start the embedded redis-server under data_dir
-    auth: AuthConfig = Field(default_factory=lambda: AuthConfig(disabled=True))
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
     services: dict[str, ServiceConfig] = Field(default_factory=_default_services)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
@@ -121,6 +141,14 @@ class Config(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     storage_url: str | None = None  # None = file://<data_dir>/store; or s3://bucket/prefix
+
+    @model_validator(mode="after")
+    def _resolve_auth(self) -> Config:
+        try:
+            self.auth = self.auth.resolve(self.data_dir)
+        except ValueError as exc:
+            raise ValueError(f"auth: {exc}") from None
+        return self
 
     @field_validator("redis_url")
     @classmethod
@@ -192,6 +220,7 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
 def _describe(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        field = ".".join(str(part) for part in err["loc"]) or "(root)"
-        lines.append(f"config field '{field}': {err['msg']}")
+        message = err["msg"].removeprefix("Value error, ")
+        field = ".".join(str(part) for part in err["loc"])
+        lines.append(f"config field '{field}': {message}" if field else message)
     return "invalid configuration:\n  " + "\n  ".join(lines)
