@@ -58,15 +58,15 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} "
-                "(grouped-query attention shares each K/V head across a whole group)"
-            )
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}; "
                 "pick a head count that divides it or set head_dim explicitly"
+            )
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} "
+                "(grouped-query attention shares each K/V head across a whole group)"
             )
         if self.dim_head % 2:
             raise ValueError(f"head_dim={self.dim_head} must be even for rotary embeddings")
@@ -163,6 +163,9 @@ class ModelConfig:
             body = {k: v for k, v in scaling.items() if k not in ("type", "rope_type", "rope_theta")}
             scaling = None if kind in (None, "default") else {"type": kind, **body}
         heads = int(cfg["num_attention_heads"])
+        head_dim = cfg.get("head_dim")
+        if head_dim is not None and int(head_dim) * heads == int(cfg["hidden_size"]):
+            head_dim = None  # the default; keep configs canonical so round trips compare equal
         eos = cfg.get("eos_token_id")
         return cls(
             vocab_size=int(cfg["vocab_size"]),
@@ -171,7 +174,7 @@ class ModelConfig:
             num_layers=int(cfg["num_hidden_layers"]),
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=cfg.get("head_dim"),
+            head_dim=None if head_dim is None else int(head_dim),
             max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -214,7 +217,6 @@ PRESETS: dict[str, ModelConfig] = {
         num_layers=16,
         num_heads=32,
         num_kv_heads=8,
-        head_dim=64,
         max_seq_len=131072,
         rope_theta=500000.0,
         rope_scaling={

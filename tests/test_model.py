@@ -19,7 +19,13 @@ from common.model import (
 transformers = pytest.importorskip("transformers")
 
 SMALL = dict(
-    vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=160,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=64,
 )
 
 

@@ -1,0 +1,121 @@
+"""`tokenmill up/status/down` as a user runs them: real processes, real Redis, real health checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.config import SERVICE_NAMES
+
+TOKENMILL = str(Path(sys.executable).parent / "tokenmill")
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free both at p and p+1000 (the metrics port)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 1000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1000))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+def _plain_health_check(address: str) -> str:
+    """The stock grpc.health.v1 stub, not tokenmill's client code."""
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def platform_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENMILL_") and k != "REDIS_URL"}
+    env["TOKENMILL_DATA_DIR"] = str(tmp_path / "data")
+    for name, port in zip(SERVICE_NAMES, _free_ports(len(SERVICE_NAMES)), strict=True):
+        env[f"TOKENMILL_SERVICES__{name.upper()}__PORT"] = str(port)
+    return env
+
+
+def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TOKENMILL, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_up_status_down_leaves_nothing_behind(platform_env: dict[str, str], tmp_path: Path) -> None:
+    start = time.monotonic()
+    result = _cli(platform_env, "up", "--timeout", "30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - start < 45
+    run_dir = tmp_path / "data" / "run"
+    try:
+        for name in SERVICE_NAMES:
+            port = platform_env[f"TOKENMILL_SERVICES__{name.upper()}__PORT"]
+            assert f"127.0.0.1:{port}" in result.stdout
+            assert _plain_health_check(f"127.0.0.1:{port}") == "SERVING"
+        assert (tmp_path / "data" / "auth_token").stat().st_mode & 0o077 == 0
+
+        status = _cli(platform_env, "status")
+        assert status.returncode == 0, status.stderr
+        for name in SERVICE_NAMES:
+            assert name in status.stdout
+        assert "waiting" in status.stdout
+
+        # A crashed service is restarted by the supervisor and comes back SERVING.
+        checkpoint_pid = int((run_dir / "checkpoint.pid").read_text())
+        os.kill(checkpoint_pid, signal.SIGKILL)
+        port = platform_env["TOKENMILL_SERVICES__CHECKPOINT__PORT"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            new_pid = int((run_dir / "checkpoint.pid").read_text())
+            if new_pid != checkpoint_pid:
+                try:
+                    if _plain_health_check(f"127.0.0.1:{port}") == "SERVING":
+                        break
+                except grpc.RpcError:
+                    pass
+            time.sleep(0.3)
+        else:
+            pytest.fail("checkpoint service was not restarted")
+        pids = [int(p.read_text()) for p in run_dir.glob("*.pid")]
+    finally:
+        down = _cli(platform_env, "down")
+    assert down.returncode == 0, down.stderr
+    assert pids and not [pid for pid in pids if _alive(pid)]
+    redis_pid_files = list((tmp_path / "data").rglob("redis*.pid"))
+    assert not [p for p in redis_pid_files if p.exists() and _alive(int(p.read_text()))]
+
+
+def test_up_refuses_malformed_config(platform_env: dict[str, str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("services:\n  checkpoint:\n    port: not-a-port\n")
+    result = _cli(platform_env, "--config", str(bad), "up")
+    assert result.returncode != 0
+    assert "services.checkpoint.port" in result.stderr
+    assert "Traceback" not in result.stderr
