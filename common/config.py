@@ -12,10 +12,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
+    SettingsError,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
@@ -209,6 +211,8 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
         return Config(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except (yaml.YAMLError, SettingsError) as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
     finally:
         if path is not None:
             if previous is None:

@@ -246,7 +246,13 @@ class _Rpc:
     """Bookkeeping for one RPC between its start and its status."""
 
     def __init__(
-        self, observer: ObserveInterceptor, service: str, method: str, kind: str, supplied: str | None, quiet: bool
+        self,
+        observer: ObserveInterceptor,
+        service: str,
+        method: str,
+        kind: str,
+        supplied: str | None,
+        quiet: bool,
     ):
         self.observer = observer
         self.service, self.method, self.kind, self.quiet = service, method, kind, quiet

@@ -1,0 +1,36 @@
+"""Typed gRPC clients, one per service (see docs/contracts.md "Clients").
+
+Re-exported lazily: each client lives in its own module written by the service's owner, and
+importing this package must not fail because one of them is missing or broken; the error
+surfaces only when that client is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from common.clients.base import BaseClient, ClientTls, JobsClientMixin
+
+_LAZY = {
+    "CheckpointClient": "common.clients.checkpoint",
+    "IngestClient": "common.clients.ingest",
+    "TrainerClient": "common.clients.trainer",
+    "CompressClient": "common.clients.compress",
+    "InferenceClient": "common.clients.inference",
+}
+
+__all__ = ["BaseClient", "ClientTls", "JobsClientMixin", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

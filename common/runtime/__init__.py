@@ -1,0 +1,17 @@
+"""The gRPC service runtime every tokenmill service is built on (see docs/contracts.md)."""
+
+from common.runtime.app import ReadyCheck, ServiceApp, StartupError
+from common.runtime.entry import EXIT_CONFIG, EXIT_STARTUP, load_or_exit, run_service
+from common.runtime.logs import current_request_id, setup_logging
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_STARTUP",
+    "ReadyCheck",
+    "ServiceApp",
+    "StartupError",
+    "current_request_id",
+    "load_or_exit",
+    "run_service",
+    "setup_logging",
+]

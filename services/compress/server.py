@@ -1,0 +1,198 @@
+"""CompressService: the job RPCs over the "compress" job type, and request validation for
+SubmitCompress. The compression engine does not exist yet, so a valid SubmitCompress answers
+UNIMPLEMENTED and queues nothing (an honest "not yet", never a job that would sit forever).
+
+Run with `python -m services.compress [--config PATH]`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from common.config import Config
+from common.errors import InvalidArgument
+from common.job_rpc import JobRpcMixin
+from common.jobs import JobQueue
+from common.redis_conn import connect
+from common.runtime import ServiceApp, run_service
+from tokenmill.v1 import common_pb2, compress_pb2, compress_pb2_grpc
+
+SERVICE_NAME = compress_pb2.DESCRIPTOR.services_by_name["CompressService"].full_name
+JOB_TYPE = "compress"
+
+METHODS = ("int8", "int4_rtn", "int4_gptq", "prune_magnitude", "prune_wanda", "prune_2_4", "svd", "distill")
+INT4 = {"int4_rtn", "int4_gptq"}
+PRUNE_FRACTION = {"prune_magnitude", "prune_wanda"}
+NEEDS_CALIBRATION = {"int4_gptq", "prune_wanda"}
+DEFAULT_GROUP_SIZE = 128
+GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
+DEFAULT_CALIBRATION_SAMPLES = 128
+MAX_CALIBRATION_SAMPLES = 4096
+DEFAULT_EVAL_BATCHES = 8
+MAX_EVAL_BATCHES = 1000
+MAX_DISTILL_STEPS = 1_000_000
+MAX_NAME = 100  # the checkpoint store's limit for model names
+MAX_IDEMPOTENCY_KEY = 256
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_HINT = "use letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+def _check_name(field: str, value: str, what: str) -> None:
+    if len(value) > MAX_NAME:
+        raise InvalidArgument(f"{field} is {len(value)} characters; the limit is {MAX_NAME}")
+    if not _NAME.match(value) or ".." in value:
+        raise InvalidArgument(f"{field} {value!r} is not a valid {what} name: {_NAME_HINT}")
+
+
+def _check_source(source: str) -> None:
+    if not source:
+        raise InvalidArgument(
+            "source is required: the checkpoint to compress, as 'name', 'name:version' or 'name:tag'"
+        )
+    name, sep, selector = source.partition(":")
+    _check_name("source", name, "checkpoint")
+    if sep and (not selector or not _NAME.match(selector)):
+        raise InvalidArgument(
+            f"source {source!r}: after ':' give a version number or a tag ({_NAME_HINT}), e.g. 'demo-model:3'"
+        )
+
+
+def _unused(request: compress_pb2.SubmitCompressRequest, method: str, fields: Sequence[str]) -> None:
+    """Fields that do not apply to `method` must be left unset, so a typo'd method is not silently
+    run with defaults while the caller believes their settings took effect."""
+    for field in fields:
+        if getattr(request, field):
+            raise InvalidArgument(f"{field} does not apply to method '{method}'; leave it unset")
+
+
+def _fraction(field: str, value: float, method: str) -> None:
+    if not math.isfinite(value) or not 0.0 < value < 1.0:
+        raise InvalidArgument(
+            f"{field}={value} for method '{method}': give a fraction strictly between 0 and 1"
+        )
+
+
+def validate_submit(request: compress_pb2.SubmitCompressRequest) -> dict[str, Any]:
+    """Check every field; return the normalised job spec (defaults filled in)."""
+    if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidArgument(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
+    _check_source(request.source)
+    if not request.output_name:
+        raise InvalidArgument(
+            "output_name is required: the checkpoint name to store the compressed model under"
+        )
+    _check_name("output_name", request.output_name, "checkpoint")
+    method = request.method
+    if method not in METHODS:
+        raise InvalidArgument(f"method {method!r} is not supported; use one of {list(METHODS)}")
+
+    spec: dict[str, Any] = {"source": request.source, "output_name": request.output_name, "method": method}
+    if method in INT4:
+        group_size = request.group_size or DEFAULT_GROUP_SIZE
+        if group_size not in GROUP_SIZES:
+            raise InvalidArgument(f"group_size={group_size}: use one of {list(GROUP_SIZES)} (default 128)")
+        spec["group_size"] = group_size
+    else:
+        _unused(request, method, ["group_size"])
+
+    if method in PRUNE_FRACTION:
+        _fraction("sparsity", request.sparsity, method)
+        spec["sparsity"] = request.sparsity
+    elif method == "prune_2_4":
+        if request.sparsity not in (0.0, 0.5):
+            raise InvalidArgument(
+                f"sparsity={request.sparsity}: 2:4 pruning is always 0.5 sparse; leave sparsity unset or 0.5"
+            )
+        spec["sparsity"] = 0.5
+    else:
+        _unused(request, method, ["sparsity"])
+
+    if method == "svd":
+        _fraction("rank_fraction", request.rank_fraction, method)
+        spec["rank_fraction"] = request.rank_fraction
+    else:
+        _unused(request, method, ["rank_fraction"])
+
+    if method in NEEDS_CALIBRATION:
+        if not request.calibration_dataset:
+            raise InvalidArgument(f"method '{method}' needs calibration_dataset (an ingested dataset name)")
+        _check_name("calibration_dataset", request.calibration_dataset, "dataset")
+        samples = request.calibration_samples or DEFAULT_CALIBRATION_SAMPLES
+        if samples > MAX_CALIBRATION_SAMPLES:
+            raise InvalidArgument(
+                f"calibration_samples={samples} is above the limit of {MAX_CALIBRATION_SAMPLES}"
+            )
+        spec.update(calibration_dataset=request.calibration_dataset, calibration_samples=samples)
+    else:
+        _unused(request, method, ["calibration_dataset", "calibration_samples"])
+
+    if request.eval_dataset:
+        _check_name("eval_dataset", request.eval_dataset, "dataset")
+        batches = request.eval_batches or DEFAULT_EVAL_BATCHES
+        if batches > MAX_EVAL_BATCHES:
+            raise InvalidArgument(f"eval_batches={batches} is above the limit of {MAX_EVAL_BATCHES}")
+        spec.update(eval_dataset=request.eval_dataset, eval_batches=batches)
+    elif request.eval_batches:
+        raise InvalidArgument("eval_batches is set but eval_dataset is not; name the dataset to evaluate on")
+
+    if method == "distill":
+        _check_student(request.student_preset)
+        if not request.distill_steps:
+            raise InvalidArgument(
+                "method 'distill' needs distill_steps (the number of student training steps)"
+            )
+        if request.distill_steps > MAX_DISTILL_STEPS:
+            raise InvalidArgument(
+                f"distill_steps={request.distill_steps} is above the limit of {MAX_DISTILL_STEPS}"
+            )
+        spec.update(student_preset=request.student_preset, distill_steps=request.distill_steps)
+    else:
+        _unused(request, method, ["student_preset", "distill_steps"])
+    return spec
+
+
+def _check_student(preset: str) -> None:
+    if not preset:
+        raise InvalidArgument("method 'distill' needs student_preset (a model preset for the student)")
+    from common.model import PRESETS  # torch import; only distill requests pay for it
+
+    if preset not in PRESETS:
+        raise InvalidArgument(f"student_preset {preset!r} is unknown; use one of {sorted(PRESETS)}")
+
+
+class CompressServicer(JobRpcMixin, compress_pb2_grpc.CompressServiceServicer):
+    """GetJob/ListJobs/CancelJob/WatchJob from the job system; SubmitCompress validates, then
+    says plainly that the engine is not built."""
+
+    def SubmitCompress(
+        self, request: compress_pb2.SubmitCompressRequest, context: grpc.ServicerContext
+    ) -> common_pb2.Job:
+        spec = validate_submit(request)
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"compression is not built yet: the request is valid (method '{spec['method']}' on "
+            f"'{spec['source']}'), but this release has no compression engine, so no job was queued",
+        )
+
+
+def build(config: Config, app: ServiceApp):
+    """Wire the servicer to the job queue; ready once Redis answers."""
+    redis_client = connect(config, client_name="tokenmill-compress")
+    queue = JobQueue.from_config(config, redis_client)
+    app.add(
+        compress_pb2_grpc.add_CompressServiceServicer_to_server,
+        CompressServicer(queue, JOB_TYPE, stopping=app.stopping),
+        SERVICE_NAME,
+    )
+    app.on_shutdown(redis_client.close)
+    return redis_client.ping
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_service("compress", build, argv)
