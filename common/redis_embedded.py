@@ -97,9 +97,13 @@ class EmbeddedRedis:
         return url, pid
 
     @staticmethod
-    def _ping(url: str, timeout: float = 1.0) -> bool:
+    def _ping(url: str, timeout: float = 1.0, pid: int | None = None) -> bool:
+        """True when `url` answers PING (and, given `pid`, is served by that process: another
+        server may already own the port)."""
         client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         try:
+            if pid is not None:
+                return int(client.info("server")["process_id"]) == pid
             return bool(client.ping())
         except redis.RedisError:
             return False
@@ -109,7 +113,9 @@ class EmbeddedRedis:
     def running(self) -> bool:
         """True when the server recorded in the data dir is alive and answers PING."""
         rec = self._recorded()
-        return bool(rec and _pid_alive(rec[1]) and self._ping(rec[0]))
+        return bool(rec and _pid_alive(rec[1]) and self._ping(rec[0], pid=rec[1]))
+
+    alive = running  # the launcher's supervisor loop asks `alive()`
 
     # -- lifecycle ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -126,7 +132,7 @@ class EmbeddedRedis:
         """Start the server, or reuse the live one recorded for this data dir; returns its URL."""
         with self._lock():
             rec = self._recorded()
-            if rec and _pid_alive(rec[1]) and self._ping(rec[0]):
+            if rec and _pid_alive(rec[1]) and self._ping(rec[0], pid=rec[1]):
                 self.port = int(rec[0].rsplit(":", 1)[1].split("/", 1)[0])
                 return rec[0]
             last_error = ""
@@ -189,7 +195,7 @@ class EmbeddedRedis:
             if self._proc.poll() is not None:
                 err = (self.dir / "redis.stderr").read_text(errors="replace").strip()
                 return f"redis-server exited with {self._proc.returncode}: {err} {self._log_tail()}"
-            if self._ping(url, timeout=0.5):
+            if self._ping(url, timeout=0.5, pid=self._proc.pid):
                 if not self.pid_file.exists():  # redis writes it at startup; make sure it is there
                     self.pid_file.write_text(f"{self._proc.pid}\n")
                 return ""

@@ -60,7 +60,7 @@ def status(obj) -> None:
         if running:
             click.echo("\nrunning jobs")
             for job in running:
-                step = job.progress.get("message", "")
-                click.echo(f"  {job.id}  {job.type:<9} attempt {job.attempts}  {step}")
+                latest = ", ".join(f"{k}={v}" for k, v in list(job.progress.items())[:5])
+                click.echo(f"  {job.id}  {job.type:<9} attempt {job.attempts}  {latest}")
     except Exception as exc:  # status must still print what it has when Redis is down
         click.echo(f"\nqueues: unavailable ({exc})")
