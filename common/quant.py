@@ -201,7 +201,9 @@ def make_linear(
     if f"{base}.weight" in tensors:
         return DenseLinear(tensors[f"{base}.weight"].to(device=device, dtype=dtype))
     if f"{base}.qweight" not in tensors:
-        raise InvalidArgument(f"checkpoint has no weight for {base} (expected {base}.weight or {base}.qweight)")
+        raise InvalidArgument(
+            f"checkpoint has no weight for {base} (expected {base}.weight or {base}.qweight)"
+        )
     q = tensors[f"{base}.qweight"].to(device)
     scales = tensors.get(f"{base}.scales")
     if scales is None:

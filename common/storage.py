@@ -295,16 +295,19 @@ class S3BlobStore(BlobStore):
     def _code(self, exc: Exception) -> str:
         return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
 
+    def _convert(self, key: str, exc: Exception) -> Exception:
+        code = self._code(exc)
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return NotFound(f"object {key!r} not found in {self.url}")
+        if code == "NoSuchBucket":
+            return FailedPrecondition(f"bucket {self.bucket!r} does not exist; create it first")
+        return Unavailable(f"S3 error on {key!r} in {self.url}: {code or exc}")
+
     def _call(self, key: str, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
         except self._client_error as exc:
-            code = self._code(exc)
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise NotFound(f"object {key!r} not found in {self.url}") from None
-            if code == "NoSuchBucket":
-                raise FailedPrecondition(f"bucket {self.bucket!r} does not exist; create it first") from None
-            raise Unavailable(f"S3 error on {key!r} in {self.url}: {code or exc}") from None
+            raise self._convert(key, exc) from None
 
     def put(self, key: str, data: Bytes) -> None:
         body = bytes(data) if not isinstance(data, bytes) else data
@@ -336,7 +339,7 @@ class S3BlobStore(BlobStore):
         except self._client_error as exc:
             if self._code(exc) == "InvalidRange":
                 return b""
-            return self._call(key, lambda: (_ for _ in ()).throw(exc))
+            raise self._convert(key, exc) from None
         return resp["Body"].read()
 
     def exists(self, key: str) -> bool:

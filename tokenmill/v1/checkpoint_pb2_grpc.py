@@ -114,6 +114,16 @@ class CheckpointServiceStub:
                 request_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.GetStoreStatsRequest.SerializeToString,
                 response_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.StoreStats.FromString,
                 _registered_method=True)
+        self.AcquireLease = channel.unary_unary(
+                '/tokenmill.v1.CheckpointService/AcquireLease',
+                request_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.AcquireLeaseRequest.SerializeToString,
+                response_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.Lease.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/tokenmill.v1.CheckpointService/ReleaseLease',
+                request_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.ReleaseLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class CheckpointServiceServicer:
@@ -215,6 +225,18 @@ class CheckpointServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcquireLease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CheckpointServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -297,6 +319,16 @@ def add_CheckpointServiceServicer_to_server(servicer, server):
                     servicer.GetStoreStats,
                     request_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.GetStoreStatsRequest.FromString,
                     response_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.StoreStats.SerializeToString,
+            ),
+            'AcquireLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireLease,
+                    request_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.AcquireLeaseRequest.FromString,
+                    response_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.Lease.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.ReleaseLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -731,6 +763,60 @@ class CheckpointService:
             '/tokenmill.v1.CheckpointService/GetStoreStats',
             tokenmill_dot_v1_dot_checkpoint__pb2.GetStoreStatsRequest.SerializeToString,
             tokenmill_dot_v1_dot_checkpoint__pb2.StoreStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmill.v1.CheckpointService/AcquireLease',
+            tokenmill_dot_v1_dot_checkpoint__pb2.AcquireLeaseRequest.SerializeToString,
+            tokenmill_dot_v1_dot_checkpoint__pb2.Lease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmill.v1.CheckpointService/ReleaseLease',
+            tokenmill_dot_v1_dot_checkpoint__pb2.ReleaseLeaseRequest.SerializeToString,
+            tokenmill_dot_v1_dot_checkpoint__pb2.ReleaseLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

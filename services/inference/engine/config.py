@@ -1,11 +1,12 @@
 """Shapes of the served model and knobs of the engine.
 
-`ModelSpec` is read from the checkpoint's config (Hugging Face `config.json` keys, which
-`common.model.ModelConfig` round-trips), so the engine needs nothing but that dict and the tensors.
+`ModelSpec` is read from the checkpoint's config (`common.model.ModelConfig.to_dict()` or a Hugging
+Face `config.json`), so the engine needs nothing but that dict and the tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,31 +14,27 @@ from typing import Any
 import torch
 
 from common.errors import InvalidArgument
+from common.model import ModelConfig
 
-# HF key -> alternatives other configs use for the same fact.
-_ALIASES = {
-    "hidden_size": ("dim", "d_model"),
-    "intermediate_size": ("ffn_dim", "hidden_dim"),
-    "num_hidden_layers": ("n_layers", "num_layers"),
-    "num_attention_heads": ("n_heads", "num_heads"),
-    "num_key_value_heads": ("n_kv_heads", "num_kv_heads"),
-    "rms_norm_eps": ("norm_eps",),
-    "max_position_embeddings": ("max_seq_len", "context_length"),
-    "tie_word_embeddings": ("tie_embeddings",),
-}
+_NON_MODEL_KEYS = ("quantization", "lora", "tokenizer", "torch_dtype", "dtype")
 
 
-def _get(cfg: dict[str, Any], key: str, default: Any = None) -> Any:
-    for name in (key, *_ALIASES.get(key, ())):
-        if cfg.get(name) is not None:
-            return cfg[name]
-    return default
+def model_config_from_dict(cfg: dict[str, Any]) -> ModelConfig:
+    """A stored config (ModelConfig.to_dict() or a HF config.json) -> ModelConfig."""
+    try:
+        if "num_hidden_layers" in cfg:
+            return ModelConfig.from_hf_config(cfg)
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig.from_dict({k: v for k, v in cfg.items() if k in known})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument(f"model config is not a Llama-family config: {exc}") from None
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything the paged forward needs to know about a Llama-family model."""
 
+    config: ModelConfig
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -46,44 +43,40 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    rope_scaling: dict[str, Any] | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     quantization: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelSpec:
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if _get(cfg, k) is None]
-        if missing:
-            raise InvalidArgument(f"model config lacks {missing}; is this a Llama-family config.json?")
-        hidden = int(_get(cfg, "hidden_size"))
-        heads = int(_get(cfg, "num_attention_heads"))
+        mc = model_config_from_dict(cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
-        rope_scaling = cfg.get("rope_scaling")
-        if rope_scaling:
-            kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            if kind not in ("default", "llama3"):
-                raise InvalidArgument(f"rope_scaling type {kind!r} is not supported (supported: default, llama3)")
+        return cls.from_model_config(mc, eos_token_ids=eos_ids, quantization=cfg.get("quantization") or None)
+
+    @classmethod
+    def from_model_config(
+        cls, mc: ModelConfig, *, eos_token_ids: tuple[int, ...] | None = None, quantization=None
+    ) -> ModelSpec:
+        if eos_token_ids is None:
+            eos_token_ids = () if mc.eos_token_id is None else (int(mc.eos_token_id),)
         return cls(
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(_get(cfg, "intermediate_size", 4 * hidden)),
-            num_layers=int(_get(cfg, "num_hidden_layers")),
-            num_heads=heads,
-            num_kv_heads=int(_get(cfg, "num_key_value_heads", heads)),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            max_position_embeddings=int(_get(cfg, "max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
-            rope_scaling=rope_scaling or None,
-            eos_token_ids=eos_ids,
-            bos_token_id=cfg.get("bos_token_id"),
-            quantization=cfg.get("quantization") or None,
+            config=mc,
+            vocab_size=mc.vocab_size,
+            hidden_size=mc.hidden_size,
+            intermediate_size=mc.intermediate_size,
+            num_layers=mc.num_layers,
+            num_heads=mc.num_heads,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.dim_head,
+            rms_norm_eps=mc.rms_norm_eps,
+            max_position_embeddings=mc.max_seq_len,
+            tie_word_embeddings=mc.tie_embeddings,
+            eos_token_ids=tuple(eos_token_ids),
+            bos_token_id=mc.bos_token_id,
+            quantization=quantization,
         )
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:

@@ -1,0 +1,310 @@
+"""`tokenmill serve MODEL[:TAG] --replicas N`, `tokenmill generate "prompt" --stream`, `tokenmill bench serve`.
+
+`serve` adds N replica processes to the running platform (`tokenmill up`) and waits until each
+answers SERVING (a real forward pass succeeded); the router (the platform's inference service)
+then routes to them. `generate` talks to the router. `bench serve` is a load generator in the
+spirit of `vllm bench serve`: concurrent streams, throughput, TTFT and inter-token latency.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+import click
+
+from common import errors
+
+REPLICA_PREFIX = "inference-replica-"
+
+
+def _fail(exc: errors.TokenmillError) -> click.ClickException:
+    return click.ClickException(f"{exc.code}: {exc.message}")
+
+
+@click.command()
+@click.argument("model")
+@click.option("--replicas", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto")
+@click.option(
+    "--kv-cache-mb", type=float, default=256.0, show_default=True, help="KV-cache budget per replica"
+)
+@click.option("--max-num-seqs", type=int, default=64, show_default=True)
+@click.option("--adapter", "adapters", multiple=True, help="LoRA adapter ref to preload (repeatable)")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="seconds to wait for SERVING")
+@click.pass_obj
+def serve(
+    obj: Any,
+    model: str,
+    replicas: int,
+    device: str,
+    kv_cache_mb: float,
+    max_num_seqs: int,
+    adapters: tuple[str, ...],
+    timeout: float,
+) -> None:
+    """Serve MODEL[:TAG] from the checkpoint store on N replicas behind the router."""
+    from common.clients.checkpoint import CheckpointClient
+    from common.launcher import ProcessSpec, RunDir, add_processes, health_status, remove_processes
+
+    config = obj.config
+    try:  # fail fast on a typo rather than starting replicas that can never load
+        with CheckpointClient.from_config(config) as store:
+            resolved = store.get(model, include_manifest=False).ref
+    except errors.TokenmillError as exc:
+        raise _fail(exc) from None
+    click.echo(f"{model} resolves to {resolved}")
+    svc = config.service("inference")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(svc.host, svc.host)
+    specs = []
+    for i in range(replicas):
+        port, metrics_port = svc.port + 100 + i, svc.port + 1100 + i
+        argv = [sys.executable, "-m", "services.inference"]
+        if obj.path:
+            argv += ["--config", obj.path]
+        argv += [
+            "replica",
+            "--model",
+            model,
+            "--replica-id",
+            f"{REPLICA_PREFIX}{i}",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            "--device",
+            device,
+            "--kv-cache-mb",
+            str(kv_cache_mb),
+            "--max-num-seqs",
+            str(max_num_seqs),
+        ]
+        for a in adapters:
+            argv += ["--adapter", a]
+        specs.append(ProcessSpec(name=f"{REPLICA_PREFIX}{i}", argv=argv, health_address=f"{host}:{port}"))
+    try:
+        stale = [
+            s.name
+            for s in RunDir(config.data_dir).read_processes()
+            if s.name.startswith(REPLICA_PREFIX) and int(s.name[len(REPLICA_PREFIX) :]) >= replicas
+        ]
+        if stale:
+            remove_processes(config, stale)
+        add_processes(config, specs)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"starting {replicas} replica(s) of {model} ...")
+    deadline = time.monotonic() + timeout
+    pending = {s.name: s.health_address for s in specs}
+    while pending:
+        for name, address in list(pending.items()):
+            if health_status(address, timeout=1.0) == "SERVING":
+                click.echo(f"  {name} SERVING on {address}")
+                del pending[name]
+        if pending and time.monotonic() > deadline:
+            logs = config.data_dir / "logs"
+            raise click.ClickException(
+                f"replica(s) {sorted(pending)} not SERVING after {timeout:.0f}s; see their logs in {logs}"
+            )
+        if pending:
+            time.sleep(0.5)
+    click.echo(
+        f"serving {model} on {replicas} replica(s) behind {svc.host}:{svc.port} "
+        f"(OpenAI HTTP on port {svc.port + 2000})"
+    )
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--stream/--no-stream", default=False, help="print tokens as they arrive")
+@click.option("--max-tokens", type=click.IntRange(0), default=64, show_default=True)
+@click.option("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
+@click.option("--top-p", type=float, default=None)
+@click.option("--top-k", type=int, default=0)
+@click.option("--repetition-penalty", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="stop string (repeatable)")
+@click.option("--model", default="")
+@click.option("--adapter", default="", help="LoRA adapter checkpoint ref")
+@click.option("--json", "as_json", is_flag=True, help="print the full response as JSON")
+@click.pass_obj
+def generate(
+    obj: Any,
+    prompt: str,
+    stream: bool,
+    max_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int,
+    repetition_penalty: float | None,
+    seed: int | None,
+    stop: tuple[str, ...],
+    model: str,
+    adapter: str,
+    as_json: bool,
+) -> None:
+    """Complete PROMPT with the served model (through the router)."""
+    from google.protobuf.json_format import MessageToDict
+
+    from common.clients.inference import InferenceClient
+
+    kwargs = dict(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+        model=model,
+        adapter=adapter,
+    )
+    try:
+        with InferenceClient.from_config(obj.config) as client:
+            if not stream:
+                resp = client.generate(prompt, timeout=600, **kwargs)
+                if as_json:
+                    click.echo(json.dumps(MessageToDict(resp), indent=2))
+                else:
+                    click.echo(prompt + resp.text)
+                    u = resp.usage
+                    click.echo(
+                        f"[{resp.finish_reason}; {u.completion_tokens} tokens in {u.total_time_s:.2f}s, "
+                        f"TTFT {1000 * u.time_to_first_token_s:.0f} ms, replica {resp.replica}]",
+                        err=True,
+                    )
+                return
+            click.echo(prompt, nl=False)
+            last = None
+            for chunk in client.stream(prompt, **kwargs):
+                click.echo(chunk.text, nl=False)
+                last = chunk
+            click.echo()
+            if last is not None and last.HasField("usage"):
+                u = last.usage
+                click.echo(
+                    f"[{last.finish_reason}; {u.completion_tokens} tokens in {u.total_time_s:.2f}s, "
+                    f"TTFT {1000 * u.time_to_first_token_s:.0f} ms, replica {last.replica}]",
+                    err=True,
+                )
+    except errors.TokenmillError as exc:
+        raise _fail(exc) from None
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def run_load(
+    client, *, requests: int, concurrency: int, prompt: str, max_tokens: int, model: str = ""
+) -> dict:
+    """Closed-loop load: `concurrency` workers each stream requests until `requests` are done."""
+    ttft, itl, e2e, tokens, failures = [], [], [], [0], []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            last = None
+            n = 0
+            local_itl = []
+            first = None
+            try:
+                for chunk in client.stream(
+                    prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True, model=model
+                ):
+                    now = time.perf_counter()
+                    if chunk.token_ids:
+                        if first is None:
+                            first = now - start
+                        elif last is not None:
+                            local_itl.append(now - last)
+                        last = now
+                        n += len(chunk.token_ids)
+            except errors.TokenmillError as exc:
+                with lock:
+                    failures.append(f"{exc.code}: {exc.message}")
+                continue
+            with lock:
+                ttft.append(first or 0.0)
+                itl.extend(local_itl)
+                e2e.append(time.perf_counter() - start)
+                tokens[0] += n
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return {
+        "completed": len(e2e),
+        "failed": len(failures),
+        "errors": failures[:5],
+        "duration_s": elapsed,
+        "output_tokens": tokens[0],
+        "output_tokens_per_s": tokens[0] / elapsed if elapsed else 0.0,
+        "requests_per_s": len(e2e) / elapsed if elapsed else 0.0,
+        "ttft_ms_p50": 1000 * _pct(ttft, 50),
+        "ttft_ms_p99": 1000 * _pct(ttft, 99),
+        "itl_ms_p50": 1000 * _pct(itl, 50),
+        "itl_ms_p99": 1000 * _pct(itl, 99),
+        "e2e_ms_p50": 1000 * _pct(e2e, 50),
+        "e2e_ms_p99": 1000 * _pct(e2e, 99),
+    }
+
+
+@click.group()
+def bench() -> None:
+    """Load generators against the running platform."""
+
+
+@bench.command("serve")
+@click.option("--requests", "num_requests", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 1024), default=16, show_default=True)
+@click.option("--prompt", default="def fibonacci(n):", show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--model", default="")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def bench_serve(
+    obj: Any, num_requests: int, concurrency: int, prompt: str, max_tokens: int, model: str, as_json: bool
+) -> None:
+    """Stream NUM requests with CONCURRENCY workers through the router; report throughput, TTFT, ITL."""
+    from common.clients.inference import InferenceClient
+
+    with InferenceClient.from_config(obj.config) as client:
+        try:
+            client.model_info(timeout=10)
+        except errors.TokenmillError as exc:
+            raise _fail(exc) from None
+        result = run_load(
+            client,
+            requests=num_requests,
+            concurrency=concurrency,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            model=model,
+        )
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for key, value in result.items():
+        shown = f"{value:.2f}" if isinstance(value, float) else value
+        click.echo(f"  {key:<22} {shown}")
+    if result["failed"]:
+        raise click.ClickException(f"{result['failed']} request(s) failed, e.g. {result['errors'][0]}")

@@ -1,0 +1,54 @@
+"""TrainerClient: submit and validate training jobs, follow them (see docs/contracts.md "Clients")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from common.clients.base import BaseClient, JobsClientMixin
+from common.errors import InvalidArgument
+from tokenmill.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
+
+
+def build_request(
+    output_name: str,
+    *,
+    model_overrides: dict[str, Any] | None = None,
+    lora: dict[str, Any] | None = None,
+    **fields: Any,
+) -> trainer_pb2.SubmitTrainRequest:
+    """A SubmitTrainRequest from keyword fields (proto names); InvalidArgument names a bad field."""
+    try:
+        request = trainer_pb2.SubmitTrainRequest(output_name=output_name, **fields)
+        if model_overrides:
+            overrides = struct_pb2.Struct()
+            overrides.update(model_overrides)
+            request.model_overrides.CopyFrom(overrides)
+        if lora:
+            request.lora.CopyFrom(trainer_pb2.LoraConfig(**lora))
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"SubmitTrainRequest: {exc}") from None
+    return request
+
+
+class TrainerClient(JobsClientMixin, BaseClient):
+    """``TrainerClient.from_config(config).submit("demo-model", dataset="web", workers=2, steps=200)``."""
+
+    stub_class = trainer_pb2_grpc.TrainerServiceStub
+    service_name = "trainer"
+
+    def submit(
+        self, output_name: str, *, idempotency_key: str = "", timeout: float | None = None, **fields: Any
+    ) -> common_pb2.Job:
+        """Queue a training job. ``fields`` are the other SubmitTrainRequest fields (mode, model_preset,
+        dataset, sft_data, init_checkpoint, backend, workers, steps, ...; ``model_overrides`` and ``lora``
+        as dicts)."""
+        request = build_request(output_name, idempotency_key=idempotency_key, **fields)
+        return self._unary(self.stub.SubmitTrain, request, timeout=timeout)
+
+    def validate(
+        self, output_name: str, *, timeout: float | None = None, **fields: Any
+    ) -> trainer_pb2.ValidateTrainResponse:
+        """Check a request (shapes, memory, dataset/checkpoint existence) without running it."""
+        return self._unary(self.stub.ValidateTrain, build_request(output_name, **fields), timeout=timeout)

@@ -1,0 +1,20 @@
+"""Checkpoint store engine: importable without gRPC, Redis or generated stubs."""
+
+from .manifest import DEFAULT_CHUNK_SIZE, DTYPE_SIZES, FileEntry, Manifest, ShardInfo, TensorEntry
+from .store import CheckpointStore, Lease, ReadChunk, StoreStats, UploadStatus, VerifyReport, Version
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DTYPE_SIZES",
+    "CheckpointStore",
+    "FileEntry",
+    "Lease",
+    "Manifest",
+    "ReadChunk",
+    "ShardInfo",
+    "StoreStats",
+    "TensorEntry",
+    "UploadStatus",
+    "Version",
+    "VerifyReport",
+]

@@ -1,0 +1,131 @@
+"""Content-addressed chunk storage: bytes keyed by their sha256, verified on every write and read.
+
+Why content addressing: a checkpoint that shares tensors with an earlier one (an unchanged
+embedding, a LoRA fine-tune, a re-upload) maps to chunks that already exist, so only new bytes are
+stored or sent. The digest doubles as the integrity check: a chunk whose bytes no longer hash to
+its name is corrupt, and reads say so (DATA_LOSS) instead of returning it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+from common.errors import DataLoss, InvalidArgument, NotFound
+from common.storage import BlobStore
+
+from .manifest import check_digest
+
+PREFIX = "chunks/"
+
+
+def chunk_key(digest: str) -> str:
+    return f"{PREFIX}{digest[:2]}/{digest}"
+
+
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    """hashlib releases the GIL for large buffers, so parallel streams hash in parallel."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class ChunkStore:
+    """Chunks in a blob backend, with an in-memory index of digest -> size (built by one listing)."""
+
+    def __init__(self, backend: BlobStore):
+        self.backend = backend
+        self._lock = threading.Lock()
+        self._index: dict[str, int] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        index: dict[str, int] = {}
+        for key, size in self.backend.list_sizes(PREFIX):
+            digest = key.rsplit("/", 1)[-1]
+            if len(digest) == 64:
+                index[digest] = size
+        with self._lock:
+            self._index = index
+
+    @property
+    def stored_bytes(self) -> int:
+        with self._lock:
+            return sum(self._index.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._index)
+
+    def digests(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._index)
+
+    def size(self, digest: str) -> int | None:
+        """Size of a stored chunk, or None when absent (checks the backend on an index miss)."""
+        with self._lock:
+            size = self._index.get(digest)
+        if size is not None:
+            return size
+        try:
+            size = self.backend.size(chunk_key(digest))
+        except NotFound:
+            return None
+        with self._lock:
+            self._index[digest] = size
+        return size
+
+    def has(self, digest: str) -> bool:
+        return self.size(digest) is not None
+
+    def put(self, digest: str, data: bytes | bytearray | memoryview) -> bool:
+        """Store a chunk after checking its digest; False when it was already present (dedup)."""
+        check_digest(digest)
+        actual = sha256_hex(data)
+        if actual != digest:
+            raise InvalidArgument(
+                f"chunk data does not match its digest: claimed {digest[:16]}..., sha256 of the "
+                f"{len(data)} bytes sent is {actual[:16]}...; resend the chunk"
+            )
+        if self.has(digest):
+            return False
+        self.backend.put(chunk_key(digest), data)
+        with self._lock:
+            self._index[digest] = len(data)
+        return True
+
+    def get(self, digest: str, *, what: str, expected_size: int | None = None) -> bytes:
+        """The verified bytes of a chunk; DATA_LOSS naming `what` when missing or corrupt."""
+        try:
+            data = self.backend.get(chunk_key(digest))
+        except NotFound:
+            raise DataLoss(f"{what}: chunk {digest[:16]}... is missing from the store") from None
+        if expected_size is not None and len(data) != expected_size:
+            raise DataLoss(
+                f"{what}: chunk {digest[:16]}... has {len(data)} bytes, expected {expected_size} (corrupt)"
+            )
+        actual = sha256_hex(data)
+        if actual != digest:
+            raise DataLoss(f"{what}: chunk {digest[:16]}... is corrupt (its bytes hash to {actual[:16]}...)")
+        return data
+
+    def check(self, digest: str, expected_size: int | None) -> str:
+        """'' when the chunk is intact, else a short description of the problem."""
+        try:
+            data = self.backend.get(chunk_key(digest))
+        except NotFound:
+            return "missing"
+        if expected_size is not None and len(data) != expected_size:
+            return f"size {len(data)} != expected {expected_size}"
+        if sha256_hex(data) != digest:
+            return "digest mismatch"
+        return ""
+
+    def delete(self, digest: str) -> int:
+        """Remove a chunk; returns the bytes freed (0 when already absent)."""
+        with self._lock:
+            size = self._index.pop(digest, None)
+        if size is None:
+            try:
+                size = self.backend.size(chunk_key(digest))
+            except NotFound:
+                return 0
+        return size if self.backend.delete(chunk_key(digest)) else 0

@@ -1,0 +1,5 @@
+import sys
+
+from services.inference.server import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""Load a served model (and LoRA adapters) from the checkpoint store into an engine.
+
+The store's manifest config is the source of truth for shapes; `tokenizer.json` travels with the
+checkpoint; quantized tensors (`*.qweight`) are recognised by name (common.quant formats).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from google.protobuf.json_format import MessageToDict
+
+from common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.inference.engine import LoraAdapter, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _ints(value: Any) -> Any:
+    """protobuf Struct numbers are doubles; shapes must be ints again."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
+
+
+@dataclass
+class LoadedModel:
+    ref: str  # resolved "name:version"
+    name: str
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    tokenizer: Tokenizer | None
+
+    @property
+    def quantization(self) -> str:
+        q = self.config.get("quantization") or {}
+        if isinstance(q, dict) and q.get("method"):
+            return str(q["method"])
+        for name, t in self.tensors.items():
+            if name.endswith(".qweight"):
+                return "int8" if t.dtype == torch.int8 else "int4"
+        return ""
+
+
+def load_model(client, ref: str) -> LoadedModel:
+    """client: a CheckpointClient. NotFound when the ref does not exist (with the store's message)."""
+    version = client.get(ref, include_manifest=True)
+    config = _ints(MessageToDict(version.manifest.config, preserving_proto_field_name=True))
+    if not config:
+        raise FailedPrecondition(f"checkpoint {version.ref} has no model config; it cannot be served")
+    tensors = client.load(version.ref)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "optimizer."))}
+    files = {f.name for f in version.manifest.files}
+    tokenizer = None
+    if "tokenizer.json" in files:
+        tokenizer = Tokenizer.from_json(client.load_files(version.ref, ["tokenizer.json"])["tokenizer.json"])
+    else:
+        log.warning(
+            "checkpoint %s has no tokenizer.json: only prompt_token_ids requests will work", version.ref
+        )
+    return LoadedModel(version.ref, version.name, tensors, config, tokenizer)
+
+
+def load_adapter(
+    client, ref: str, *, dtype: torch.dtype, device, base_shapes: dict[str, tuple[int, int]]
+) -> LoraAdapter:
+    """A LoRA adapter saved by the trainer (tensors `*.lora_A.weight`/`*.lora_B.weight` +
+    adapter_config.json)."""
+    try:
+        version = client.get(ref, include_manifest=True)
+    except NotFound:
+        raise NotFound(
+            f"LoRA adapter {ref!r} is not in the checkpoint store; list them with 'tokenmill ckpt list'"
+        ) from None
+    files = {f.name for f in version.manifest.files}
+    alpha = rank = None
+    if "adapter_config.json" in files:
+        body = json.loads(client.load_files(version.ref, ["adapter_config.json"])["adapter_config.json"])
+        alpha, rank = body.get("lora_alpha"), body.get("r")
+    tensors = client.load(version.ref)
+    if not any(".lora_" in k for k in tensors):
+        raise InvalidArgument(f"checkpoint {version.ref} is not a LoRA adapter (no lora_A/lora_B tensors)")
+    return LoraAdapter.from_tensors(
+        ref, tensors, alpha=alpha, rank=rank, dtype=dtype, device=device, base_shapes=base_shapes
+    )

@@ -1,0 +1,102 @@
+"""Prometheus metrics with vLLM's names and meanings (prefix `tokenmill:`), what autoscalers read.
+
+Gauges and counters are read from the engine's stats at scrape time (never stale); latency
+histograms are fed by the engine's observer hook as tokens are produced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+
+
+class EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], dict], labels: dict[str, str]):
+        self._stats = stats
+        self._labels = labels
+
+    def collect(self) -> Iterator:
+        s = self._stats()
+        names, values = list(self._labels), list(self._labels.values())
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(f"tokenmill:{name}", doc, labels=names)
+            g.add_metric(values, float(value))
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(f"tokenmill:{name}", doc, labels=names)
+            c.add_metric(values, float(value))
+            return c
+
+        yield gauge("num_requests_running", "Requests in the running batch.", s["requests_running"])
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s["requests_waiting"])
+        yield gauge("kv_cache_usage_perc", "KV-cache usage: 1 means full.", s["kv_cache_usage"])
+        yield counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s["prefix_cache_queries"]
+        )
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s["prefix_cache_hits"])
+        yield counter("prompt_tokens", "Prefill tokens processed.", s["prompt_tokens"])
+        yield counter("generation_tokens", "Generation tokens produced.", s["generation_tokens"])
+        yield counter(
+            "num_preemptions",
+            "Requests preempted (recomputed later) for lack of KV blocks.",
+            s["preemptions"],
+        )
+
+
+class LatencyObserver:
+    """The engine's observer: TTFT, inter-token latency and end-to-end latency histograms."""
+
+    def __init__(self, registry: CollectorRegistry | None, labels: dict[str, str]):
+        kw = {"labelnames": list(labels), "registry": registry}
+        self.ttft = Histogram(
+            "tokenmill:time_to_first_token_seconds", "Time to first token.", buckets=TTFT_BUCKETS, **kw
+        ).labels(**labels)
+        self.itl = Histogram(
+            "tokenmill:inter_token_latency_seconds",
+            "Time between consecutive tokens.",
+            buckets=ITL_BUCKETS,
+            **kw,
+        ).labels(**labels)
+        self.e2e = Histogram(
+            "tokenmill:e2e_request_latency_seconds",
+            "Request latency, arrival to finish.",
+            buckets=E2E_BUCKETS,
+            **kw,
+        ).labels(**labels)
+
+    def on_first_token(self, ttft_s: float) -> None:
+        self.ttft.observe(ttft_s)
+
+    def on_token(self, inter_token_s: float) -> None:
+        self.itl.observe(inter_token_s)
+
+    def on_finish(self, e2e_s: float, prompt_tokens: int, completion_tokens: int) -> None:
+        self.e2e.observe(e2e_s)

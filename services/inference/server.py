@@ -1,0 +1,183 @@
+"""`python -m services.inference`: the router (default) or one replica (`replica --model REF`).
+
+The router is the platform's inference endpoint (config.services.inference: gRPC, plus the
+OpenAI-compatible HTTP front on --http-port, default gRPC port + 2000). Replicas are started by
+`tokenmill serve MODEL --replicas N`, each on its own port; they load the model from the
+checkpoint store, warm up with a real forward pass (health SERVING only then), answer gRPC
+directly and pull routed work from Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from common.config import Config, ServiceConfig
+from common.errors import TokenmillError
+from common.runtime.app import ServiceApp, StartupError
+from common.runtime.entry import load_or_exit
+from common.runtime.logs import setup_logging
+from services.inference.convert import SERVICE_NAME, add_inference_servicer
+from services.inference.engine import EngineConfig
+
+log = logging.getLogger("tokenmill.inference")
+
+ROUTER_MIN_WORKERS = 64  # each open stream holds a handler thread; the router only waits on Redis
+
+
+def _dial_host(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    from services.inference.replica import parse_dtype
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    return EngineConfig(
+        block_size=args.block_size,
+        kv_cache_memory_bytes=int(args.kv_cache_mb * 1024 * 1024),
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len or None,
+        enable_prefix_caching=not args.no_prefix_caching,
+        device=device,
+        dtype=parse_dtype(dtype),
+    )
+
+
+def build_replica(config: Config, app: ServiceApp, args: argparse.Namespace):
+    from common.clients.checkpoint import CheckpointClient
+    from common.redis_conn import connect
+    from common.telemetry import register_gpu_collector
+    from services.inference.dispatch import ReplicaPuller, default_replica_id
+    from services.inference.loader import load_model
+    from services.inference.metrics import EngineCollector
+    from services.inference.replica import Replica, ReplicaServicer
+
+    replica_id = args.replica_id or default_replica_id()
+    engine_config = engine_config_from_args(args)
+    state: dict = {}
+    add_inference_servicer(ReplicaServicer(lambda: state.get("replica")), app.server)
+    app._service_names.append(SERVICE_NAME)  # noqa: SLF001 - health/reflection for our custom adder
+
+    def ready() -> bool:
+        if "replica" not in state:
+            store = state.setdefault("store", CheckpointClient.from_config(config))
+            loaded = load_model(store, args.model)
+            replica = Replica(loaded, engine_config, replica_id, store_client=store, registry=app.registry)
+            app.registry.register(EngineCollector(replica.aengine.stats, replica.labels))
+            register_gpu_collector(app.registry)
+            replica.warmup()
+            for ref in args.adapter or []:
+                replica.ensure_adapter(ref)
+            state["replica"] = replica
+            log.info("replica %s serving %s on port %d", replica_id, loaded.ref, app.port)
+        if args.no_redis:
+            return True
+        if "puller" not in state:
+            address = f"{_dial_host(app.host)}:{app.port}"
+            puller = ReplicaPuller(state["replica"], connect(config, client_name=replica_id), address)
+            puller.start()
+            state["puller"] = puller
+        return True
+
+    def shutdown() -> None:
+        if "puller" in state:
+            state["puller"].stop()
+        if "replica" in state:
+            state["replica"].shutdown()
+
+    app.on_shutdown(shutdown)
+    return ready
+
+
+def build_router(config: Config, app: ServiceApp, args: argparse.Namespace):
+    from common.redis_conn import connect
+    from services.inference.dispatch import RouterDispatcher
+    from services.inference.http_api import HttpFront
+    from services.inference.router import RouterServicer
+
+    r = connect(config, client_name="inference-router")
+    dispatcher = RouterDispatcher(r)
+    client_kwargs = {}
+    if not config.auth.disabled and config.auth.tokens:
+        client_kwargs["token"] = config.auth.tokens[0]
+    add_inference_servicer(RouterServicer(dispatcher, client_kwargs=client_kwargs), app.server)
+    app._service_names.append(SERVICE_NAME)  # noqa: SLF001
+    http_port = args.http_port if args.http_port is not None else config.service("inference").port + 2000
+    front = HttpFront(dispatcher, config, app.host, http_port)
+    front.start()
+    log.info("OpenAI-compatible HTTP front on %s:%d", app.host, front.port)
+    app.on_shutdown(front.stop)
+    return lambda: bool(r.ping())
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tokenmill-inference", description="tokenmill inference router / replica"
+    )
+    parser.add_argument("--config", metavar="PATH", help="YAML config file (default: $TOKENMILL_CONFIG)")
+    sub = parser.add_subparsers(dest="role")
+    router = sub.add_parser("router", help="the routing endpoint (default)")
+    router.add_argument(
+        "--http-port", type=int, default=None, help="OpenAI HTTP port (default: gRPC port + 2000)"
+    )
+    rep = sub.add_parser("replica", help="one model replica")
+    rep.add_argument("--model", required=True, help="checkpoint ref: NAME, NAME:VERSION or NAME:TAG")
+    rep.add_argument("--replica-id", default="")
+    rep.add_argument("--port", type=int, default=0, help="gRPC port (0 = any free port)")
+    rep.add_argument("--metrics-port", type=int, default=0)
+    rep.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    rep.add_argument(
+        "--dtype", default="", help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)"
+    )
+    rep.add_argument("--kv-cache-mb", type=float, default=256.0, help="KV-cache memory budget")
+    rep.add_argument("--block-size", type=int, default=16)
+    rep.add_argument("--max-num-seqs", type=int, default=64)
+    rep.add_argument("--max-num-batched-tokens", type=int, default=512)
+    rep.add_argument("--max-model-len", type=int, default=0)
+    rep.add_argument("--no-prefix-caching", action="store_true")
+    rep.add_argument("--adapter", action="append", help="LoRA adapter ref to preload (repeatable)")
+    rep.add_argument("--no-redis", action="store_true", help="direct gRPC only; do not pull routed work")
+    args = parser.parse_args(argv)
+    if args.role is None:
+        args.role = "router"
+        args.http_port = None
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    prog = f"tokenmill-inference-{args.role}"
+    config = load_or_exit(args.config, prog)
+    setup_logging(config.log_level, config.log_format, service="inference")
+    try:
+        if args.role == "router":
+            svc = config.service("inference")
+            if svc.workers < ROUTER_MIN_WORKERS:
+                services = dict(config.services)
+                services["inference"] = ServiceConfig(**{**svc.model_dump(), "workers": ROUTER_MIN_WORKERS})
+                config = config.model_copy(update={"services": services})
+            app = ServiceApp("inference", config)
+            ready = build_router(config, app, args)
+        else:
+            app = ServiceApp("inference", config, port=args.port, metrics_port=args.metrics_port)
+            ready = build_replica(config, app, args)
+        app.serve(ready)
+    except StartupError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except TokenmillError as exc:
+        print(f"{prog}: cannot start: {exc.message}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        print(f"{prog}: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,201 @@
+"""Turn a SubmitTrain request (as a JSON spec) into a validated TrainConfig, before any worker starts.
+
+Every check that can fail without running anything happens here, so a bad job is rejected at
+submit time with a precise status: unknown dataset / checkpoint / SFT file -> NOT_FOUND; a model the
+tokenizer does not fit, heads that do not divide the hidden size, a batch that cannot fit the memory
+budget -> INVALID_ARGUMENT. The job handler runs it again at start (the world may have changed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.dataset import read_manifest
+from common.errors import InvalidArgument, NotFound
+from common.model import ModelConfig
+from services.trainer.engine.checkpoint_io import CheckpointIO
+from services.trainer.engine.config import LoraSettings, TrainConfig
+from services.trainer.engine.metrics import estimate_bytes_per_worker
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# SubmitTrainRequest field -> TrainConfig field (same meaning); zero/empty means "use the default".
+DIRECT_FIELDS = (
+    "mode", "model_preset", "backend", "workers", "device", "steps", "micro_batch_size", "seq_len",
+    "grad_accum_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every",
+    "eval_batches", "checkpoint_every", "seed", "activation_checkpointing", "compile", "precision",
+    "memory_budget_bytes",
+)  # fmt: skip
+
+
+@dataclass
+class Plan:
+    config: TrainConfig
+    model: ModelConfig
+    parameters: int
+    trainable_parameters: int
+    estimated_bytes_per_worker: int
+    budget_bytes: int
+    flops_per_token: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def default_budget(device: str, workers: int) -> int:
+    """Per-worker memory when the request gives none: the GPU's memory, or this host's RAM / workers."""
+    try:
+        import torch
+
+        if device in ("cuda", "auto") and torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    except ImportError:  # pragma: no cover
+        pass
+    import psutil
+
+    return int(psutil.virtual_memory().total // max(1, workers))
+
+
+class Planner:
+    def __init__(self, data_dir: str | os.PathLike[str], io: CheckpointIO | None):
+        self.data_dir = Path(data_dir)
+        self.io = io
+
+    def dataset_path(self, name: str) -> Path:
+        if not NAME_RE.match(name):
+            raise InvalidArgument(f"dataset name {name!r} is invalid (letters, digits, '.', '_', '-')")
+        path = self.data_dir / "datasets" / name
+        if not (path / "manifest.json").is_file():
+            raise NotFound(f"dataset {name!r} not found; list datasets with 'tokenmill data list'")
+        return path
+
+    def sft_path(self, value: str) -> Path:
+        p = Path(value)
+        if not p.is_absolute():
+            p = self.data_dir / p
+        if not p.is_file():
+            raise NotFound(f"SFT data {value!r} not found (looked at {p}); give a prompt/response JSONL file")
+        return p
+
+    def plan(self, spec: dict[str, Any]) -> Plan:
+        cfg = self.to_config(spec)
+        model = cfg.validate()
+        if cfg.init_checkpoint:
+            if self.io is None or self.io.resolve(cfg.init_checkpoint) is None:
+                raise NotFound(
+                    f"checkpoint {cfg.init_checkpoint!r} not found; list them with 'tokenmill ckpt list'"
+                )
+            hf = json.loads(self.io.read_files(cfg.init_checkpoint, ["config.json"])["config.json"])
+            model = ModelConfig.from_hf_config(hf)
+        vocab = self._data_vocab(cfg)
+        if vocab and vocab > model.vocab_size:
+            raise InvalidArgument(
+                f"vocab mismatch: the tokenizer has {vocab} tokens but the model's vocab_size is "
+                f'{model.vocab_size}; set model_overrides {{"vocab_size": {vocab}}} or more'
+            )
+        warnings = []
+        if vocab and vocab < model.vocab_size // 2 and not cfg.init_checkpoint:
+            warnings.append(f"the tokenizer uses {vocab} of the model's {model.vocab_size} embedding rows")
+        total = model.num_params()
+        trainable = total
+        if cfg.mode == "lora":
+            per_target = {
+                "q_proj": (model.hidden_size, model.num_heads * model.dim_head),
+                "k_proj": (model.hidden_size, model.num_kv_heads * model.dim_head),
+                "v_proj": (model.hidden_size, model.num_kv_heads * model.dim_head),
+                "o_proj": (model.num_heads * model.dim_head, model.hidden_size),
+                "gate_proj": (model.hidden_size, model.intermediate_size),
+                "up_proj": (model.hidden_size, model.intermediate_size),
+                "down_proj": (model.intermediate_size, model.hidden_size),
+            }
+            trainable = sum(
+                cfg.lora.rank * (a + b) * model.num_layers
+                for t, (a, b) in per_target.items()
+                if t in cfg.lora.target_modules
+            )
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cfg.device == "cuda")
+        estimate = estimate_bytes_per_worker(
+            model,
+            workers=cfg.workers,
+            micro_batch_size=cfg.micro_batch_size,
+            seq_len=cfg.seq_len,
+            bf16=bf16,
+            activation_checkpointing=cfg.activation_checkpointing,
+            trainable_fraction=trainable / max(1, total),
+        )
+        budget = cfg.memory_budget_bytes or default_budget(cfg.device, cfg.workers)
+        if estimate > budget:
+            raise InvalidArgument(
+                f"micro_batch_size={cfg.micro_batch_size} x seq_len={cfg.seq_len} needs about "
+                f"{estimate / 2**30:.2f} GiB per worker, over the {budget / 2**30:.2f} GiB budget; lower "
+                "micro_batch_size (raise grad_accum_steps to keep the batch), enable activation_checkpointing "
+                "or add workers"
+            )
+        return Plan(
+            cfg, model, total, trainable, estimate, budget, model.flops_per_token(cfg.seq_len), warnings
+        )
+
+    def _data_vocab(self, cfg: TrainConfig) -> int:
+        if cfg.dataset_path:
+            return int(read_manifest(cfg.dataset_path).get("vocab_size", 0))
+        if cfg.mode in ("sft", "lora") and cfg.init_checkpoint and self.io is not None:
+            try:
+                raw = self.io.read_files(cfg.init_checkpoint, ["tokenizer.json"])["tokenizer.json"]
+            except NotFound:
+                raise InvalidArgument(
+                    f"checkpoint {cfg.init_checkpoint!r} carries no tokenizer.json; pass the dataset it was "
+                    "trained on so the SFT data can be tokenized"
+                ) from None
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_str(raw.decode()).get_vocab_size()
+        return 0
+
+    def to_config(self, spec: dict[str, Any]) -> TrainConfig:
+        """Spec (SubmitTrainRequest as JSON, proto field names) -> TrainConfig with resolved paths."""
+        values: dict[str, Any] = {}
+        for name in DIRECT_FIELDS:
+            v = spec.get(name)
+            if v not in (None, "", 0, 0.0, False):
+                values[name] = v
+        for name in ("workers", "steps", "micro_batch_size", "seq_len", "grad_accum_steps", "warmup_steps",
+                     "eval_every", "eval_batches", "checkpoint_every", "seed", "memory_budget_bytes"):  # fmt: skip
+            if name in values:
+                values[name] = int(values[name])
+        if "min_lr" not in values and "lr" in values:
+            values["min_lr"] = float(values["lr"]) / 10
+        overrides = spec.get("model_overrides") or {}
+        if not isinstance(overrides, dict):
+            raise InvalidArgument("model_overrides must be an object of ModelConfig fields")
+        values["model_overrides"] = {
+            k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in overrides.items()
+        }
+        output = spec.get("output_name", "")
+        if not output or not NAME_RE.match(output):
+            raise InvalidArgument(f"output_name {output!r} is required: letters, digits, '.', '_', '-'")
+        values["output_name"] = output
+        if spec.get("dataset"):
+            values["dataset_name"] = spec["dataset"]
+            values["dataset_path"] = str(self.dataset_path(spec["dataset"]))
+        if spec.get("sft_data"):
+            values["sft_path"] = str(self.sft_path(spec["sft_data"]))
+        if spec.get("init_checkpoint"):
+            values["init_checkpoint"] = spec["init_checkpoint"]
+        lora = spec.get("lora") or {}
+        if lora:
+            values["lora"] = LoraSettings(
+                rank=int(lora.get("rank") or 8),
+                alpha=float(lora.get("alpha") or 16.0),
+                target_modules=list(lora.get("target_modules") or ["q_proj", "v_proj"]),
+                dropout=float(lora.get("dropout") or 0.0),
+            )
+        try:
+            cfg = TrainConfig(**values)
+        except TypeError as exc:
+            raise InvalidArgument(f"bad train request: {exc}") from None
+        if cfg.mode == "pretrain" and not spec.get("dataset"):
+            raise InvalidArgument("pretrain needs 'dataset' (an ingested dataset name)")
+        return cfg

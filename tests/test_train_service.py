@@ -1,0 +1,154 @@
+"""TrainerService end to end: real gRPC, Redis job queue, checkpoint store and worker processes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from common import errors
+from tokenmill.v1 import common_pb2
+
+pytestmark = pytest.mark.timeout(600)
+
+SMALL = dict(workers=2, micro_batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2)
+
+
+def _events(client, job_id):
+    return list(client.watch_job(job_id, follow=False))
+
+
+def _wait_progress(client, job_id, min_step, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get_job(job_id)
+        if "step" in job.progress and job.progress["step"] >= min_step:
+            return job
+        assert job.state not in (common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_SUCCEEDED), job.error
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} made no progress to step {min_step}")
+
+
+def test_two_workers_lower_loss_through_the_service(trainer_service):
+    svc = trainer_service
+    job = svc.client.submit("tiny", dataset="stories", steps=10, eval_every=5, checkpoint_every=5, **SMALL)
+    done = svc.client.wait(job.id, timeout=300)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
+    result = json.loads(json.dumps(dict(done.result.items()), default=list))
+    losses = [h["loss"] for h in done.result["history"]]
+    assert len(losses) == 10 and losses[-1] < losses[0] - 0.5, losses
+    assert result["workers"] == 2 and result["val_loss"] is not None
+    ref = done.result["checkpoint"]
+    assert [(a.kind, f"{a.name}:{a.version}") for a in done.artifacts] == [("checkpoint", ref)]
+    weights = svc.ckpt.client.load(ref, ["model.embed_tokens.weight"])
+    assert torch.isfinite(weights["model.embed_tokens.weight"]).all()
+    progress = [e for e in _events(svc.client, job.id) if e.kind == "progress"]
+    assert progress, "no progress events"
+    fields = set(progress[-1].data.keys())
+    assert {
+        "step",
+        "loss",
+        "lr",
+        "tokens_per_s",
+        "memory_bytes",
+        "eta_s",
+        "val_loss",
+        "val_ppl",
+        "mfu",
+    } <= fields
+    assert progress[-1].data["mfu"] is None  # CPU: unset, never invented
+
+
+def test_bad_requests_are_rejected_before_any_worker_starts(trainer_service):
+    c = trainer_service.client
+    cases = [
+        (errors.NotFound, "dataset 'nope' not found", dict(dataset="nope")),
+        (errors.NotFound, "checkpoint 'ghost' not found", dict(dataset="stories", init_checkpoint="ghost")),
+        (errors.NotFound, "SFT data", dict(mode="sft", sft_data="missing.jsonl", dataset="stories")),
+        (
+            errors.InvalidArgument,
+            "vocab mismatch",
+            dict(dataset="stories", model_overrides={"vocab_size": 100}),
+        ),
+        (
+            errors.InvalidArgument,
+            "does not divide hidden_size",
+            dict(dataset="stories", model_overrides={"num_heads": 5}),
+        ),
+        (
+            errors.InvalidArgument,
+            "over the 0.01 GiB budget",
+            dict(dataset="stories", micro_batch_size=64, seq_len=512, memory_budget_bytes=10 << 20),
+        ),
+        (errors.InvalidArgument, "mode must be one of", dict(dataset="stories", mode="rlhf")),
+        (errors.InvalidArgument, "unknown model preset", dict(dataset="stories", model_preset="gpt5")),
+        (errors.InvalidArgument, "pretrain needs", dict()),
+        (errors.InvalidArgument, "seq_len=1024 exceeds", dict(dataset="stories", seq_len=1024)),
+        (
+            errors.InvalidArgument,
+            "lora needs init_checkpoint",
+            dict(mode="lora", sft_data="sft.jsonl", dataset="stories"),
+        ),
+    ]
+    for exc, message, fields in cases:
+        with pytest.raises(exc, match=message):
+            c.submit("bad", **fields)
+        with pytest.raises(exc, match=message):
+            c.validate("bad", **fields)
+    with pytest.raises(errors.InvalidArgument, match="output_name"):
+        c.submit("", dataset="stories")
+    assert not list(c.iter_jobs()), "a rejected request must not queue a job"
+    ok = c.validate("fine", dataset="stories", **SMALL)
+    assert (
+        ok.ok
+        and 0.9e6 < ok.parameters < 1.2e6
+        and ok.estimated_bytes_per_worker > 0
+        and ok.flops_per_token > 0
+    )
+
+
+def test_cancel_mid_run_ends_cancelled_with_a_checkpoint(trainer_service):
+    svc = trainer_service
+    job = svc.client.submit("cancel-me", dataset="stories", steps=500, **SMALL)
+    _wait_progress(svc.client, job.id, 2)
+    svc.client.cancel_job(job.id, "test cancel")
+    done = svc.client.wait(job.id, timeout=180)
+    assert done.state == common_pb2.JOB_STATE_CANCELLED
+    assert len(done.artifacts) == 1 and done.artifacts[0].name == "cancel-me"
+    ref = f"cancel-me:{done.artifacts[0].version}"
+    state = json.loads(svc.ckpt.client.load_files(ref, ["train_state.json"])["train_state.json"])
+    assert 2 <= state["step"] < 500
+
+
+def test_killed_worker_is_retried_and_resumes(trainer_service, monkeypatch):
+    svc = trainer_service
+    monkeypatch.setenv("TOKENMILL_TRAIN_FAULTS", json.dumps({"kill_at_step": 4, "kill_rank": 1}))
+    job = svc.client.submit("resume", dataset="stories", steps=6, checkpoint_every=3, **SMALL)
+    done = svc.client.wait(job.id, timeout=400)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
+    assert done.attempts == 2
+    logs = [e.message for e in _events(svc.client, job.id) if e.kind == "log"]
+    assert any("resumed from resume:1 at step 3" in m for m in logs), logs
+    assert [h["step"] for h in done.result["history"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_fails_with_reason_and_keeps_last_good_checkpoint(trainer_service, monkeypatch):
+    svc = trainer_service
+    monkeypatch.setenv("TOKENMILL_TRAIN_FAULTS", json.dumps({"nan_at_step": 3}))
+    job = svc.client.submit("diverge", dataset="stories", steps=8, checkpoint_every=2, **SMALL)
+    done = svc.client.wait(job.id, timeout=300)
+    assert done.state == common_pb2.JOB_STATE_FAILED
+    assert "non-finite" in done.error and "step 4" in done.error and "diverge:1" in done.error
+    assert done.attempts == 1, "divergence is not retried"
+    assert [(a.name, a.version) for a in done.artifacts] == [("diverge", "1")]
+
+
+def test_ray_backend_two_workers_lower_loss(trainer_service, ray_local):
+    svc = trainer_service
+    job = svc.client.submit("ray-tiny", dataset="stories", backend="ray", steps=8, **SMALL)
+    done = svc.client.wait(job.id, timeout=400)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
+    losses = [h["loss"] for h in done.result["history"]]
+    assert losses[-1] < losses[0] - 0.5 and done.result["workers"] == 2
