@@ -90,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--baseline-requests", type=int, default=8, help="requests timed for each baseline")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads for every run (1: stable on a shared box)"
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -131,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
             "model_params": MODEL.num_params(),
+            "torch_threads": args.threads,
             "engine_batched_tokens_per_s": batched["tokens_per_s"],
             "engine_batched_ttft_p50_ms": batched["ttft_p50_ms"],
             "engine_batched_itl_p50_ms": batched["itl_p50_ms"],

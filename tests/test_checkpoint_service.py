@@ -134,6 +134,10 @@ def test_fsdp_shard_pieces_reassemble_and_slice(ckpt):
     for name in pieces:
         rank_client = ckpt.new_client(chunk_size=64 << 10)
         rank_client.attach(up.upload_id).add({name: pieces[name]}, shards={name: shards[name]})
+        # a retried add (its first response was lost) is a no-op, not an error
+        again = rank_client.attach(up.upload_id)
+        again.add({name: pieces[name]}, shards={name: shards[name]})
+        assert again.bytes_sent == 0
         rank_client.close()
     v = up.commit()
     assert v.ref == "sharded:1"
@@ -518,12 +522,17 @@ def test_other_rpc_bad_inputs(ckpt):
             pb.BeginUploadRequest(name="m", manifest=pb.CheckpointManifest(chunk_size=100)),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
+        (  # 16 MiB chunks cannot travel in the 8 MiB messages the test server allows
+            stub.BeginUpload,
+            pb.BeginUploadRequest(name="m", manifest=pb.CheckpointManifest(chunk_size=16 << 20)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     ]
     up = ckpt.client.begin("ext")
     ckpt.client.attach(up.upload_id).add({"a": torch.zeros(2)})
     cases[0] = (
         stub.ExtendUpload,
-        pb.ExtendUploadRequest(upload_id=up.upload_id, tensors=[_entry("a", b"\0" * 8)]),
+        pb.ExtendUploadRequest(upload_id=up.upload_id, tensors=[_entry("a", b"\1" * 8)]),  # "a" differs
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     for rpc, request, code in cases:

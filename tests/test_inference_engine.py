@@ -299,3 +299,31 @@ def test_padded_static_decode_path_simulated(tiny_ckpt):
     assert any(b > 5 or w > 4 for b, w in eng.runner.graphs)  # padding rows / table width were exercised
     for p, r in zip(ps, reqs, strict=True):
         assert r.output_token_ids == reference_greedy(tiny_ckpt.model, p, 20)
+
+
+def test_engine_runs_with_torch_only(tmp_path):
+    """A GPU box with only torch must be able to import and run the engine (no grpc/redis/tokenizers)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "torch_only.py"
+    script.write_text(
+        "import sys, importlib.abc\n"
+        "BLOCK = ('grpc', 'redis', 'tokenmill', 'tokenizers', 'transformers', 'ray', 'google', 'prometheus_client')\n"
+        "class Blocker(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in BLOCK:\n"
+        "            raise ImportError(f'blocked {name}')\n"
+        "sys.meta_path.insert(0, Blocker())\n"
+        "from common.model import ModelConfig, Transformer\n"
+        "from services.inference.engine import EngineConfig, SamplingParams, build_engine\n"
+        "cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,\n"
+        "                  num_kv_heads=2, max_seq_len=128)\n"
+        "eng = build_engine(Transformer(cfg).state_dict(), cfg.to_dict(), EngineConfig(num_blocks=32))\n"
+        "print(len(eng.generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0))[0].output_token_ids))\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(script)], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "5"

@@ -215,3 +215,48 @@ def test_metrics_use_vllm_names(inference_store):
     assert float(line.split()[-1]) == 11.0  # warm-up token + 2 x 5
     hits = next(ln for ln in text.splitlines() if ln.startswith("tokenmill:prefix_cache_hits_total"))
     assert float(hits.split()[-1]) > 0
+
+
+def test_entry_point_roles(monkeypatch):
+    from services.inference.server import MODEL_ENV, parse_args
+
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    assert parse_args(["--config", "c.yaml"]).role == "router"
+    args = parse_args(["replica", "--model", "m:2", "--port", "7001"])
+    assert (args.role, args.model, args.port, args.device) == ("replica", "m:2", 7001, "auto")
+    monkeypatch.setenv(MODEL_ENV, "demo-model:prod")
+    monkeypatch.setenv("HOSTNAME", "inference-7c9f")
+    args = parse_args(["--config", "c.yaml"])  # the Helm chart's inference pods
+    assert (args.role, args.model, args.port, args.replica_id, args.config) == (
+        "replica",
+        "demo-model:prod",
+        None,
+        "inference-7c9f",
+        "c.yaml",
+    )
+
+
+def test_overload_is_queued_or_resource_exhausted_never_lost(start_replica):
+    h = start_replica(max_num_seqs=2, max_waiting=6, num_blocks=17)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def run(i: int) -> None:
+        try:
+            r = h.client.generate([1 + i, 2, 3], max_tokens=6, temperature=0.0, ignore_eos=True)
+            result = "ok" if len(r.token_ids) == 6 and r.finish_reason == "length" else "truncated"
+        except errors.TokenmillError as exc:
+            result = exc.code
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(outcomes) == 40
+    assert set(outcomes) <= {"ok", "RESOURCE_EXHAUSTED"}, outcomes
+    assert outcomes.count("ok") >= 8
+    eng = h.replica.engine
+    assert not eng.requests and eng.blocks.num_free() == eng.blocks.usable_blocks

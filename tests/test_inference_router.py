@@ -258,6 +258,7 @@ def test_openai_http_front(router, start_replica, redis_url, tiny_ckpt):
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
     out = json.loads(_http(front, "/v1/completions", body).read())
     assert out["object"] == "text_completion" and out["usage"]["completion_tokens"] == 10
+    assert out["model"] == "tiny:1"
     assert out["choices"][0]["finish_reason"] == "length"
     expected_text = out["choices"][0]["text"]
     resp = _http(
@@ -372,6 +373,7 @@ def test_router_process_starts_and_answers(redis_url, tmp_path):
     )
     try:
         client = InferenceClient(f"127.0.0.1:{grpc_port}", token=TEST_TOKEN)
+
         def serving() -> bool:
             try:
                 return client.health(timeout=1.0) == "SERVING"
@@ -391,3 +393,20 @@ def test_router_process_starts_and_answers(redis_url, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_draining_replica_finishes_routed_requests(router, start_replica, redis_url, tiny_ckpt):
+    client, _, _ = router
+    h = start_replica(redis_url, replica_id="draining")
+    stream = client.stream("Once upon a time", max_tokens=120, **greedy())
+    first = next(stream)
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("drained", h.puller.drain(30)))
+    t.start()
+    chunks = [first, *stream]
+    t.join(30)
+    assert result["drained"] is True
+    assert sum(len(c.token_ids) for c in chunks) == 120 and chunks[-1].finish_reason == "length"
+    # A draining replica takes no new work: a second replica serves the next request.
+    start_replica(redis_url, replica_id="fresh")
+    assert client.generate("hi", max_tokens=3, **greedy()).replica == "fresh"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.errors import InvalidArgument, NotFound
+from common.errors import InvalidArgument
 from services.ingest.engine import filters_code as fc
 from services.ingest.engine import filters_web as fw
 from services.ingest.engine.doc import Doc, split_words
@@ -39,6 +39,9 @@ def test_word_split_matches_spacy_conventions():
         "I", "do", "n't", "think", "the", "U.S.", "economy", "'s", "fine", "...",
     ]  # fmt: skip
     assert split_words("costs $4,000.50 at http://x.org/a?b=1!") == ["costs", "$", "4,000.50", "at", "http://x.org/a?b=1", "!"]
+    assert split_words("---------- __doc__ read-only --help") == [
+        "----------", "_", "_", "doc", "_", "_", "read", "-", "only", "--help",
+    ]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- Gopher quality
@@ -119,7 +122,9 @@ def test_gopher_repetition_lines_and_paragraphs():
 
 
 def test_gopher_repetition_top_ngram():
-    f = fw.GopherRepetitionFilter(dup_line_frac=1, dup_line_char_frac=1, dup_para_frac=1, dup_para_char_frac=1)
+    f = fw.GopherRepetitionFilter(
+        dup_line_frac=1, dup_line_char_frac=1, dup_para_frac=1, dup_para_char_frac=1
+    )
     base = good_web_text().replace("\n", " ")
     repeated = base + " " + " ".join(["blue whale"] * 60)
     assert run(f, repeated) == "top_2_gram"
@@ -127,7 +132,9 @@ def test_gopher_repetition_top_ngram():
 
 
 def test_gopher_repetition_duplicated_ngrams():
-    f = fw.GopherRepetitionFilter(dup_line_frac=1, dup_line_char_frac=1, dup_para_frac=1, dup_para_char_frac=1)
+    f = fw.GopherRepetitionFilter(
+        dup_line_frac=1, dup_line_char_frac=1, dup_para_frac=1, dup_para_char_frac=1
+    )
     base = good_web_text().replace("\n", " ")
     half = base[: len(base) // 4]
     assert run(f, base + " " + half).startswith("duplicated_")
@@ -140,7 +147,10 @@ def test_gopher_repetition_duplicated_ngrams():
 def test_c4_line_rules_and_rewrite():
     f = fw.C4QualityFilter()
     body = good_web_text()
-    doc = Doc("t", body + "\nPlease enable JavaScript to view this page.\nRead our privacy policy here.\nshort line.")
+    doc = Doc(
+        "t",
+        body + "\nPlease enable JavaScript to view this page.\nRead our privacy policy here.\nshort line.",
+    )
     assert f(doc) is None
     assert "JavaScript" not in doc.text and "privacy" not in doc.text and "short line" not in doc.text
     assert doc.text.startswith(body.split("\n")[0])
@@ -203,7 +213,9 @@ def test_language_filter():
 # ----------------------------------------------------------------------------------- code
 
 
-CODE = "import os\n\n\ndef main(path):\n    for name in os.listdir(path):\n        print(name)\n    return 0\n"
+CODE = (
+    "import os\n\n\ndef main(path):\n    for name in os.listdir(path):\n        print(name)\n    return 0\n"
+)
 
 
 def test_code_size_bounds():
@@ -255,19 +267,29 @@ def test_code_license_only():
 
 def test_presets_and_overrides():
     spec = IngestSpec(name="d", sources=["x"], preset="web")
-    assert [f.name for f in build_filters(spec)] == ["language", "gopher_repetition", "gopher_quality", "c4", "fineweb"]
+    assert [f.name for f in build_filters(spec)] == [
+        "language",
+        "gopher_repetition",
+        "gopher_quality",
+        "c4",
+        "fineweb",
+    ]
     spec.filter_overrides = {"gopher_quality": {"min_doc_words": 5}, "c4": False}
     chain = build_filters(spec)
     assert [f.name for f in chain] == ["language", "gopher_repetition", "gopher_quality", "fineweb"]
     assert chain[2].min_doc_words == 5
     spec.language_threshold = 0.9
     assert build_filters(spec)[0].threshold == 0.9
-    with pytest.raises(NotFound, match="preset"):
+    with pytest.raises(InvalidArgument, match="preset"):
         IngestSpec.from_dict({"name": "d", "sources": ["x"], "preset": "books"})
     with pytest.raises(InvalidArgument, match="min_doc_words"):
-        IngestSpec.from_dict({"name": "d", "sources": ["x"], "filter_overrides": {"gopher_quality": {"min_words": 1}}})
+        IngestSpec.from_dict(
+            {"name": "d", "sources": ["x"], "filter_overrides": {"gopher_quality": {"min_words": 1}}}
+        )
     with pytest.raises(InvalidArgument, match="not in preset"):
-        IngestSpec.from_dict({"name": "d", "sources": ["x"], "preset": "code", "filter_overrides": {"c4": False}})
+        IngestSpec.from_dict(
+            {"name": "d", "sources": ["x"], "preset": "code", "filter_overrides": {"c4": False}}
+        )
     with pytest.raises(InvalidArgument, match="name"):
         IngestSpec.from_dict({"name": "../etc", "sources": ["x"]})
     with pytest.raises(InvalidArgument, match="web"):

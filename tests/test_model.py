@@ -140,3 +140,19 @@ def test_exposed_pieces_reproduce_attention_for_ragged_tokens():
     # rope is a rotation: norms are preserved
     qr = apply_rope(torch.ones(3, 1, cfg.dim_head), *rope_cos_sin(model.rope_inv_freq, torch.arange(3)))
     torch.testing.assert_close(qr.norm(dim=-1), torch.ones(3, 1) * cfg.dim_head**0.5)
+
+
+def test_activation_checkpointing_gives_identical_loss_and_grads():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**SMALL))
+    ids = torch.randint(0, 96, (2, 24))
+    grads = []
+    for ac in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = ac
+        _, loss = model(ids, ids)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(a, b)

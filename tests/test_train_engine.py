@@ -154,6 +154,24 @@ def test_sft_then_lora_trains_only_adapters(train_dataset, sft_jsonl, tmp_path):
     assert cfg["r"] == 4 and cfg["target_modules"] == ["q_proj", "v_proj"]
 
 
+def test_grad_accumulation_matches_the_larger_batch(train_dataset, tmp_path):
+    io_spec = {"kind": "local", "root": str(tmp_path / "ckpt")}
+    common = dict(workers=1, steps=4, checkpoint_every=0, warmup_steps=1)
+    big = run_local(_cfg(train_dataset, run_id="big", micro_batch_size=8, **common), io_spec)
+    accum = run_local(
+        _cfg(
+            train_dataset,
+            run_id="acc",
+            micro_batch_size=4,
+            grad_accum_steps=2,
+            activation_checkpointing=True,
+            **common,
+        ),
+        io_spec,
+    )
+    np.testing.assert_allclose(_losses(accum), _losses(big), rtol=2e-4)
+
+
 def test_lr_schedule_warmup_then_cosine():
     kw = dict(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=14)
     assert [lr_at(s, **kw) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

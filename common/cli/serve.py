@@ -33,6 +33,12 @@ def _fail(exc: errors.TokenmillError) -> click.ClickException:
 @click.option(
     "--kv-cache-mb", type=float, default=256.0, show_default=True, help="KV-cache budget per replica"
 )
+@click.option(
+    "--gpu-memory-utilization",
+    type=click.FloatRange(0.0, 0.99),
+    default=0.0,
+    help="on GPU: KV cache sized to this fraction of GPU memory (overrides --kv-cache-mb)",
+)
 @click.option("--max-num-seqs", type=int, default=64, show_default=True)
 @click.option("--adapter", "adapters", multiple=True, help="LoRA adapter ref to preload (repeatable)")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="seconds to wait for SERVING")
@@ -43,6 +49,7 @@ def serve(
     replicas: int,
     device: str,
     kv_cache_mb: float,
+    gpu_memory_utilization: float,
     max_num_seqs: int,
     adapters: tuple[str, ...],
     timeout: float,
@@ -82,6 +89,8 @@ def serve(
             str(kv_cache_mb),
             "--max-num-seqs",
             str(max_num_seqs),
+            "--gpu-memory-utilization",
+            str(gpu_memory_utilization),
         ]
         for a in adapters:
             argv += ["--adapter", a]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from google.protobuf.json_format import MessageToDict
 
 from common import errors
 from tokenmill.v1 import common_pb2
@@ -53,8 +54,25 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path, title: str = "") 
     return path
 
 
+def _terminal(event) -> bool:
+    return event.kind == "state" and event.state in (
+        common_pb2.JOB_STATE_SUCCEEDED,
+        common_pb2.JOB_STATE_FAILED,
+        common_pb2.JOB_STATE_CANCELLED,
+    )
+
+
 def _follow(client, job_id: str, steps: int) -> common_pb2.Job:
-    """Drive a progress bar from WatchJob events until the job is terminal."""
+    """Follow WatchJob until the job is terminal: a live progress bar on a terminal, one line per
+    progress event otherwise (logs, CI, `make demo` piped through tee)."""
+    live = click.get_text_stream("stdout").isatty()
+    if not live:
+        for event in client.watch_job(job_id, follow=True):
+            if event.kind in ("progress", "log"):
+                click.echo(event.message)
+            elif _terminal(event):
+                break
+        return client.get_job(job_id)
     last_step = 0
     with click.progressbar(length=steps, label="training", show_pos=True, item_show_func=lambda s: s) as bar:
         for event in client.watch_job(job_id, follow=True):
@@ -65,17 +83,13 @@ def _follow(client, job_id: str, steps: int) -> common_pb2.Job:
                 last_step = step
             elif event.kind == "log":
                 click.echo(f"\n{event.message}", err=True)
-            elif event.kind == "state" and event.state in (
-                common_pb2.JOB_STATE_SUCCEEDED,
-                common_pb2.JOB_STATE_FAILED,
-                common_pb2.JOB_STATE_CANCELLED,
-            ):
+            elif _terminal(event):
                 break
     return client.get_job(job_id)
 
 
 @click.command("train")
-@click.argument("output_name")
+@click.option("--output", "output_name", required=True, help="Checkpoint name the model is saved under.")
 @click.option("--dataset", default="", help="Ingested dataset name (pretraining; also SFT tokenizer).")
 @click.option("--preset", "model_preset", default="test-1m", show_default=True, help="Model preset.")
 @click.option(
@@ -108,7 +122,7 @@ def _follow(client, job_id: str, steps: int) -> common_pb2.Job:
 @click.pass_obj
 def train(obj, output_name: str, overrides: tuple[str, ...], lora_rank: int, lora_alpha: float, lora_targets: str,
           detach: bool, plot_path: str | None, **fields: Any) -> None:  # fmt: skip
-    """Train OUTPUT_NAME (a checkpoint name) from a dataset, or fine-tune a checkpoint."""
+    """Train a model from a dataset, or fine-tune a checkpoint, saving it as --output."""
     from common.clients.trainer import TrainerClient
 
     config = obj.config
@@ -130,7 +144,7 @@ def train(obj, output_name: str, overrides: tuple[str, ...], lora_rank: int, lor
     except errors.TokenmillError as exc:
         raise click.ClickException(f"{exc.code}: {exc.message}") from None
     state = common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
-    history = [dict(h.items()) for h in job.result["history"]] if "history" in job.result else []
+    history = MessageToDict(job.result).get("history", [])
     if history:
         path = Path(plot_path) if plot_path else Path(config.data_dir) / "trainer" / job.id / "loss_curve.png"
         plot_loss_curve(history, path, title=f"{output_name} ({job.id})")
@@ -138,6 +152,6 @@ def train(obj, output_name: str, overrides: tuple[str, ...], lora_rank: int, lor
     if job.state != common_pb2.JOB_STATE_SUCCEEDED:
         refs = ", ".join(f"{a.name}:{a.version}" for a in job.artifacts) or "none"
         raise click.ClickException(f"job {job.id} {state}: {job.error} (checkpoints: {refs})")
-    r = job.result
+    r = MessageToDict(job.result)
     val = f", val loss {r['val_loss']:.4f}" if r.get("val_loss") is not None else ""
     click.echo(f"job {job.id} SUCCEEDED: checkpoint {r['checkpoint']}, final loss {r['final_loss']:.4f}{val}")

@@ -12,10 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from common.clients.checkpoint_wire import (
-    decode_upload_chunk,
-    encode_download_chunk,
-)
+from common.clients.checkpoint_wire import RawDownloadChunk, decode_upload_chunk, encode_download_chunk
 from common.config import Config
 from common.errors import InvalidArgument
 from common.runtime import ServiceApp, run_service
@@ -36,14 +33,25 @@ from .engine.store import CheckpointStore
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CheckpointService"].full_name
 QUOTA_ENV = "TOKENMILL_CHECKPOINT_QUOTA_BYTES"
 MAX_PAGE = 1000
+CHUNK_HEADROOM = 64 << 10  # bytes of a chunk message that are not chunk data (ids, digest, framing)
 
 
 class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
-    def __init__(self, store: CheckpointStore):
+    def __init__(self, store: CheckpointStore, max_message_bytes: int = 8 << 20):
         self.store = store
+        self.max_message_bytes = max_message_bytes
+
+    def _check_chunk_size(self, chunk_size: int) -> None:
+        """A chunk travels in one message, so it must fit the server's message limit."""
+        if chunk_size and chunk_size + CHUNK_HEADROOM > self.max_message_bytes:
+            raise InvalidArgument(
+                f"chunk_size {chunk_size} does not fit this server's message limit of {self.max_message_bytes} "
+                f"bytes (keep it at most {self.max_message_bytes - CHUNK_HEADROOM})"
+            )
 
     # -- uploads ---------------------------------------------------------------------------------
     def BeginUpload(self, request: pb.BeginUploadRequest, context) -> pb.UploadSession:
+        self._check_chunk_size(request.manifest.chunk_size)
         status = self.store.begin_upload(
             request.name,
             manifest_from_proto(request.manifest),
@@ -123,9 +131,8 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             stream_count=request.stream_count or 1,
         )
         for c in chunks:
-            yield pb.DownloadChunk(
-                entry=c.entry, is_file=c.is_file, index=c.index, offset=c.offset, data=c.data
-            )
+            # serialised by encode_download_chunk: one copy of the bytes, plain protobuf on the wire
+            yield RawDownloadChunk(c.entry, c.is_file, c.index, c.offset, c.data)
 
     # -- management ------------------------------------------------------------------------------
     def SetTag(self, request: pb.SetTagRequest, context) -> pb.CheckpointVersion:
@@ -203,7 +210,7 @@ def open_store_from_config(config: Config) -> CheckpointStore:
 def build(config: Config, app: ServiceApp) -> object:
     """Wire the store into the app; the service is ready once recovery has run (in the constructor)."""
     store = open_store_from_config(config)
-    app.add(add_checkpoint_servicer, CheckpointServicer(store), SERVICE_NAME)
+    app.add(add_checkpoint_servicer, CheckpointServicer(store, config.max_message_bytes), SERVICE_NAME)
     app.on_shutdown(store.close)
     return lambda: True
 

@@ -127,6 +127,7 @@ class ReplicaPuller:
         self._lock = threading.Lock()
         self._out: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._draining = threading.Event()
         self._threads: list[threading.Thread] = []
         self._pubsub = None
 
@@ -140,6 +141,17 @@ class ReplicaPuller:
             t = threading.Thread(target=fn, name=f"{fn.__name__}-{self.consumer}", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def drain(self, timeout: float) -> bool:
+        """Stop taking new work and wait for the routed requests in flight to finish (SIGTERM)."""
+        self._draining.set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self.active:
+                    return True
+            time.sleep(0.05)
+        return False
 
     def stop(self) -> None:
         self._stop.set()
@@ -165,7 +177,7 @@ class ReplicaPuller:
 
     def _pull_loop(self) -> None:
         while not self._stop.is_set():
-            if not self.replica.ready.is_set():
+            if not self.replica.ready.is_set() or self._draining.is_set():
                 self._stop.wait(0.05)
                 continue
             n = self.capacity()
@@ -185,7 +197,10 @@ class ReplicaPuller:
             for _stream, entries in resp or []:
                 for entry_id, fields in entries:
                     try:
-                        self._handle(fields)
+                        if self._draining.is_set():  # read while drain began: hand it back to the queue
+                            self.r.xadd(REQUESTS, fields)
+                        else:
+                            self._handle(fields)
                     finally:
                         self.r.xack(REQUESTS, GROUP, entry_id)
                         self.r.xdel(REQUESTS, entry_id)
@@ -209,7 +224,11 @@ class ReplicaPuller:
             return
         with self._lock:
             self.active[rid] = (reply, stream)
-        accepted = {"replica": self.consumer, "prompt_token_ids": stream.request.prompt_token_ids}
+        accepted = {
+            "replica": self.consumer,
+            "prompt_token_ids": stream.request.prompt_token_ids,
+            "max_tokens": stream.request.params.max_tokens,  # resolved (0 = server default on the wire)
+        }
         self._post(reply, {"t": "accepted", "d": json.dumps(accepted)})
 
     def _post(self, reply: str, fields: dict[str, str]) -> None:
@@ -375,6 +394,7 @@ class RouterDispatcher:
         attempt = 0
         streamed: list[int] = []  # tokens already yielded, across attempts
         prompt_ids: list[int] | None = None
+        max_tokens = int(original.sampling.max_tokens)
         rid = base_id
         current = inference_pb2.GenerateRequest()
         current.CopyFrom(original)
@@ -411,6 +431,7 @@ class RouterDispatcher:
                                 replica = body["replica"]
                                 if prompt_ids is None:
                                     prompt_ids = body["prompt_token_ids"]
+                                    max_tokens = int(body.get("max_tokens") or original.sampling.max_tokens)
                             elif kind == "error":
                                 raise from_code(
                                     fields.get("code", "INTERNAL"), fields.get("msg", "replica error")
@@ -443,7 +464,6 @@ class RouterDispatcher:
                     current.prompt = ""
                     del current.prompt_token_ids[:]
                     current.prompt_token_ids.extend(prompt_ids + streamed)
-                    max_tokens = original.sampling.max_tokens
                     if max_tokens:
                         current.sampling.max_tokens = max(1, max_tokens - len(streamed))
                 self.check_model(request.model, self.replicas())

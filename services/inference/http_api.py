@@ -154,7 +154,14 @@ def build_app(dispatcher: RouterDispatcher, tokens: list[str] | None) -> Starlet
         except TokenmillError as exc:
             return error_response(exc)
         created = int(time.time())
-        model = req.model
+        # Routing errors (bad model, no replicas) are HTTP errors, not SSE events.
+        try:
+            replicas = await run_in_threadpool(dispatcher.replicas)
+            dispatcher.check_model(req.model, replicas)
+        except TokenmillError as exc:
+            return error_response(exc)
+        name = req.model.split(":")[0]
+        model = next((r.model for r in replicas if not name or r.name == name), req.model)
         active = threading.Event()
         active.set()
 
@@ -183,17 +190,11 @@ def build_app(dispatcher: RouterDispatcher, tokens: list[str] | None) -> Starlet
                     "id": req.request_id,
                     "object": "text_completion",
                     "created": created,
-                    "model": model or resp.replica,
+                    "model": model,
                     "choices": [choice],
                     "usage": _usage(resp.usage),
                 }
             )
-
-        # Validate routing up front so a bad model or no replicas is an HTTP error, not an SSE one.
-        try:
-            await run_in_threadpool(lambda: dispatcher.check_model(req.model, dispatcher.replicas()))
-        except TokenmillError as exc:
-            return error_response(exc)
 
         async def events():
             gen = dispatcher.stream(req, active.is_set)

@@ -1,5 +1,9 @@
 """`python -m services.inference`: the router (default) or one replica (`replica --model REF`).
 
+`python -m services.inference.router` always runs the router; `python -m services.inference` with
+TOKENMILL_SERVE_MODEL=REF in the environment runs a replica of REF on the configured inference port
+(how the Helm chart's inference pods start).
+
 The router is the platform's inference endpoint (config.services.inference: gRPC, plus the
 OpenAI-compatible HTTP front on --http-port, default gRPC port + 2000). Replicas are started by
 `tokenmill serve MODEL --replicas N`, each on its own port; they load the model from the
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -24,7 +29,8 @@ from services.inference.engine import EngineConfig
 
 log = logging.getLogger("tokenmill.inference")
 
-ROUTER_MIN_WORKERS = 64  # each open stream holds a handler thread; the router only waits on Redis
+MIN_WORKERS = 64  # handler threads: streams mostly wait (engine thread or Redis) and cost no CPU
+MODEL_ENV = "TOKENMILL_SERVE_MODEL"  # without a subcommand: run a replica of this model  # each open stream holds a handler thread; the router only waits on Redis
 
 
 def _dial_host(host: str) -> str:
@@ -43,6 +49,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         block_size=args.block_size,
         kv_cache_memory_bytes=int(args.kv_cache_mb * 1024 * 1024),
+        gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len or None,
@@ -90,6 +97,10 @@ def build_replica(config: Config, app: ServiceApp, args: argparse.Namespace):
 
     def shutdown() -> None:
         if "puller" in state:
+            if not state["puller"].drain(config.shutdown_grace_seconds):
+                log.warning(
+                    "routed requests still running after the grace period; the router will retry them"
+                )
             state["puller"].stop()
         if "replica" in state:
             state["replica"].shutdown()
@@ -139,6 +150,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dtype", default="", help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)"
     )
     rep.add_argument("--kv-cache-mb", type=float, default=256.0, help="KV-cache memory budget")
+    rep.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.0,
+        help="on CUDA: size the KV cache to use this fraction of GPU memory (overrides --kv-cache-mb)",
+    )
     rep.add_argument("--block-size", type=int, default=16)
     rep.add_argument("--max-num-seqs", type=int, default=64)
     rep.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -148,8 +165,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     rep.add_argument("--no-redis", action="store_true", help="direct gRPC only; do not pull routed work")
     args = parser.parse_args(argv)
     if args.role is None:
-        args.role = "router"
-        args.http_port = None
+        model = os.environ.get(MODEL_ENV, "")
+        if model:  # a replica configured through the environment (the Helm chart's inference pods)
+            args = parser.parse_args([*(argv or sys.argv[1:]), "replica", "--model", model])
+            args.port = None  # the config's inference port
+            args.metrics_port = None
+            args.replica_id = args.replica_id or os.environ.get("HOSTNAME", "")
+        else:
+            args.role = "router"
+            args.http_port = None
     return args
 
 
@@ -159,12 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_or_exit(args.config, prog)
     setup_logging(config.log_level, config.log_format, service="inference")
     try:
+        # Every open stream holds a gRPC handler thread while it waits on the engine or Redis.
+        svc = config.service("inference")
+        if svc.workers < MIN_WORKERS:
+            services = dict(config.services)
+            services["inference"] = ServiceConfig(**{**svc.model_dump(), "workers": MIN_WORKERS})
+            config = config.model_copy(update={"services": services})
         if args.role == "router":
-            svc = config.service("inference")
-            if svc.workers < ROUTER_MIN_WORKERS:
-                services = dict(config.services)
-                services["inference"] = ServiceConfig(**{**svc.model_dump(), "workers": ROUTER_MIN_WORKERS})
-                config = config.model_copy(update={"services": services})
             app = ServiceApp("inference", config)
             ready = build_router(config, app, args)
         else:

@@ -91,14 +91,20 @@ class Planner:
             hf = json.loads(self.io.read_files(cfg.init_checkpoint, ["config.json"])["config.json"])
             model = ModelConfig.from_hf_config(hf)
         vocab = self._data_vocab(cfg)
+        warnings = []
+        if vocab and not cfg.init_checkpoint and "vocab_size" not in cfg.model_overrides:
+            # From scratch, the tokenizer defines the vocabulary: size the embedding to it (padded to a
+            # multiple of 64 for matmul efficiency) unless the request pinned vocab_size explicitly.
+            padded = -(-vocab // 64) * 64
+            if padded != model.vocab_size:
+                warnings.append(f"vocab_size set to {padded} from the tokenizer's {vocab} tokens")
+                cfg.model_overrides = {**cfg.model_overrides, "vocab_size": padded}
+                model = cfg.validate()
         if vocab and vocab > model.vocab_size:
             raise InvalidArgument(
                 f"vocab mismatch: the tokenizer has {vocab} tokens but the model's vocab_size is "
                 f'{model.vocab_size}; set model_overrides {{"vocab_size": {vocab}}} or more'
             )
-        warnings = []
-        if vocab and vocab < model.vocab_size // 2 and not cfg.init_checkpoint:
-            warnings.append(f"the tokenizer uses {vocab} of the model's {model.vocab_size} embedding rows")
         total = model.num_params()
         trainable = total
         if cfg.mode == "lora":

@@ -35,6 +35,7 @@ class ChunkStore:
         self.backend = backend
         self._lock = threading.Lock()
         self._index: dict[str, int] = {}
+        self._total = 0  # sum of the index, kept current (the quota check reads it per chunk)
         self.reload()
 
     def reload(self) -> None:
@@ -45,11 +46,11 @@ class ChunkStore:
                 index[digest] = size
         with self._lock:
             self._index = index
+            self._total = sum(index.values())
 
     @property
     def stored_bytes(self) -> int:
-        with self._lock:
-            return sum(self._index.values())
+        return self._total
 
     def __len__(self) -> int:
         with self._lock:
@@ -70,7 +71,9 @@ class ChunkStore:
         except NotFound:
             return None
         with self._lock:
-            self._index[digest] = size
+            if digest not in self._index:
+                self._index[digest] = size
+                self._total += size
         return size
 
     def has(self, digest: str) -> bool:
@@ -89,7 +92,9 @@ class ChunkStore:
             return False
         self.backend.put(chunk_key(digest), data)
         with self._lock:
-            self._index[digest] = len(data)
+            if digest not in self._index:
+                self._index[digest] = len(data)
+                self._total += len(data)
         return True
 
     def get(self, digest: str, *, what: str, expected_size: int | None = None) -> bytes:
@@ -123,6 +128,8 @@ class ChunkStore:
         """Remove a chunk; returns the bytes freed (0 when already absent)."""
         with self._lock:
             size = self._index.pop(digest, None)
+            if size is not None:
+                self._total -= size
         if size is None:
             try:
                 size = self.backend.size(chunk_key(digest))

@@ -422,10 +422,11 @@ class CheckpointStore:
     ) -> UploadStatus:
         with self._meta:
             state = self._session(upload_id)
-            have = {t.name for t in state.manifest.tensors} | {f.name for f in state.manifest.files}
-            for entry in [*tensors, *files]:
-                if entry.name in have:
-                    raise InvalidArgument(f"upload {upload_id}: entry {entry.name!r} was already added")
+            # a retried ExtendUpload (response lost) re-adds identical entries: accept those as no-ops
+            have = {t.name: t for t in state.manifest.tensors} | {f.name: f for f in state.manifest.files}
+            fresh_t = [t for t in tensors if not self._same_entry(upload_id, have, t)]
+            fresh_f = [f for f in files if not self._same_entry(upload_id, have, f)]
+            tensors, files = fresh_t, fresh_f
             candidate = Manifest.from_json(state.manifest.to_json())
             candidate.extend(tensors, files)  # validates the combined manifest
             new = {d for e in [*tensors, *files] for d in e.chunks}
@@ -435,6 +436,19 @@ class CheckpointStore:
             state.planned_new = sorted(set(state.planned_new) | set(planned))
             self.backend.put(f"uploads/{state.upload_id}.json", _dumps(state.to_json()))
             return self._status(state)
+
+    @staticmethod
+    def _same_entry(
+        upload_id: str, have: dict[str, TensorEntry | FileEntry], entry: TensorEntry | FileEntry
+    ) -> bool:
+        existing = have.get(entry.name)
+        if existing is None:
+            return False
+        if type(existing) is not type(entry) or existing.to_json() != entry.to_json():
+            raise InvalidArgument(
+                f"upload {upload_id}: entry {entry.name!r} was already added with different contents"
+            )
+        return True
 
     def _plan(
         self, state: UploadState, digests: set[str], extra_reserved: list[str] | None = None

@@ -11,11 +11,10 @@ Block 0 is reserved as a scratch slot for padded rows (CUDA graphs) and never ha
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import numpy as np
 
 NULL_BLOCK = 0
 
@@ -24,7 +23,7 @@ def block_hash(parent: bytes, tokens: Sequence[int], salt: str) -> bytes:
     """A collision-resistant key for one full block (prefix-cache correctness depends on it)."""
     h = hashlib.blake2b(parent, digest_size=16)
     h.update(salt.encode())
-    h.update(np.asarray(tokens, dtype=np.int64).tobytes())
+    h.update(array("q", tokens).tobytes())
     return h.digest()
 
 

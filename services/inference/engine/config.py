@@ -91,6 +91,10 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int | None = None  # None: size the pool from kv_cache_memory_bytes
     kv_cache_memory_bytes: int = 256 * 1024 * 1024
+    # On CUDA, > 0: size the KV pool so weights + KV + activations use this fraction of the GPU
+    # (vLLM's gpu_memory_utilization); overrides kv_cache_memory_bytes.
+    gpu_memory_utilization: float = 0.0
+    activation_reserve_bytes: int = 2 * 1024**3
     max_num_seqs: int = 64  # sequences in one step
     max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None  # default: the model's max_position_embeddings

@@ -334,4 +334,22 @@ def build_engine(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {spec.vocab_size}"
         )
     model = PagedLlama(spec, dict(tensors), dtype=config.dtype, device=config.device)
+    if config.gpu_memory_utilization > 0 and model.device.type == "cuda" and config.num_blocks is None:
+        config.kv_cache_memory_bytes = kv_budget_from_gpu(config, model)
     return LLMEngine(model, config, tokenizer, observer)
+
+
+def kv_budget_from_gpu(config: EngineConfig, model: PagedLlama) -> int:
+    """Bytes for the KV pool: the utilisation target minus what is already used, minus activations."""
+    free, total = torch.cuda.mem_get_info(model.device)
+    used = total - free
+    budget = int(config.gpu_memory_utilization * total) - used - config.activation_reserve_bytes
+    per_block = model.spec.kv_bytes_per_token(config.dtype) * config.block_size
+    need = per_block * config.max_blocks_per_seq(model.spec)
+    if budget < need:
+        raise ResourceExhausted(
+            f"after loading the weights only {max(budget, 0) / 2**30:.2f} GiB are left for the KV cache at "
+            f"gpu_memory_utilization={config.gpu_memory_utilization}, but one full-length sequence needs "
+            f"{need / 2**30:.2f} GiB; raise the utilisation, lower max_model_len, or quantize the weights"
+        )
+    return budget

@@ -141,10 +141,10 @@ class PagedLlama(nn.Module):
         """q [B, Q, H, D]; mask [B, Q, L] (True = attend) -> [B, Q, H*D]."""
         s = self.spec
         b, nq = q.shape[0], q.shape[1]
-        offs = torch.arange(block_size, device=tables.device)
-        slots = (tables[:, :, None] * block_size + offs).reshape(b, -1)  # [B, L]
-        k = cache[0][slots]  # [B, L, Hkv, D]
-        v = cache[1][slots]
+        # Gather whole blocks (contiguous block_size x Hkv x D chunks), not single slots.
+        blocks = cache.view(2, -1, block_size, s.num_kv_heads, s.head_dim)
+        k = blocks[0][tables].view(b, -1, s.num_kv_heads, s.head_dim)  # [B, L, Hkv, D]
+        v = blocks[1][tables].view(b, -1, s.num_kv_heads, s.head_dim)
         g = s.num_heads // s.num_kv_heads
         qg = q.view(b, nq, s.num_kv_heads, g, s.head_dim).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Q, D]
         qg = qg.reshape(b, s.num_kv_heads, g * nq, s.head_dim)

@@ -7,19 +7,21 @@ the newest tokens decode to complete characters, and decodes a short window, not
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer as HFTokenizer
-
 from common.errors import InvalidArgument
 from services.inference.engine.request import Request
 
 
 class Tokenizer:
-    def __init__(self, tok: HFTokenizer):
+    """Wraps a `tokenizers.Tokenizer` (imported lazily: the engine itself needs only torch)."""
+
+    def __init__(self, tok):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
         text = data.decode("utf-8") if isinstance(data, bytes) else data
         try:
             return cls(HFTokenizer.from_str(text))

@@ -10,11 +10,62 @@ from __future__ import annotations
 
 import re
 
-WORD_RE = re.compile(
-    r"(?:https?|ftp)://[^\s\"'<>]+[^\s\"'<>.,;:!?)\]]|(?:[^\W\d_]\.){2,}|can(?=not\b)|\w+?(?=n['’]t\b)|n['’]t\b|['’](?:s|re|ve|ll|d|m)\b"
-    r"|\w+(?:[.,:/@]\w+)*|\.\.\.|[^\w\s]",
-    re.IGNORECASE,
+# spaCy's English tokenizer, reduced to the rules that matter for word counts (spacy/lang/
+# punctuation.py and lang/en): split on whitespace, then peel prefixes and suffixes off each chunk
+# until none apply, then split infixes. Plain alphanumeric chunks (most of prose) take a fast path.
+_PREFIX = re.compile(r"^(?:\.\.+|…+|[§%=—–,:;!?¿¡()\[\]{}<>_#*&\"'`«»“”‘’„$£€¥]|\+(?![0-9]))")
+_SUFFIX = re.compile(
+    r"(?:\.\.+|…+|[,:;!?()\[\]{}<>_#*&\"'`«»“”‘’„—–%°]|['’][sS]|n['’]t|(?<=[0-9])\+"
+    r"|(?<=[0-9a-z%²\-)\]}\"'’”])\.|(?<=[A-Z][A-Z])\.)$"
 )
+_INFIX = re.compile(
+    r"\.\.+|…+|(?<=[0-9])[+\-*^](?=[0-9-])|(?<=[a-z'\"])\.(?=[A-Z'\"])|(?<=[A-Za-z]),(?=[A-Za-z])"
+    r"|(?<=[A-Za-z0-9])(?:---|--|-|–|—)(?=[A-Za-z])|(?<=[A-Za-z0-9])[:<>=/](?=[A-Za-z])"
+)
+_KEEP = re.compile(r"^(?:(?:[A-Za-z]\.){2,}|https?://\S*[^\s.,;:!?)\]'\"]|[A-Za-z]+\.(?:com|org|net|edu|gov|io)|\w+@\w+(?:\.\w+)+)$")
+_WS = re.compile(r"\S+")
+
+
+def _split_chunk(chunk: str, out: list[str]) -> None:
+    suffixes: list[str] = []
+    while chunk:
+        if _KEEP.match(chunk):
+            break
+        m = _PREFIX.match(chunk)
+        if m and m.end() < len(chunk):
+            out.append(m.group())
+            chunk = chunk[m.end() :]
+            continue
+        m = _SUFFIX.search(chunk)
+        if m and m.start() > 0:
+            suffixes.append(m.group())
+            chunk = chunk[: m.start()]
+            continue
+        break
+    if chunk:
+        if _KEEP.match(chunk):
+            out.append(chunk)
+        else:
+            pos = 0
+            for m in _INFIX.finditer(chunk):
+                if m.start() > pos:
+                    out.append(chunk[pos : m.start()])
+                out.append(m.group())
+                pos = m.end()
+            if pos < len(chunk):
+                out.append(chunk[pos:])
+    out.extend(reversed(suffixes))
+
+
+def split_words(text: str) -> list[str]:
+    """Words as spaCy's blank English tokenizer would give them (datatrove's word split)."""
+    out: list[str] = []
+    for chunk in text.split():
+        if chunk.isalnum():
+            out.append(chunk)
+        else:
+            _split_chunk(chunk, out)
+    return out
 
 
 class Doc:
@@ -40,9 +91,5 @@ class Doc:
     @property
     def words(self) -> list[str]:
         if self._words is None:
-            self._words = WORD_RE.findall(self._text)
+            self._words = split_words(self._text)
         return self._words
-
-
-def split_words(text: str) -> list[str]:
-    return WORD_RE.findall(text)

@@ -51,7 +51,9 @@ _IPV4 = re.compile(
     r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w]|\.\d)"
 )
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
-_VERSION_CONTEXT = re.compile(r"(?:version|ver\.?|v|release|python|build)\s*$", re.IGNORECASE)
+_VERSION_CONTEXT = re.compile(
+    r"(?:version|ver\.?|release|python|build)\w*\s*[=:]?\s*['\"(]?\s*$", re.IGNORECASE
+)
 _PHONE = re.compile(
     r"(?<![\w+.-])(?:"
     r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}"  # +44 20 7946 0958, +1-202-555-0143
@@ -120,13 +122,13 @@ class PiiScrubber:
             13 <= len(digits) <= 19
             and _CARD_PREFIX.match(digits)
             and luhn_ok(digits)
-            and len(set(digits)) > 2
+            and len(set(digits)) > 1
         ):
             return CARD
         return m.group(0)
 
     def _ipv4(self, m: re.Match) -> str:
-        before = m.string[max(0, m.start() - 12) : m.start()]
+        before = m.string[max(0, m.start() - 24) : m.start()]
         if _VERSION_CONTEXT.search(before):
             return m.group(0)
         addr = ipaddress.IPv4Address(m.group(0))
@@ -137,6 +139,8 @@ class PiiScrubber:
     def _ipv6(self, m: re.Match) -> str:
         s = m.group(0)
         if "::" not in s and s.count(":") != 7:
+            return s
+        if sum(1 for g in s.split(":") if g) < 3:  # "a::b", "std::vector": too short to be an address
             return s
         try:
             addr = ipaddress.IPv6Address(s)

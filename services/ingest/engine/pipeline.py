@@ -186,6 +186,7 @@ def run_ingest(
     data_dir: str | os.PathLike[str],
     *,
     run_id: str = "",
+    job_id: str = "",
     progress: ProgressFn | None = None,
     check_cancel: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
@@ -197,7 +198,7 @@ def run_ingest(
     if final.exists() and not (final / MANIFEST).exists():
         shutil.rmtree(final)  # a directory without a manifest is not a dataset (stray copy)
     clean_stale_temps(root, spec.name)
-    run_id = run_id or uuid.uuid4().hex[:12]
+    run_id = run_id or job_id or uuid.uuid4().hex[:12]
     tmp = root / f".tmp-{spec.name}-{run_id}"
     if tmp.exists():
         shutil.rmtree(tmp)  # our own previous attempt
@@ -205,6 +206,7 @@ def run_ingest(
     (tmp / "owner.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     try:
         manifest = _run(spec, tmp, root, run_id, _Progress(progress), check_cancel or (lambda: None))
+        manifest["job_id"] = job_id
         (tmp / "owner.json").unlink()
         shutil.rmtree(tmp / "work", ignore_errors=True)
         write_json_atomic(tmp / MANIFEST, manifest)
@@ -366,6 +368,7 @@ def _run(
 
     def flush() -> None:
         nonlocal i
+        first = i == 0
         for text, enc in zip(batch, tok.encode_batch(batch, add_special_tokens=False), strict=True):
             split = "val" if val_mask[i] else "train"
             writers[split].add(np.asarray(enc.ids, dtype=np.int64))
@@ -375,7 +378,8 @@ def _run(
             i += 1
         batch.clear()
         check_cancel()
-        prog.emit(phase="pack", docs=i, of=near.docs_out, tokens=tokens["train"] + tokens["val"])
+        total = tokens["train"] + tokens["val"]
+        prog.emit(first or i == near.docs_out, phase="pack", docs=i, of=near.docs_out, tokens=total)
 
     for text in spill.read(keep):
         batch.append(text)

@@ -26,9 +26,10 @@ from typing import IO, Any
 
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
 
+# In a directory tree only these are parsed as JSON lines; a plain ``.json`` file there is a text
+# file (configs and fixtures in code trees). A single ``.json`` source file is read as JSONL.
 JSONL_SUFFIXES = (
     ".jsonl",
-    ".json",
     ".ndjson",
     ".jsonl.gz",
     ".json.gz",
@@ -219,6 +220,7 @@ class SourceOptions:
     exclude_globs: Sequence[str] = ()
     max_doc_bytes: int = 32 * 1024 * 1024
     follow_symlinks: bool = False
+    exclude_dirs: frozenset[str] = frozenset()  # directory names pruned from tree walks
 
 
 def _iter_local(root: Path, opts: SourceOptions, stats: SourceStats) -> Iterator[RawDoc]:
@@ -229,7 +231,7 @@ def _iter_local(root: Path, opts: SourceOptions, stats: SourceStats) -> Iterator
         stats.skip("source_vanished")
         return
     for dirpath, dirnames, filenames in os.walk(root, followlinks=opts.follow_symlinks, onerror=None):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if d not in opts.exclude_dirs)
         for fname in sorted(filenames):
             path = Path(dirpath) / fname
             rel = path.relative_to(root).as_posix()
@@ -245,13 +247,15 @@ def _read_local_file(
         if path.is_symlink() and not opts.follow_symlinks and not single:
             return
         if not path.is_file():
+            if not os.path.lexists(path):
+                stats.skip("source_vanished")
             return
         stats.files += 1
         fname = path.name
         if _has_suffix(fname, PARQUET_SUFFIXES):
             yield from read_parquet(str(path), name, opts.text_field, stats)
             return
-        if _has_suffix(fname, JSONL_SUFFIXES):
+        if _has_suffix(fname, JSONL_SUFFIXES) or (single and _has_suffix(fname, (".json",))):
             with _open_binary(lambda: open(path, "rb"), fname) as stream:
                 yield from read_jsonl(stream, name, opts.text_field, stats, opts.max_doc_bytes)
             return

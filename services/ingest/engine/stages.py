@@ -103,7 +103,7 @@ class DocumentChain:
             if not text.strip():
                 norm.reasons["empty"] += 1
                 continue
-            size = _nbytes(text) if changed else size
+            size = _nbytes(text) if text != raw else size
             norm.docs_out += 1
             norm.bytes_out += size
             doc = Doc(doc_id, text)

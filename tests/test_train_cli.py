@@ -1,0 +1,46 @@
+"""`tokenmill train`: submits through the real service, follows WatchJob, writes the loss-curve PNG."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from common.cli.train import train
+from tests.fixtures.grpc import make_test_config
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _obj(svc, tmp_path):
+    config = make_test_config(
+        tmp_path,
+        data_dir=svc.config.data_dir,
+        services={"trainer": {"host": "127.0.0.1", "port": svc.app.port}},
+    )
+    return SimpleNamespace(config=config)
+
+
+def test_train_command_shows_progress_and_writes_png(trainer_service, tmp_path):
+    png = tmp_path / "curve.png"
+    args = ["--output", "cli-model", "--dataset", "stories", "--workers", "2", "--steps", "6", "--batch", "4"]
+    args += ["--seq-len", "32", "--lr", "3e-3", "--warmup", "1", "--eval-every", "3", "--plot", str(png)]
+    result = CliRunner().invoke(train, args, obj=_obj(trainer_service, tmp_path), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "queued" in result.output and "SUCCEEDED: checkpoint cli-model:" in result.output
+    # not a terminal here: one line per progress event (a live bar on a TTY)
+    assert "step 3/6 loss" in result.output and "step 6/6 loss" in result.output and " val " in result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_train_command_reports_bad_input(trainer_service, tmp_path):
+    result = CliRunner().invoke(train, ["--output", "x", "--dataset", "missing"], obj=_obj(trainer_service, tmp_path))
+    assert result.exit_code == 1
+    assert "NOT_FOUND: dataset 'missing' not found" in result.output
+    result = CliRunner().invoke(
+        train, ["--output", "x", "--dataset", "stories", "--set", "num_heads=5"], obj=_obj(trainer_service, tmp_path)
+    )
+    assert result.exit_code == 1 and "INVALID_ARGUMENT" in result.output
+    result = CliRunner().invoke(train, ["--output", "x", "--set", "oops"], obj=_obj(trainer_service, tmp_path))
+    assert result.exit_code == 2 and "KEY=VALUE" in result.output
