@@ -225,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         dt_mh_t, dt_removed = datatrove_minhash(docs, Path(tmp))
         full_t = ours_full(docs, Path(tmp))
     mh_diff = len(ours_removed ^ dt_removed) / n
-    planted = {i for i, _ in docs if i.endswith("-near")}
+    planted = [(i, i.removesuffix("-near")) for i, _ in docs if i.endswith("-near")]
+
+    def pair_recall(removed: set[str]) -> float:
+        """A planted pair is found when either member was removed (the other represents the cluster)."""
+        return sum(1 for a, b in planted if a in removed or b in removed) / max(1, len(planted))
 
     figures = {
         "docs": n,
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "minhash_docs_per_s_per_core": round(n / ours_mh_t, 1),
         "minhash_mb_per_s_per_core": round(mb / ours_mh_t, 3),
         "minhash_removed": len(ours_removed),
-        "minhash_planted_near_recall": round(len(planted & ours_removed) / max(1, len(planted)), 4),
+        "minhash_planted_near_recall": round(pair_recall(ours_removed), 4),
         "full_web_pipeline_docs_per_s_per_core": round(n / full_t, 1),
         "full_web_pipeline_mb_per_s_per_core": round(mb / full_t, 3),
     }
@@ -247,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "datatrove_minhash_docs_per_s_per_core": round(n / dt_mh_t, 1),
         "datatrove_minhash_mb_per_s_per_core": round(mb / dt_mh_t, 3),
         "datatrove_minhash_removed": len(dt_removed),
-        "datatrove_minhash_planted_near_recall": round(len(planted & dt_removed) / max(1, len(planted)), 4),
+        "datatrove_minhash_planted_near_recall": round(pair_recall(dt_removed), 4),
     }
     ratios = {"filters_speedup": round(dt_t / ours_t, 3), "minhash_speedup": round(dt_mh_t / ours_mh_t, 3)}
     targets = {

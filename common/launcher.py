@@ -115,12 +115,16 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def ensure_auth_token(config: Config) -> None:
-    """Create `<data_dir>/auth_token` (0600) when auth is on and nothing else supplies tokens."""
-    token_file = config.data_dir / "auth_token"
-    if config.auth.disabled or config.auth.token_file not in (None, token_file) or token_file.exists():
+def ensure_auth_token(data_dir: Path) -> None:
+    """Create the platform's own bearer token `<data_dir>/auth_token` (0600) if it is missing.
+
+    Runs before the full config is validated: with auth on and no tokens configured, that
+    validation needs this file to exist.
+    """
+    token_file = data_dir / "auth_token"
+    if token_file.exists():
         return
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(32) + "\n")
@@ -277,7 +281,6 @@ def up(config: Config, config_path: str | None, timeout: float = 60.0) -> dict[s
     """Start (or join) the local platform and wait until every service is SERVING."""
     run_dir = RunDir(config.data_dir)
     run_dir.ensure()
-    ensure_auth_token(config)
     existing = {s.name: s for s in run_dir.read_processes() if s.name not in SERVICE_NAMES}
     run_dir.write_processes([*service_specs(config, config_path), *existing.values()])
     if run_dir.supervisor_running() is None:

@@ -114,8 +114,10 @@ def test_up_status_down_leaves_nothing_behind(platform_env: dict[str, str], tmp_
 
 def test_up_refuses_malformed_config(platform_env: dict[str, str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("services:\n  checkpoint:\n    port: not-a-port\n")
-    result = _cli(platform_env, "--config", str(bad), "up")
+    bad.write_text("jobs:\n  lease_seconds: soon\n")
+    result = _cli(platform_env, "--config", str(bad), "up", "--timeout", "5")
+    if result.returncode == 0:  # never leave a platform behind, even when the assertion fails
+        _cli(platform_env, "--config", str(bad), "down")
     assert result.returncode != 0
-    assert "services.checkpoint.port" in result.stderr
+    assert "jobs.lease_seconds" in result.stderr
     assert "Traceback" not in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from common import launcher
+from common.config import ConfigError, load_config
 
 JOB_TYPES = ("ingest", "train", "compress")
 
@@ -14,6 +15,11 @@ JOB_TYPES = ("ingest", "train", "compress")
 @click.pass_obj
 def up(obj, timeout: float) -> None:
     """Start Redis and the five services locally; wait until all are SERVING."""
+    try:  # the data dir is needed before the token file that full validation may require exists
+        bootstrap = load_config(obj.path, auth={"disabled": True})
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    launcher.ensure_auth_token(bootstrap.data_dir)
     config = obj.config
     try:
         addresses = launcher.up(config, obj.path, timeout=timeout)

@@ -13,17 +13,28 @@ import re
 # spaCy's English tokenizer, reduced to the rules that matter for word counts (spacy/lang/
 # punctuation.py and lang/en): split on whitespace, then peel prefixes and suffixes off each chunk
 # until none apply, then split infixes. Plain alphanumeric chunks (most of prose) take a fast path.
-_PREFIX = re.compile(r"^(?:\.\.+|…+|[§%=—–,:;!?¿¡()\[\]{}<>_#*&\"'`«»“”‘’„$£€¥]|\+(?![0-9]))")
+_PREFIX = re.compile(r"^(?:\.\.+|…+|''|[§%=—–,:;!?¿¡()\[\]{}<>_#*&\"'`«»“”‘’„$£€¥]|\+(?![0-9]))")
 _SUFFIX = re.compile(
-    r"(?:\.\.+|…+|[,:;!?()\[\]{}<>_#*&\"'`«»“”‘’„—–%°]|['’][sS]|n['’]t|(?<=[0-9])\+"
-    r"|(?<=[0-9a-z%²\-)\]}\"'’”])\.|(?<=[A-Z][A-Z])\.)$"
+    r"(?:\.\.+|…+|''|[,:;!?()\[\]{}<>_#*&\"'`«»“”‘’„—–%°]|['’][sS]|n['’]t|(?<=[0-9])\+"
+    r"|(?<=[0-9a-z%²\-)\]}\"'’”*`_#&!?:;,])\.|(?<=[A-Z][A-Z])\.)$"
 )
 _INFIX = re.compile(
     r"\.\.+|…+|(?<=[0-9])[+\-*^](?=[0-9-])|(?<=[a-z'\"])\.(?=[A-Z'\"])|(?<=[A-Za-z]),(?=[A-Za-z])"
     r"|(?<=[A-Za-z0-9])(?:---|--|-|–|—)(?=[A-Za-z])|(?<=[A-Za-z0-9])[:<>=/](?=[A-Za-z])"
 )
-_KEEP = re.compile(r"^(?:(?:[A-Za-z]\.){2,}|https?://\S*[^\s.,;:!?)\]'\"]|[A-Za-z]+\.(?:com|org|net|edu|gov|io)|\w+@\w+(?:\.\w+)+)$")
+_KEEP = re.compile(
+    r"^(?:(?:[A-Za-z]\.){1,}|and/or|https?://\S*[^\s.,;:!?)\]'\"]|[A-Za-z]+\.(?:com|org|net|edu|gov|io)|\w+@\w+(?:\.\w+)+)$"
+)
 _WS = re.compile(r"\S+")
+# tokenizer exceptions: clitics on pronouns, "cannot", and emoticons spaCy re-merges after splitting
+_CLITIC = re.compile(
+    r"^(i|you|he|she|it|we|they|that|there|who|what|where|how|here|this|these|those)(['’](?:re|ll|ve|m|d|s))$",
+    re.I,
+)
+_EXCEPTIONS = {"cannot": ["can", "not"], "Cannot": ["Can", "not"], "id": ["i", "d"], "Id": ["I", "d"]}
+_EMOTICONS = frozenset(
+    "): :) (: :( :] [: :* :') 8) (8 :P :p :D ;) :/ =) (= :> :< <3 :-) :-( ;-) :| |: =] ]= :o :O ;D".split()
+)
 
 
 def _split_chunk(chunk: str, out: list[str]) -> None:
@@ -57,14 +68,38 @@ def _split_chunk(chunk: str, out: list[str]) -> None:
     out.extend(reversed(suffixes))
 
 
+def _merge_emoticons(tokens: list[str]) -> list[str]:
+    merged: list[str] = []
+    i = 0
+    while i < len(tokens):
+        if i + 1 < len(tokens) and tokens[i] + tokens[i + 1] in _EMOTICONS:
+            merged.append(tokens[i] + tokens[i + 1])
+            i += 2
+        else:
+            merged.append(tokens[i])
+            i += 1
+    return merged
+
+
 def split_words(text: str) -> list[str]:
     """Words as spaCy's blank English tokenizer would give them (datatrove's word split)."""
     out: list[str] = []
     for chunk in text.split():
         if chunk.isalnum():
-            out.append(chunk)
-        else:
-            _split_chunk(chunk, out)
+            exc = _EXCEPTIONS.get(chunk)
+            if exc:
+                out.extend(exc)
+            else:
+                out.append(chunk)
+            continue
+        m = _CLITIC.match(chunk)
+        if m:
+            out.extend(m.groups())
+            continue
+        start = len(out)
+        _split_chunk(chunk, out)
+        if len(out) - start > 2 and any(len(t) == 1 for t in out[start:]):
+            out[start:] = _merge_emoticons(out[start:])
     return out
 
 
