@@ -5,9 +5,18 @@ from __future__ import annotations
 import click
 
 from common import launcher
-from common.config import ConfigError, load_config
+from common.config import Config, ConfigError, load_config
 
 JOB_TYPES = ("ingest", "train", "compress")
+
+
+def _local_config(obj) -> Config:
+    """The config without the auth check: these verbs only touch local processes, health
+    (which is open) and Redis, and `up` runs before the token file exists."""
+    try:
+        return load_config(obj.path, auth={"disabled": True})
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.command()
@@ -15,11 +24,7 @@ JOB_TYPES = ("ingest", "train", "compress")
 @click.pass_obj
 def up(obj, timeout: float) -> None:
     """Start Redis and the five services locally; wait until all are SERVING."""
-    try:  # the data dir is needed before the token file that full validation may require exists
-        bootstrap = load_config(obj.path, auth={"disabled": True})
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    launcher.ensure_auth_token(bootstrap.data_dir)
+    launcher.ensure_auth_token(_local_config(obj).data_dir)
     config = obj.config
     try:
         addresses = launcher.up(config, obj.path, timeout=timeout)
@@ -34,7 +39,7 @@ def up(obj, timeout: float) -> None:
 @click.pass_obj
 def down(obj) -> None:
     """Stop every local service and the embedded Redis."""
-    stopped = launcher.down(obj.config)
+    stopped = launcher.down(_local_config(obj))
     click.echo("tokenmill is down" if stopped else "tokenmill was not running (cleaned up leftovers)")
 
 
@@ -42,7 +47,7 @@ def down(obj) -> None:
 @click.pass_obj
 def status(obj) -> None:
     """Each service with its health, queue depths and running jobs."""
-    config = obj.config
+    config = _local_config(obj)
     rows = launcher.process_table(config)
     if not rows:
         raise click.ClickException("tokenmill is not running; start it with `tokenmill up`")
