@@ -4,7 +4,7 @@ Baselines, same model weights and lengths, measured in the same run: (a) the sam
 one request at a time, (b) Hugging Face `LlamaForCausalLM.generate` one request at a time (KV
 cache on, greedy). Figure: output tokens/s; target >= 5x the better baseline.
 
-    python -m bench.serve [--requests 32] [--prompt-len 64] [--new-tokens 64] [--baseline-requests 8]
+    python -m bench.serve [--requests 32] [--prompt-len 64] [--new-tokens 64] [--baseline-requests 8] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--baseline-requests", type=int, default=8, help="requests timed for each baseline")
     parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; the best of each is reported"
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads for every run (1: stable on a shared box)"
     )
     args = parser.parse_args(argv)
@@ -115,9 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     engine_run(engine, prompts[:2], 4, concurrent=True)  # warm-up
     hf_run(hf, prompts[:1], 4)
 
-    batched = engine_run(engine, prompts, args.new_tokens, concurrent=True)
-    sequential = engine_run(engine, prompts[: args.baseline_requests], args.new_tokens, concurrent=False)
-    hf_seq = hf_run(hf, prompts[: args.baseline_requests], args.new_tokens)
+    # Interleaved rounds, best of each: the box is shared, so load drifts between runs; every method
+    # gets the same number of chances at a quiet moment.
+    runs: dict[str, list[dict]] = {"batched": [], "sequential": [], "hf": []}
+    for _ in range(args.rounds):
+        runs["batched"].append(engine_run(engine, prompts, args.new_tokens, concurrent=True))
+        runs["sequential"].append(
+            engine_run(engine, prompts[: args.baseline_requests], args.new_tokens, concurrent=False)
+        )
+        runs["hf"].append(hf_run(hf, prompts[: args.baseline_requests], args.new_tokens))
+    batched, sequential, hf_seq = (max(runs[k], key=lambda r: r["tokens_per_s"]) for k in runs)
     # Same greedy tokens as HF on one prompt: the figures compare equal work.
     check = engine.generate([prompts[0]], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0]
     with torch.inference_mode():
@@ -136,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             "new_tokens": args.new_tokens,
             "model_params": MODEL.num_params(),
             "torch_threads": args.threads,
+            "rounds_best_of": args.rounds,
             "engine_batched_tokens_per_s": batched["tokens_per_s"],
             "engine_batched_ttft_p50_ms": batched["ttft_p50_ms"],
             "engine_batched_itl_p50_ms": batched["itl_p50_ms"],

@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from common.cli.main import cli
+from services.checkpoint.engine.chunks import chunk_key
 from tests.fixtures.checkpoint import TEST_TOKEN, tiny_state_dict
 
 
@@ -67,7 +68,7 @@ def test_cli_errors_are_one_line(ckpt, run_cli, tmp_path):
 def test_cli_verify_reports_corruption(ckpt, run_cli):
     ckpt.client.save("demo", {"w": torch.randn(100)})
     digest = ckpt.client.get("demo").manifest.tensors[0].chunks[0]
-    path = ckpt.root / "chunks" / digest[:2] / digest
+    path = ckpt.root / chunk_key(digest)
     path.write_bytes(b"\0" + path.read_bytes()[1:])
     out = run_cli("verify", code=1)
     assert "PROBLEM demo:1 tensor w chunk 0" in out and "1 problem(s)" in out

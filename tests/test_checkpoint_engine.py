@@ -12,23 +12,27 @@ from pathlib import Path
 import pytest
 
 from common import errors
+from common.checkpoint_digest import digest_of
 from services.checkpoint.engine import CheckpointStore, FileEntry, Manifest, TensorEntry
+from services.checkpoint.engine.chunks import chunk_key
 from services.checkpoint.engine.names import parse_ref, validate_file_name, validate_name, validate_tag
 
 CS = 64 << 10
 
 
-def entry(name: str, data: bytes, chunk_size: int = CS) -> TensorEntry:
-    chunks = [hashlib.sha256(data[i : i + chunk_size]).hexdigest() for i in range(0, len(data), chunk_size)]
+def entry(name: str, data: bytes, chunk_size: int = CS, algorithm: str = "blake3") -> TensorEntry:
+    chunks = [digest_of(data[i : i + chunk_size], algorithm) for i in range(0, len(data), chunk_size)]
     return TensorEntry(name, "U8", [len(data)], len(data), chunks)
 
 
-def save(store: CheckpointStore, name: str, tensors: dict[str, bytes], tags=(), key: str = ""):
-    m = Manifest(tensors=[entry(n, d) for n, d in tensors.items()], chunk_size=CS)
+def save(
+    store: CheckpointStore, name: str, tensors: dict[str, bytes], tags=(), key: str = "", algorithm="blake3"
+):
+    m = Manifest(tensors=[entry(n, d, algorithm=algorithm) for n, d in tensors.items()], chunk_size=CS)
     status = store.begin_upload(name, m, tags=list(tags), idempotency_key=key)
     for d in tensors.values():
         for i in range(0, len(d), CS):
-            store.put_chunk(status.upload_id, hashlib.sha256(d[i : i + CS]).hexdigest(), d[i : i + CS])
+            store.put_chunk(status.upload_id, digest_of(d[i : i + CS], algorithm), d[i : i + CS])
     return store.commit(status.upload_id)
 
 
@@ -172,9 +176,7 @@ def test_engine_over_s3(s3_server):
     again = CheckpointStore(backend)  # rebuilt purely from the bucket
     assert [v.ref for v in again.list()] == ["s3model:1", "s3model:2"] and again.verify().ok
     assert again.get("s3model:best").version == 1
-    backend.put(
-        f"chunks/{v1.manifest.tensors[1].chunks[0][:2]}/{v1.manifest.tensors[1].chunks[0]}", b"B" * 10
-    )
+    backend.put(chunk_key(v1.manifest.tensors[1].chunks[0]), b"B" * 10)
     with pytest.raises(errors.DataLoss, match="s3model:1.*tensor 'b'"):
         read_all(again, "s3model:1")
     assert not again.verify("s3model:1").ok
@@ -207,3 +209,41 @@ def test_read_takes_its_lease_on_first_chunk_and_drops_it_on_close(tmp_path):
         store.delete("m:2")
     it.close()
     assert store.delete("m:2")
+
+
+def test_blake3_and_legacy_sha256_chunks_share_a_store_and_both_detect_corruption(tmp_path):
+    """Digests name their hash: versions written with sha256 (the original format) stay readable
+    next to BLAKE3 ones, survive a restart, and a flipped byte in either is DATA_LOSS."""
+    store = CheckpointStore.open(str(tmp_path))
+    a, b = b"a" * (CS + 5), b"b" * 100
+    old = save(store, "m", {"a": a}, algorithm="sha256")
+    new = save(store, "m", {"a": a, "b": b})
+    assert old.manifest.tensors[0].chunks[0] == hashlib.sha256(a[:CS]).hexdigest()
+    assert new.manifest.tensors[0].chunks[0].startswith("blake3:")
+    assert (tmp_path / chunk_key(new.manifest.tensors[0].chunks[0])).name.startswith("blake3-")
+    assert new.new_bytes == len(a) + len(b)  # same bytes under another hash are a distinct chunk
+    again = CheckpointStore.open(str(tmp_path))
+    assert again.stats().chunks == 5 and read_all(again, "m:1") == {"a": a}
+    assert read_all(again, "m:2") == {"a": a, "b": b} and again.verify().ok
+    for rec, tensor in ((old, "a"), (new, "b")):
+        path = tmp_path / chunk_key(rec.manifest.tensor(tensor).chunks[0])
+        path.write_bytes(b"X" + path.read_bytes()[1:])
+        with pytest.raises(errors.DataLoss, match=f"{rec.ref}.*tensor '{tensor}' chunk 0.*corrupt"):
+            read_all(again, rec.ref)
+    assert len(again.verify().problems) == 2
+
+
+def test_chunk_digests_are_checked_against_their_named_hash(tmp_path):
+    store = CheckpointStore.open(str(tmp_path))
+    data = b"x" * 10
+    m = Manifest(tensors=[entry("t", data)], chunk_size=CS)
+    uid = store.begin_upload("m", m).upload_id
+    sha = hashlib.sha256(data).hexdigest()
+    for bad in ("sha256:" + sha, "blake3:" + sha.upper(), "md5:" + sha, "blake3-" + sha, sha[:63]):
+        with pytest.raises(errors.InvalidArgument, match="invalid chunk digest"):
+            store.put_chunk(uid, bad, data)
+    # a sha256 hex relabelled as blake3 is a well-formed digest the data does not hash to
+    forged = Manifest(tensors=[TensorEntry("t", "U8", [10], 10, ["blake3:" + sha])], chunk_size=CS)
+    uid2 = store.begin_upload("m2", forged).upload_id
+    with pytest.raises(errors.InvalidArgument, match="does not match its digest"):
+        store.put_chunk(uid2, "blake3:" + sha, data)

@@ -14,6 +14,7 @@ import torch
 
 from common import errors
 from common.clients.checkpoint import piece_name
+from services.checkpoint.engine.chunks import chunk_key
 from tests.fixtures.checkpoint import tiny_state_dict
 from tokenmill.v1 import checkpoint_pb2 as pb
 from tokenmill.v1 import checkpoint_pb2_grpc as pb_grpc
@@ -27,7 +28,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 def chunk_file(root: Path, digest: str) -> Path:
-    return root / "chunks" / digest[:2] / digest
+    return root / chunk_key(digest)
 
 
 # -- round trip, dedup, subsets ----------------------------------------------------------------------
@@ -328,6 +329,67 @@ def test_gc_keeps_chunks_of_uploads_in_progress(ckpt):
     assert_same(ckpt.client.load(v.ref), sd)
     ckpt.client.delete(v.ref)
     assert ckpt.client.gc().chunks_deleted == len(prepared.data)
+
+
+def test_chunks_are_named_by_blake3_and_sha256_versions_stay_loadable(ckpt):
+    """New saves use 'blake3:' digests; a version saved with sha256 digests (the original format,
+    e.g. by an older client) loads, verifies and dedups against itself through the same service."""
+    sd = tiny_state_dict()
+    with ckpt.new_client(chunk_size=64 << 10, hash_algorithm="sha256") as old:
+        v1 = old.save("mixed", sd)
+        assert old.save("mixed", sd).new_bytes == 0  # dedup with the same hash
+    digests = [d for t in ckpt.client.get(v1.ref).manifest.tensors for d in t.chunks]
+    assert digests and all(len(d) == 64 and ":" not in d for d in digests)
+    v2 = ckpt.client.save("mixed", sd)
+    m2 = ckpt.client.get(v2.ref).manifest
+    assert all(d.startswith("blake3:") for t in m2.tensors for d in t.chunks)
+    assert v2.new_bytes == v1.new_bytes > 0  # another hash names other chunks: stored once more
+    for ref in (v1.ref, v2.ref):
+        assert_same(ckpt.client.load(ref), sd)
+        with ckpt.new_client(verify_downloads=True, streams=1) as checking:
+            assert_same(checking.load(ref), sd)
+    assert ckpt.client.verify().ok
+    with pytest.raises(ValueError, match="unknown chunk hash"):
+        ckpt.new_client(hash_algorithm="md5")
+
+
+def test_service_server_options_reach_the_grpc_server(tmp_path):
+    """ServiceApp(server_options=...) come after the defaults, so a service can override them
+    (the checkpoint service raises the HTTP/2 frame size and socket read sizes this way)."""
+    from common.runtime import ServiceApp
+    from services.checkpoint.engine import CheckpointStore
+    from services.checkpoint.server import (
+        SERVER_OPTIONS,
+        SERVICE_NAME,
+        CheckpointServicer,
+        add_checkpoint_servicer,
+    )
+    from tests.fixtures.checkpoint import TEST_TOKEN
+    from tests.fixtures.grpc import make_test_config
+
+    assert ("grpc.http2.max_frame_size", (1 << 24) - 1) in SERVER_OPTIONS
+    config = make_test_config(tmp_path)
+    store = CheckpointStore.open(f"file://{tmp_path / 'store'}")
+    app = ServiceApp(
+        "checkpoint",
+        config,
+        port=0,
+        metrics=False,
+        server_options=[*SERVER_OPTIONS, ("grpc.max_receive_message_length", 4096)],
+    )
+    app.add(add_checkpoint_servicer, CheckpointServicer(store, config.max_message_bytes), SERVICE_NAME)
+    app.start()
+    app.set_serving()
+    try:
+        from common.clients.checkpoint import CheckpointClient
+
+        with CheckpointClient(f"127.0.0.1:{app.port}", token=TEST_TOKEN, chunk_size=64 << 10) as c:
+            assert c.save("small", {"w": torch.ones(100)}).ref == "small:1"  # under 4 KiB per message
+            with pytest.raises(errors.ResourceExhausted):
+                c.save("big", {"w": torch.ones(10_000)})  # a 40 kB chunk message: over the override
+    finally:
+        app.stop(0)
+        store.close()
 
 
 def test_quota_is_resource_exhausted(start_checkpoint_service):

@@ -38,7 +38,14 @@ def test_word_split_matches_spacy_conventions():
     assert split_words("I don't think the U.S. economy's fine...") == [
         "I", "do", "n't", "think", "the", "U.S.", "economy", "'s", "fine", "...",
     ]  # fmt: skip
-    assert split_words("costs $4,000.50 at http://x.org/a?b=1!") == ["costs", "$", "4,000.50", "at", "http://x.org/a?b=1", "!"]
+    assert split_words("costs $4,000.50 at http://x.org/a?b=1!") == [
+        "costs",
+        "$",
+        "4,000.50",
+        "at",
+        "http://x.org/a?b=1",
+        "!",
+    ]
     assert split_words("---------- __doc__ read-only --help") == [
         "----------", "_", "_", "doc", "_", "_", "read", "-", "only", "--help",
     ]  # fmt: skip

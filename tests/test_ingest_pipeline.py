@@ -47,7 +47,9 @@ def stage(manifest, name):
 def test_web_pipeline_counts_and_round_trip(tmp_path, web_corpus):
     m = run_ingest(spec("web", [web_corpus], val_fraction=0.2), tmp_path)
     assert stage(m, "read")["docs_out"] == 14
-    assert stage(m, "gopher_repetition")["reasons"] == {"top_2_gram": 1}  # runs before gopher_quality, as in FineWeb
+    assert stage(m, "gopher_repetition")["reasons"] == {
+        "top_2_gram": 1
+    }  # runs before gopher_quality, as in FineWeb
     assert stage(m, "exact_dedup")["reasons"] == {"duplicate": 1}
     assert m["documents"] == 12
     assert m["tokens"]["train"] > 0 and m["tokens"]["val"] > 0
@@ -67,7 +69,9 @@ def test_pii_and_near_dups_in_packed_text(tmp_path):
     docs += [{"text": english_doc(i, 200) + "\n" + good_web_text(seed=i)} for i in range(1, 6)]
     docs.append({"text": mutate(docs[1]["text"], 0.95, seed=3)})
     path = write_jsonl(tmp_path / "in.jsonl", docs)
-    m = run_ingest(spec("pii", [path], filter_overrides={"language": False, "c4": False, "fineweb": False}), tmp_path)
+    m = run_ingest(
+        spec("pii", [path], filter_overrides={"language": False, "c4": False, "fineweb": False}), tmp_path
+    )
     assert stage(m, "pii")["reasons"]["email"] == 1
     assert stage(m, "near_dedup")["reasons"]["near_duplicate"] == 1
     texts = decoded(tmp_path / "datasets" / "pii")
@@ -83,7 +87,10 @@ def test_code_tree_with_pool_workers_round_trip(tmp_path):
     files = {}
     for i in range(12):
         words = english_doc(i, 60).rstrip(".").split()  # distinct identifiers per module
-        body = "\n".join(f"def {a}_{b}(x):\n    return x.{c}({d!r})\n" for a, b, c, d in zip(*[iter(words)] * 4))
+        body = "\n".join(
+            f"def {a}_{b}(x):\n    return x.{c}({d!r})\n"
+            for a, b, c, d in zip(*[iter(words)] * 4, strict=False)
+        )
         files[f"pkg/m{i}.py"] = f'"""Module {i}. Author: dev{i}@example.org"""\n{body}'
     files["pkg/copy.py"] = files["pkg/m0.py"]  # exact duplicate
     for rel, text in files.items():
@@ -91,7 +98,9 @@ def test_code_tree_with_pool_workers_round_trip(tmp_path):
     (root / "pkg" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")  # excluded by name
     (root / "pkg" / "table.dat").write_bytes(b"\x00\x01\x02\x03" * 64)  # detected as binary
     (root / "pkg" / "bad.py").write_bytes(b"x = '\xff\xfe'\n" + b"y = 1\n" * 10)
-    (root / "pkg" / "LICENSE.py").write_text("# Copyright (c) 2024 Example\n# Licensed under the MIT License.\n")
+    (root / "pkg" / "LICENSE.py").write_text(
+        "# Copyright (c) 2024 Example\n# Licensed under the MIT License.\n"
+    )
     m = run_ingest(spec("code", [root], preset="code", num_workers=2), tmp_path)
     assert stage(m, "read")["reasons"]["binary_file"] == 1
     assert stage(m, "normalize")["reasons"]["encoding_errors"] == 1

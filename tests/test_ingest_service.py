@@ -17,7 +17,10 @@ from tokenmill.v1 import common_pb2
 
 
 def _corpus(tmp_path: Path, n: int = 12) -> Path:
-    docs = [{"text": good_web_text(12, seed=i) + f"\nThis is note number {i} written for the archive."} for i in range(n)]
+    docs = [
+        {"text": good_web_text(12, seed=i) + f"\nThis is note number {i} written for the archive."}
+        for i in range(n)
+    ]
     return write_jsonl(tmp_path / "web.jsonl", docs)
 
 
@@ -147,11 +150,15 @@ def test_cli_ingest_list_show_delete(ingest_service, tmp_path):
     assert listed.exit_code == 0 and "clidata" in listed.output
     shown = runner.invoke(cli, ["--config", str(cfg), "data", "show", "clidata"])
     assert shown.exit_code == 0 and "gopher_repetition" in shown.output and "bands" in shown.output
-    manifest = json.loads(runner.invoke(cli, ["--config", str(cfg), "data", "show", "clidata", "--json"]).output)
+    manifest = json.loads(
+        runner.invoke(cli, ["--config", str(cfg), "data", "show", "clidata", "--json"]).output
+    )
     assert manifest["config"]["filter_overrides"] == {"gopher_quality": {"min_doc_words": 10}}
     again = runner.invoke(cli, args)
     assert again.exit_code != 0 and "ALREADY_EXISTS" in again.output
-    bad = runner.invoke(cli, ["--config", str(cfg), "data", "ingest", str(src), "--name", "x", "--set", "nodot=1"])
+    bad = runner.invoke(
+        cli, ["--config", str(cfg), "data", "ingest", str(src), "--name", "x", "--set", "nodot=1"]
+    )
     assert bad.exit_code != 0 and "FILTER.PARAM=VALUE" in bad.output
     gone = runner.invoke(cli, ["--config", str(cfg), "data", "delete", "clidata", "--yes"])
     assert gone.exit_code == 0

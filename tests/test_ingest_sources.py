@@ -153,3 +153,22 @@ def test_unreadable_source(tmp_path):
     path.chmod(0)
     with pytest.raises(FailedPrecondition, match="permissions"):
         validate_sources([str(path)])
+
+
+def test_s3_source_through_storage_layer(s3_env, tmp_path):
+    """s3://bucket/prefix via common.storage against a real S3-compatible server (moto on loopback)."""
+    import boto3
+
+    s3 = boto3.client("s3", **s3_env.client_kwargs())
+    payload = b"".join(json.dumps({"text": f"remote {i}"}).encode() + b"\n" for i in range(5))
+    s3.put_object(Bucket=s3_env.bucket, Key="ingest-corpus/a.jsonl.gz", Body=gzip.compress(payload))
+    s3.put_object(Bucket=s3_env.bucket, Key="ingest-corpus/notes/b.txt", Body=b"plain text file\n")
+    s3.put_object(Bucket=s3_env.bucket, Key="ingest-corpus/notes/c.bin", Body=b"\x00\x01binary")
+    docs, stats = read([f"s3://{s3_env.bucket}/ingest-corpus/"])
+    assert sorted(d.text for d in docs) == ["plain text file\n"] + [f"remote {i}" for i in range(5)]
+    assert stats.files == 3 and stats.skipped == {"binary_file": 1}
+    only_txt, _ = read([f"s3://{s3_env.bucket}/ingest-corpus/"], include_globs=["*.txt"])
+    assert [d.text for d in only_txt] == ["plain text file\n"]
+    validate_sources([f"s3://{s3_env.bucket}/ingest-corpus/"])
+    with pytest.raises(NotFound, match="no objects"):
+        validate_sources([f"s3://{s3_env.bucket}/nothing-here/"])

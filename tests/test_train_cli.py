@@ -35,12 +35,18 @@ def test_train_command_shows_progress_and_writes_png(trainer_service, tmp_path):
 
 
 def test_train_command_reports_bad_input(trainer_service, tmp_path):
-    result = CliRunner().invoke(train, ["--output", "x", "--dataset", "missing"], obj=_obj(trainer_service, tmp_path))
+    result = CliRunner().invoke(
+        train, ["--output", "x", "--dataset", "missing"], obj=_obj(trainer_service, tmp_path)
+    )
     assert result.exit_code == 1
     assert "NOT_FOUND: dataset 'missing' not found" in result.output
     result = CliRunner().invoke(
-        train, ["--output", "x", "--dataset", "stories", "--set", "num_heads=5"], obj=_obj(trainer_service, tmp_path)
+        train,
+        ["--output", "x", "--dataset", "stories", "--set", "num_heads=5"],
+        obj=_obj(trainer_service, tmp_path),
     )
     assert result.exit_code == 1 and "INVALID_ARGUMENT" in result.output
-    result = CliRunner().invoke(train, ["--output", "x", "--set", "oops"], obj=_obj(trainer_service, tmp_path))
+    result = CliRunner().invoke(
+        train, ["--output", "x", "--set", "oops"], obj=_obj(trainer_service, tmp_path)
+    )
     assert result.exit_code == 2 and "KEY=VALUE" in result.output

@@ -16,7 +16,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from types import FrameType
 from typing import Any
@@ -50,7 +50,9 @@ class ServiceApp:
 
     `port` / `metrics_port` override the config (tests pass `port=0` for an ephemeral port; the
     metrics endpoint then also binds an ephemeral port). `metrics=False` skips the HTTP endpoint
-    (the registry and counters still exist)."""
+    (the registry and counters still exist). `server_options` are extra gRPC core options for
+    services with unusual traffic (the checkpoint store's multi-MiB chunks); they come first,
+    and gRPC core keeps the first value of a repeated option, so they win over the defaults."""
 
     def __init__(
         self,
@@ -61,6 +63,7 @@ class ServiceApp:
         port: int | None = None,
         metrics_port: int | None = None,
         metrics: bool = True,
+        server_options: Sequence[tuple[str, Any]] = (),
     ):
         if service_name not in config.services:
             raise ValueError(f"unknown service {service_name!r}; configured: {sorted(config.services)}")
@@ -102,6 +105,7 @@ class ServiceApp:
             self._executor,
             interceptors=interceptors,
             options=[
+                *server_options,
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 # A second process on the same port must fail loudly, not share the port.

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import yaml
 from pydantic_settings import SettingsError
@@ -53,8 +54,16 @@ def load_or_exit(path: str | None, prog: str) -> Config:
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def run_service(name: str, build: Build, argv: Sequence[str] | None = None) -> int:
+def run_service(
+    name: str,
+    build: Build,
+    argv: Sequence[str] | None = None,
+    *,
+    server_options: Sequence[tuple[str, Any]] = (),
+) -> int:
     """Parse `--config`, load it, set up logging, `ready = build(config, app)`, `app.serve(ready)`.
+
+    `server_options`: extra gRPC server options for this service (see `ServiceApp`).
 
     Returns the process exit status (0 after a clean drain)."""
     prog = f"tokenmill-{name}"
@@ -64,7 +73,7 @@ def run_service(name: str, build: Build, argv: Sequence[str] | None = None) -> i
     config = load_or_exit(args.config, prog)
     setup_logging(config.log_level, config.log_format, service=name)
     try:
-        app = ServiceApp(name, config)
+        app = ServiceApp(name, config, server_options=server_options)
         ready = build(config, app)
         app.serve(ready)
         stuck = app.stuck_handlers(timeout=1.0)

@@ -100,7 +100,7 @@ class Replica:
                 "up_proj": (s.intermediate_size, s.hidden_size),
                 "down_proj": (s.hidden_size, s.intermediate_size),
             }
-            adapter = load_adapter(self.store, ref, dtype=m.dtype, device=m.device, base_shapes=shapes)
+            adapter = load_adapter(self.store, ref, dtype=m.dtype, device="cpu", base_shapes=shapes)
             self.aengine.call(lambda e: e.add_adapter(adapter))
             log.info("loaded LoRA adapter %s", ref)
 

@@ -1,31 +1,40 @@
-"""Content-addressed chunk storage: bytes keyed by their sha256, verified on every write and read.
+"""Content-addressed chunk storage: bytes keyed by their digest, verified on every write and read.
 
 Why content addressing: a checkpoint that shares tensors with an earlier one (an unchanged
 embedding, a LoRA fine-tune, a re-upload) maps to chunks that already exist, so only new bytes are
 stored or sent. The digest doubles as the integrity check: a chunk whose bytes no longer hash to
 its name is corrupt, and reads say so (DATA_LOSS) instead of returning it.
+
+Digests name their hash (common/checkpoint_digest.py): ``blake3:<hex>`` is stored as
+``chunks/ab/blake3-<hex>``, a bare sha256 ``<hex>`` (the original format) as ``chunks/ab/<hex>``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import re
 import threading
 
+from common.checkpoint_digest import SHA256, format_digest, matches, parse_digest
 from common.errors import DataLoss, InvalidArgument, NotFound
 from common.storage import BlobStore
 
-from .manifest import check_digest
-
 PREFIX = "chunks/"
+_FILE_NAME = re.compile(r"^(?:(blake3)-)?([0-9a-f]{64})$")
 
 
 def chunk_key(digest: str) -> str:
-    return f"{PREFIX}{digest[:2]}/{digest}"
+    """The backend key of a chunk (INVALID_ARGUMENT for a malformed digest)."""
+    algorithm, hex_digest = parse_digest(digest)
+    name = hex_digest if algorithm == SHA256 else f"{algorithm}-{hex_digest}"
+    return f"{PREFIX}{hex_digest[:2]}/{name}"
 
 
-def sha256_hex(data: bytes | bytearray | memoryview) -> str:
-    """hashlib releases the GIL for large buffers, so parallel streams hash in parallel."""
-    return hashlib.sha256(data).hexdigest()
+def digest_from_key(key: str) -> str | None:
+    """The digest a chunk key names, or None for a key that is not a chunk."""
+    m = _FILE_NAME.match(key.rsplit("/", 1)[-1])
+    if m is None:
+        return None
+    return format_digest(m.group(1) or SHA256, m.group(2))
 
 
 class ChunkStore:
@@ -41,8 +50,8 @@ class ChunkStore:
     def reload(self) -> None:
         index: dict[str, int] = {}
         for key, size in self.backend.list_sizes(PREFIX):
-            digest = key.rsplit("/", 1)[-1]
-            if len(digest) == 64:
+            digest = digest_from_key(key)
+            if digest is not None:
                 index[digest] = size
         with self._lock:
             self._index = index
@@ -81,12 +90,11 @@ class ChunkStore:
 
     def put(self, digest: str, data: bytes | bytearray | memoryview) -> bool:
         """Store a chunk after checking its digest; False when it was already present (dedup)."""
-        check_digest(digest)
-        actual = sha256_hex(data)
-        if actual != digest:
+        ok, actual = matches(digest, data)
+        if not ok:
             raise InvalidArgument(
-                f"chunk data does not match its digest: claimed {digest[:16]}..., sha256 of the "
-                f"{len(data)} bytes sent is {actual[:16]}...; resend the chunk"
+                f"chunk data does not match its digest: claimed {digest[:23]}..., the "
+                f"{len(data)} bytes sent hash to {actual[:23]}...; resend the chunk"
             )
         if self.has(digest):
             return False
@@ -107,9 +115,9 @@ class ChunkStore:
             raise DataLoss(
                 f"{what}: chunk {digest[:16]}... has {len(data)} bytes, expected {expected_size} (corrupt)"
             )
-        actual = sha256_hex(data)
-        if actual != digest:
-            raise DataLoss(f"{what}: chunk {digest[:16]}... is corrupt (its bytes hash to {actual[:16]}...)")
+        ok, actual = matches(digest, data)
+        if not ok:
+            raise DataLoss(f"{what}: chunk {digest[:23]}... is corrupt (its bytes hash to {actual[:23]}...)")
         return data
 
     def check(self, digest: str, expected_size: int | None) -> str:
@@ -120,7 +128,7 @@ class ChunkStore:
             return "missing"
         if expected_size is not None and len(data) != expected_size:
             return f"size {len(data)} != expected {expected_size}"
-        if sha256_hex(data) != digest:
+        if not matches(digest, data)[0]:
             return "digest mismatch"
         return ""
 

@@ -9,10 +9,10 @@ always describes bytes that can be reassembled exactly.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.checkpoint_digest import parse_digest
 from common.errors import InvalidArgument
 
 from .names import validate_entry_name, validate_file_name
@@ -40,14 +40,11 @@ MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 16 << 20
 MAX_ENTRIES = 200_000
 MAX_DIMS = 8
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 def check_digest(digest: str) -> str:
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
-        raise InvalidArgument(
-            f"invalid chunk digest {str(digest)[:80]!r}: expected 64 lowercase hex (sha256)"
-        )
+    """`digest` if it is a valid chunk digest ('blake3:<hex>' or a bare sha256 hex), else INVALID_ARGUMENT."""
+    parse_digest(digest)
     return digest
 
 

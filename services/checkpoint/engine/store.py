@@ -2,7 +2,7 @@
 
 Layout in the blob backend (the backend is the system of record; nothing lives only in Redis):
 
-    chunks/ab/<sha256>                    content-addressed bytes (see chunks.py)
+    chunks/ab/blake3-<hex>                content-addressed bytes (see chunks.py; bare <hex>: sha256)
     manifests/<name>/<version:010d>.json  one committed version: the commit record, written last
     tags/<name>.json                      {"tags": {tag: version}, "applied_through": version}
     uploads/<upload_id>.json              an upload session (resumable across server restarts)

@@ -99,8 +99,12 @@ class LLMEngine:
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
+        """Register an adapter (engine thread only: moving its weights to the GPU here keeps all
+        device work on one thread, which CUDA-graph capture requires)."""
         if adapter.weights and max(layer for layer, _ in adapter.weights) >= self.spec.num_layers:
             raise InvalidArgument(f"adapter {adapter.name!r} has more layers than the base model")
+        dev, dt = self.model.device, self.model.dtype
+        adapter.weights = {k: (a.to(dev, dt), b.to(dev, dt)) for k, (a, b) in adapter.weights.items()}
         self.adapters[adapter.name] = adapter
 
     # ------------------------------------------------------------------ requests

@@ -126,9 +126,10 @@ class PagedLlama(nn.Module):
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
         s = self.spec
+        # [K|V, kv head, slot, head dim]: see _gather_attend for why heads come before slots.
         return [
             torch.zeros(
-                2, num_blocks * block_size, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device
+                2, s.num_kv_heads, num_blocks * block_size, s.head_dim, dtype=self.dtype, device=self.device
             )
             for _ in range(s.num_layers)
         ]
@@ -138,23 +139,23 @@ class PagedLlama(nn.Module):
     def _gather_attend(
         self, q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor, block_size: int
     ) -> torch.Tensor:
-        """q [B, Q, H, D]; mask [B, Q, L] (True = attend) -> [B, Q, H*D]."""
+        """q [B, Q, H, D]; mask [B, Q, L] (True = attend) -> [B, Q, H*D].
+
+        The cache is laid out [2, Hkv, slots, D] so that gathering whole blocks with index_select
+        yields K/V as [Hkv, B, L, D] directly: batched matmuls read them without any transpose copy.
+        """
         s = self.spec
         b, nq = q.shape[0], q.shape[1]
-        # Gather whole blocks (contiguous block_size x Hkv x D chunks), not single slots.
-        blocks = cache.view(2, -1, block_size, s.num_kv_heads, s.head_dim)
-        k = blocks[0][tables].view(b, -1, s.num_kv_heads, s.head_dim)  # [B, L, Hkv, D]
-        v = blocks[1][tables].view(b, -1, s.num_kv_heads, s.head_dim)
-        g = s.num_heads // s.num_kv_heads
-        qg = q.view(b, nq, s.num_kv_heads, g, s.head_dim).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Q, D]
-        qg = qg.reshape(b, s.num_kv_heads, g * nq, s.head_dim)
-        kt = k.permute(0, 2, 3, 1)  # [B, Hkv, D, L]
-        scores = torch.matmul(qg, kt).float() * self.scale  # [B, Hkv, G*Q, L]
-        scores = scores.view(b, s.num_kv_heads, g, nq, -1)
-        scores = scores.masked_fill(~mask[:, None, None, :, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(b, s.num_kv_heads, g * nq, -1)
-        out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, Hkv, G*Q, D]
-        out = out.view(b, s.num_kv_heads, g, nq, s.head_dim).permute(0, 3, 1, 2, 4)
+        hkv, d, g = s.num_kv_heads, s.head_dim, s.num_heads // s.num_kv_heads
+        idx = tables.reshape(-1)
+        k = cache[0].view(hkv, -1, block_size, d).index_select(1, idx).view(hkv, b, -1, d)  # [Hkv, B, L, D]
+        v = cache[1].view(hkv, -1, block_size, d).index_select(1, idx).view(hkv, b, -1, d)
+        qg = q.view(b, nq, hkv, g, d).permute(2, 0, 3, 1, 4).reshape(hkv, b, g * nq, d)  # [Hkv, B, G*Q, D]
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale  # [Hkv, B, G*Q, L]
+        scores = scores.view(hkv, b, g, nq, -1).masked_fill(~mask[None, :, None, :, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(hkv, b, g * nq, -1)
+        out = torch.matmul(probs, v)  # [Hkv, B, G*Q, D]
+        out = out.view(hkv, b, g, nq, d).permute(1, 3, 0, 2, 4)  # [B, Q, Hkv, G, D]
         return out.reshape(b, nq, self.q_size)
 
     def _attention(
@@ -211,8 +212,8 @@ class PagedLlama(nn.Module):
             q = apply_rope(q.view(-1, s.num_heads, s.head_dim), cos, sin)
             k = apply_rope(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
             cache = kv_caches[i]
-            cache[0].index_copy_(0, meta.slot_mapping, k)
-            cache[1].index_copy_(0, meta.slot_mapping, v.view(-1, s.num_kv_heads, s.head_dim))
+            cache[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+            cache[1].index_copy_(1, meta.slot_mapping, v.view(-1, s.num_kv_heads, s.head_dim).transpose(0, 1))
             attn = self._attention(q, cache, meta, block_size)
             o = layer.o(attn)
             if lora is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -37,7 +38,7 @@ from services.ingest.engine.punctuation import PUNCTUATION
 _MAX32 = np.uint64(0xFFFFFFFF)
 _SHIFT = np.uint64(32)
 _PUNCT_TRANS = str.maketrans({c: " " for c in PUNCTUATION})
-_DIGITS = re.compile(r"\d+")
+_NUMBERS = re.compile(r"\d+(?:[.,،٫⎖⎗⎘]\d+)?")  # datatrove's NUMBERS_PATTERN (\d is Unicode Nd)
 
 
 def content_hash(text: str) -> bytes:
@@ -84,7 +85,12 @@ class MinHasher:
 
     @staticmethod
     def simplify(text: str) -> list[str]:
-        return _DIGITS.sub("0", text.lower().translate(_PUNCT_TRANS)).split()
+        """datatrove's ``simplify_text`` order: lower-case, numbers -> 0, punctuation -> space,
+        whitespace split, diacritics dropped; so both tools shingle the same words."""
+        text = _NUMBERS.sub("0", text.lower()).translate(_PUNCT_TRANS)
+        if not text.isascii():
+            text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+        return text.split()
 
     def shingles(self, text: str) -> np.ndarray:
         """Distinct 32-bit shingle hashes (uint64 holding values < 2^32)."""

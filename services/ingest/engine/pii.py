@@ -11,7 +11,8 @@ Precision rules (each has a test):
 * phone: North-American and E.164 shapes with separators; a bare run of digits is not a phone, and
   dates (``2023-01-15``, ``15/01/2023``) never match because the grouping is 3-3-4 (or a ``+``
   country code). As in Dolma's tagger, a match next to ``isbn``/``doi`` is left alone.
-* credit cards: 13-19 digits in 4-4-4-x groups or contiguous, Luhn-valid, with a known issuer prefix.
+* credit cards: 13-19 digits in 4-4-4-x groups (or contiguous with a payment word such as "card" in
+  the 40 characters before), Luhn-valid, with a known issuer prefix.
 * secrets: PEM private-key blocks, AWS access key ids, GitHub/GitLab/Slack/Stripe/OpenAI-style and
   Google API keys, and JWTs: fixed, high-entropy formats with no plausible innocent use.
 * e-mail: the RFC 5322 "dot-atom" subset with a dotted domain whose TLD is alphabetic.
@@ -62,7 +63,12 @@ _PHONE = re.compile(
     r")(?![\w-]|\.\d)"
 )
 _PHONE_CONTEXT = re.compile(r"isbn|doi|issn", re.IGNORECASE)
-_CARD = re.compile(r"(?<![\w-])(?:\d{4}[ -]){3}\d{1,7}(?![\w-])|(?<![\w.-])\d{13,19}(?![\w.-])")
+_CARD = re.compile(r"(?<![\w-])(?:\d{4}[ -]){3}\d{1,7}(?![\w-])|(?<![\w.-])\d{13,19}(?![\w-]|\.\d)")
+# A bare run of 13-19 digits is far more often a constant, id or timestamp than a card; it counts
+# only with a payment word nearby. Grouped 4-4-4-x numbers count on their own.
+_CARD_CONTEXT = re.compile(
+    r"card|visa|master|amex|american express|discover|credit|debit|payment|\bcc\b|\bpan\b", re.I
+)
 _CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2[2-7]|3[47]|6(?:011|5|4[4-9])|35|3(?:0[0-5]|[68]))")
 
 
@@ -118,6 +124,8 @@ class PiiScrubber:
     @staticmethod
     def _card(m: re.Match) -> str:
         digits = re.sub(r"[ -]", "", m.group(0))
+        if digits == m.group(0) and not _CARD_CONTEXT.search(m.string[max(0, m.start() - 40) : m.start()]):
+            return m.group(0)
         if (
             13 <= len(digits) <= 19
             and _CARD_PREFIX.match(digits)

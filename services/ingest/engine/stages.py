@@ -54,6 +54,7 @@ class StageCount:
 
 @dataclass
 class BatchResult:
+    ids: list[str]
     texts: list[str]
     hashes: list[bytes]
     signatures: np.ndarray  # [len(texts), num_perm] uint32 (empty when near-dedup is off)
@@ -87,6 +88,7 @@ class DocumentChain:
 
     def process(self, batch: list[tuple[str, str, int]]) -> BatchResult:
         counts = self.new_counts()
+        ids: list[str] = []
         texts: list[str] = []
         hashes: list[bytes] = []
         sigs: list[np.ndarray] = []
@@ -137,6 +139,7 @@ class DocumentChain:
                     size = _nbytes(text)
                 c.docs_out += 1
                 c.bytes_out += size
+            ids.append(doc_id)
             texts.append(text)
             hashes.append(content_hash(text))
             if self.hasher is not None:
@@ -146,7 +149,7 @@ class DocumentChain:
         else:
             width = self.hasher.config.num_perm if self.hasher else 0
             signatures = np.empty((0, width), dtype=np.uint32)
-        return BatchResult(texts, hashes, signatures, counts)
+        return BatchResult(ids, texts, hashes, signatures, counts)
 
 
 _CHAIN: DocumentChain | None = None

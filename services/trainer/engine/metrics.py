@@ -66,7 +66,9 @@ def estimate_bytes_per_worker(
     act_scale = 1.0 if bf16 else 2.0
     b, t, c, layers = micro_batch_size, seq_len, model.hidden_size, model.num_layers
     per_layer = 34 * b * t * c * act_scale
-    heads_term = 5 * b * model.num_heads * t * t * act_scale  # attention scores when not fused
+    # Attention probabilities are materialised only by the unfused (CPU/fp32) SDPA path; the
+    # flash/memory-efficient kernels used in bf16 on GPU keep O(T) state.
+    heads_term = 0 if bf16 else 2 * b * model.num_heads * t * t * 4
     if activation_checkpointing:
         activations = layers * b * t * c * 2 * act_scale + per_layer + heads_term
     else:

@@ -82,7 +82,9 @@ def shard_model(
     layers = model.model.layers
     for i, layer in enumerate(layers):
         if compile_blocks:
-            layer.compile(fullgraph=False)  # in place: parameter names stay HF-compatible
+            # Compile the block's forward only: FSDP2's hooks stay eager around it (no graph breaks
+            # inside), and parameter names stay HF-compatible (no `_orig_mod` wrapper in the path).
+            layer.forward = torch.compile(layer.forward)
         # The last block is resharded by the root right away; skip a redundant reshard/all-gather.
         fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
     fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)

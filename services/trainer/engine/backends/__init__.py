@@ -1,0 +1,1 @@
+"""Launch backends: `local` (worker processes) and `ray` (Ray Train); same worker code."""
