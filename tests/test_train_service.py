@@ -153,3 +153,14 @@ def test_ray_backend_two_workers_lower_loss(trainer_service, ray_local):
     assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
     losses = [h["loss"] for h in done.result["history"]]
     assert losses[-1] < losses[0] - 0.5 and done.result["workers"] == 2
+
+
+def test_two_workers_lower_loss_on_an_ingested_code_corpus(trainer_service, code_dataset):
+    svc = trainer_service
+    ok = svc.client.validate("code", dataset=code_dataset, **SMALL)
+    assert ok.ok
+    job = svc.client.submit("code", dataset=code_dataset, steps=10, eval_every=10, **{**SMALL, "seq_len": 64})
+    done = svc.client.wait(job.id, timeout=300)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
+    losses = [h["loss"] for h in done.result["history"]]
+    assert losses[-1] < losses[0] - 0.5, losses
