@@ -4,7 +4,10 @@ One state dict (Llama-shaped: TinyLlama-1.1B widths, bf16, `--layers` decoder bl
 default) is saved and loaded three ways on the same disk:
 
 * store: `CheckpointClient.save/load` against `python -m services.checkpoint` (a separate process)
-  over loopback gRPC; the server fsyncs every chunk and manifest before commit returns.
+  over loopback gRPC; the server fsyncs every chunk and manifest before commit returns. Loads are
+  timed twice: with the client's default same-host path (it reads the store's chunk files itself,
+  verifying every digest, under a lease) and streamed over gRPC (`local_reads=False`, what a
+  client on another host gets).
 * safetensors: `safetensors.torch.save_file` + fsync, `load_file`.
 * raw: one sequential write of every tensor's bytes + fsync; one sequential `readinto`.
 
@@ -182,13 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]  # the machine may be shared: recorded with the figures
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))
     proc, port = start_server(work / "store", work)
+    clients: list[CheckpointClient] = []
     try:
         client = CheckpointClient(f"127.0.0.1:{port}", streams=args.streams, max_message_bytes=16 << 20)
         client.wait_until_serving(timeout=60)
+        remote = CheckpointClient(
+            f"127.0.0.1:{port}", streams=args.streams, max_message_bytes=16 << 20, local_reads=False
+        )
+        clients += [client, remote]
         raw_path, st_path = work / "raw.bin", work / "model.safetensors"
 
         cpu: dict[str, list[float]] = {
-            k: [] for k in ("raw_w", "raw_r", "st_w", "st_r", "store_w", "store_r")
+            k: [] for k in ("raw_w", "raw_r", "st_w", "st_r", "store_w", "store_r", "store_r_grpc")
         }
         t_raw_w = best_of(args.repeat, lambda: raw_write(sd, raw_path), cpu=cpu["raw_w"])
         t_raw_r = best_of(
@@ -229,9 +237,27 @@ def main(argv: list[str] | None = None) -> int:
         t_store_r = best_of(
             args.repeat, store_load, lambda: drop_cache(work / "store"), cpu=cpu["store_r"], server=server
         )
+        if client.local_chunks_read == 0:
+            raise SystemExit("the timed store load did not take the same-host path")
         mismatched = [k for k in sd if not torch.equal(sd[k], loaded[k])]
         if mismatched:
             raise SystemExit(f"store load returned different bytes for {mismatched[:3]}")
+        loaded.clear()
+
+        def store_load_grpc() -> None:
+            loaded.update(remote.load("bench"))
+            touch(loaded)
+
+        t_store_r_grpc = best_of(
+            args.repeat,
+            store_load_grpc,
+            lambda: drop_cache(work / "store"),
+            cpu=cpu["store_r_grpc"],
+            server=server,
+        )
+        mismatched = [k for k in sd if not torch.equal(sd[k], loaded[k])]
+        if remote.local_chunks_read or mismatched:
+            raise SystemExit(f"the gRPC store load read files or returned different bytes: {mismatched[:3]}")
 
         changed = dict(sd)
         key = "model.layers.0.self_attn.q_proj.weight"
@@ -241,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         added = client.stats().stored_bytes - before
         new_frac = v2.new_bytes / v2.logical_bytes
     finally:
+        for c in clients:
+            c.close()
         proc.terminate()
         proc.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
@@ -255,11 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         "store_load_s": t_store_r,
         "store_save_MBps": mbps(t_store_w),
         "store_load_MBps": mbps(t_store_r),
+        "store_load_grpc_s": t_store_r_grpc,
+        "store_load_grpc_MBps": mbps(t_store_r_grpc),
         "resave_one_changed_new_bytes": v2.new_bytes,
         "resave_one_changed_stored_bytes_added": added,
         "resave_new_fraction": new_frac,
         "store_save_cpu_s_per_GB": min(cpu["store_w"]) / (mb / 1000),
         "store_load_cpu_s_per_GB": min(cpu["store_r"]) / (mb / 1000),
+        "store_load_grpc_cpu_s_per_GB": min(cpu["store_r_grpc"]) / (mb / 1000),
     }
     baseline = {
         "raw_write_s": t_raw_w,
@@ -278,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {
         "store_save_vs_raw": t_raw_w / t_store_w,
         "store_load_vs_raw": t_raw_r / t_store_r,
+        "store_load_grpc_vs_raw": t_raw_r / t_store_r_grpc,
         "store_save_vs_safetensors": t_st_w / t_store_w,
         "store_load_vs_safetensors": t_st_r / t_store_r,
     }

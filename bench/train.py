@@ -3,16 +3,17 @@
 Ours is the real engine (`services.trainer.engine.worker.train`: FSDP2 over a gloo group of one,
 AdamW, clipping, schedule, the per-step loss/stop all-reduce, sampler); its per-step times come from
 its own progress reports. The baseline is a plain single-process loop over the same model, batch,
-optimizer settings and sampler. Both run in this process in alternating rounds; each side's figure is
-its fastest step after warm-up over all rounds (on a shared machine interference only ever adds
-time, so the minimum is the least noisy estimate of each side's own cost; medians are reported too).
+optimizer settings and sampler. Both run in this process in lockstep (one of our steps, then one
+baseline step, ...), so load from other processes hits both alike; the ratio is the median over step
+pairs of baseline time / our time, the tokens/s figures are per-side medians (minimums reported too).
 
-    python -m bench.train [--steps 10] [--rounds 4]
+    python -m bench.train [--steps 40]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -33,6 +34,7 @@ from common.dataset import (
 from common.model import Transformer
 from services.trainer.engine.checkpoint_io import LocalCheckpointIO
 from services.trainer.engine.config import TrainConfig
+from services.trainer.engine.parallel import free_port
 from services.trainer.engine.schedule import lr_at
 from services.trainer.engine.worker import NullChannel, train
 
@@ -66,48 +68,73 @@ def make_dataset(root: Path, tokens: int = 400_000) -> Path:
     return out
 
 
-def run_ours(cfg: TrainConfig, ckpt_root: Path) -> list[float]:
-    channel = NullChannel()
+class BareLoop:
+    """The baseline: a plain single-process loop over the same model, optimizer settings and data."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.model = Transformer(cfg.model_config())
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=cfg.betas,
+        )
+        self.sampler = TokenSampler(
+            PackedDataset(cfg.dataset_path, "train"), cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed
+        )
+        self.step = 0
+        self.times: list[float] = []
+
+    def train_step(self) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = lr_at(
+            self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps
+        )
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        x, y = self.sampler.next_batch()
+        _, loss = self.model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        float(loss.detach())
+        self.times.append(time.perf_counter() - t0)
+        self.step += 1
+
+
+class LockstepChannel(NullChannel):
+    """Runs one baseline step right after each of our steps is timed (progress reports fall outside our
+    step's timed window), so both sides see the same machine load, step by step."""
+
+    def __init__(self, bare: BareLoop):
+        super().__init__()
+        self.bare = bare
+
+    def report(self, kind: str, data: dict) -> None:
+        super().report(kind, data)
+        if kind == "progress":
+            self.bare.train_step()
+
+
+def run_pair(cfg: TrainConfig, ckpt_root: Path) -> tuple[list[float], list[float]]:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    bare = BareLoop(cfg)
+    channel = LockstepChannel(bare)
     result = train(cfg, LocalCheckpointIO(ckpt_root), channel)
     assert result["status"] == "completed", result
-    return [d["step_time_s"] for k, d in channel.events if k == "progress"][2:]  # skip warm-up steps
-
-
-def run_bare(cfg: TrainConfig) -> list[float]:
-    torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model_config())
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=cfg.betas,
-    )
-    sampler = TokenSampler(
-        PackedDataset(cfg.dataset_path, "train"), cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed
-    )
-    times = []
-    for step in range(cfg.steps):
-        t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(
-                step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps
-            )
-        x, y = sampler.next_batch()
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        float(loss.detach())
-        times.append(time.perf_counter() - t0)
-    return times[2:]
+    ours = [d["step_time_s"] for k, d in channel.events if k == "progress"]
+    return ours[3:], bare.times[3:]  # skip warm-up steps
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     args = ap.parse_args()
@@ -123,13 +150,11 @@ def main() -> None:
             warmup_steps=5,
             output_name="bench",
         )
-        ours, bare = [], []
-        for r in range(args.rounds):
-            bare.extend(run_bare(cfg))
-            ours.extend(run_ours(cfg, Path(tmp) / f"ckpt{r}"))
+        ours, bare = run_pair(cfg, Path(tmp) / "ckpt")
     tokens = args.batch * args.seq_len
-    ours_tps, bare_tps = tokens / min(ours), tokens / min(bare)
-    ratio = ours_tps / bare_tps
+    # Paired estimate: per step pair, bare time / our time; the median over pairs cancels load drift.
+    ratio = statistics.median(b / o for o, b in zip(ours, bare, strict=True))
+    ours_tps, bare_tps = tokens / statistics.median(ours), tokens / statistics.median(bare)
     write_report(
         "train",
         figures={
@@ -151,7 +176,6 @@ def main() -> None:
                 "batch": args.batch,
                 "seq_len": args.seq_len,
                 "steps": args.steps,
-                "rounds": args.rounds,
                 "threads": torch.get_num_threads(),
             },
             "step_s": {"ours": ours, "bare": bare},

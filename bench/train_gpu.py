@@ -36,6 +36,7 @@ from common.model import preset  # noqa: E402
 from services.trainer.engine.checkpoint_io import LocalCheckpointIO  # noqa: E402
 from services.trainer.engine.config import TrainConfig  # noqa: E402
 from services.trainer.engine.metrics import peak_flops  # noqa: E402
+from services.trainer.engine.parallel import free_port  # noqa: E402
 from services.trainer.engine.worker import NullChannel, train  # noqa: E402
 
 # name -> (micro batch, seq len, warm-up steps, measured steps, MFU goal, speed-up goal vs HF)
@@ -93,7 +94,8 @@ def run_ours(name: str, batch: int, seq: int, warm: int, steps: int, root: Path,
         output_name="bench",
         save_final=False,
     )
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())  # a fresh rendezvous per run in this process
     channel = NullChannel()
     result = train(cfg, LocalCheckpointIO(root / "ckpt"), channel)
     assert result["status"] == "completed", result
@@ -139,6 +141,7 @@ def run_hf(name: str, batch: int, seq: int, warm: int, steps: int, device: str) 
 
 
 def release() -> None:
+    torch._dynamo.reset()  # the next model compiles from scratch; no stale graphs hold memory
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

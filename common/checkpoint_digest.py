@@ -27,6 +27,8 @@ ALGORITHMS = (BLAKE3, SHA256)
 DEFAULT_ALGORITHM = BLAKE3
 
 _DIGEST = re.compile(r"^(?:(blake3):)?([0-9a-f]{64})$")
+_CHUNK_FILE = re.compile(r"^(?:(blake3)-)?([0-9a-f]{64})$")
+CHUNK_PREFIX = "chunks/"
 
 
 def _blake3_hex(data: bytes | bytearray | memoryview) -> str:
@@ -75,3 +77,18 @@ def matches(digest: str, data: bytes | bytearray | memoryview) -> tuple[bool, st
     algorithm, _ = parse_digest(digest)
     actual = digest_of(data, algorithm)
     return actual == digest, actual
+
+
+def chunk_key(digest: str) -> str:
+    """The storage key of a chunk: ``chunks/ab/blake3-<hex>``, or ``chunks/ab/<hex>`` for sha256."""
+    algorithm, hex_digest = parse_digest(digest)
+    name = hex_digest if algorithm == SHA256 else f"{algorithm}-{hex_digest}"
+    return f"{CHUNK_PREFIX}{hex_digest[:2]}/{name}"
+
+
+def digest_from_key(key: str) -> str | None:
+    """The digest a chunk key names, or None for a key that is not a chunk."""
+    m = _CHUNK_FILE.match(key.rsplit("/", 1)[-1])
+    if m is None:
+        return None
+    return format_digest(m.group(1) or SHA256, m.group(2))

@@ -168,6 +168,7 @@ def test_engine_over_s3(s3_server):
     kwargs = s3_server.client_kwargs()
     backend = S3BlobStore(s3_server.bucket, "engine-test", endpoint_url=kwargs.pop("endpoint_url"), **kwargs)
     store = CheckpointStore(backend)
+    assert store.local_access() == ("", "")  # no same-host file reads from an object store
     a = {"w": b"w" * (CS * 2 + 5), "b": b"b" * 10}
     v1 = save(store, "s3model", a, tags=["best"])
     v2 = save(store, "s3model", {**a, "b": b"c" * 10})

@@ -202,19 +202,22 @@ def test_upload_killed_mid_stream_resumes_without_resending(ckpt):
 # -- integrity -----------------------------------------------------------------------------------------
 
 
-def test_corrupted_chunk_is_data_loss_naming_checkpoint_and_tensor(ckpt):
+@pytest.mark.parametrize("local_reads", [True, False], ids=["same-host-files", "grpc-stream"])
+def test_corrupted_chunk_is_data_loss_naming_checkpoint_and_tensor(ckpt, local_reads):
     sd = tiny_state_dict()
     ckpt.client.save("demo", sd)
+    reader = ckpt.new_client(chunk_size=64 << 10, local_reads=local_reads)
     entry = next(t for t in ckpt.client.get("demo").manifest.tensors if t.name == "model.embed_tokens.weight")
     path = chunk_file(ckpt.root, entry.chunks[1])
     data = bytearray(path.read_bytes())
     data[100] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(errors.DataLoss) as info:
-        ckpt.client.load("demo")
-    assert "demo:1" in info.value.message and "model.embed_tokens.weight" in info.value.message
+        reader.load("demo")
+    assert "'demo:1' tensor 'model.embed_tokens.weight' chunk 1" in info.value.message
     # other tensors are still readable
-    ok = ckpt.client.load("demo", ["model.layers.0.mlp.up_proj.weight"])
+    ok = reader.load("demo", ["model.layers.0.mlp.up_proj.weight"])
+    assert (reader.local_chunks_read > 0) == local_reads
     assert torch.equal(ok["model.layers.0.mlp.up_proj.weight"], sd["model.layers.0.mlp.up_proj.weight"])
     report = ckpt.client.verify("demo:1")
     assert not report.ok and len(report.problems) == 1
@@ -226,7 +229,39 @@ def test_corrupted_chunk_is_data_loss_naming_checkpoint_and_tensor(ckpt):
     path.unlink()  # a missing chunk is reported too
     assert "missing" in ckpt.client.verify("demo").problems[0]
     with pytest.raises(errors.DataLoss, match="missing"):
-        ckpt.client.load("demo", ["model.embed_tokens.weight"])
+        reader.load("demo", ["model.embed_tokens.weight"])
+    assert not ckpt.store.leases("demo", 1)  # the same-host read's lease ends with it
+
+
+def test_same_host_reads_match_grpc_and_fall_back_without_the_proof_file(ckpt):
+    """Loads read the store's chunk files directly when the nonce file proves the same filesystem,
+    and stream over gRPC otherwise; both give the same tensors and files."""
+    sd = tiny_state_dict()
+    ckpt.client.save("demo", sd, files={"tokenizer.json": b"{}" * 50_000})
+    local = ckpt.new_client(chunk_size=64 << 10)
+    assert_same(local.load("demo"), sd)
+    assert local.load_files("demo", ["tokenizer.json"]) == {"tokenizer.json": b"{}" * 50_000}
+    n_chunks = sum(len(t.chunks) for t in ckpt.client.get("demo").manifest.tensors)
+    assert local.local_chunks_read == n_chunks + 2  # + the two chunks of tokenizer.json
+    assert not ckpt.store.leases("demo", 1)
+    streamed = ckpt.new_client(chunk_size=64 << 10, local_reads=False)
+    assert_same(streamed.load("demo"), sd) and streamed.local_chunks_read == 0
+    for proof in (ckpt.root / "access").iterdir():  # as if the client ran on another host
+        proof.write_bytes(b"another store")
+    elsewhere = ckpt.new_client(chunk_size=64 << 10)
+    assert_same(elsewhere.load("demo"), sd) and elsewhere.local_chunks_read == 0
+
+
+def test_a_stale_same_host_root_falls_back_instead_of_data_loss(ckpt, tmp_path):
+    """A root cached before the server moved to another store is re-proven, not trusted."""
+    sd = tiny_state_dict()
+    ckpt.client.save("demo", sd)
+    c = ckpt.new_client(chunk_size=64 << 10)
+    assert_same(c.load("demo"), sd) and c.local_chunks_read > 0
+    read = c.local_chunks_read
+    c._local_root = tmp_path / "old-store"  # as if cached from a server that served another store
+    assert_same(c.load("demo"), sd) and c.local_chunks_read == read  # streamed this time
+    assert_same(c.load("demo"), sd) and c.local_chunks_read > read  # re-proven root used again
 
 
 def test_verify_clean_store(ckpt):

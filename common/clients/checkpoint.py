@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import threading
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 
 from common import errors
-from common.checkpoint_digest import DEFAULT_ALGORITHM, check_algorithm, digest_of, matches
+from common.checkpoint_digest import DEFAULT_ALGORITHM, check_algorithm, chunk_key, digest_of, matches
 from common.clients.base import BaseClient
 from common.clients.checkpoint_wire import decode_download_chunk, encode_upload_chunk, tune_malloc
 from tokenmill.v1 import checkpoint_pb2 as pb
@@ -225,10 +226,16 @@ class CheckpointClient(BaseClient):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         verify_downloads: bool = False,
         hash_algorithm: str = DEFAULT_ALGORITHM,
+        local_reads: bool = True,
         **kwargs: Any,
     ):
         """`hash_algorithm` names new chunks ('blake3', or 'sha256' for stores read by older
-        clients); loading handles either, whatever a version was written with."""
+        clients); loading handles either, whatever a version was written with.
+
+        `local_reads`: when the server's store is a directory this process can see (same host,
+        proven by a nonce file), loads read chunk files directly into the tensors, verifying every
+        digest here and holding a read lease meanwhile; otherwise (object store, another host,
+        no permission) they stream over gRPC."""
         kwargs.setdefault("timeout", 600.0)
         # Let the server send each chunk in a few large HTTP/2 frames instead of 256 x 16 KiB ones:
         # measured ~25 % less CPU per downloaded byte on loopback.
@@ -243,6 +250,9 @@ class CheckpointClient(BaseClient):
         self.chunk_size = int(chunk_size)
         self.verify_downloads = verify_downloads
         self.hash_algorithm = check_algorithm(hash_algorithm)
+        self.local_reads = local_reads
+        self._local_root: Path | None | bool = False  # False: not asked yet; None: no fast path
+        self.local_chunks_read = 0  # chunks read through the same-host path (observability, tests)
         tune_malloc()  # every received chunk is a fresh 4 MiB buffer: reuse heap memory for them
         self._pool = ThreadPoolExecutor(max_workers=max(2, self.streams), thread_name_prefix="ckpt-client")
         # hashing has its own threads so a batch can be hashed while the previous one streams out
@@ -462,6 +472,73 @@ class CheckpointClient(BaseClient):
             if not token:
                 return out
 
+    def _store_root(self) -> Path | None:
+        """The store's directory when this process sees the same files as the server, else None."""
+        if self._local_root is not False:
+            return self._local_root  # type: ignore[return-value]
+        root: Path | None = None
+        try:
+            access = self._unary(self.stub.GetLocalAccess, pb.GetLocalAccessRequest())
+            if access.root and access.nonce:
+                proof = Path(access.root) / "access" / access.nonce
+                if proof.read_bytes() == access.nonce.encode():
+                    root = Path(access.root)
+        except (OSError, errors.TokenmillError):
+            root = None  # another host, no permission, or a server without the RPC: use gRPC
+        self._local_root = root
+        return root
+
+    def _read_local(
+        self, root: Path, version: pb.CheckpointVersion, sinks: Mapping[tuple[bool, str], memoryview]
+    ) -> None:
+        """Read chunk files straight into the sinks, verifying each digest (DATA_LOSS when bad).
+
+        The read lease keeps a concurrent delete from removing the version meanwhile."""
+        m = version.manifest
+        entries = {(False, t.name): t for t in m.tensors} | {(True, f.name): f for f in m.files}
+        plan: list[tuple[tuple[bool, str], int, int, str, int]] = []
+        for key in sinks:
+            e = entries[key]
+            offset = 0
+            for i, d in enumerate(e.chunks):
+                n = min(m.chunk_size, e.nbytes - offset)
+                plan.append((key, i, offset, d, n))
+                offset += n
+
+        def read(item: tuple[tuple[bool, str], int, int, str, int]) -> None:
+            (is_file, name), index, offset, digest, n = item
+            what = f"checkpoint '{version.ref}' {'file' if is_file else 'tensor'} '{name}' chunk {index}"
+            view = sinks[(is_file, name)][offset : offset + n]
+            try:
+                with open(root / chunk_key(digest), "rb", buffering=0) as f:
+                    size = os.fstat(f.fileno()).st_size
+                    got = f.readinto(view) if size == n else 0
+                    while size == n and got < n:
+                        more = f.readinto(view[got:])
+                        if not more:
+                            break
+                        got += more
+            except FileNotFoundError:
+                raise errors.DataLoss(
+                    f"{what}: chunk {digest[:23]}... is missing from the store; run 'tokenmill ckpt verify'"
+                ) from None
+            if size != n or got != n:
+                raise errors.DataLoss(
+                    f"{what}: chunk {digest[:23]}... has {size} bytes, expected {n} (corrupt); "
+                    "run 'tokenmill ckpt verify'"
+                )
+            ok, actual = matches(digest, view)
+            if not ok:
+                raise errors.DataLoss(
+                    f"{what}: chunk {digest[:23]}... is corrupt (its bytes hash to {actual[:23]}...); "
+                    "run 'tokenmill ckpt verify'"
+                )
+
+        with self.lease(version.ref, holder=f"local-read-{uuid.uuid4().hex[:12]}", ttl_seconds=3600):
+            for _ in self._pool.map(read, plan):
+                pass
+        self.local_chunks_read += len(plan)
+
     def _download(
         self,
         version: pb.CheckpointVersion,
@@ -469,7 +546,21 @@ class CheckpointClient(BaseClient):
         files: Sequence[str],
         sinks: Mapping[tuple[bool, str], memoryview],
     ) -> None:
-        """Fill `sinks[(is_file, name)]` with the entries' bytes over parallel Download streams."""
+        """Fill `sinks[(is_file, name)]` with the entries' bytes: from the store's files when they
+        are visible here (same host), else over parallel Download streams."""
+        root = self._store_root() if self.local_reads and sinks else None
+        if root is not None:
+            try:
+                self._read_local(root, version, sinks)
+                return
+            except PermissionError:
+                self._local_root = None  # the files are there but not readable: stream them instead
+            except errors.DataLoss:
+                # a server restarted on another store at the same address makes the cached root
+                # stale; only a fresh proof of the same store makes this a real DATA_LOSS
+                self._local_root = False
+                if self._store_root() == root:
+                    raise
         m = version.manifest
         sizes = {(False, t.name): t.nbytes for t in m.tensors} | {(True, f.name): f.nbytes for f in m.files}
         n_chunks = sum(math.ceil(sizes[k] / m.chunk_size) for k in sinks)

@@ -180,6 +180,10 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context) -> pb.ReleaseLeaseResponse:
         return pb.ReleaseLeaseResponse(released=self.store.release_lease(request.lease_id))
 
+    def GetLocalAccess(self, request: pb.GetLocalAccessRequest, context) -> pb.LocalAccess:
+        root, nonce = self.store.local_access()
+        return pb.LocalAccess(root=root, nonce=nonce)
+
 
 class _BulkCodecServer:
     """Passes the generated handlers to the real server with the two bulk messages' codecs swapped

@@ -345,6 +345,18 @@ class StoreStats(_message.Message):
     quota: _struct_pb2.Struct
     def __init__(self, models: _Optional[int] = ..., versions: _Optional[int] = ..., chunks: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., quota: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
+class GetLocalAccessRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LocalAccess(_message.Message):
+    __slots__ = ("root", "nonce")
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    root: str
+    nonce: str
+    def __init__(self, root: _Optional[str] = ..., nonce: _Optional[str] = ...) -> None: ...
+
 class AcquireLeaseRequest(_message.Message):
     __slots__ = ("ref", "holder", "ttl_seconds")
     REF_FIELD_NUMBER: _ClassVar[int]

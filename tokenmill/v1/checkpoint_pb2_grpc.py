@@ -124,6 +124,11 @@ class CheckpointServiceStub:
                 request_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.ReleaseLeaseRequest.SerializeToString,
                 response_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.ReleaseLeaseResponse.FromString,
                 _registered_method=True)
+        self.GetLocalAccess = channel.unary_unary(
+                '/tokenmill.v1.CheckpointService/GetLocalAccess',
+                request_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.GetLocalAccessRequest.SerializeToString,
+                response_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.LocalAccess.FromString,
+                _registered_method=True)
 
 
 class CheckpointServiceServicer:
@@ -237,6 +242,14 @@ class CheckpointServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLocalAccess(self, request, context):
+        """Same-host fast path: where the store's files are, so a client on the same filesystem can read
+        chunk files directly (it verifies every chunk's digest itself and holds a lease meanwhile).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CheckpointServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -329,6 +342,11 @@ def add_CheckpointServiceServicer_to_server(servicer, server):
                     servicer.ReleaseLease,
                     request_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.ReleaseLeaseRequest.FromString,
                     response_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'GetLocalAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLocalAccess,
+                    request_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.GetLocalAccessRequest.FromString,
+                    response_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.LocalAccess.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -817,6 +835,33 @@ class CheckpointService:
             '/tokenmill.v1.CheckpointService/ReleaseLease',
             tokenmill_dot_v1_dot_checkpoint__pb2.ReleaseLeaseRequest.SerializeToString,
             tokenmill_dot_v1_dot_checkpoint__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLocalAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmill.v1.CheckpointService/GetLocalAccess',
+            tokenmill_dot_v1_dot_checkpoint__pb2.GetLocalAccessRequest.SerializeToString,
+            tokenmill_dot_v1_dot_checkpoint__pb2.LocalAccess.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,30 +11,13 @@ Digests name their hash (common/checkpoint_digest.py): ``blake3:<hex>`` is store
 
 from __future__ import annotations
 
-import re
 import threading
 
-from common.checkpoint_digest import SHA256, format_digest, matches, parse_digest
+from common.checkpoint_digest import CHUNK_PREFIX, chunk_key, digest_from_key, matches
 from common.errors import DataLoss, InvalidArgument, NotFound
 from common.storage import BlobStore
 
-PREFIX = "chunks/"
-_FILE_NAME = re.compile(r"^(?:(blake3)-)?([0-9a-f]{64})$")
-
-
-def chunk_key(digest: str) -> str:
-    """The backend key of a chunk (INVALID_ARGUMENT for a malformed digest)."""
-    algorithm, hex_digest = parse_digest(digest)
-    name = hex_digest if algorithm == SHA256 else f"{algorithm}-{hex_digest}"
-    return f"{PREFIX}{hex_digest[:2]}/{name}"
-
-
-def digest_from_key(key: str) -> str | None:
-    """The digest a chunk key names, or None for a key that is not a chunk."""
-    m = _FILE_NAME.match(key.rsplit("/", 1)[-1])
-    if m is None:
-        return None
-    return format_digest(m.group(1) or SHA256, m.group(2))
+PREFIX = CHUNK_PREFIX
 
 
 class ChunkStore:

@@ -319,13 +319,18 @@ def _run(
     if chain.hasher is not None and n:
         cfg = chain.hasher.config
         sigs = np.memmap(sig_path, dtype=np.uint32, mode="r", shape=(n, cfg.num_perm))
-        result = near_duplicates(sigs, chain.hasher)
+        if spec.dedup_backend == "ray":
+            from services.ingest.engine.dedup_ray import near_duplicates_ray
+
+            result = near_duplicates_ray(sigs, cfg)
+        else:
+            result = near_duplicates(sigs, chain.hasher)
         keep = result.keep
         near.reasons["near_duplicate"] = result.removed
         near.reasons["clusters"] = result.clusters
         near.reasons["candidate_pairs"] = result.candidate_pairs
         near.reasons["verified_pairs"] = result.verified_pairs
-        minhash.update(_minhash_doc(cfg))
+        minhash.update(_minhash_doc(cfg), backend=spec.dedup_backend)
         del sigs
     near.docs_out = int(keep.sum())
     prog.emit(True, phase="near_dedup", kept_docs=near.docs_out, removed=n - near.docs_out)

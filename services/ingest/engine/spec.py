@@ -87,6 +87,7 @@ class IngestSpec:
     minhash_bands: int = 20
     minhash_rows: int = 13
     pii: bool = True
+    dedup_backend: str = "local"  # "local" (numpy, this process) or "ray" (buckets on Ray Data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IngestSpec:
@@ -142,6 +143,8 @@ class IngestSpec:
             )
         if self.minhash_bands < 1 or self.minhash_rows < 1 or self.minhash_bands * self.minhash_rows > 2048:
             raise InvalidArgument("minhash_bands x minhash_rows must be between 1 and 2048 hashes")
+        if self.dedup_backend not in ("local", "ray"):
+            raise InvalidArgument(f"dedup_backend {self.dedup_backend!r} must be 'local' or 'ray'")
         build_filters(self)  # validates filter_overrides
 
     def source_options(self) -> Any:

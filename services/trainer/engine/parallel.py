@@ -80,6 +80,8 @@ def shard_model(
         else MixedPrecisionPolicy()
     )
     layers = model.model.layers
+    if compile_blocks:
+        _raise_recompile_limit(2 * len(layers) + 8)
     for i, layer in enumerate(layers):
         if compile_blocks:
             # Compile the block's forward only: FSDP2's hooks stay eager around it (no graph breaks
@@ -88,6 +90,15 @@ def shard_model(
         # The last block is resharded by the root right away; skip a redundant reshard/all-gather.
         fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
     fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+
+def _raise_recompile_limit(n: int) -> None:
+    """Every block compiles the same code; make sure dynamo's per-code cache never falls back to eager."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed in newer torch; alias kept
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(int(getattr(cfg, name)), n))
+            return
 
 
 def reshard_all(model: nn.Module) -> None:
