@@ -211,7 +211,9 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
         return Config(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
-    except (yaml.YAMLError, SettingsError) as exc:
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid configuration: the config file is not valid YAML: {exc}") from None
+    except SettingsError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
     finally:
         if path is not None:

@@ -59,3 +59,21 @@ def test_unknown_fields_are_skipped_and_truncation_is_an_error():
     for bad in (msg[:-1], b"\x1a\x80", bytes([(1 << 3) | 3])):
         with pytest.raises(ValueError):
             decode_upload_chunk(bad)
+
+
+def test_tune_malloc_runs_once_and_can_be_turned_off():
+    """Process-wide, so checked in fresh interpreters: applied once (glibc), off with the env var."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from common.clients.checkpoint_wire import tune_malloc; "
+        "print(tune_malloc(arena_max=None), tune_malloc())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TOKENMILL_CHECKPOINT_MALLOC_TUNING"}
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert on.stdout.split() == ["True", "True"]
+    env["TOKENMILL_CHECKPOINT_MALLOC_TUNING"] = "0"
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert off.stdout.split() == ["False", "False"]

@@ -253,7 +253,7 @@ class CheckpointClient(BaseClient):
         self.local_reads = local_reads
         self._local_root: Path | None | bool = False  # False: not asked yet; None: no fast path
         self.local_chunks_read = 0  # chunks read through the same-host path (observability, tests)
-        tune_malloc()  # every received chunk is a fresh 4 MiB buffer: reuse heap memory for them
+        tune_malloc(arena_max=None)  # every received chunk is a fresh 4 MiB buffer: reuse the heap
         self._pool = ThreadPoolExecutor(max_workers=max(2, self.streams), thread_name_prefix="ckpt-client")
         # hashing has its own threads so a batch can be hashed while the previous one streams out
         self._hash_pool = ThreadPoolExecutor(max_workers=max(2, self.streams), thread_name_prefix="ckpt-hash")

@@ -164,15 +164,16 @@ def decode_download_chunk(data: bytes) -> RawDownloadChunk:
     return out
 
 
-def tune_malloc() -> bool:
+def tune_malloc(*, arena_max: int | None = 4) -> bool:
     """Keep freed multi-MiB buffers in the heap instead of returning them to the OS (once per process).
 
     Every chunk read, received or serialised is a fresh 4 MiB buffer (gRPC hands each message over
     as a new bytes object); with glibc's defaults each one can be a new mmap whose pages fault in
     (and are zeroed) on first touch, which costs as much CPU as hashing it: measured ~0.4 CPU-s/GB
     on the loading client alone. A 32 MiB mmap threshold and a 512 MiB trim threshold let the
-    allocator reuse the same memory. Both the server and CheckpointClient call this; it is a no-op
-    off glibc or with TOKENMILL_CHECKPOINT_MALLOC_TUNING=0."""
+    allocator reuse the same memory. Both the server and CheckpointClient call this (the client
+    with arena_max=None: it lives in other services' processes, whose thread/arena balance it must
+    not change); a no-op off glibc or with TOKENMILL_CHECKPOINT_MALLOC_TUNING=0."""
     global _tuned
     with _tune_lock:
         if _tuned is not None:
@@ -187,6 +188,7 @@ def tune_malloc() -> bool:
         m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
         ok = bool(libc.mallopt(m_mmap_threshold, 32 << 20))
         ok &= bool(libc.mallopt(m_trim_threshold, 512 << 20))
-        ok &= bool(libc.mallopt(m_arena_max, 4))
+        if arena_max is not None:
+            ok &= bool(libc.mallopt(m_arena_max, arena_max))
         _tuned = ok
         return ok

@@ -115,14 +115,17 @@ class _Run:
             )
         model.activation_checkpointing = cfg.activation_checkpointing
         model.to(d.device)
-        # With one worker there is nothing to free between forward and backward: keep blocks gathered
-        # (no second all-gather in backward). With several, reshard to hold one block at a time.
-        shard_model(
-            model,
-            bf16=self.bf16,
-            compile_blocks=cfg.compile and d.device.type == "cuda",
-            reshard_after_forward=d.world > 1,
-        )
+        # FSDP2 shards across workers. A single CPU worker has nothing to shard and no mixed precision
+        # to manage, so it trains the plain module (FSDP's DTensor bookkeeping would only cost time;
+        # checkpoints are the same pieces either way). On GPU, FSDP2 also applies the bf16 policy.
+        if d.world > 1 or d.device.type == "cuda" or self.bf16:
+            # With one worker nothing needs freeing between forward and backward: keep blocks gathered.
+            shard_model(
+                model,
+                bf16=self.bf16,
+                compile_blocks=cfg.compile and d.device.type == "cuda",
+                reshard_after_forward=d.world > 1,
+            )
         self.model = model
         self.params_total = count_parameters(model)
         self.params_trainable = count_parameters(model, trainable_only=True)
