@@ -143,6 +143,10 @@ class Config(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     storage_url: str | None = None  # None = file://<data_dir>/store; or s3://bucket/prefix
+    # Where services may read client-named inputs (ingest sources, SFT files, tokenizers):
+    # local directories and/or s3:// prefixes. Empty = anywhere the process can read, which suits
+    # a single-user workstation; set it on shared deployments (the Helm chart does).
+    input_roots: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _resolve_auth(self) -> Config:
