@@ -9,7 +9,9 @@ PROTO_SRC := $(wildcard protos/tokenmill/v1/*.proto)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q 'torch>=2.6,<=2.13.0'
+	# the CPU build: from the local wheel cache where there is one, else from PyTorch's CPU index
+	$(PY) -m pip install -q torch==2.13.0 || \
+		$(PY) -m pip install -q 'torch>=2.6,<=2.13.0' --index-url https://download.pytorch.org/whl/cpu
 	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $@
 
