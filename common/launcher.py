@@ -24,10 +24,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from common.clients.base import BaseClient, client_tls
 from common.config import SERVICE_NAMES, Config, load_config
+from common.errors import TokenmillError
 
 log = logging.getLogger("tokenmill.launcher")
 
@@ -141,16 +140,13 @@ def service_specs(config: Config, config_path: str | None) -> list[ProcessSpec]:
     return specs
 
 
-def health_status(address: str, timeout: float = 1.0, service: str = "") -> str:
-    """grpc.health.v1 Check over an insecure or TLS channel; returns the status name or why not."""
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
-            )
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    except grpc.RpcError as exc:
-        return f"UNREACHABLE ({exc.code().name})"
+def health_status(config: Config, address: str, timeout: float = 1.0) -> str:
+    """grpc.health.v1 Check (health is open without a token); the status name, or why not."""
+    with BaseClient(address, tls=client_tls(config), retry=False) as client:
+        try:
+            return client.health(timeout=timeout)
+        except TokenmillError as exc:
+            return f"UNREACHABLE ({exc.code})"
 
 
 class Supervisor:
@@ -298,7 +294,7 @@ def wait_healthy(config: Config, timeout: float, names: Iterable[str] = SERVICE_
     deadline = time.time() + timeout
     status: dict[str, str] = {}
     while True:
-        status = {n: health_status(a) for n, a in addresses.items()}
+        status = {n: health_status(config, a) for n, a in addresses.items()}
         if all(s == "SERVING" for s in status.values()):
             return addresses
         if time.time() > deadline:
@@ -360,7 +356,7 @@ def process_table(config: Config) -> list[dict[str, object]]:
                 "address": spec.health_address,
                 "pid": child.pid if alive else None,
                 "restarts": child.restarts if child else 0,
-                "health": health_status(spec.health_address) if spec.health_address else "n/a",
+                "health": health_status(config, spec.health_address) if spec.health_address else "n/a",
             }
         )
     return rows

@@ -111,7 +111,7 @@ def serve(
     pending = {s.name: s.health_address for s in specs}
     while pending:
         for name, address in list(pending.items()):
-            if health_status(address, timeout=1.0) == "SERVING":
+            if health_status(config, address, timeout=1.0) == "SERVING":
                 click.echo(f"  {name} SERVING on {address}")
                 del pending[name]
         if pending and time.monotonic() > deadline:

@@ -80,6 +80,19 @@ class ClientTls:
         )
 
 
+def client_tls(config: Config) -> ClientTls | None:
+    """The TLS a platform client uses: trust `server_ca_file`; under mutual TLS present the
+    platform's own certificate."""
+    if not config.tls.enabled:
+        return None
+    mtls = config.tls.client_ca_file is not None
+    return ClientTls(
+        ca_file=config.tls.server_ca_file,
+        cert_file=config.tls.cert_file if mtls else None,
+        key_file=config.tls.key_file if mtls else None,
+    )
+
+
 class _MetadataInterceptor(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
@@ -204,15 +217,7 @@ class BaseClient:
         if not config.auth.disabled and config.auth.tokens:
             kwargs.setdefault("token", config.auth.tokens[0])
         if config.tls.enabled:
-            mtls = config.tls.client_ca_file is not None
-            kwargs.setdefault(
-                "tls",
-                ClientTls(
-                    ca_file=config.tls.server_ca_file,
-                    cert_file=config.tls.cert_file if mtls else None,
-                    key_file=config.tls.key_file if mtls else None,
-                ),
-            )
+            kwargs.setdefault("tls", client_tls(config))
         kwargs.setdefault("max_message_bytes", config.max_message_bytes)
         return cls(kwargs.pop("target", target), **kwargs)
 
