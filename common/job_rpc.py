@@ -21,6 +21,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from common import errors
 from common.jobs import Job, JobEvent, JobQueue, JobState
+from common.proto_struct import dict_to_struct
 from tokenmill.v1 import common_pb2
 
 MAX_PAGE_SIZE = 1000
@@ -52,11 +53,8 @@ def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
 
 
 def _struct(data: dict[str, Any] | None) -> struct_pb2.Struct | None:
-    if data is None:
-        return None
-    struct = struct_pb2.Struct()
-    struct.update(data)
-    return struct
+    """None stays unset (the field is absent), anything else becomes a Struct."""
+    return None if data is None else dict_to_struct(data)
 
 
 def job_to_proto(job: Job) -> common_pb2.Job:

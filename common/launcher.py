@@ -27,6 +27,7 @@ from pathlib import Path
 from common.clients.base import BaseClient, client_tls
 from common.config import SERVICE_NAMES, Config, load_config
 from common.errors import TokenmillError
+from common.procs import pid_alive as _alive
 
 log = logging.getLogger("tokenmill.launcher")
 
@@ -97,21 +98,6 @@ def _write_json_atomic(path: Path, payload: object) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours still "exists"; treat it as dead.
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text().split()[2]
-        return status != "Z"
-    except OSError:
-        return True
 
 
 def ensure_auth_token(data_dir: Path) -> None:

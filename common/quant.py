@@ -190,10 +190,6 @@ class Int4Linear(nn.Module):
         return self.qweight.numel() + 2 * self.scales.numel() * self.scales.element_size()
 
 
-def has_weight(tensors: Mapping[str, torch.Tensor], base: str) -> bool:
-    return f"{base}.weight" in tensors or f"{base}.qweight" in tensors
-
-
 def make_linear(
     tensors: Mapping[str, torch.Tensor], base: str, *, dtype: torch.dtype, device: torch.device | str
 ) -> nn.Module:

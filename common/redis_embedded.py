@@ -9,6 +9,14 @@ lost on a power cut, nothing on a clean shutdown), everything under `<data_dir>/
 Discovery: `redis.url` and `redis.pid` in that directory. `start()` reuses a live server found
 there (any process may call it; a file lock serialises concurrent starters), otherwise starts one.
 The bundled server is Redis 6.2: only use commands available in 6.2.
+
+Security: loopback and protected-mode keep other *machines* out, not other local users, who could
+otherwise inject jobs or use CONFIG SET dir + SAVE to write files as us. So the server requires a
+random password, generated on first start into `redis.pass` (0600) and carried in the 0600
+`redis.url` (`redis://:PASSWORD@127.0.0.1:PORT/0`); the directory is 0700, so redis.conf (which
+holds `requirepass`) and the AOF are ours alone; and commands that reconfigure the server, load
+code or replicate from elsewhere (`DISABLED_COMMANDS`) do not exist on it. Nothing in tokenmill uses
+them; SHUTDOWN (used by `stop()`) and FLUSHDB (tests) stay.
 """
 
 from __future__ import annotations
@@ -17,11 +25,14 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import signal
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import redis
@@ -30,6 +41,39 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
+# Renamed to "" (removed): runtime reconfiguration (CONFIG SET dir/dbfilename + SAVE writes arbitrary
+# files), DEBUG (crashes, sleeps, reloads), MODULE LOAD (runs a shared object), and replication
+# commands that would replace the dataset with another server's.
+DISABLED_COMMANDS = ("CONFIG", "DEBUG", "MODULE", "SLAVEOF", "REPLICAOF")
+PASSWORD_BYTES = 32  # 64 hex characters: URL-safe without quoting, no config-file escaping
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Atomically replace `path` with `text`, readable by this user only (0600) from the first byte."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _url_port(url: str) -> int:
+    port = urlsplit(url).port
+    if not port:
+        raise ValueError(f"no port in redis URL {redact(url)}")
+    return port
+
+
+def redact(url: str) -> str:
+    """`url` without its password, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
 
 
 def redis_server_executable() -> str:
@@ -70,6 +114,7 @@ class EmbeddedRedis:
         self.dir = Path(data_dir).expanduser().resolve() / "redis"
         self.host = host
         self.port = port
+        self._password: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- discovery files -------------------------------------------------------------------
@@ -82,10 +127,58 @@ class EmbeddedRedis:
         return self.dir / "redis.pid"
 
     @property
+    def password_file(self) -> Path:
+        return self.dir / "redis.pass"
+
+    @property
     def url(self) -> str:
-        if not self.port:
+        """The server's URL, password included: hand it to clients, never to a log (see `redact`)."""
+        if not self.port or self._password is None:
             raise RuntimeError("embedded Redis is not started; call start()")
-        return f"redis://{self.host}:{self.port}/0"
+        return self._url(self.port)
+
+    def _url(self, port: int) -> str:
+        return f"redis://:{self._password}@{self.host}:{port}/0"
+
+    # -- secrets ----------------------------------------------------------------------------
+    def _secure_dir(self) -> None:
+        """Create the directory 0700 (it holds the password, the config and the data) and refuse
+        one that another user owns: they could read the password or swap the files."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = self.dir.stat()
+        if st.st_uid != os.getuid():
+            raise RuntimeError(
+                f"{self.dir} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); "
+                "use a data_dir of your own"
+            )
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(self.dir, 0o700)
+
+    def _load_password(self) -> str:
+        """The server's password: read from `redis.pass`, or generated there (0600) on first start."""
+        path = self.password_file
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return self._read_password(path)
+        password = secrets.token_hex(PASSWORD_BYTES)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(password + "\n")
+        return password
+
+    @staticmethod
+    def _read_password(path: Path) -> str:
+        st = path.stat()
+        if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            raise RuntimeError(
+                f"{path} is readable by other users (mode {stat.S_IMODE(st.st_mode):o}, uid {st.st_uid}), "
+                "so the Redis password may be known to them: delete the file and start again to generate "
+                "a new one"
+            )
+        password = path.read_text().strip()
+        if len(password) < 32 or not password.isalnum():
+            raise RuntimeError(f"{path} does not hold a valid password; delete it to generate a new one")
+        return password
 
     def _recorded(self) -> tuple[str, int] | None:
         """(url, pid) of a server recorded in the data dir, if both files are readable."""
@@ -120,7 +213,7 @@ class EmbeddedRedis:
     # -- lifecycle ------------------------------------------------------------------------
     @contextlib.contextmanager
     def _lock(self):
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._secure_dir()
         with open(self.dir / "start.lock", "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
@@ -131,10 +224,17 @@ class EmbeddedRedis:
     def start(self) -> str:
         """Start the server, or reuse the live one recorded for this data dir; returns its URL."""
         with self._lock():
+            self._password = self._load_password()
             rec = self._recorded()
             if rec and _pid_alive(rec[1]) and self._ping(rec[0], pid=rec[1]):
-                self.port = int(rec[0].rsplit(":", 1)[1].split("/", 1)[0])
-                return rec[0]
+                port = _url_port(rec[0])
+                if rec[0] == self._url(port):
+                    self.port = port
+                    return rec[0]
+                # A server started without this password (an older tokenmill): replace it, same port.
+                log.warning("embedded redis-server pid %s has no password; restarting it with one", rec[1])
+                self._shutdown(rec[0], rec[1])
+                self.port = self.port or port
             last_error = ""
             for _ in range(3):  # a free port can be taken between probing and binding; retry
                 port = self.port or _free_port(self.host)
@@ -142,7 +242,9 @@ class EmbeddedRedis:
                 if not error:
                     self.port = port
                     self._write_url()
-                    log.info("embedded redis-server pid %s at %s (%s)", self._proc.pid, self.url, self.dir)
+                    log.info(
+                        "embedded redis-server pid %s at %s (%s)", self._proc.pid, redact(self.url), self.dir
+                    )
                     return self.url
                 last_error = error
                 if self.port:  # the caller asked for this port: do not wander off to another
@@ -150,9 +252,7 @@ class EmbeddedRedis:
             raise RuntimeError(f"could not start embedded redis-server in {self.dir}: {last_error}")
 
     def _write_url(self) -> None:
-        tmp = self.url_file.with_suffix(".tmp")
-        tmp.write_text(self.url + "\n")
-        os.replace(tmp, self.url_file)
+        _write_private(self.url_file, self.url + "\n")
 
     def _config(self, port: int) -> str:
         return "\n".join(
@@ -169,6 +269,8 @@ class EmbeddedRedis:
                 'appendfilename "appendonly.aof"',
                 'save ""',  # AOF is the persistence; no RDB snapshots on top
                 "tcp-keepalive 60",
+                f"requirepass {self._password}",
+                *(f'rename-command {name} ""' for name in DISABLED_COMMANDS),
                 "",
             ]
         )
@@ -176,7 +278,7 @@ class EmbeddedRedis:
     def _spawn(self, port: int) -> str:
         """Start redis-server on `port`; returns "" once it answers PING, else the reason."""
         conf = self.dir / "redis.conf"
-        conf.write_text(self._config(port))
+        _write_private(conf, self._config(port))  # it holds the password
         with contextlib.suppress(FileNotFoundError):
             self.pid_file.unlink()
         # A new session: the server must outlive the process (launcher, test) that started it.
@@ -189,7 +291,7 @@ class EmbeddedRedis:
                 stderr=err_file,
                 start_new_session=True,
             )
-        url = f"redis://{self.host}:{port}/0"
+        url = self._url(port)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -216,24 +318,28 @@ class EmbeddedRedis:
             rec = self._recorded()
             if rec is None:
                 return
-            url, pid = rec
-            if _pid_alive(pid):
-                client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
-                # SHUTDOWN closes the connection instead of replying: that error is the success.
-                with contextlib.suppress(redis.RedisError):
-                    client.shutdown(nosave=True)  # nosave: no RDB (AOF is already written and fsynced)
-                client.close()
-                if not self._wait_exit(pid, STOP_TIMEOUT_S):
-                    log.warning("redis-server pid %s ignored SHUTDOWN; sending SIGTERM", pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGTERM)
-                    if not self._wait_exit(pid, STOP_TIMEOUT_S):
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-                        self._wait_exit(pid, STOP_TIMEOUT_S)
+            self._shutdown(*rec)
             for path in (self.url_file, self.pid_file):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+
+    def _shutdown(self, url: str, pid: int) -> None:
+        """SHUTDOWN the server at `url` (pid `pid`), escalating to signals if it does not exit."""
+        if not _pid_alive(pid):
+            return
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        # SHUTDOWN closes the connection instead of replying: that error is the success.
+        with contextlib.suppress(redis.RedisError):
+            client.shutdown(nosave=True)  # nosave: no RDB (AOF is already written and fsynced)
+        client.close()
+        if not self._wait_exit(pid, STOP_TIMEOUT_S):
+            log.warning("redis-server pid %s ignored SHUTDOWN; sending SIGTERM", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            if not self._wait_exit(pid, STOP_TIMEOUT_S):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self._wait_exit(pid, STOP_TIMEOUT_S)
 
     def _wait_exit(self, pid: int, timeout: float) -> bool:
         if self._proc is not None and self._proc.pid == pid:

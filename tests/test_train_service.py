@@ -99,6 +99,11 @@ def test_bad_requests_are_rejected_before_any_worker_starts(trainer_service):
             c.validate("bad", **fields)
     with pytest.raises(errors.InvalidArgument, match="output_name"):
         c.submit("", dataset="stories")
+    # the checkpoint store's rules (common.names), enforced at submit rather than after training
+    for bad, message in (("x" * 101, "the limit is 100"), ("a..b", "not a valid checkpoint name")):
+        with pytest.raises(errors.InvalidArgument, match=message) as info:
+            c.submit(bad, dataset="stories", **SMALL)
+        assert info.value.code == "INVALID_ARGUMENT" and "output_name" in info.value.message
     assert not list(c.iter_jobs()), "a rejected request must not queue a job"
     ok = c.validate("fine", dataset="stories", **SMALL)
     assert (
@@ -164,3 +169,19 @@ def test_two_workers_lower_loss_on_an_ingested_code_corpus(trainer_service, code
     assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
     losses = [h["loss"] for h in done.result["history"]]
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("raw", ["{not json", "[1, 2]", '{"kill_at_step": "soon"}', '"x"', "null"])
+def test_malformed_fault_injection_is_logged_and_ignored(raw, caplog):
+    from services.trainer.server import FAULTS_ENV, parse_faults
+
+    with caplog.at_level("WARNING", logger="tokenmill.trainer"):
+        assert parse_faults(raw) == {}
+    assert FAULTS_ENV in caplog.text and "ignoring" in caplog.text
+
+
+def test_fault_injection_parses_integers():
+    from services.trainer.server import parse_faults
+
+    assert parse_faults("") == {}
+    assert parse_faults('{"kill_at_step": 4, "kill_rank": "1"}') == {"kill_at_step": 4, "kill_rank": 1}

@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from google.protobuf import struct_pb2
-from google.protobuf.json_format import MessageToDict
 
 from common import errors
 from common.checkpoint_digest import DEFAULT_ALGORITHM, check_algorithm, chunk_key, digest_of, matches
 from common.clients.base import BaseClient
 from common.clients.checkpoint_wire import decode_download_chunk, encode_upload_chunk, tune_malloc
+from common.proto_struct import dict_to_struct, struct_to_dict
 from tokenmill.v1 import checkpoint_pb2 as pb
 from tokenmill.v1 import checkpoint_pb2_grpc as pb_grpc
 
@@ -104,26 +103,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _struct(d: Mapping[str, Any] | None) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    if d:
-        s.update(dict(d))
-    return s
-
-
-def _ints(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _ints(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_ints(v) for v in value]
-    return value
-
-
-def struct_dict(s: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as a plain dict (integral numbers back as int: Struct stores doubles)."""
-    return _ints(MessageToDict(s)) if s.fields else {}
+struct_dict = struct_to_dict  # the name existing callers (CLI, hf_layout) import
 
 
 @dataclass
@@ -374,8 +354,8 @@ class CheckpointClient(BaseClient):
         manifest = pb.CheckpointManifest(
             tensors=prepared.tensors,
             files=prepared.files,
-            config=_struct(config),
-            metrics=_struct(metrics),
+            config=dict_to_struct(config, what="config"),
+            metrics=dict_to_struct(metrics, what="metrics"),
             lineage=pb.Lineage(**dict(lineage or {})),
             labels=dict(labels or {}),
             chunk_size=self.chunk_size,

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from google.protobuf import struct_pb2
-
 from common.clients.base import BaseClient, JobsClientMixin
 from common.errors import InvalidArgument
+from common.proto_struct import dict_to_struct
 from tokenmill.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 
@@ -39,9 +38,7 @@ class IngestClient(JobsClientMixin, BaseClient):
                 idempotency_key=idempotency_key, name=name, sources=list(sources), preset=preset, **options
             )
             if filter_overrides:
-                struct = struct_pb2.Struct()
-                struct.update(filter_overrides)
-                request.filter_overrides.CopyFrom(struct)
+                request.filter_overrides.CopyFrom(dict_to_struct(filter_overrides, what="filter_overrides"))
         except (ValueError, TypeError) as exc:  # an unknown field name or a wrong type
             raise InvalidArgument(f"SubmitIngestRequest: {exc}") from None
         return self._unary(self.stub.SubmitIngest, request, timeout=timeout)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import struct_pb2
-
 from common.clients.base import BaseClient, JobsClientMixin
 from common.errors import InvalidArgument
+from common.proto_struct import dict_to_struct
 from tokenmill.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 
@@ -22,9 +21,7 @@ def build_request(
     try:
         request = trainer_pb2.SubmitTrainRequest(output_name=output_name, **fields)
         if model_overrides:
-            overrides = struct_pb2.Struct()
-            overrides.update(model_overrides)
-            request.model_overrides.CopyFrom(overrides)
+            request.model_overrides.CopyFrom(dict_to_struct(model_overrides, what="model_overrides"))
         if lora:
             request.lora.CopyFrom(trainer_pb2.LoraConfig(**lora))
     except (ValueError, TypeError) as exc:

@@ -2,44 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from google.protobuf import struct_pb2
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from common.errors import InvalidArgument
+from common.proto_struct import dict_to_struct, struct_to_dict
 from tokenmill.v1 import checkpoint_pb2 as pb
 
 from .engine.manifest import FileEntry, Manifest, ShardInfo, TensorEntry
 from .engine.store import Lease, UploadStatus, Version
-
-
-def _ints(value: Any) -> Any:
-    """Struct stores every number as a double; give integral ones back as int (vocab sizes etc.)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _ints(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_ints(v) for v in value]
-    return value
-
-
-def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
-    return _ints(MessageToDict(s)) if s.fields else {}
-
-
-def dict_to_struct(d: dict[str, Any] | None) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    if d:
-        try:
-            s.update(d)
-        except (ValueError, TypeError) as exc:
-            raise InvalidArgument(
-                f"config/metrics must be JSON-like (str, number, bool, list, dict): {exc}"
-            ) from None
-    return s
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -95,8 +64,8 @@ def manifest_to_proto(m: Manifest) -> pb.CheckpointManifest:
     return pb.CheckpointManifest(
         tensors=[tensor_to_proto(t) for t in m.tensors],
         files=[pb.FileEntry(name=f.name, nbytes=f.nbytes, chunks=f.chunks) for f in m.files],
-        config=dict_to_struct(m.config),
-        metrics=dict_to_struct(m.metrics),
+        config=dict_to_struct(m.config, what="config"),
+        metrics=dict_to_struct(m.metrics, what="metrics"),
         lineage=pb.Lineage(**{k: m.lineage.get(k, "") for k in ("parent", "dataset", "job_id")}),
         labels=m.labels,
         chunk_size=m.chunk_size,

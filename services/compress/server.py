@@ -8,7 +8,6 @@ Run with `python -m services.compress [--config PATH]`.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ from common.config import Config
 from common.errors import InvalidArgument
 from common.job_rpc import JobRpcMixin
 from common.jobs import JobQueue
+from common.names import HINT, validate_name, validate_tag
 from common.redis_conn import connect
 from common.runtime import ServiceApp, run_service
 from tokenmill.v1 import common_pb2, compress_pb2, compress_pb2_grpc
@@ -36,18 +36,11 @@ MAX_CALIBRATION_SAMPLES = 4096
 DEFAULT_EVAL_BATCHES = 8
 MAX_EVAL_BATCHES = 1000
 MAX_DISTILL_STEPS = 1_000_000
-MAX_NAME = 100  # the checkpoint store's limit for model names
 MAX_IDEMPOTENCY_KEY = 256
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_NAME_HINT = "use letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 
 def _check_name(field: str, value: str, what: str) -> None:
-    if len(value) > MAX_NAME:
-        raise InvalidArgument(f"{field} is {len(value)} characters; the limit is {MAX_NAME}")
-    if not _NAME.match(value) or ".." in value:
-        raise InvalidArgument(f"{field} {value!r} is not a valid {what} name: {_NAME_HINT}")
+    validate_name(value, what=what, field=field)
 
 
 def _check_source(source: str) -> None:
@@ -57,10 +50,13 @@ def _check_source(source: str) -> None:
         )
     name, sep, selector = source.partition(":")
     _check_name("source", name, "checkpoint")
-    if sep and (not selector or not _NAME.match(selector)):
-        raise InvalidArgument(
-            f"source {source!r}: after ':' give a version number or a tag ({_NAME_HINT}), e.g. 'demo-model:3'"
-        )
+    if sep and not selector.isdigit():
+        try:
+            validate_tag(selector, allow_reserved=True)
+        except InvalidArgument:
+            raise InvalidArgument(
+                f"source {source!r}: after ':' give a version number or a tag ({HINT}), e.g. 'demo-model:3'"
+            ) from None
 
 
 def _unused(request: compress_pb2.SubmitCompressRequest, method: str, fields: Sequence[str]) -> None:

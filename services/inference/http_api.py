@@ -2,7 +2,8 @@
 
 Existing tools (the openai SDK, curl, load generators) talk to tokenmill through it. Requests are
 routed exactly like gRPC ones (RouterDispatcher); a client that disconnects mid-stream cancels
-the request on its replica. Bearer-token auth uses the platform's tokens.
+the request on its replica. Bearer-token auth uses the platform's tokens, and the listener uses the
+platform's TLS settings (`config.tls`, mutual TLS when `client_ca_file` is set), like the gRPC port.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -120,13 +123,30 @@ def _usage(u: inference_pb2.Usage) -> dict[str, int]:
     }
 
 
-def build_app(dispatcher: RouterDispatcher, tokens: list[str] | None) -> Starlette:
+def bearer_checker(tokens: list[str] | None) -> Callable[[Request], bool]:
+    """`authorized(request)` for these tokens; `None` means auth is disabled (everyone is let in).
+
+    An empty list lets nobody in: only an explicit `auth.disabled` opens the door. Tokens are
+    compared as bytes (`hmac.compare_digest` raises TypeError on non-ASCII str), so any header,
+    however malformed, is a 401 and never a 500."""
+    if tokens is None:
+        return lambda request: True
+    expected = [t.encode("utf-8") for t in tokens]
+
     def authorized(request: Request) -> bool:
-        if not tokens:
-            return True
         header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        return any(hmac.compare_digest(given, t) for t in tokens)
+        if header[:7].lower() != "bearer ":
+            return False
+        given = header[7:].encode("latin-1")  # ASGI headers are bytes that starlette decodes as latin-1
+        # every token is compared (no short-circuit), so timing does not reveal which one matched
+        return sum(hmac.compare_digest(given, t) for t in expected) > 0
+
+    return authorized
+
+
+def build_app(dispatcher: RouterDispatcher, tokens: list[str] | None) -> Starlette:
+    """The Starlette app; `tokens=None` disables auth (see `bearer_checker`)."""
+    authorized = bearer_checker(tokens)
 
     def unauthorized() -> JSONResponse:
         return JSONResponse(
@@ -247,17 +267,46 @@ def build_app(dispatcher: RouterDispatcher, tokens: list[str] | None) -> Starlet
     )
 
 
+def tls_options(config: Config) -> dict[str, Any]:
+    """uvicorn's TLS keyword arguments for `config.tls`: server TLS when a certificate is set, and
+    mutual TLS (a client certificate signed by `client_ca_file` required) when that is set too."""
+    tls = config.tls
+    if not tls.enabled:
+        return {}
+    options: dict[str, Any] = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+    if tls.client_ca_file is not None:
+        options["ssl_ca_certs"] = str(tls.client_ca_file)
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return options
+
+
 class HttpFront:
     """uvicorn in a background thread (the router's gRPC server owns the main thread)."""
 
     def __init__(self, dispatcher: RouterDispatcher, config: Config, host: str, port: int):
         tokens = None if config.auth.disabled else list(config.auth.tokens)
         self.app = build_app(dispatcher, tokens)
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                self.app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
-            )
+        self.tls = config.tls.enabled
+        uv_config = uvicorn.Config(
+            self.app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            **tls_options(config),
         )
+        # Load now (certificates included), so a bad key or CA fails here with its reason, not as
+        # a background thread that silently never starts.
+        try:
+            uv_config.load()
+        except (OSError, ssl.SSLError) as exc:
+            tls = config.tls
+            raise RuntimeError(
+                f"the HTTP front cannot load its TLS files (tls.cert_file={tls.cert_file}, "
+                f"tls.key_file={tls.key_file}, tls.client_ca_file={tls.client_ca_file}): {exc}"
+            ) from exc
+        self.server = uvicorn.Server(uv_config)
         self.thread = threading.Thread(target=self.server.run, name="http-front", daemon=True)
 
     def start(self, timeout: float = 10.0) -> int:

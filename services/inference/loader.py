@@ -12,23 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from google.protobuf.json_format import MessageToDict
 
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
+from common.proto_struct import struct_to_dict
 from services.inference.engine import LoraAdapter, Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def _ints(value: Any) -> Any:
-    """protobuf Struct numbers are doubles; shapes must be ints again."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _ints(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_ints(v) for v in value]
-    return value
 
 
 @dataclass
@@ -53,7 +42,7 @@ class LoadedModel:
 def load_model(client, ref: str) -> LoadedModel:
     """client: a CheckpointClient. NotFound when the ref does not exist (with the store's message)."""
     version = client.get(ref, include_manifest=True)
-    config = _ints(MessageToDict(version.manifest.config, preserving_proto_field_name=True))
+    config = struct_to_dict(version.manifest.config)
     if not config:
         raise FailedPrecondition(f"checkpoint {version.ref} has no model config; it cannot be served")
     tensors = client.load(version.ref)

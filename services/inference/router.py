@@ -77,11 +77,3 @@ class RouterServicer(inference_pb2_grpc.InferenceServiceServicer):
         from services.inference.dispatch import REQUESTS
 
         return int(self.dispatcher.r.xlen(REQUESTS))
-
-
-if __name__ == "__main__":  # `python -m services.inference.router --config PATH` (the Helm router pods)
-    import sys
-
-    from services.inference.server import main
-
-    sys.exit(main([*sys.argv[1:], "router"]))

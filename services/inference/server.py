@@ -1,8 +1,8 @@
 """`python -m services.inference`: the router (default) or one replica (`replica --model REF`).
 
-`python -m services.inference.router` always runs the router; `python -m services.inference` with
-TOKENMILL_SERVE_MODEL=REF in the environment runs a replica of REF on the configured inference port
-(how the Helm chart's inference pods start).
+Without a subcommand it runs the router (how the Helm chart's router pods and docker-compose start it),
+unless TOKENMILL_SERVE_MODEL=REF is in the environment: then a replica of REF on the configured
+inference port (how the Helm chart's inference pods start).
 
 The router is the platform's inference endpoint (config.services.inference: gRPC, plus the
 OpenAI-compatible HTTP front on --http-port, default gRPC port + 2000). Replicas are started by

@@ -15,15 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import struct_pb2, timestamp_pb2
-from google.protobuf.json_format import MessageToDict
+from google.protobuf import timestamp_pb2
 
 from common import errors
 from common.config import Config
 from common.job_rpc import JobRpcMixin, job_to_proto
 from common.jobs import JobContext, JobQueue, JobWorker
+from common.proto_struct import dict_to_struct, struct_to_dict
 from common.runtime import ServiceApp, run_service
-from services.ingest.engine.pipeline import preflight, run_ingest
+from services.ingest.engine.pipeline import check_input_locations, preflight, run_ingest
 from services.ingest.engine.registry import DatasetRegistry, summary
 from services.ingest.engine.spec import IngestSpec
 from tokenmill.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
@@ -55,9 +55,7 @@ def request_to_spec(request: ingest_pb2.SubmitIngestRequest) -> dict[str, Any]:
         "tokenizer": request.tokenizer,
         "val_fraction": request.val_fraction or DEFAULTS["val_fraction"],
         "seed": int(request.seed),
-        "filter_overrides": MessageToDict(request.filter_overrides)
-        if request.HasField("filter_overrides")
-        else {},
+        "filter_overrides": struct_to_dict(request.filter_overrides),
         "skip_near_dedup": request.skip_near_dedup,
         "near_dup_threshold": request.near_dup_threshold or DEFAULTS["near_dup_threshold"],
         "num_workers": request.num_workers,
@@ -95,9 +93,7 @@ def dataset_to_proto(manifest: dict[str, Any], path: Path) -> ingest_pb2.Dataset
             bytes_out=int(st["bytes_out"]),
             reasons={k: int(v) for k, v in st.get("reasons", {}).items()},
         )
-    struct = struct_pb2.Struct()
-    struct.update(manifest)
-    msg.manifest.CopyFrom(struct)
+    msg.manifest.CopyFrom(dict_to_struct(manifest, what="manifest"))
     return msg
 
 
@@ -116,9 +112,10 @@ class IngestJobHandler:
     """Runs one ingest job. Idempotent: a retried job whose dataset was already published by an
     earlier attempt of the same job returns that dataset instead of failing."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, input_roots: Sequence[str] = ()):
         self.registry = DatasetRegistry(data_dir)
         self.data_dir = data_dir
+        self.input_roots = list(input_roots)
 
     def __call__(self, ctx: JobContext) -> dict[str, Any]:
         spec = IngestSpec.from_dict(ctx.job.spec)
@@ -140,6 +137,7 @@ class IngestJobHandler:
                 job_id=ctx.job.id,
                 progress=lambda data: ctx.progress(progress_message(data), **data),
                 check_cancel=ctx.raise_if_cancelled,
+                input_roots=self.input_roots,
             )
         path = self.registry.path(spec.name)
         ctx.add_artifact("dataset", spec.name, uri=path.resolve().as_uri())
@@ -157,9 +155,10 @@ class IngestJobHandler:
 
 
 class IngestServicer(JobRpcMixin, ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, queue: JobQueue, data_dir: Path, *, stopping=None):
+    def __init__(self, queue: JobQueue, data_dir: Path, *, stopping=None, input_roots: Sequence[str] = ()):
         JobRpcMixin.__init__(self, queue, JOB_TYPE, stopping=stopping)
         self.data_dir = data_dir
+        self.input_roots = list(input_roots)
         self.registry = DatasetRegistry(data_dir)
 
     def SubmitIngest(self, request: ingest_pb2.SubmitIngestRequest, context) -> common_pb2.Job:
@@ -168,13 +167,14 @@ class IngestServicer(JobRpcMixin, ingest_pb2_grpc.IngestServiceServicer):
         spec = IngestSpec.from_dict(request_to_spec(request))
         if request.idempotency_key:
             # a repeated submit returns the first job, even once its dataset exists
+            check_input_locations(spec, self.input_roots)
             job = self.job_queue.submit(JOB_TYPE, spec.to_dict(), idempotency_key=request.idempotency_key)
             if job.spec.get("name") != spec.name:
                 raise errors.FailedPrecondition(
                     f"idempotency_key {request.idempotency_key!r} was used for dataset {job.spec.get('name')!r}"
                 )
             return job_to_proto(job)
-        preflight(spec, self.data_dir)
+        preflight(spec, self.data_dir, self.input_roots)
         job = self.job_queue.submit(JOB_TYPE, spec.to_dict())
         return job_to_proto(job)
 
@@ -214,11 +214,14 @@ def build(config: Config, app: ServiceApp, *, redis_client=None):
     DatasetRegistry(data_dir).clean()  # temp dirs of runs killed before this start
     app.add(
         ingest_pb2_grpc.add_IngestServiceServicer_to_server,
-        IngestServicer(queue, data_dir, stopping=app.stopping),
+        IngestServicer(queue, data_dir, stopping=app.stopping, input_roots=config.input_roots),
         SERVICE_NAME,
     )
     worker = JobWorker(
-        queue, JOB_TYPE, IngestJobHandler(data_dir), heartbeat_seconds=config.jobs.heartbeat_seconds
+        queue,
+        JOB_TYPE,
+        IngestJobHandler(data_dir, config.input_roots),
+        heartbeat_seconds=config.jobs.heartbeat_seconds,
     )
     worker.start_in_thread()
     app.on_shutdown(worker.stop)

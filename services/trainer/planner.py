@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.dataset import read_manifest
 from common.errors import InvalidArgument, NotFound
+from common.inputs import check_input_allowed
 from common.model import ModelConfig
+from common.names import validate_name
 from services.trainer.engine.checkpoint_io import CheckpointIO
 from services.trainer.engine.config import LoraSettings, TrainConfig
 from services.trainer.engine.metrics import estimate_bytes_per_worker
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # SubmitTrainRequest field -> TrainConfig field (same meaning); zero/empty means "use the default".
 DIRECT_FIELDS = (
@@ -60,22 +60,29 @@ def default_budget(device: str, workers: int) -> int:
 
 
 class Planner:
-    def __init__(self, data_dir: str | os.PathLike[str], io: CheckpointIO | None):
+    """`input_roots` (config.input_roots) limits where client-named files (sft_data) may be read."""
+
+    def __init__(
+        self, data_dir: str | os.PathLike[str], io: CheckpointIO | None, input_roots: Sequence[str] = ()
+    ):
         self.data_dir = Path(data_dir)
         self.io = io
+        self.input_roots = list(input_roots)
 
     def dataset_path(self, name: str) -> Path:
-        if not NAME_RE.match(name):
-            raise InvalidArgument(f"dataset name {name!r} is invalid (letters, digits, '.', '_', '-')")
+        validate_name(name, what="dataset", field="dataset")
         path = self.data_dir / "datasets" / name
         if not (path / "manifest.json").is_file():
             raise NotFound(f"dataset {name!r} not found; list datasets with 'tokenmill data list'")
         return path
 
     def sft_path(self, value: str) -> Path:
+        """A relative path is taken under data_dir; the result is resolved (symlinks, '..') and must
+        lie under input_roots, checked before existence so nothing about other locations leaks."""
         p = Path(value)
         if not p.is_absolute():
             p = self.data_dir / p
+        p = Path(check_input_allowed(str(p), self.input_roots, what="sft_data"))
         if not p.is_file():
             raise NotFound(f"SFT data {value!r} not found (looked at {p}); give a prompt/response JSONL file")
         return p
@@ -180,8 +187,7 @@ class Planner:
             k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in overrides.items()
         }
         output = spec.get("output_name", "")
-        if not output or not NAME_RE.match(output):
-            raise InvalidArgument(f"output_name {output!r} is required: letters, digits, '.', '_', '-'")
+        validate_name(output, what="checkpoint", field="output_name")
         values["output_name"] = output
         if spec.get("dataset"):
             values["dataset_name"] = spec["dataset"]

@@ -20,6 +20,7 @@ from common.config import Config
 from common.job_rpc import JobRpcMixin, job_to_proto
 from common.jobs import JobCancelled, JobContext, JobQueue, JobWorker
 from common.runtime import ServiceApp, run_service
+from services.trainer.io_factory import make_checkpoint_io
 from services.trainer.planner import Plan, Planner
 from tokenmill.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
@@ -33,6 +34,27 @@ HISTORY_POINTS = 500  # loss-curve points kept in a job result
 
 class TrainingDiverged(errors.FailedPrecondition):
     """NaN/Inf loss: the job fails at once (retrying the same config diverges again)."""
+
+
+def parse_faults(raw: str) -> dict[str, int]:
+    """The fault-injection drill settings from FAULTS_ENV: a JSON object of integers. A malformed
+    value is an operator's typo in a test knob; it is logged and ignored, never a failed job."""
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+        return {str(k): int(v) for k, v in value.items()}
+    except (ValueError, TypeError) as exc:
+        log.warning(
+            "ignoring %s=%r: %s; expected a JSON object of integers, e.g. "
+            '{"kill_at_step": 4, "kill_rank": 0}',
+            FAULTS_ENV,
+            raw[:200],
+            exc,
+        )
+        return {}
 
 
 def request_to_spec(request: trainer_pb2.SubmitTrainRequest) -> dict[str, Any]:
@@ -97,9 +119,9 @@ class TrainJobHandler:
         plan: Plan = self.planner.plan(dict(ctx.job.spec))
         cfg = plan.config
         cfg.run_id = ctx.job.id
-        faults = os.environ.get(FAULTS_ENV, "")
-        if faults and ctx.attempt == 1:
-            cfg.faults = {k: int(v) for k, v in json.loads(faults).items()}
+        faults = parse_faults(os.environ.get(FAULTS_ENV, "")) if ctx.attempt == 1 else {}
+        if faults:
+            cfg.faults = faults
         if ctx.attempt > 1:
             ctx.log(f"attempt {ctx.attempt}: resuming from the last checkpoint of this job, if any")
 
@@ -142,10 +164,12 @@ class TrainJobHandler:
         if name == "ray":
             from services.trainer.engine.backends.ray_backend import run_ray
 
-            return lambda *a, **kw: run_ray(*a, ray_address=self.ray_address, **kw)
+            return lambda *a, **kw: run_ray(
+                *a, ray_address=self.ray_address, io_factory=make_checkpoint_io, **kw
+            )
         from services.trainer.engine.backends.local import run_local
 
-        return run_local
+        return lambda *a, **kw: run_local(*a, io_factory=make_checkpoint_io, **kw)
 
 
 def store_io_spec(config: Config) -> dict[str, Any]:
@@ -172,12 +196,11 @@ def store_io_spec(config: Config) -> dict[str, Any]:
 def build(config: Config, app: ServiceApp, *, redis_client=None, io_spec: dict[str, Any] | None = None):
     """Wire the servicer and one job worker; ready once Redis answers."""
     from common.redis_conn import connect
-    from services.trainer.engine.checkpoint_io import make_checkpoint_io
 
     redis_client = redis_client or connect(config, client_name="tokenmill-trainer")
     queue = JobQueue.from_config(config, redis_client)
     io_spec = io_spec or store_io_spec(config)
-    planner = Planner(config.data_dir, make_checkpoint_io(io_spec))
+    planner = Planner(config.data_dir, make_checkpoint_io(io_spec), config.input_roots)
     app.add(
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
         TrainerServicer(queue, planner, stopping=app.stopping),

@@ -2,52 +2,40 @@
 
 Model names and tags become storage key components, and file entries become paths when a
 checkpoint is exported, so they are checked against a strict allow-list (no path traversal, no
-absolute paths, bounded lengths) before anything touches the backend.
+absolute paths, bounded lengths) before anything touches the backend. Names, tags and file entries
+share `common.names` with the other services, so what they accept at submit the store accepts too.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from common.errors import InvalidArgument
+from common.names import (
+    MAX_FILE,
+    MAX_NAME,
+    MAX_TAG,
+    RESERVED_TAGS,
+    validate_file_name,
+    validate_name,
+    validate_tag,
+)
 
-MAX_NAME = 100
-MAX_TAG = 64
 MAX_ENTRY = 512
-MAX_FILE = 256
-RESERVED_TAGS = frozenset({"latest"})
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_FILE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
-_HINT = "use letters, digits, '.', '_' and '-' (starting with a letter or digit)"
-
-
-def validate_name(name: str) -> str:
-    """A model name: one safe path component, at most MAX_NAME characters."""
-    if not isinstance(name, str) or not name:
-        raise InvalidArgument("checkpoint name is empty; give a model name such as 'demo-model'")
-    if len(name) > MAX_NAME:
-        raise InvalidArgument(f"checkpoint name is {len(name)} characters; the limit is {MAX_NAME}")
-    if not _NAME.match(name) or ".." in name:
-        raise InvalidArgument(f"invalid checkpoint name {name!r}: {_HINT}; no '/', '..' or absolute paths")
-    return name
-
-
-def validate_tag(tag: str, *, allow_reserved: bool = False) -> str:
-    """A tag: like a name, not all digits (that would read as a version), not reserved."""
-    if not isinstance(tag, str) or not tag:
-        raise InvalidArgument("tag is empty; give a tag such as 'best' or 'step-2000'")
-    if len(tag) > MAX_TAG:
-        raise InvalidArgument(f"tag {tag[:20]!r}... is {len(tag)} characters; the limit is {MAX_TAG}")
-    if not _TAG.match(tag) or ".." in tag:
-        raise InvalidArgument(f"invalid tag {tag!r}: {_HINT}")
-    if tag.isdigit():
-        raise InvalidArgument(f"tag {tag!r} is all digits and would be read as a version number")
-    if tag in RESERVED_TAGS and not allow_reserved:
-        raise InvalidArgument(f"tag {tag!r} is reserved: it always means the newest version")
-    return tag
+__all__ = [
+    "MAX_ENTRY",
+    "MAX_FILE",
+    "MAX_NAME",
+    "MAX_TAG",
+    "RESERVED_TAGS",
+    "Ref",
+    "parse_ref",
+    "validate_entry_name",
+    "validate_file_name",
+    "validate_name",
+    "validate_tag",
+]
 
 
 def validate_entry_name(name: str) -> str:
@@ -58,22 +46,6 @@ def validate_entry_name(name: str) -> str:
         raise InvalidArgument(f"tensor name {name[:40]!r}... is {len(name)} characters; limit {MAX_ENTRY}")
     if not name.isprintable():
         raise InvalidArgument(f"tensor name {name!r} contains non-printable characters")
-    return name
-
-
-def validate_file_name(name: str) -> str:
-    """A file entry: a relative path of safe components (it becomes a path on export)."""
-    if not isinstance(name, str) or not name:
-        raise InvalidArgument("file name is empty; give a relative path such as 'tokenizer.json'")
-    if len(name) > MAX_FILE:
-        raise InvalidArgument(f"file name {name[:40]!r}... is {len(name)} characters; limit {MAX_FILE}")
-    if name.startswith("/") or "\\" in name or ":" in name:
-        raise InvalidArgument(f"invalid file name {name!r}: must be a relative path without '\\' or ':'")
-    for part in name.split("/"):
-        if part in ("", ".", "..") or not _FILE_PART.match(part):
-            raise InvalidArgument(
-                f"invalid file name {name!r}: component {part!r} is not allowed; {_HINT}, no '..'"
-            )
     return name
 
 

@@ -138,10 +138,6 @@ class AsyncEngine:
     def stats(self) -> dict:
         return dict(self.stats_snapshot)
 
-    def num_in_flight(self) -> int:
-        with self._lock:
-            return len(self._streams)
-
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()

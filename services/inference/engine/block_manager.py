@@ -178,13 +178,6 @@ class BlockManager:
         sb = self.seqs.get(seq_id)
         return sb.cached_tokens if sb else 0
 
-    def reset_prefix_cache(self) -> None:
-        for b in list(self.evictable):
-            self.block_key[b] = None
-            self.free.append(b)
-        self.evictable.clear()
-        self.cache = {k: b for k, b in self.cache.items() if self.ref[b] > 0}
-
     def check_invariants(self) -> None:
         """Every block is exactly one of: referenced, free, evictable (used by tests)."""
         referenced = {b for sb in self.seqs.values() for b in sb.table}

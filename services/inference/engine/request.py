@@ -93,7 +93,3 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
-
-    @property
-    def max_total_tokens(self) -> int:
-        return len(self.prompt_token_ids) + self.params.max_tokens

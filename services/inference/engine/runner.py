@@ -118,9 +118,6 @@ class ModelRunner:
             "down_proj": (0, s.hidden_size),
         }
 
-    def kv_cache_bytes(self) -> int:
-        return sum(c.numel() * c.element_size() for c in self.kv_caches)
-
     def _tables(self, reqs: Sequence, width: int | None = None) -> torch.Tensor:
         tables = [self.blocks.table(r.request_id) for r in reqs]
         w = width or max(len(t) for t in tables)

@@ -37,9 +37,6 @@ class Tokenizer:
     def tokens(self, ids: list[int]) -> list[str]:
         return [self.tok.id_to_token(i) or "" for i in ids]
 
-    def token_id(self, token: str) -> int | None:
-        return self.tok.token_to_id(token)
-
 
 def detokenize_incrementally(tokenizer: Tokenizer, req: Request) -> str:
     """Append newly decodable text to `req.text`; returns the new piece ('' when waiting for bytes)."""

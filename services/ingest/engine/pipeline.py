@@ -27,7 +27,7 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -37,6 +37,8 @@ import numpy as np
 
 from common.dataset import MANIFEST, TOKENIZER, ShardWriter, token_dtype_for, write_json_atomic
 from common.errors import AlreadyExists, FailedPrecondition, NotFound
+from common.inputs import check_input_allowed
+from common.procs import pid_alive
 from services.ingest.engine import tokenizer as tk
 from services.ingest.engine.dedup import MinHashConfig, lsh_probability, near_duplicates
 from services.ingest.engine.sources import SourceStats, iter_sources, validate_sources
@@ -55,16 +57,6 @@ def datasets_dir(data_dir: str | os.PathLike[str]) -> Path:
 # ------------------------------------------------------------------------------------------ temp dirs
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_temps(root: Path, name: str | None = None) -> list[Path]:
     """Remove ``.tmp-*`` run directories whose owner process (on this host) is gone."""
     removed = []
@@ -78,7 +70,7 @@ def clean_stale_temps(root: Path, name: str | None = None) -> list[Path]:
             owner = json.loads((d / "owner.json").read_text())
         except (OSError, ValueError):
             owner = {}
-        if owner.get("host") == socket.gethostname() and _pid_alive(int(owner.get("pid", 0))):
+        if owner.get("host") == socket.gethostname() and pid_alive(int(owner.get("pid", 0))):
             continue
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d)
@@ -151,7 +143,7 @@ def _batches(it: Iterator[Any], size: int, limit: int) -> Iterator[list[Any]]:
 # ------------------------------------------------------------------------------------------ the run
 
 
-def resolve_tokenizer(spec: IngestSpec, root: Path) -> Path | None:
+def resolve_tokenizer(spec: IngestSpec, root: Path, input_roots: Sequence[str] = ()) -> Path | None:
     """The tokenizer.json to reuse, or None to train one; validated before any work starts."""
     if not spec.tokenizer:
         return None
@@ -163,22 +155,33 @@ def resolve_tokenizer(spec: IngestSpec, root: Path) -> Path | None:
                 f"tokenizer source dataset {other!r} not found; list datasets with 'tokenmill data list'"
             )
         return path
-    path = Path(spec.tokenizer)
+    path = Path(check_input_allowed(spec.tokenizer, input_roots, what="tokenizer"))
     tk.load_tokenizer(path)
     return path
 
 
-def preflight(spec: IngestSpec, data_dir: str | os.PathLike[str]) -> None:
-    """Everything that can be rejected before a job is queued (the RPC calls this)."""
+def check_input_locations(spec: IngestSpec, input_roots: Sequence[str]) -> None:
+    """Only the `input_roots` checks of `preflight` (sources and a tokenizer file): cheap, and valid
+    even when the rest of preflight is skipped (an idempotent resubmit of a finished job)."""
+    for src in spec.sources:
+        check_input_allowed(src, input_roots, what="source")
+    if spec.tokenizer and not spec.tokenizer.startswith("dataset:"):
+        check_input_allowed(spec.tokenizer, input_roots, what="tokenizer")
+
+
+def preflight(spec: IngestSpec, data_dir: str | os.PathLike[str], input_roots: Sequence[str] = ()) -> None:
+    """Everything that can be rejected before a job is queued (the RPC calls this).
+
+    `input_roots` (config.input_roots) limits where sources and a tokenizer file may be read from."""
     spec.validate()
-    validate_sources(spec.sources)
+    validate_sources(spec.sources, input_roots)
     root = datasets_dir(data_dir)
     if (root / spec.name / MANIFEST).is_file():
         raise AlreadyExists(
             f"dataset {spec.name!r} already exists; delete it first ('tokenmill data delete {spec.name}') "
             "or choose another name"
         )
-    resolve_tokenizer(spec, root)
+    resolve_tokenizer(spec, root, input_roots)
 
 
 def run_ingest(
@@ -189,9 +192,10 @@ def run_ingest(
     job_id: str = "",
     progress: ProgressFn | None = None,
     check_cancel: Callable[[], None] | None = None,
+    input_roots: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run the whole pipeline and publish ``datasets/<name>``; returns the manifest."""
-    preflight(spec, data_dir)
+    preflight(spec, data_dir, input_roots)
     root = datasets_dir(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / spec.name
@@ -205,7 +209,9 @@ def run_ingest(
     tmp.mkdir()
     (tmp / "owner.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     try:
-        manifest = _run(spec, tmp, root, run_id, _Progress(progress), check_cancel or (lambda: None))
+        manifest = _run(
+            spec, tmp, root, run_id, _Progress(progress), check_cancel or (lambda: None), input_roots
+        )
         manifest["job_id"] = job_id
         (tmp / "owner.json").unlink()
         shutil.rmtree(tmp / "work", ignore_errors=True)
@@ -223,7 +229,13 @@ def run_ingest(
 
 
 def _run(
-    spec: IngestSpec, tmp: Path, root: Path, run_id: str, prog: _Progress, check_cancel: Callable[[], None]
+    spec: IngestSpec,
+    tmp: Path,
+    root: Path,
+    run_id: str,
+    prog: _Progress,
+    check_cancel: Callable[[], None],
+    input_roots: Sequence[str],
 ) -> dict[str, Any]:
     started = time.time()
     work = tmp / "work"
@@ -276,7 +288,9 @@ def _run(
         )
 
     batches = _batches(
-        iter_sources(spec.sources, spec.source_options(), read_stats), spec.batch_size, spec.max_documents
+        iter_sources(spec.sources, spec.source_options(), read_stats, input_roots),
+        spec.batch_size,
+        spec.max_documents,
     )
     workers = spec.workers
     with open(sig_path, "wb") as sig_file:
@@ -343,7 +357,7 @@ def _run(
         )
 
     # tokenizer: reuse or train on the surviving documents
-    reuse = resolve_tokenizer(spec, root)
+    reuse = resolve_tokenizer(spec, root, input_roots)
     if reuse is not None:
         tok = tk.load_tokenizer(reuse)
         shutil.copyfile(reuse, tmp / TOKENIZER)

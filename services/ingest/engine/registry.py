@@ -15,8 +15,8 @@ from typing import Any
 
 from common.dataset import MANIFEST, read_manifest
 from common.errors import InvalidArgument, NotFound
+from common.names import validate_name
 from services.ingest.engine.pipeline import clean_stale_temps, datasets_dir
-from services.ingest.engine.spec import NAME_RE
 
 
 def summary(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -40,8 +40,7 @@ class DatasetRegistry:
         self.root = datasets_dir(data_dir)
 
     def _check(self, name: str) -> Path:
-        if not NAME_RE.match(name or ""):
-            raise InvalidArgument(f"dataset name {name!r} is invalid: use letters, digits, '.', '_' or '-'")
+        validate_name(name, what="dataset")
         return self.root / name
 
     def path(self, name: str) -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
+from common.inputs import check_input_allowed
 
 # In a directory tree only these are parsed as JSON lines; a plain ``.json`` file there is a text
 # file (configs and fixtures in code trees). A single ``.json`` source file is read as JSONL.
@@ -278,8 +279,10 @@ def _read_local_file(
     yield from read_text_file(data, name, stats)
 
 
-def _iter_s3(url: str, opts: SourceOptions, stats: SourceStats) -> Iterator[RawDoc]:
-    store, prefix = _open_s3(url)
+def _iter_s3(
+    url: str, opts: SourceOptions, stats: SourceStats, input_roots: Sequence[str]
+) -> Iterator[RawDoc]:
+    store, prefix = _open_s3(url, input_roots)
     for key, size in store.list_sizes(prefix):
         rel = key[len(prefix) :].lstrip("/") or key.rsplit("/", 1)[-1]
         if not _matches(rel, opts.include_globs, opts.exclude_globs):
@@ -303,7 +306,8 @@ def _iter_s3(url: str, opts: SourceOptions, stats: SourceStats) -> Iterator[RawD
             stats.skip("source_vanished")
 
 
-def _open_s3(url: str) -> tuple[Any, str]:
+def _open_s3(url: str, input_roots: Sequence[str] = ()) -> tuple[Any, str]:
+    check_input_allowed(url, input_roots, what="source")
     try:
         from common.storage import open_store
     except ImportError as exc:  # pragma: no cover - storage module is part of the platform
@@ -315,15 +319,16 @@ def _open_s3(url: str) -> tuple[Any, str]:
     return open_store(f"s3://{bucket}"), prefix
 
 
-def validate_sources(sources: Sequence[str]) -> None:
-    """Fail fast, before a job starts, on sources that cannot be read at all."""
+def validate_sources(sources: Sequence[str], input_roots: Sequence[str] = ()) -> None:
+    """Fail fast, before a job starts, on sources that cannot be read at all or that lie outside
+    `input_roots` (checked before existence, so nothing about other locations leaks)."""
     if not sources:
         raise InvalidArgument("no sources given; pass at least one local path or s3:// URL")
     for src in sources:
         if not src or "\x00" in src:
             raise InvalidArgument(f"source {src!r} is not a valid path")
         if src.startswith("s3://"):
-            store, prefix = _open_s3(src)
+            store, prefix = _open_s3(src, input_roots)
             if next(iter(store.list(prefix)), None) is None:
                 raise NotFound(f"source {src} has no objects; check the bucket and prefix")
             continue
@@ -331,6 +336,7 @@ def validate_sources(sources: Sequence[str]) -> None:
             raise InvalidArgument(
                 f"source {src!r}: unsupported scheme; use a local path or s3://bucket/prefix"
             )
+        check_input_allowed(src, input_roots, what="source")
         path = Path(src)
         if not path.exists():
             raise NotFound(f"source {src} does not exist; give an existing file or directory")
@@ -342,10 +348,17 @@ def validate_sources(sources: Sequence[str]) -> None:
             raise InvalidArgument(f"source {src} is neither a regular file nor a directory")
 
 
-def iter_sources(sources: Sequence[str], opts: SourceOptions, stats: SourceStats) -> Iterator[RawDoc]:
-    """All documents of all sources, in a deterministic order (sorted directory walks)."""
+def iter_sources(
+    sources: Sequence[str], opts: SourceOptions, stats: SourceStats, input_roots: Sequence[str] = ()
+) -> Iterator[RawDoc]:
+    """All documents of all sources, in a deterministic order (sorted directory walks).
+
+    With `input_roots`, each source is checked again and a local one is read through its resolved
+    path, so a symlink swapped after the submit-time check cannot redirect the read elsewhere.
+    Tree walks never follow symlinks out of a source (see SourceOptions.follow_symlinks)."""
     for src in sources:
         if src.startswith("s3://"):
-            yield from _iter_s3(src, opts, stats)
+            yield from _iter_s3(src, opts, stats, input_roots)
         else:
-            yield from _iter_local(Path(src), opts, stats)
+            path = Path(check_input_allowed(src, input_roots, what="source")) if input_roots else Path(src)
+            yield from _iter_local(path, opts, stats)

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import InvalidArgument
+from common.names import validate_name
 from services.ingest.engine import filters_code, filters_web
 from services.ingest.engine.langid import LanguageFilter
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # name -> factory; the order of each preset is the order the filters run in.
 FILTERS: dict[str, Callable[..., Any]] = {
@@ -107,11 +105,7 @@ class IngestSpec:
         return self.num_workers or os.cpu_count() or 1
 
     def validate(self) -> None:
-        if not NAME_RE.match(self.name or ""):
-            raise InvalidArgument(
-                f"dataset name {self.name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            )
+        validate_name(self.name, what="dataset")
         if not self.sources:
             raise InvalidArgument("no sources given; pass at least one local path or s3:// URL")
         if self.preset not in PRESETS:

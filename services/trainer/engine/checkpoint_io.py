@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -267,14 +267,32 @@ class LocalCheckpointIO:
         return out
 
 
-def make_checkpoint_io(spec: Mapping[str, Any]) -> CheckpointIO:
-    """Build an IO from a JSON spec (sent to worker processes, which construct their own):
-    ``{"kind": "local", "root": path}`` or ``{"kind": "store", "address", "token", ...}``."""
-    kind = spec.get("kind")
-    if kind == "local":
-        return LocalCheckpointIO(spec["root"])
-    if kind == "store":
-        from services.trainer.store_io import StoreCheckpointIO  # imports grpc: only under the service
+IoFactory = Callable[[Mapping[str, Any]], CheckpointIO]
+"""Builds a CheckpointIO from a JSON spec inside each worker process (workers cannot share one)."""
 
-        return StoreCheckpointIO.from_spec(spec)
-    raise InvalidArgument(f"unknown checkpoint io kind {kind!r}; use 'local' or 'store'")
+
+def local_checkpoint_io(spec: Mapping[str, Any]) -> CheckpointIO:
+    """The engine's own factory: ``{"kind": "local", "root": path}`` only. Other kinds (the checkpoint
+    store) are the service's business: it passes its factory, so the engine never imports upward."""
+    if spec.get("kind") != "local":
+        raise InvalidArgument(
+            f"checkpoint io kind {spec.get('kind')!r} needs a factory that knows it (the trainer service "
+            "passes services.trainer.io_factory.make_checkpoint_io); this one builds only 'local'"
+        )
+    return LocalCheckpointIO(spec["root"])
+
+
+def resolve_io_factory(factory: IoFactory | str) -> IoFactory:
+    """A factory given as a callable, or as a dotted path ``"package.module:function"`` (what travels
+    to worker processes that must import it themselves)."""
+    if callable(factory):
+        return factory
+    module, sep, attr = str(factory).partition(":")
+    if not sep or not module or not attr:
+        raise InvalidArgument(f"io factory {factory!r}: use 'package.module:function'")
+    import importlib
+
+    fn = getattr(importlib.import_module(module), attr, None)
+    if not callable(fn):
+        raise InvalidArgument(f"io factory {factory!r}: {module} has no callable {attr!r}")
+    return fn

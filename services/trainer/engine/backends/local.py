@@ -16,7 +16,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from services.trainer.engine.checkpoint_io import make_checkpoint_io
+from services.trainer.engine.checkpoint_io import IoFactory, local_checkpoint_io, resolve_io_factory
 from services.trainer.engine.config import TrainConfig
 from services.trainer.engine.parallel import free_port
 
@@ -36,7 +36,16 @@ class _QueueChannel:
         return self.stop.is_set()
 
 
-def _worker_entry(rank: int, world: int, port: int, cfg_dict: dict, io_spec: dict, q: Any, stop: Any) -> None:
+def _worker_entry(
+    rank: int,
+    world: int,
+    port: int,
+    cfg_dict: dict,
+    io_spec: dict,
+    io_factory: IoFactory | str,
+    q: Any,
+    stop: Any,
+) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -53,7 +62,7 @@ def _worker_entry(rank: int, world: int, port: int, cfg_dict: dict, io_spec: dic
 
     cfg = TrainConfig.from_dict(cfg_dict)
     try:
-        result = train(cfg, make_checkpoint_io(io_spec), _QueueChannel(q, stop))
+        result = train(cfg, resolve_io_factory(io_factory)(io_spec), _QueueChannel(q, stop))
         if rank == 0:
             q.put(("result", result))
     except BaseException as exc:
@@ -68,15 +77,19 @@ def run_local(
     on_event: Callable[[str, dict[str, Any]], None] = lambda kind, data: None,
     should_stop: Callable[[], bool] = lambda: False,
     poll_s: float = 0.2,
+    io_factory: IoFactory | str = local_checkpoint_io,
 ) -> dict[str, Any]:
-    """Run one attempt with ``cfg.workers`` processes; returns rank 0's result dict."""
+    """Run one attempt with ``cfg.workers`` processes; returns rank 0's result dict.
+
+    ``io_factory`` builds each worker's CheckpointIO from ``io_spec``: a module-level callable (sent
+    to the spawned workers by reference) or a ``"module:function"`` path."""
     ctx = mp.get_context("spawn")
     q, stop = ctx.Queue(), ctx.Event()
     port = free_port()
     procs = [
         ctx.Process(
             target=_worker_entry,
-            args=(r, cfg.workers, port, cfg.to_dict(), dict(io_spec), q, stop),
+            args=(r, cfg.workers, port, cfg.to_dict(), dict(io_spec), io_factory, q, stop),
             name=f"train-worker-{r}",
             daemon=False,
         )

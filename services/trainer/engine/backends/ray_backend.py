@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.trainer.engine.backends.local import WorkerFailed
+from services.trainer.engine.checkpoint_io import IoFactory, local_checkpoint_io
 from services.trainer.engine.config import TrainConfig
 
 REPO_ROOT = str(Path(__file__).resolve().parents[4])
@@ -42,7 +43,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from services.trainer.engine.checkpoint_io import make_checkpoint_io
+    from services.trainer.engine.checkpoint_io import resolve_io_factory
     from services.trainer.engine.errors_wire import error_to_wire
     from services.trainer.engine.worker import train
 
@@ -53,7 +54,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(config["cfg"])
     channel = _RayChannel(config["events"], config["control"])
     try:
-        result = train(cfg, make_checkpoint_io(config["io_spec"]), channel)
+        result = train(cfg, resolve_io_factory(config["io_factory"])(config["io_spec"]), channel)
         if rank == 0:
             config["events"].put(("result", result))
     except BaseException as exc:
@@ -81,8 +82,12 @@ def run_ray(
     ray_address: str = "",
     storage_path: str = "",
     poll_s: float = 0.2,
+    io_factory: IoFactory | str = local_checkpoint_io,
 ) -> dict[str, Any]:
-    """Run one attempt with ``cfg.workers`` Ray Train workers; returns rank 0's result dict."""
+    """Run one attempt with ``cfg.workers`` Ray Train workers; returns rank 0's result dict.
+
+    ``io_factory`` builds each worker's CheckpointIO (see `run_local`); a callable must be importable
+    by reference on the Ray workers (module-level), which a ``"module:function"`` path always is."""
     ensure_ray(ray_address)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -96,6 +101,7 @@ def run_ray(
         train_loop_config={
             "cfg": cfg.to_dict(),
             "io_spec": dict(io_spec),
+            "io_factory": io_factory,
             "events": events,
             "control": control,
         },
