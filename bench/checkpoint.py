@@ -4,10 +4,11 @@ One state dict (Llama-shaped: TinyLlama-1.1B widths, bf16, `--layers` decoder bl
 default) is saved and loaded three ways on the same disk:
 
 * store: `CheckpointClient.save/load` against `python -m services.checkpoint` (a separate process)
-  over loopback gRPC; the server fsyncs every chunk and manifest before commit returns. Loads are
-  timed twice: with the client's default same-host path (it reads the store's chunk files itself,
-  verifying every digest, under a lease) and streamed over gRPC (`local_reads=False`, what a
-  client on another host gets).
+  over loopback gRPC; every chunk and manifest is fsynced before commit returns. Saves and loads
+  are each timed twice: with the client's default same-host path (saves write chunk files into the
+  store's staging directory, fsync them, and the server re-hashes and renames them into place;
+  loads read chunk files directly, verifying every digest, under a lease) and over gRPC
+  (`local_writes=False, local_reads=False`, what a client on another host gets).
 * safetensors: `safetensors.torch.save_file` + fsync, `load_file`.
 * raw: one sequential write of every tensor's bytes + fsync; one sequential `readinto`.
 
@@ -190,13 +191,18 @@ def main(argv: list[str] | None = None) -> int:
         client = CheckpointClient(f"127.0.0.1:{port}", streams=args.streams, max_message_bytes=16 << 20)
         client.wait_until_serving(timeout=60)
         remote = CheckpointClient(
-            f"127.0.0.1:{port}", streams=args.streams, max_message_bytes=16 << 20, local_reads=False
+            f"127.0.0.1:{port}",
+            streams=args.streams,
+            max_message_bytes=16 << 20,
+            local_reads=False,
+            local_writes=False,
         )
         clients += [client, remote]
         raw_path, st_path = work / "raw.bin", work / "model.safetensors"
 
         cpu: dict[str, list[float]] = {
-            k: [] for k in ("raw_w", "raw_r", "st_w", "st_r", "store_w", "store_r", "store_r_grpc")
+            k: []
+            for k in ("raw_w", "raw_r", "st_w", "st_r", "store_w", "store_w_grpc", "store_r", "store_r_grpc")
         }
         t_raw_w = best_of(args.repeat, lambda: raw_write(sd, raw_path), cpu=cpu["raw_w"])
         t_raw_r = best_of(
@@ -228,6 +234,15 @@ def main(argv: list[str] | None = None) -> int:
         # from an empty store every distinct chunk must have been sent (identical norm weights share one)
         if client.last_upload is None or client.last_upload.bytes_sent != client.stats().stored_bytes:
             raise SystemExit("the timed store save did not send every byte (dedup leaked into the timing)")
+        if client.local_chunks_written == 0:
+            raise SystemExit("the timed store save did not take the same-host path")
+        t_store_w_grpc = best_of(
+            args.repeat, lambda: remote.save("bench", sd), empty_store, cpu=cpu["store_w_grpc"], server=server
+        )
+        if remote.last_upload is None or remote.last_upload.bytes_sent != remote.stats().stored_bytes:
+            raise SystemExit("the timed gRPC store save did not send every byte")
+        if remote.local_chunks_written:
+            raise SystemExit("the timed gRPC store save wrote chunk files itself")
         loaded: dict[str, torch.Tensor] = {}
 
         def store_load() -> None:
@@ -282,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         "store_save_s": t_store_w,
         "store_load_s": t_store_r,
         "store_save_MBps": mbps(t_store_w),
+        "store_save_grpc_s": t_store_w_grpc,
+        "store_save_grpc_MBps": mbps(t_store_w_grpc),
         "store_load_MBps": mbps(t_store_r),
         "store_load_grpc_s": t_store_r_grpc,
         "store_load_grpc_MBps": mbps(t_store_r_grpc),
@@ -289,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "resave_one_changed_stored_bytes_added": added,
         "resave_new_fraction": new_frac,
         "store_save_cpu_s_per_GB": min(cpu["store_w"]) / (mb / 1000),
+        "store_save_grpc_cpu_s_per_GB": min(cpu["store_w_grpc"]) / (mb / 1000),
         "store_load_cpu_s_per_GB": min(cpu["store_r"]) / (mb / 1000),
         "store_load_grpc_cpu_s_per_GB": min(cpu["store_r_grpc"]) / (mb / 1000),
     }
@@ -308,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     ratios = {
         "store_save_vs_raw": t_raw_w / t_store_w,
+        "store_save_grpc_vs_raw": t_raw_w / t_store_w_grpc,
         "store_load_vs_raw": t_raw_r / t_store_r,
         "store_load_grpc_vs_raw": t_raw_r / t_store_r_grpc,
         "store_save_vs_safetensors": t_st_w / t_store_w,

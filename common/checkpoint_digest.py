@@ -29,6 +29,8 @@ DEFAULT_ALGORITHM = BLAKE3
 _DIGEST = re.compile(r"^(?:(blake3):)?([0-9a-f]{64})$")
 _CHUNK_FILE = re.compile(r"^(?:(blake3)-)?([0-9a-f]{64})$")
 CHUNK_PREFIX = "chunks/"
+STAGING_PREFIX = "staging/"  # same-host uploads: staging/<upload_id>/<chunk file name>
+_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def _blake3_hex(data: bytes | bytearray | memoryview) -> str:
@@ -79,11 +81,26 @@ def matches(digest: str, data: bytes | bytearray | memoryview) -> tuple[bool, st
     return actual == digest, actual
 
 
+def chunk_file_name(digest: str) -> str:
+    """The file name of a chunk: ``blake3-<hex>``, or ``<hex>`` for sha256."""
+    algorithm, hex_digest = parse_digest(digest)
+    return hex_digest if algorithm == SHA256 else f"{algorithm}-{hex_digest}"
+
+
 def chunk_key(digest: str) -> str:
     """The storage key of a chunk: ``chunks/ab/blake3-<hex>``, or ``chunks/ab/<hex>`` for sha256."""
-    algorithm, hex_digest = parse_digest(digest)
-    name = hex_digest if algorithm == SHA256 else f"{algorithm}-{hex_digest}"
-    return f"{CHUNK_PREFIX}{hex_digest[:2]}/{name}"
+    _, hex_digest = parse_digest(digest)
+    return f"{CHUNK_PREFIX}{hex_digest[:2]}/{chunk_file_name(digest)}"
+
+
+def staging_key(upload_id: str) -> str:
+    """The directory (key prefix) where a same-host client stages the chunks of one upload.
+
+    Why one shared spelling: the client writes there and the server adopts from there, and the
+    server builds the path only from the upload id it issued and digests it validated."""
+    if not isinstance(upload_id, str) or not _UPLOAD_ID.match(upload_id):
+        raise InvalidArgument(f"invalid upload id {str(upload_id)[:80]!r}: expected 32 lowercase hex")
+    return f"{STAGING_PREFIX}{upload_id}"
 
 
 def digest_from_key(key: str) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -30,6 +31,7 @@ Bytes = bytes | bytearray | memoryview
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9._@=+,-][A-Za-z0-9._@=+,~-]*$")
 _TMP_MARK = ".tmp-"
+TMP_MARK = _TMP_MARK  # files whose name holds this are unpublished temps: never listed, swept on open
 
 
 def check_key(key: str) -> str:
@@ -172,6 +174,22 @@ class LocalBlobStore(BlobStore):
             _fsync_dir(target.parent)
         return created
 
+    def adopt(self, key: str, src_name: str, *, src_dir_fd: int) -> None:
+        """Publish an existing, already durable file as `key` by renaming it (fsync dir).
+
+        Why: a same-host writer has put the bytes on this disk already; copying them again would
+        double the write cost. `src_name` is relative to the open directory `src_dir_fd`, so a
+        symlink swapped in for that directory's path cannot redirect the rename."""
+        target = self.path(key)
+        self._ensure_dir(target.parent)
+        os.rename(src_name, target, src_dir_fd=src_dir_fd)
+        if self.fsync:
+            _fsync_dir(target.parent)
+
+    def remove_tree(self, key: str) -> bool:
+        """Delete the directory `key` and everything in it (a symlink is unlinked, not followed)."""
+        return remove_path(self.path(key))
+
     def get(self, key: str) -> bytes:
         try:
             with open(self.path(key), "rb", buffering=0) as f:
@@ -244,6 +262,18 @@ class LocalBlobStore(BlobStore):
                         os.unlink(os.path.join(dirpath, name))
                         removed += 1
         return removed
+
+
+def remove_path(target: Path) -> bool:
+    """Delete a file, a symlink (not what it points to) or a directory tree; False when absent."""
+    if target.is_symlink() or target.is_file():
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+        return True
+    if not target.is_dir():
+        return False
+    shutil.rmtree(target, ignore_errors=True)
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:

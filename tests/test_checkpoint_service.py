@@ -418,7 +418,10 @@ def test_service_server_options_reach_the_grpc_server(tmp_path):
     try:
         from common.clients.checkpoint import CheckpointClient
 
-        with CheckpointClient(f"127.0.0.1:{app.port}", token=TEST_TOKEN, chunk_size=64 << 10) as c:
+        # chunks over gRPC (the same-host path would write the big chunk without a message)
+        with CheckpointClient(
+            f"127.0.0.1:{app.port}", token=TEST_TOKEN, chunk_size=64 << 10, local_writes=False
+        ) as c:
             assert c.save("small", {"w": torch.ones(100)}).ref == "small:1"  # under 4 KiB per message
             with pytest.raises(errors.ResourceExhausted):
                 c.save("big", {"w": torch.ones(10_000)})  # a 40 kB chunk message: over the override

@@ -105,3 +105,29 @@ def test_s3_missing_bucket_is_failed_precondition(s3_server):
         store.put("k", b"v")
     with pytest.raises(errors.FailedPrecondition, match="does not exist"):
         list(store.list(""))
+
+
+def test_local_adopt_renames_a_file_into_place_and_remove_tree(tmp_path: Path):
+    import os
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    staging = tmp_path / "blobs" / "staging" / "u1"
+    staging.mkdir(parents=True)
+    (staging / "f").write_bytes(b"staged bytes")
+    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        store.adopt("chunks/ab/f", "f", src_dir_fd=fd)
+        with pytest.raises(FileNotFoundError):  # nothing left to adopt
+            store.adopt("chunks/ab/g", "f", src_dir_fd=fd)
+    finally:
+        os.close(fd)
+    assert store.get("chunks/ab/f") == b"staged bytes" and not (staging / "f").exists()
+    with pytest.raises(errors.InvalidArgument):
+        store.adopt("../escape", "f", src_dir_fd=fd)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"x")
+    (tmp_path / "blobs" / "staging" / "link").symlink_to(outside, target_is_directory=True)
+    assert store.remove_tree("staging/link") is True and (outside / "keep").exists()  # link only
+    assert store.remove_tree("staging") is True and not (tmp_path / "blobs" / "staging").exists()
+    assert store.remove_tree("staging") is False

@@ -1,9 +1,12 @@
 """`CheckpointClient`: save and load model artifacts through the checkpoint store service.
 
 Saving hashes each tensor's bytes in fixed-size chunks (BLAKE3 by default, see
-common/checkpoint_digest.py; parallel threads, the hash releases the GIL), asks the store which chunks it lacks, sends only those over several parallel streams,
-then commits. Loading pulls one version over parallel streams straight into preallocated tensor
-buffers (no intermediate copies beyond the one out of each gRPC message).
+common/checkpoint_digest.py; parallel threads, the hash releases the GIL), asks the store which
+chunks it lacks, sends only those over several parallel streams, then commits. On the store's own
+host the missing chunks are written straight into its staging directory and adopted by the server
+(which re-hashes them) instead of streamed, the mirror of same-host loads. Loading pulls one
+version over parallel streams straight into preallocated tensor buffers (no intermediate copies
+beyond the one out of each gRPC message), or reads the store's chunk files on the same host.
 
 FSDP shard pieces are ordinary tensors named ``{logical}@{offsets}`` with a ShardInfo; `load`
 reassembles them into logical tensors and `load_slice` reads any slice of one.
@@ -12,30 +15,45 @@ reassembles them into logical tensors and `load_slice` reads any slice of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import torch
 
 from common import errors
-from common.checkpoint_digest import DEFAULT_ALGORITHM, check_algorithm, chunk_key, digest_of, matches
-from common.clients.base import BaseClient
+from common.checkpoint_digest import (
+    DEFAULT_ALGORITHM,
+    check_algorithm,
+    chunk_file_name,
+    chunk_key,
+    digest_of,
+    matches,
+    staging_key,
+)
+from common.clients.base import BaseClient, convert_rpc_error
 from common.clients.checkpoint_wire import decode_download_chunk, encode_upload_chunk, tune_malloc
 from common.proto_struct import dict_to_struct, struct_to_dict
+from common.storage import TMP_MARK
 from tokenmill.v1 import checkpoint_pb2 as pb
 from tokenmill.v1 import checkpoint_pb2_grpc as pb_grpc
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_STREAMS = 4
 SAVE_BATCH_BYTES = 64 << 20
+ADOPT_BATCH = 4  # staged chunks per AdoptStagedChunks call: the server re-hashes while more are written
+# same-host writes fall back to streaming when the server answers one of these (an older server, a
+# staging directory this client cannot share with it)
+_NO_LOCAL_WRITE = frozenset({"UNIMPLEMENTED", "FAILED_PRECONDITION"})
 # a transfer that failed with one of these is resumed from the store's list of missing chunks
 _RESUMABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "ABORTED"})
 
@@ -135,6 +153,7 @@ class Upload:
         self.session = session or pb.UploadSession(upload_id=upload_id, name=name)  # as last reported
         self.bytes_sent = 0
         self.chunks_sent = 0
+        self._lock = threading.Lock()  # save() sends two batches at once
 
     def add(
         self,
@@ -170,8 +189,10 @@ class Upload:
         for attempt in range(max_attempts):
             mine = [d for d in dict.fromkeys(missing) if d in prepared.data]
             try:
-                self.bytes_sent += self.client._send_chunks(self.upload_id, mine, prepared.data)
-                self.chunks_sent += len(mine)
+                sent = self.client._transfer(self, mine, prepared.data)
+                with self._lock:
+                    self.bytes_sent += sent
+                    self.chunks_sent += len(mine)
                 return
             except errors.TokenmillError as exc:
                 if attempt + 1 >= max_attempts or exc.code not in _RESUMABLE:
@@ -207,6 +228,7 @@ class CheckpointClient(BaseClient):
         verify_downloads: bool = False,
         hash_algorithm: str = DEFAULT_ALGORITHM,
         local_reads: bool = True,
+        local_writes: bool = True,
         **kwargs: Any,
     ):
         """`hash_algorithm` names new chunks ('blake3', or 'sha256' for stores read by older
@@ -215,7 +237,12 @@ class CheckpointClient(BaseClient):
         `local_reads`: when the server's store is a directory this process can see (same host,
         proven by a nonce file), loads read chunk files directly into the tensors, verifying every
         digest here and holding a read lease meanwhile; otherwise (object store, another host,
-        no permission) they stream over gRPC."""
+        no permission) they stream over gRPC.
+
+        `local_writes`: the same for saves: proven to see the store's directory, the client writes
+        each missing chunk into `staging/<upload_id>/` there (write, fsync, rename) and the server
+        adopts it (re-hashes, renames into the chunk store); otherwise, or when writing there
+        fails, chunks stream over gRPC."""
         kwargs.setdefault("timeout", 600.0)
         # Let the server send each chunk in a few large HTTP/2 frames instead of 256 x 16 KiB ones:
         # measured ~25 % less CPU per downloaded byte on loopback.
@@ -231,6 +258,9 @@ class CheckpointClient(BaseClient):
         self.verify_downloads = verify_downloads
         self.hash_algorithm = check_algorithm(hash_algorithm)
         self.local_reads = local_reads
+        self.local_writes = local_writes
+        self._local_writes_ok = True  # cleared when this process cannot write the staging directory
+        self.local_chunks_written = 0  # chunks saved through the same-host path (observability, tests)
         self._local_root: Path | None | bool = False  # False: not asked yet; None: no fast path
         self.local_chunks_read = 0  # chunks read through the same-host path (observability, tests)
         tune_malloc(arena_max=None)  # every received chunk is a fresh 4 MiB buffer: reuse the heap
@@ -314,10 +344,8 @@ class CheckpointClient(BaseClient):
             out_t.append(entry)
         return _Prepared(out_t, out_f, data)
 
-    def _send_chunks(self, upload_id: str, digests: Sequence[str], data: Mapping[str, memoryview]) -> int:
-        """Send chunks over up to `streams` parallel UploadChunks streams; returns bytes sent."""
-        if not digests:
-            return 0
+    def _groups(self, digests: Sequence[str], data: Mapping[str, memoryview]) -> list[list[str]]:
+        """Up to `streams` groups of about equal bytes (largest chunks first)."""
         n = min(self.streams, len(digests))
         groups: list[list[str]] = [[] for _ in range(n)]
         loads = [0] * n
@@ -325,6 +353,103 @@ class CheckpointClient(BaseClient):
             i = loads.index(min(loads))
             groups[i].append(d)
             loads[i] += len(data[d])
+        return [g for g in groups if g]
+
+    def _transfer(self, up: Upload, digests: Sequence[str], data: Mapping[str, memoryview]) -> int:
+        """Get these chunks into the store: staged on the same host when possible, else streamed.
+
+        Returns the bytes the store took in. A same-host attempt that cannot go on (no write
+        permission, an older server, a staging directory the server does not see) falls back to
+        streaming what the store still lacks."""
+        if not digests:
+            return 0
+        root = self._store_root() if self.local_writes and self._local_writes_ok else None
+        if root is None:
+            return self._send_chunks(up.upload_id, digests, data)
+        adopted, failure = self._stage_chunks(root, up.upload_id, digests, data)
+        if failure is None:
+            return adopted
+        if isinstance(failure, PermissionError) or (
+            isinstance(failure, OSError) and failure.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+        ):
+            self._local_writes_ok = False  # this process cannot write there: stop trying
+        elif isinstance(failure, errors.TokenmillError) and failure.code == "FAILED_PRECONDITION":
+            # a server restarted on another store at this address makes the cached root stale; when
+            # a fresh proof gives the same root the server cannot take these files (e.g. another
+            # user owns them): stop trying
+            self._local_root = False
+            if self._store_root() == root:
+                self._local_writes_ok = False
+        elif isinstance(failure, errors.TokenmillError) and failure.code == "UNIMPLEMENTED":
+            self._local_writes_ok = False
+        still = set(up.status().missing_chunks)
+        rest = [d for d in digests if d in still]
+        return adopted + self._send_chunks(up.upload_id, rest, data)
+
+    def _stage_chunks(
+        self, root: Path, upload_id: str, digests: Sequence[str], data: Mapping[str, memoryview]
+    ) -> tuple[int, BaseException | None]:
+        """Write chunks into the upload's staging directory in parallel threads (the writes and
+        fsyncs release the GIL) and have the server adopt them a few at a time, so it re-hashes
+        while more are being written. Returns (bytes adopted, the failure that calls for a
+        fallback or None); errors that are not about the same-host path are raised."""
+        staging = root / staging_key(upload_id)
+        try:
+            staging.mkdir(parents=False, exist_ok=True)
+        except OSError as exc:
+            return 0, exc
+        lock = threading.Lock()
+        adopted = [0]
+
+        def settle(call: Any) -> None:
+            try:
+                resp = call.result()
+            except grpc.RpcError as exc:
+                raise convert_rpc_error(exc) from None
+            with lock:
+                adopted[0] += resp.bytes_received
+                self.local_chunks_written += resp.chunks_received + resp.chunks_deduplicated
+
+        def run(group: list[str]) -> None:
+            # one adoption in flight per thread: the server re-hashes a batch while the next is written
+            in_flight = None
+            try:
+                for i in range(0, len(group), ADOPT_BATCH):
+                    part = group[i : i + ADOPT_BATCH]
+                    for d in part:
+                        _write_staged(staging, chunk_file_name(d), data[d])
+                    if in_flight is not None:
+                        settle(in_flight)
+                        in_flight = None
+                    request = pb.AdoptStagedChunksRequest(upload_id=upload_id, digests=part)
+                    in_flight = self._unary(self.stub.AdoptStagedChunks.future, request)
+                if in_flight is not None:
+                    settle(in_flight)
+                    in_flight = None
+            finally:
+                if in_flight is not None:  # this thread failed: wait for what the server is doing
+                    with contextlib.suppress(errors.TokenmillError):
+                        settle(in_flight)
+
+        futures = [self._pool.submit(run, g) for g in self._groups(digests, data)]
+        failure: BaseException | None = None
+        for f in futures:
+            exc = f.exception()
+            if exc is None:
+                continue
+            if isinstance(exc, OSError) or (
+                isinstance(exc, errors.TokenmillError) and exc.code in _NO_LOCAL_WRITE
+            ):
+                failure = failure or exc
+            else:
+                raise exc
+        return adopted[0], failure
+
+    def _send_chunks(self, upload_id: str, digests: Sequence[str], data: Mapping[str, memoryview]) -> int:
+        """Send chunks over up to `streams` parallel UploadChunks streams; returns bytes sent."""
+        if not digests:
+            return 0
+        groups = self._groups(digests, data)
 
         def messages(group: list[str]) -> Iterator[tuple[str, str, memoryview]]:
             for d in group:
@@ -333,7 +458,7 @@ class CheckpointClient(BaseClient):
         def run(group: list[str]) -> int:
             return self._unary(self._upload_chunks, messages(group), timeout=None).bytes_received
 
-        futures = [self._pool.submit(run, g) for g in groups if g]
+        futures = [self._pool.submit(run, g) for g in groups]
         return sum(f.result() for f in futures)
 
     # -- saving ------------------------------------------------------------------------------------
@@ -413,24 +538,37 @@ class CheckpointClient(BaseClient):
         if up.session.committed_ref:
             return self.get(up.session.committed_ref, include_manifest=False)
         batches = _batches(tensors, files, SAVE_BATCH_BYTES)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-ahead") as ahead:
+        # two batches in flight: no idle gap while the tail of one batch is being stored
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-ahead") as ahead,
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckpt-send") as senders,
+        ):
 
             def prepare(i: int) -> _Prepared:
                 t, f = batches[i]
                 return self._prepare(t, {k: v for k, v in shards.items() if k in t}, f)
 
             pending = ahead.submit(prepare, 0) if batches else None
-            for i in range(len(batches)):
-                assert pending is not None
-                prepared = pending.result()
-                pending = ahead.submit(prepare, i + 1) if i + 1 < len(batches) else None
-                session = self._unary(
-                    self.stub.ExtendUpload,
-                    pb.ExtendUploadRequest(
-                        upload_id=up.upload_id, tensors=prepared.tensors, files=prepared.files
-                    ),
-                )
-                up._send(prepared, session.missing_chunks, max_attempts)
+            sending: list[Future[None]] = []
+            try:
+                for i in range(len(batches)):
+                    assert pending is not None
+                    prepared = pending.result()
+                    pending = ahead.submit(prepare, i + 1) if i + 1 < len(batches) else None
+                    session = self._unary(
+                        self.stub.ExtendUpload,
+                        pb.ExtendUploadRequest(
+                            upload_id=up.upload_id, tensors=prepared.tensors, files=prepared.files
+                        ),
+                    )
+                    sending.append(senders.submit(up._send, prepared, session.missing_chunks, max_attempts))
+                    if len(sending) > 1:
+                        sending.pop(0).result()
+                for f in sending:
+                    f.result()
+            finally:
+                for f in sending:
+                    f.cancel()
         return up.commit()
 
     # -- reading -----------------------------------------------------------------------------------
@@ -749,6 +887,26 @@ class CheckpointClient(BaseClient):
         from common.hf_layout import import_hf
 
         return import_hf(self, in_dir, name, **kwargs)
+
+
+def _write_staged(staging: Path, name: str, data: memoryview) -> None:
+    """Write one chunk under its final staged name atomically: temp file, fsync, rename. A client
+    killed meanwhile leaves at most a temp file (swept by the server), never a torn staged chunk."""
+    tmp = staging / f"{name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data).cast("B")
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written : written + (64 << 20)])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, staging / name)
 
 
 def _pieces_by_logical(manifest: pb.CheckpointManifest) -> dict[str, list[pb.TensorEntry]]:

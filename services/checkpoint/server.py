@@ -94,6 +94,12 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             chunks_received=received, bytes_received=nbytes, chunks_deduplicated=dedup
         )
 
+    def AdoptStagedChunks(self, request: pb.AdoptStagedChunksRequest, context) -> pb.UploadChunksResponse:
+        received, nbytes, dedup = self.store.adopt_staged(request.upload_id, list(request.digests))
+        return pb.UploadChunksResponse(
+            chunks_received=received, bytes_received=nbytes, chunks_deduplicated=dedup
+        )
+
     def GetUploadStatus(self, request: pb.GetUploadStatusRequest, context) -> pb.UploadSession:
         return session_to_proto(self.store.upload_status(request.upload_id))
 

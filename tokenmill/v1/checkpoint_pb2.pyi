@@ -141,6 +141,14 @@ class UploadChunksResponse(_message.Message):
     chunks_deduplicated: int
     def __init__(self, chunks_received: _Optional[int] = ..., bytes_received: _Optional[int] = ..., chunks_deduplicated: _Optional[int] = ...) -> None: ...
 
+class AdoptStagedChunksRequest(_message.Message):
+    __slots__ = ("upload_id", "digests")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, upload_id: _Optional[str] = ..., digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class GetUploadStatusRequest(_message.Message):
     __slots__ = ("upload_id",)
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]

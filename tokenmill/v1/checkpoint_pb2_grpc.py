@@ -49,6 +49,11 @@ class CheckpointServiceStub:
                 request_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.UploadChunk.SerializeToString,
                 response_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.UploadChunksResponse.FromString,
                 _registered_method=True)
+        self.AdoptStagedChunks = channel.unary_unary(
+                '/tokenmill.v1.CheckpointService/AdoptStagedChunks',
+                request_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.AdoptStagedChunksRequest.SerializeToString,
+                response_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.UploadChunksResponse.FromString,
+                _registered_method=True)
         self.GetUploadStatus = channel.unary_unary(
                 '/tokenmill.v1.CheckpointService/GetUploadStatus',
                 request_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.GetUploadStatusRequest.SerializeToString,
@@ -148,6 +153,14 @@ class CheckpointServiceServicer:
 
     def UploadChunks(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdoptStagedChunks(self, request, context):
+        """Same-host fast path for uploads (see 3' above): adopt chunks the client staged in the store's
+        directory. The server builds every path itself from the upload id and the validated digests.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -266,6 +279,11 @@ def add_CheckpointServiceServicer_to_server(servicer, server):
             'UploadChunks': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadChunks,
                     request_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.UploadChunk.FromString,
+                    response_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.UploadChunksResponse.SerializeToString,
+            ),
+            'AdoptStagedChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdoptStagedChunks,
+                    request_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.AdoptStagedChunksRequest.FromString,
                     response_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.UploadChunksResponse.SerializeToString,
             ),
             'GetUploadStatus': grpc.unary_unary_rpc_method_handler(
@@ -429,6 +447,33 @@ class CheckpointService:
             target,
             '/tokenmill.v1.CheckpointService/UploadChunks',
             tokenmill_dot_v1_dot_checkpoint__pb2.UploadChunk.SerializeToString,
+            tokenmill_dot_v1_dot_checkpoint__pb2.UploadChunksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdoptStagedChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmill.v1.CheckpointService/AdoptStagedChunks',
+            tokenmill_dot_v1_dot_checkpoint__pb2.AdoptStagedChunksRequest.SerializeToString,
             tokenmill_dot_v1_dot_checkpoint__pb2.UploadChunksResponse.FromString,
             options,
             channel_credentials,

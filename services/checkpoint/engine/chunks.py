@@ -14,8 +14,8 @@ from __future__ import annotations
 import threading
 
 from common.checkpoint_digest import CHUNK_PREFIX, chunk_key, digest_from_key, matches
-from common.errors import DataLoss, InvalidArgument, NotFound
-from common.storage import BlobStore
+from common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from common.storage import BlobStore, LocalBlobStore
 
 PREFIX = CHUNK_PREFIX
 
@@ -86,6 +86,20 @@ class ChunkStore:
             if digest not in self._index:
                 self._index[digest] = len(data)
                 self._total += len(data)
+        return True
+
+    def adopt(self, digest: str, size: int, src_name: str, *, src_dir_fd: int) -> bool:
+        """Publish a file already verified to hold this chunk (same-host uploads) by renaming it
+        into place; False (nothing renamed) when the store already had the chunk."""
+        if not isinstance(self.backend, LocalBlobStore):
+            raise FailedPrecondition(f"{self.backend.url} is not a local directory: chunks cannot be adopted")
+        if self.has(digest):
+            return False
+        self.backend.adopt(chunk_key(digest), src_name, src_dir_fd=src_dir_fd)
+        with self._lock:
+            if digest not in self._index:
+                self._index[digest] = size
+                self._total += size
         return True
 
     def get(self, digest: str, *, what: str, expected_size: int | None = None) -> bytes:

@@ -6,6 +6,8 @@ Layout in the blob backend (the backend is the system of record; nothing lives o
     manifests/<name>/<version:010d>.json  one committed version: the commit record, written last
     tags/<name>.json                      {"tags": {tag: version}, "applied_through": version}
     uploads/<upload_id>.json              an upload session (resumable across server restarts)
+    staging/<upload_id>/<chunk file>      chunks a same-host client wrote for an upload (adopt_staged);
+                                          never read as chunks until re-hashed and renamed into chunks/
     idem/<name>/<hash of key>.json        idempotency key -> upload id / committed ref
     leases/<name>/<version>/<id>.json     read leases held by running jobs
     access/<nonce>                        same-host read proof (local_access), removed on close
@@ -19,22 +21,25 @@ recorded in the manifest and re-applied on open if the crash fell between manife
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
 import os
+import stat
 import threading
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.checkpoint_digest import STAGING_PREFIX, chunk_file_name, matches, staging_key
 from common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from common.storage import BlobStore, LocalBlobStore, open_store
+from common.storage import BlobStore, LocalBlobStore, open_store, remove_path
 
 from .chunks import ChunkStore
 from .manifest import FileEntry, Manifest, TensorEntry, check_digest, chunk_lengths
@@ -42,6 +47,7 @@ from .names import Ref, parse_ref, validate_name, validate_tag
 from .rwlock import RWLock
 
 FAULT_ENV = "TOKENMILL_CHECKPOINT_FAULT"  # test hook: "<point>:<marker file>"; see _fault
+MAX_ADOPT = 1024  # digests per AdoptStagedChunks call
 
 
 @dataclass
@@ -210,6 +216,8 @@ class CheckpointStore:
         self._recent_commits: dict[str, str] = {}  # upload id -> ref, so a retried commit succeeds
         self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="ckpt-read")
         self._access_nonce = ""  # see local_access
+        self._tls = threading.local()  # per-thread read buffers of adopt_staged
+        self._quota_lock = threading.Lock()  # adopt_staged: quota check + publish, one chunk at a time
         self._install_fault_hook()
         self.recover()
 
@@ -238,6 +246,9 @@ class CheckpointStore:
             if not self._access_nonce:
                 nonce = uuid.uuid4().hex
                 self.backend.put(f"access/{nonce}", nonce.encode())
+                # where same-host clients stage upload chunks (adopt_staged); they add one
+                # directory per upload under it
+                self.backend.path(STAGING_PREFIX.rstrip("/")).mkdir(exist_ok=True)
                 self._access_nonce = nonce
             return str(self.backend.root), self._access_nonce
 
@@ -267,6 +278,7 @@ class CheckpointStore:
                 state = self._load_session(upload_id)
                 if state is not None:
                     self._finish_session(state, committed_uploads[upload_id])
+        self._sweep_staging(dry_run=False)
 
     # -- fault injection (tests) ---------------------------------------------------------------------
     def _install_fault_hook(self) -> None:
@@ -452,7 +464,7 @@ class CheckpointStore:
             candidate = Manifest.from_json(state.manifest.to_json())
             candidate.extend(tensors, files)  # validates the combined manifest
             new = {d for e in [*tensors, *files] for d in e.chunks}
-            planned = self._plan(state, new, extra_reserved=state.planned_new)
+            planned = self._plan(state, new, extra_reserved=state.planned_new, manifest=candidate)
             state.manifest = candidate
             state._sizes = None
             state.planned_new = sorted(set(state.planned_new) | set(planned))
@@ -473,10 +485,17 @@ class CheckpointStore:
         return True
 
     def _plan(
-        self, state: UploadState, digests: set[str], extra_reserved: list[str] | None = None
+        self,
+        state: UploadState,
+        digests: set[str],
+        extra_reserved: list[str] | None = None,
+        manifest: Manifest | None = None,
     ) -> list[str]:
-        """Digests the store lacks; RESOURCE_EXHAUSTED when storing them would pass the quota."""
-        sizes = state.manifest.expected_sizes()
+        """Digests the store lacks; RESOURCE_EXHAUSTED when storing them would pass the quota.
+
+        `manifest`: the session's manifest as it will be (ExtendUpload plans the added entries
+        before they become part of the session, so their sizes are only in the candidate)."""
+        sizes = (manifest or state.manifest).expected_sizes()
         missing = sorted(d for d in digests if not self.chunks.has(d))
         if self.quota_bytes:
             reserved = sum(sizes.get(d, 0) for d in (extra_reserved or []) if not self.chunks.has(d))
@@ -560,6 +579,186 @@ class CheckpointStore:
                 )
             return self.chunks.put(digest, data)
 
+    # -- same-host uploads ---------------------------------------------------------------------------
+    def adopt_staged(self, upload_id: str, digests: list[str]) -> tuple[int, int, int]:
+        """Adopt chunks a same-host client staged under staging/<upload_id>/; returns (chunks
+        adopted, bytes adopted, chunks the store already had).
+
+        Why: on one machine, pushing chunk bytes through gRPC costs several CPU-seconds per GB in
+        copies; the client writes the chunk files itself instead. Nothing about the client is
+        trusted: the server builds every path from the upload id it issued and digests it
+        validated, refuses symlinks and non-regular files, re-hashes every staged file (a mismatch
+        deletes it: INVALID_ARGUMENT naming the chunk), fsyncs it and only then renames it into the
+        chunk store (fsync dir), under the same quota and GC rules as UploadChunks."""
+        if not isinstance(self.backend, LocalBlobStore):
+            raise FailedPrecondition(
+                f"the store {self.backend.url} is not a local directory, so nothing can be staged in it; "
+                "send the chunks with UploadChunks"
+            )
+        if not digests:
+            raise InvalidArgument("AdoptStagedChunks needs at least one chunk digest")
+        if len(digests) > MAX_ADOPT:
+            raise InvalidArgument(
+                f"AdoptStagedChunks takes at most {MAX_ADOPT} digests per call, got {len(digests)}"
+            )
+        for d in digests:
+            check_digest(d)
+        unique = list(dict.fromkeys(digests))
+        with self._gc_lock.shared():
+            with self._meta:
+                sizes = self._session(upload_id).sizes()
+            unknown = [d for d in unique if d not in sizes]
+            if unknown:
+                raise InvalidArgument(
+                    f"chunk {unknown[0][:23]}... is not part of upload {upload_id}; add the entry that "
+                    "contains it first (ExtendUpload)"
+                )
+            staging = self.backend.path(staging_key(upload_id))
+            try:
+                dir_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                raise FailedPrecondition(
+                    f"upload {upload_id} has no staging directory {staging}: write the chunks there first "
+                    "(or send them with UploadChunks)"
+                ) from None
+            except OSError as exc:  # a symlink (ELOOP) or a file (ENOTDIR) where the directory belongs
+                self.backend.remove_tree(staging_key(upload_id))
+                raise InvalidArgument(
+                    f"upload {upload_id}: {staging} is not a plain directory ({exc.strerror}); it was "
+                    "removed, stage the chunks again"
+                ) from None
+            try:
+                futures = [self._pool.submit(self._adopt_one, upload_id, dir_fd, d, sizes[d]) for d in unique]
+                # every one finishes before dir_fd closes (its number could be reused meanwhile)
+                wait(futures)
+            finally:
+                os.close(dir_fd)
+        results = [f.result() for f in futures]  # raises the first failure, in digest order
+        adopted = [n for n in results if n is not None]
+        return len(adopted), sum(adopted), len(results) - len(adopted)
+
+    def _adopt_one(self, upload_id: str, dir_fd: int, digest: str, expected: int) -> int | None:
+        """Verify and publish one staged chunk; its size, or None when the store already had it."""
+        name = chunk_file_name(digest)
+        what = f"staged chunk {digest[:23]}... of upload {upload_id}"
+
+        def discard() -> None:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
+
+        if self.chunks.has(digest):
+            discard()
+            return None
+        try:
+            # O_NONBLOCK: a FIFO in the chunk's place must not hang this thread (no effect on files)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+        except FileNotFoundError:
+            if self.chunks.has(digest):  # a concurrent adoption of the same chunk took the file
+                return None
+            raise FailedPrecondition(
+                f"{what} was not found (expected staging/{upload_id}/{name}); write it there first "
+                "(or send it with UploadChunks)"
+            ) from None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            discard()
+            raise InvalidArgument(
+                f"{what} is a symlink, not a file; it was removed, stage it again"
+            ) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                discard()
+                raise InvalidArgument(f"{what} is not a regular file; it was removed, stage it again")
+            if st.st_size != expected:
+                discard()
+                raise InvalidArgument(
+                    f"{what} is {st.st_size} bytes but the manifest places {expected} bytes there; "
+                    "the staged file was deleted, stage the chunk again"
+                )
+            # read, not mmap: a writer truncating the file meanwhile would SIGBUS an mmap reader
+            view = self._staging_buffer(expected)
+            got = 0
+            while got < expected:
+                n = os.readv(fd, [view[got:]])
+                if not n:
+                    break
+                got += n
+            ok, actual = matches(digest, view[:got])
+            if ok and os.fstat(fd).st_size != expected:  # still being written to: not what was hashed
+                discard()
+                raise InvalidArgument(f"{what} changed while it was verified; it was deleted, stage it again")
+            if not ok:
+                discard()
+                raise InvalidArgument(
+                    f"{what} does not match its digest: the {expected} bytes staged hash to "
+                    f"{actual[:23]}...; the staged file was deleted, stage or send the chunk again"
+                )
+            if self.backend.fsync:
+                os.fsync(fd)  # the client's fsync is not trusted either (cheap when it did sync)
+        finally:
+            os.close(fd)
+        # chunks of one call are adopted in parallel: check the quota and publish as one step
+        with self._quota_lock if self.quota_bytes else contextlib.nullcontext():
+            if (
+                self.quota_bytes
+                and not self.chunks.has(digest)
+                and self.chunks.stored_bytes + expected > self.quota_bytes
+            ):
+                discard()
+                raise ResourceExhausted(
+                    f"checkpoint store quota of {self.quota_bytes} bytes reached; delete old versions and "
+                    "run 'tokenmill ckpt gc'"
+                )
+            try:
+                adopted = self.chunks.adopt(digest, expected, name, src_dir_fd=dir_fd)
+            except OSError as exc:  # e.g. staged by another user in a directory this one cannot modify
+                raise FailedPrecondition(
+                    f"{what} cannot be moved into the chunk store ({exc.strerror}); send it with UploadChunks"
+                ) from None
+            if not adopted:
+                discard()
+                return None
+        return expected
+
+    def _staging_buffer(self, size: int) -> memoryview:
+        """A per-thread reusable read buffer (chunks are all about the same size)."""
+        buf: bytearray | None = getattr(self._tls, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = bytearray(size)
+            self._tls.buf = buf
+        return memoryview(buf)[:size]
+
+    def _remove_staging(self, upload_id: str) -> None:
+        if isinstance(self.backend, LocalBlobStore) and len(upload_id) == 32:
+            with contextlib.suppress(InvalidArgument, OSError):
+                self.backend.remove_tree(staging_key(upload_id))
+
+    def _sweep_staging(self, dry_run: bool) -> int:
+        """Remove staging directories whose upload is gone (committed, aborted, expired or never
+        begun: a killed client's leftovers); returns how many there were."""
+        if not isinstance(self.backend, LocalBlobStore):
+            return 0
+        base = self.backend.path(STAGING_PREFIX.rstrip("/"))
+        try:
+            names = sorted(os.listdir(base))
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+        doomed = []
+        for upload_id in names:
+            try:
+                staging_key(upload_id)
+            except InvalidArgument:
+                doomed.append(upload_id)  # nothing a client may create
+                continue
+            if self._session_or_none(upload_id) is None:
+                doomed.append(upload_id)
+        if not dry_run:
+            for upload_id in doomed:
+                remove_path(base / upload_id)
+        return len(doomed)
+
     def commit(self, upload_id: str) -> Version:
         """Publish the version atomically once every chunk is durable; FAILED_PRECONDITION otherwise."""
         with self._gc_lock.shared(), self._meta:
@@ -642,6 +841,7 @@ class CheckpointStore:
             self.backend.put(key, _dumps({"upload_id": state.upload_id, "ref": ref}))
         self.backend.delete(f"uploads/{state.upload_id}.json")
         self._sessions.pop(state.upload_id, None)
+        self._remove_staging(state.upload_id)  # chunks staged twice or deduplicated meanwhile
         self._recent_commits[state.upload_id] = ref
         while len(self._recent_commits) > 10_000:  # bounded: older retries fall back to a manifest scan
             self._recent_commits.pop(next(iter(self._recent_commits)))
@@ -653,6 +853,7 @@ class CheckpointStore:
                 return False
             self.backend.delete(f"uploads/{upload_id}.json")
             self._sessions.pop(upload_id, None)
+            self._remove_staging(upload_id)
             if state.idempotency_key:
                 key = f"idem/{state.name}/{hashlib.sha256(state.idempotency_key.encode()).hexdigest()[:40]}.json"
                 self.backend.delete(key)
@@ -870,6 +1071,7 @@ class CheckpointStore:
                         self._sessions.pop(state.upload_id, None)
                     continue
                 live |= state.manifest.digests()
+            self._sweep_staging(dry_run=dry_run)
             doomed = [d for d in stored if d not in live]
             freed = sum(stored[d] for d in doomed)
             if not dry_run:
