@@ -51,32 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         demo.run("platform up (embedded Redis + 5 services)", "up")
         demo.run("platform status", "status")
-        demo.run(
-            "ingest the Python standard library (code preset)",
-            "data",
-            "ingest",
-            stdlib,
-            "--name",
-            "stdlib",
-            "--preset",
-            "code",
-            "--vocab-size",
-            "4096",
-        )
-        demo.run(
-            "train a small model from scratch, 2 sharded workers",
-            "train",
-            "--dataset",
-            "stdlib",
-            "--output",
-            "demo-model",
-            "--preset",
-            "test-1m",
-            "--workers",
-            "2",
-            "--steps",
-            str(args.steps),
-        )
+        ingest = ["data", "ingest", stdlib, "--name", "stdlib", "--preset", "code", "--vocab-size", "4096"]
+        demo.run("ingest the Python standard library (code preset)", *ingest)
+        train = ["train", "--dataset", "stdlib", "--output", "demo-model", "--preset", "test-1m"]
+        train += ["--workers", "2", "--steps", str(args.steps), "--lr", "3e-3", "--warmup", "20"]
+        train += ["--eval-every", "100", "--checkpoint-every", "100"]
+        demo.run("train a small model from scratch, 2 sharded workers", *train)
         demo.run("checkpoints (stored vs logical bytes)", "ckpt", "list")
         demo.run("serve the model on 2 replicas behind the router", "serve", "demo-model", "--replicas", "2")
         for prompt in ("def ", "import ", "class "):

@@ -51,12 +51,12 @@ def status(obj) -> None:
     rows = launcher.process_table(config)
     if not rows:
         raise click.ClickException("tokenmill is not running; start it with `tokenmill up`")
-    click.echo(f"{'process':<14}{'address':<22}{'pid':<9}{'restarts':<10}health")
+    width = max(14, *(len(str(row["name"])) + 2 for row in rows))
+    click.echo(f"{'process':<{width}}{'address':<22}{'pid':<9}{'restarts':<10}health")
     for row in rows:
         pid = row["pid"] or "-"
-        click.echo(
-            f"{row['name']:<14}{row['address'] or '-':<22}{pid!s:<9}{row['restarts']!s:<10}{row['health']}"
-        )
+        address = row["address"] or "-"
+        click.echo(f"{row['name']:<{width}}{address:<22}{pid!s:<9}{row['restarts']!s:<10}{row['health']}")
     try:
         from common.jobs import JobQueue, JobState
         from common.redis_conn import connect
