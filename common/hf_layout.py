@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common import errors
+from common.proto_struct import struct_to_dict
 
 if TYPE_CHECKING:
     from common.clients.checkpoint import CheckpointClient
@@ -130,11 +131,9 @@ def read_hf_dir(
 def export_hf(client: CheckpointClient, ref: str, out_dir: str | os.PathLike[str]) -> Path:
     """Write checkpoint `ref` as an HF directory that `LlamaForCausalLM.from_pretrained` loads."""
     version = client.get(ref, include_manifest=True)
-    from common.clients.checkpoint import struct_dict
-
     have = {f.name for f in version.manifest.files}
     files = client.load_files(version.ref, [n for n in SIDE_FILES if n in have])
-    hf = hf_config_from_manifest(struct_dict(version.manifest.config), files)
+    hf = hf_config_from_manifest(struct_to_dict(version.manifest.config), files)
     tensors = client.load(version.ref)
     return write_hf_dir(out_dir, tensors, hf, files)
 

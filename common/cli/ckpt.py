@@ -114,7 +114,7 @@ def list_cmd(ctx: click.Context, name: str, as_json: bool) -> None:
 @_errors
 def show_cmd(ctx: click.Context, ref: str, tensors: bool) -> None:
     """Describe one checkpoint (REF: name, name:version or name:tag)."""
-    from common.clients.checkpoint import struct_dict
+    from common.proto_struct import struct_to_dict
 
     with _client(ctx) as client:
         v = client.get(ref, include_manifest=True)
@@ -124,8 +124,8 @@ def show_cmd(ctx: click.Context, ref: str, tensors: bool) -> None:
     click.echo(f"  {len(m.tensors)} tensor(s), files: {', '.join(f.name for f in m.files) or '-'}")
     lineage = {k: getattr(m.lineage, k) for k in ("parent", "dataset", "job_id") if getattr(m.lineage, k)}
     for label, value in (
-        ("config", struct_dict(m.config)),
-        ("metrics", struct_dict(m.metrics)),
+        ("config", struct_to_dict(m.config)),
+        ("metrics", struct_to_dict(m.metrics)),
         ("lineage", lineage),
         ("labels", dict(m.labels)),
     ):

@@ -42,7 +42,7 @@ from common.checkpoint_digest import (
 )
 from common.clients.base import BaseClient, convert_rpc_error
 from common.clients.checkpoint_wire import decode_download_chunk, encode_upload_chunk, tune_malloc
-from common.proto_struct import dict_to_struct, struct_to_dict
+from common.proto_struct import dict_to_struct
 from common.storage import TMP_MARK
 from tokenmill.v1 import checkpoint_pb2 as pb
 from tokenmill.v1 import checkpoint_pb2_grpc as pb_grpc
@@ -119,9 +119,6 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-struct_dict = struct_to_dict  # the name existing callers (CLI, hf_layout) import
 
 
 @dataclass
