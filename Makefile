@@ -2,14 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PROTO_SRC := $(wildcard protos/tokenmill/v1/*.proto)
 
 .PHONY: venv proto proto-check demo test lint up down clean
 
+# torch: the CPU build, from the local wheel cache where there is one, else from PyTorch's CPU index
+# (a bare `pip install torch` would pull a multi-GB CUDA build).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the CPU build: from the local wheel cache where there is one, else from PyTorch's CPU index
 	$(PY) -m pip install -q torch==2.13.0 || \
 		$(PY) -m pip install -q 'torch>=2.6,<=2.13.0' --index-url https://download.pytorch.org/whl/cpu
 	$(PY) -m pip install -q -e '.[dev,ray]'
