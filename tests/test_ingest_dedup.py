@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import numpy as np
 import pytest
 
@@ -13,6 +16,7 @@ from services.ingest.engine.dedup import (
     content_hash,
     lsh_probability,
     near_duplicates,
+    spacy_like_split,
 )
 from tests.fixtures.ingest import english_doc, mutate
 
@@ -98,3 +102,88 @@ def test_other_band_configs_work(bands, rows):
     sigs = np.stack([h.signature(a), h.signature(a + " extra words here"), h.signature(english_doc(6, 200))])
     res = near_duplicates(sigs, h)
     assert res.keep.tolist() == [True, False, True]
+
+
+def _datatrove_reference(text: str, seed: int, num_perm: int, words: list[str]) -> np.ndarray:
+    """datatrove's sha1/32-bit MinHash written out in Python integers: SHA-1 of each space-joined
+    5-gram (first 4 bytes, little-endian), ((a*h + b) mod 2^64) mod (2^61 - 1), low 32 bits, min."""
+    p = (1 << 61) - 1
+    gen = np.random.RandomState(seed)
+    a = gen.randint(1, p, dtype=np.uint64, size=num_perm).tolist()
+    b = gen.randint(0, p, dtype=np.uint64, size=num_perm).tolist()
+    hs = {
+        struct.unpack("<I", hashlib.sha1(" ".join(words[i : i + 5]).encode()).digest()[:4])[0]
+        for i in range(len(words) - 4)
+    }
+    return np.array(
+        [min(((h * ak + bk) % 2**64) % p & 0xFFFFFFFF for h in hs) for ak, bk in zip(a, b, strict=True)],
+        dtype=np.uint32,
+    )
+
+
+@pytest.mark.parametrize("seed", [1, 7])
+def test_datatrove_sha1_family_matches_reference_bit_for_bit(seed):
+    cfg = MinHashConfig(bands=4, rows=5, seed=seed, hash_family="datatrove-sha1")
+    h = MinHasher(cfg)
+    text = english_doc(11, 120) + " Café 3.14 cannot, naïve!"
+    ref = _datatrove_reference(text, seed, cfg.num_perm, MinHasher.simplify(text))
+    assert np.array_equal(h.signature(text), ref)
+    assert not np.array_equal(MinHasher(MinHashConfig(bands=4, rows=5, seed=seed)).signature(text), ref)
+
+
+def test_datatrove_sha1_family_matches_datatrove_itself():
+    minhash = pytest.importorskip("datatrove.pipeline.dedup.minhash")  # bench-only extra
+    hashing = pytest.importorskip("datatrove.utils.hashing")
+    cfg = minhash.MinhashConfig(
+        num_buckets=4, hashes_per_bucket=5, hash_config=hashing.HashConfig(precision=32, hash_fc="sha1")
+    )
+    step = minhash.MinhashDedupSignature(output_folder="/tmp", config=cfg)
+    text = english_doc(12, 150)
+    step.word_tokenizer = type("Ws", (), {"word_tokenize": staticmethod(str.split)})()  # no spaCy
+    ref = np.concatenate([np.array(x, dtype=np.uint32) for x in step.get_signature(step.get_shingles(text))])
+    ours = MinHasher(MinHashConfig(bands=4, rows=5, hash_family="datatrove-sha1")).signature(text)
+    assert np.array_equal(ours, ref)
+
+
+def test_datatrove_family_finds_planted_duplicates():
+    h = MinHasher(MinHashConfig(hash_family="datatrove-sha1", word_split="spacy-like"))
+    a = english_doc(21, 300)
+    docs = [a, mutate(a, 0.95, seed=3), english_doc(22, 300)]
+    res = near_duplicates(np.stack([h.signature(d) for d in docs]), h)
+    assert res.keep.tolist() == [True, False, True]
+
+
+def test_spacy_like_split_follows_spacy_english_rules():
+    assert spacy_like_split("i cannot say id dont know") == [
+        "i",
+        "can",
+        "not",
+        "say",
+        "i",
+        "d",
+        "do",
+        "nt",
+        "know",
+    ]
+    assert spacy_like_split("weigh 0g and 0kg of em0t") == [
+        "weigh",
+        "0",
+        "g",
+        "and",
+        "0",
+        "kg",
+        "of",
+        "em0",
+        "t",
+    ]
+    assert spacy_like_split("└── ‘item °f") == ["└", "─", "─", "‘", "item", "°", "f"]
+    assert spacy_like_split("plain words stay") == ["plain", "words", "stay"]
+    h = MinHasher(MinHashConfig(word_split="spacy-like"))
+    assert h.words("I cannot!") == ["i", "can", "not"]
+
+
+def test_unknown_hash_family_or_split_is_rejected():
+    with pytest.raises(ValueError, match="hash_family"):
+        MinHashConfig(hash_family="md5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="word_split"):
+        MinHashConfig(word_split="nltk")  # type: ignore[arg-type]
