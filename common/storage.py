@@ -34,6 +34,29 @@ _TMP_MARK = ".tmp-"
 TMP_MARK = _TMP_MARK  # files whose name holds this are unpublished temps: never listed, swept on open
 
 
+def write_temp_file(target: Path, data: Bytes, *, fsync: bool = True) -> Path:
+    """Write `data` to a fresh temp file beside `target`; the caller publishes it (rename or link).
+
+    A writer killed meanwhile leaves only a temp name, which listings skip and sweeps remove; on
+    an error the temp file is removed before the error propagates."""
+    tmp = target.parent / f"{target.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data).cast("B")
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written : written + (64 << 20)])
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
 def check_key(key: str) -> str:
     """Return `key` if it is a safe relative object key, else raise InvalidArgument."""
     if not key or len(key) > 1024 or key.startswith("/") or "\x00" in key or "\\" in key:
@@ -126,22 +149,7 @@ class LocalBlobStore(BlobStore):
 
     def _write_temp(self, target: Path, data: Bytes) -> Path:
         self._ensure_dir(target.parent)
-        tmp = target.parent / f"{target.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data).cast("B")
-            written = 0
-            while written < len(view):
-                written += os.write(fd, view[written : written + (64 << 20)])
-            if self.fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        os.close(fd)
-        return tmp
+        return write_temp_file(target, data, fsync=self.fsync)
 
     def put(self, key: str, data: Bytes) -> None:
         target = self.path(key)

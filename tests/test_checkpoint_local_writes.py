@@ -179,6 +179,7 @@ def test_s3_store_saves_over_grpc(start_checkpoint_service, s3_env):
 KILLED_CLIENT = """
 import os, sys, time
 import common.clients.checkpoint as c
+from common.storage import TMP_MARK
 from tests.fixtures.checkpoint import tiny_state_dict
 real, calls = c._write_staged, []
 
@@ -186,7 +187,7 @@ def dies_mid_write(staging, name, data):
     calls.append(name)
     if len(calls) < 3:
         return real(staging, name, data)
-    with open(staging / (name + c.TMP_MARK + "killed"), "wb") as f:  # half a chunk, then SIGKILL
+    with open(staging / (name + TMP_MARK + "killed"), "wb") as f:  # half a chunk, then SIGKILL
         f.write(bytes(data[: len(data) // 2]))
     open(sys.argv[2], "w").close()
     time.sleep(60)

@@ -43,7 +43,7 @@ from common.checkpoint_digest import (
 from common.clients.base import BaseClient, convert_rpc_error
 from common.clients.checkpoint_wire import decode_download_chunk, encode_upload_chunk, tune_malloc
 from common.proto_struct import dict_to_struct
-from common.storage import TMP_MARK
+from common.storage import write_temp_file
 from tokenmill.v1 import checkpoint_pb2 as pb
 from tokenmill.v1 import checkpoint_pb2_grpc as pb_grpc
 
@@ -889,21 +889,7 @@ class CheckpointClient(BaseClient):
 def _write_staged(staging: Path, name: str, data: memoryview) -> None:
     """Write one chunk under its final staged name atomically: temp file, fsync, rename. A client
     killed meanwhile leaves at most a temp file (swept by the server), never a torn staged chunk."""
-    tmp = staging / f"{name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data).cast("B")
-        written = 0
-        while written < len(view):
-            written += os.write(fd, view[written : written + (64 << 20)])
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, staging / name)
+    os.replace(write_temp_file(staging / name, data), staging / name)
 
 
 def _pieces_by_logical(manifest: pb.CheckpointManifest) -> dict[str, list[pb.TensorEntry]]:
