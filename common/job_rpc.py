@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 
 from common import errors
 from common.jobs import Job, JobEvent, JobQueue, JobState
-from common.proto_struct import dict_to_struct
+from common.proto_struct import dict_to_struct, timestamp_from_seconds
 from tokenmill.v1 import common_pb2
 
 MAX_PAGE_SIZE = 1000
@@ -44,14 +44,6 @@ def state_from_proto(value: int) -> JobState | None:
         ) from None
 
 
-def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(round(seconds * 1e9)))
-    return ts
-
-
 def _struct(data: dict[str, Any] | None) -> struct_pb2.Struct | None:
     """None stays unset (the field is absent), anything else becomes a Struct."""
     return None if data is None else dict_to_struct(data)
@@ -66,9 +58,9 @@ def job_to_proto(job: Job) -> common_pb2.Job:
         idempotency_key=job.idempotency_key,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
-        created_at=_timestamp(job.created_at),
-        started_at=_timestamp(job.started_at),
-        finished_at=_timestamp(job.finished_at),
+        created_at=timestamp_from_seconds(job.created_at),
+        started_at=timestamp_from_seconds(job.started_at),
+        finished_at=timestamp_from_seconds(job.finished_at),
         result=_struct(job.result),
         error=job.error,
         cancel_requested=job.cancel_requested,
@@ -89,7 +81,7 @@ def event_to_proto(event: JobEvent) -> common_pb2.JobEvent:
     return common_pb2.JobEvent(
         job_id=event.job_id,
         offset=event.offset,
-        time=_timestamp(event.time),
+        time=timestamp_from_seconds(event.time),
         kind=event.kind,
         state=state_to_proto(event.state),
         data=_struct(event.data),

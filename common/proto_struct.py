@@ -1,4 +1,4 @@
-"""The one conversion between `google.protobuf.Struct` and plain dicts.
+"""The one conversion between protobuf well-known types (Struct, Timestamp) and plain values.
 
 Struct stores every number as a double, so a config's `vocab_size: 32000` comes back as 32000.0;
 `struct_to_dict` gives integral values back as int (only below 2**53, where a double is exact, so a
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.json_format import MessageToDict
 
 from common.errors import InvalidArgument
@@ -45,3 +45,12 @@ def dict_to_struct(d: Mapping[str, Any] | None, *, what: str = "value") -> struc
                 f"{what} must be JSON-like (str, number, bool, None, list, dict with str keys): {exc}"
             ) from None
     return s
+
+
+def timestamp_from_seconds(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    """Epoch seconds as a Timestamp, to the nearest nanosecond; None stays unset."""
+    if seconds is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(round(seconds * 1e9)))
+    return ts

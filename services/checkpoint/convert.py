@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
-from common.proto_struct import dict_to_struct, struct_to_dict
+from common.proto_struct import dict_to_struct, struct_to_dict, timestamp_from_seconds
 from tokenmill.v1 import checkpoint_pb2 as pb
 
 from .engine.manifest import FileEntry, Manifest, ShardInfo, TensorEntry
 from .engine.store import Lease, UploadStatus, Version
-
-
-def timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
 
 def tensor_from_proto(t: pb.TensorEntry) -> TensorEntry:
@@ -77,7 +69,7 @@ def version_to_proto(v: Version, include_manifest: bool = False) -> pb.Checkpoin
         name=v.name,
         version=str(v.version),
         tags=v.tags,
-        created_at=timestamp(v.created_at),
+        created_at=timestamp_from_seconds(v.created_at),
         logical_bytes=v.manifest.logical_bytes,
         new_bytes=v.new_bytes,
         ref=v.ref,
@@ -94,12 +86,15 @@ def session_to_proto(s: UploadStatus) -> pb.UploadSession:
         missing_chunks=s.missing_chunks,
         missing_bytes=s.missing_bytes,
         total_chunks=s.total_chunks,
-        expires_at=timestamp(s.expires_at),
+        expires_at=timestamp_from_seconds(s.expires_at),
         committed_ref=s.committed_ref,
     )
 
 
 def lease_to_proto(lease: Lease) -> pb.Lease:
     return pb.Lease(
-        lease_id=lease.lease_id, ref=lease.ref, holder=lease.holder, expires_at=timestamp(lease.expires_at)
+        lease_id=lease.lease_id,
+        ref=lease.ref,
+        holder=lease.holder,
+        expires_at=timestamp_from_seconds(lease.expires_at),
     )

@@ -15,13 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import timestamp_pb2
-
 from common import errors
 from common.config import Config
 from common.job_rpc import JobRpcMixin, job_to_proto
 from common.jobs import JobContext, JobQueue, JobWorker
-from common.proto_struct import dict_to_struct, struct_to_dict
+from common.proto_struct import dict_to_struct, struct_to_dict, timestamp_from_seconds
 from common.runtime import ServiceApp, run_service
 from services.ingest.engine.pipeline import check_input_locations, preflight, run_ingest
 from services.ingest.engine.registry import DatasetRegistry, summary
@@ -65,17 +63,11 @@ def request_to_spec(request: ingest_pb2.SubmitIngestRequest) -> dict[str, Any]:
     return spec
 
 
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(round(seconds * 1e9)))
-    return ts
-
-
 def dataset_to_proto(manifest: dict[str, Any], path: Path) -> ingest_pb2.Dataset:
     s = summary(manifest)
     msg = ingest_pb2.Dataset(
         name=s["name"],
-        created_at=_timestamp(float(s["created_at"])),
+        created_at=timestamp_from_seconds(float(s["created_at"])),
         documents=int(s["documents"]),
         train_tokens=int(s["train_tokens"]),
         val_tokens=int(s["val_tokens"]),
