@@ -34,8 +34,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import psutil
 import redis
+
+from common.procs import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +94,6 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def _pid_alive(pid: int) -> bool:
-    """True for a running (non-zombie) process."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 class EmbeddedRedis:
@@ -206,7 +199,7 @@ class EmbeddedRedis:
     def running(self) -> bool:
         """True when the server recorded in the data dir is alive and answers PING."""
         rec = self._recorded()
-        return bool(rec and _pid_alive(rec[1]) and self._ping(rec[0], pid=rec[1]))
+        return bool(rec and pid_alive(rec[1]) and self._ping(rec[0], pid=rec[1]))
 
     alive = running  # the launcher's supervisor loop asks `alive()`
 
@@ -226,7 +219,7 @@ class EmbeddedRedis:
         with self._lock():
             self._password = self._load_password()
             rec = self._recorded()
-            if rec and _pid_alive(rec[1]) and self._ping(rec[0], pid=rec[1]):
+            if rec and pid_alive(rec[1]) and self._ping(rec[0], pid=rec[1]):
                 port = _url_port(rec[0])
                 if rec[0] == self._url(port):
                     self.port = port
@@ -325,7 +318,7 @@ class EmbeddedRedis:
 
     def _shutdown(self, url: str, pid: int) -> None:
         """SHUTDOWN the server at `url` (pid `pid`), escalating to signals if it does not exit."""
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return
         client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
         # SHUTDOWN closes the connection instead of replying: that error is the success.
@@ -350,7 +343,7 @@ class EmbeddedRedis:
                 return False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 return True
             time.sleep(0.05)
         return False

@@ -16,12 +16,12 @@ import pytest
 import redis
 
 from common.config import Config
+from common.procs import pid_alive
 from common.redis_conn import connect, connect_url, redis_url_for
 from common.redis_embedded import (
     DISABLED_COMMANDS,
     EmbeddedRedis,
     _free_port,
-    _pid_alive,
     redact,
     redis_server_executable,
 )
@@ -41,7 +41,7 @@ def test_start_writes_discovery_files_and_enables_aof(embedded: EmbeddedRedis, t
     assert url.startswith("redis://:") and "@127.0.0.1:" in url
     assert (tmp_path / "redis" / "redis.url").read_text().strip() == url
     pid = int((tmp_path / "redis" / "redis.pid").read_text())
-    assert _pid_alive(pid)
+    assert pid_alive(pid)
     client = redis.Redis.from_url(url, decode_responses=True)
     client.set("k", "v")
     # CONFIG is disabled on the server, so the settings are read from INFO and the files
