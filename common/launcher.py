@@ -64,7 +64,6 @@ class RunDir:
         self.processes = self.path / "processes.json"
         self.state = self.path / "state.json"
         self.supervisor_pid = self.path / "supervisor.pid"
-        self.config_file = self.path / "config.path"
 
     def ensure(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
