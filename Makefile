@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv proto proto-check demo test lint up down clean
+.PHONY: venv proto proto-check demo test test-fast lint typecheck up down clean
 
 # torch: the CPU build, from the local wheel cache where there is one, else from PyTorch's CPU index
 # (a bare `pip install torch` would pull a multi-GB CUDA build).
@@ -19,22 +19,30 @@ venv: $(VENV)/.installed
 
 # Generated stubs are committed (tokenmill/v1/); this regenerates them.
 proto: venv
-	$(PY) -m common.protogen
+	$(PY) -m tokenmill.common.protogen
 
 # Fails when the committed stubs differ from what the protos generate.
 proto-check: venv
-	$(PY) -m common.protogen --check
+	$(PY) -m tokenmill.common.protogen --check
 
-lint: venv
+lint: venv typecheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: venv proto-check
+# mypy over common/ and services/ under their tokenmill.* names (scripts/typecheck.py says how).
+typecheck: venv
+	$(PY) scripts/typecheck.py
+
+test: venv proto-check typecheck
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+# The inner loop: everything not marked slow, in about a minute.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
 demo: venv
-	$(PY) -m common.demo
+	$(PY) -m tokenmill.common.platform.demo
 
 up: venv
 	$(VENV)/bin/tokenmill up

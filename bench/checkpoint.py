@@ -3,7 +3,7 @@
 One state dict (Llama-shaped: TinyLlama-1.1B widths, bf16, `--layers` decoder blocks; >= 500 MB by
 default) is saved and loaded three ways on the same disk:
 
-* store: `CheckpointClient.save/load` against `python -m services.checkpoint` (a separate process)
+* store: `CheckpointClient.save/load` against `python -m tokenmill.services.checkpoint` (a separate process)
   over loopback gRPC; every chunk and manifest is fsynced before commit returns. Saves and loads
   are each timed twice: with the client's default same-host path (saves write chunk files into the
   store's staging directory, fsync them, and the server re-hashes and renames them into place;
@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench._report import target, write_report
-from common.clients.checkpoint import CheckpointClient, tensor_bytes
+from tokenmill.common.clients.checkpoint import CheckpointClient, tensor_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -159,7 +159,7 @@ def start_server(store_dir: Path, work: Path) -> tuple[subprocess.Popen, int]:
     )
     env = {k: v for k, v in os.environ.items() if k != "TOKENMILL_CONFIG"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.checkpoint", "--config", str(cfg)], cwd=REPO, env=env
+        [sys.executable, "-m", "tokenmill.services.checkpoint", "--config", str(cfg)], cwd=REPO, env=env
     )
     return proc, port
 

@@ -37,10 +37,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._report import target, write_report  # noqa: E402
-from services.ingest.engine.dedup import MinHashConfig, MinHasher, near_duplicates  # noqa: E402
-from services.ingest.engine.normalize import normalize_text  # noqa: E402
-from services.ingest.engine.spec import IngestSpec  # noqa: E402
-from services.ingest.engine.stages import DocumentChain  # noqa: E402
+from tokenmill.common.ingest.dedup import MinHashConfig, MinHasher, near_duplicates  # noqa: E402
+from tokenmill.common.ingest.normalize import normalize_text  # noqa: E402
+from tokenmill.common.ingest.spec import IngestSpec  # noqa: E402
+from tokenmill.common.ingest.stages import DocumentChain  # noqa: E402
 
 BANDS, ROWS = 20, 13
 
@@ -206,7 +206,7 @@ def datatrove_minhash(docs: list[tuple[str, str]], work: Path) -> tuple[float, s
 
 
 def ours_full(docs: list[tuple[str, str]], work: Path) -> float:
-    from services.ingest.engine.pipeline import run_ingest
+    from tokenmill.common.ingest.pipeline import run_ingest
 
     src = work / "corpus.jsonl"
     with open(src, "w") as f:

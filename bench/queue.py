@@ -27,9 +27,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 from bench._report import target, write_report  # noqa: E402
-from common.jobs import JobQueue, JobWorker  # noqa: E402
-from common.redis_conn import connect_url  # noqa: E402
-from common.redis_embedded import EmbeddedRedis  # noqa: E402
+from tokenmill.common.jobs import JobQueue, JobWorker  # noqa: E402
+from tokenmill.common.platform.redis_embedded import EmbeddedRedis  # noqa: E402
+from tokenmill.common.redis_conn import connect_url  # noqa: E402
 
 BARE_STREAM, BARE_GROUP = "bench:bare:stream", "bench:bare:workers"
 JOB_TYPE = "bench"

@@ -16,8 +16,8 @@ import time
 import torch
 
 from bench._report import target, write_report
-from common.model import ModelConfig, Transformer
-from services.inference.engine import EngineConfig, SamplingParams, build_engine
+from tokenmill.common.inference import EngineConfig, SamplingParams, build_engine
+from tokenmill.common.model.transformer import ModelConfig, Transformer
 
 MODEL = ModelConfig(
     vocab_size=4096,

@@ -20,8 +20,8 @@ import time
 import torch
 
 from bench._report import target, write_report
-from common.model import ModelConfig, preset
-from services.inference.engine import EngineConfig, SamplingParams, build_engine
+from tokenmill.common.inference import EngineConfig, SamplingParams, build_engine
+from tokenmill.common.model.transformer import ModelConfig, preset
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, iters: int) -> float:

@@ -1,6 +1,6 @@
 """CPU benchmark: tokens/s of our training worker step (world size 1) vs a bare PyTorch loop.
 
-Ours is the real engine (`services.trainer.engine.worker.train`: FSDP2 over a gloo group of one,
+Ours is the real engine (`tokenmill.common.trainer.worker.train`: FSDP2 over a gloo group of one,
 AdamW, clipping, schedule, the per-step loss/stop all-reduce, sampler); its per-step times come from
 its own progress reports. The baseline is a plain single-process loop over the same model, batch,
 optimizer settings and sampler. Both run in this process in lockstep (one of our steps, then one
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from bench._report import target, write_report
-from common.dataset import (
+from tokenmill.common.data.dataset import (
     MANIFEST,
     PackedDataset,
     ShardWriter,
@@ -31,12 +31,12 @@ from common.dataset import (
     token_dtype_for,
     write_json_atomic,
 )
-from common.model import Transformer
-from services.trainer.engine.checkpoint_io import LocalCheckpointIO
-from services.trainer.engine.config import TrainConfig
-from services.trainer.engine.parallel import free_port
-from services.trainer.engine.schedule import lr_at
-from services.trainer.engine.worker import NullChannel, train
+from tokenmill.common.model.transformer import Transformer
+from tokenmill.common.trainer.checkpoint_io import LocalCheckpointIO
+from tokenmill.common.trainer.config import TrainConfig
+from tokenmill.common.trainer.parallel import free_port
+from tokenmill.common.trainer.schedule import lr_at
+from tokenmill.common.trainer.worker import NullChannel, train
 
 MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4}
 VOCAB = 2048

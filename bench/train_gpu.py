@@ -1,12 +1,12 @@
 """GPU benchmark: our training step vs Hugging Face LlamaForCausalLM + torch.compile, one GPU.
 
-Ours is the real engine (`services.trainer.engine.worker.train`): FSDP2 world size 1 over NCCL,
+Ours is the real engine (`tokenmill.common.trainer.worker.train`): FSDP2 world size 1 over NCCL,
 bf16 params/activations with fp32 master weights and fp32 gradient reduction, per-block
 torch.compile, fused AdamW, clipping, warmup+cosine, packed-shard sampler. The baseline is the
 standard HF recipe on the same config, batch and sequence: fp32 weights + bf16 autocast, SDPA
 attention, torch.compile of the whole model, fused AdamW, clipping. Both run in this process.
 MFU = (6N + 12·L·H·Q·T) · tokens/s / peak (PaLM), peak from the device table in
-services/trainer/engine/metrics.py (H100/H200 SXM dense bf16 989 TFLOP/s).
+common/trainer/metrics.py (H100/H200 SXM dense bf16 989 TFLOP/s).
 
 Needs torch + transformers only (no Redis, Ray or gRPC). Finishes in well under 8 minutes on an H100.
 
@@ -31,13 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._report import target, write_report  # noqa: E402
-from common.dataset import MANIFEST, ShardWriter, token_dtype_for, write_json_atomic  # noqa: E402
-from common.model import preset  # noqa: E402
-from services.trainer.engine.checkpoint_io import LocalCheckpointIO  # noqa: E402
-from services.trainer.engine.config import TrainConfig  # noqa: E402
-from services.trainer.engine.metrics import peak_flops  # noqa: E402
-from services.trainer.engine.parallel import free_port  # noqa: E402
-from services.trainer.engine.worker import NullChannel, train  # noqa: E402
+from tokenmill.common.data.dataset import MANIFEST, ShardWriter, token_dtype_for, write_json_atomic  # noqa: E402
+from tokenmill.common.model.transformer import preset  # noqa: E402
+from tokenmill.common.trainer.checkpoint_io import LocalCheckpointIO  # noqa: E402
+from tokenmill.common.trainer.config import TrainConfig  # noqa: E402
+from tokenmill.common.trainer.metrics import peak_flops  # noqa: E402
+from tokenmill.common.trainer.parallel import free_port  # noqa: E402
+from tokenmill.common.trainer.worker import NullChannel, train  # noqa: E402
 
 # name -> (micro batch, seq len, warm-up steps, measured steps, MFU goal, speed-up goal vs HF)
 PLANS = {

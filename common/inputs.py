@@ -5,7 +5,7 @@ tokenizers). On a shared deployment that must not reach `/etc` or another tenant
 such name is checked against `config.input_roots` (local directories and/or `s3://` prefixes)
 after resolving `..` and symlinks: a symlink inside an allowed root that points outside is outside.
 Empty roots mean "anywhere the process can read" (a single-user workstation).
-Engine-safe: imports nothing but `common.errors`.
+Engine-safe: imports nothing but `tokenmill.common.errors`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.errors import InvalidArgument, PermissionDenied
+from tokenmill.common.errors import InvalidArgument, PermissionDenied
 
 SETTING = "input_roots (env TOKENMILL_INPUT_ROOTS)"
 S3 = "s3://"

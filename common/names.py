@@ -5,14 +5,14 @@ Names become storage key components and directory names, and file entries become
 checkpoint is exported, so every service checks them against the same strict allow-list (no path
 traversal, no absolute paths, bounded lengths). One definition matters: a trainer `output_name` that
 passed the trainer's check but not the checkpoint store's would be rejected only after training.
-Engine-safe: imports nothing but `common.errors`.
+Engine-safe: imports nothing but `tokenmill.common.errors`.
 """
 
 from __future__ import annotations
 
 import re
 
-from common.errors import InvalidArgument
+from tokenmill.common.errors import InvalidArgument
 
 MAX_NAME = 100
 MAX_TAG = 64

@@ -15,10 +15,10 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from common.redis_embedded import EmbeddedRedis
+from tokenmill.common.platform.redis_embedded import EmbeddedRedis
 
 if TYPE_CHECKING:
-    from common.config import Config
+    from tokenmill.common.config import Config
 
 SOCKET_TIMEOUT_S = 30.0
 RETRIES = 12  # with the backoff below: ~20 s of retrying before the error reaches the caller

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 Bytes = bytes | bytearray | memoryview
 

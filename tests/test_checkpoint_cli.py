@@ -8,9 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from common.cli.main import cli
-from services.checkpoint.engine.chunks import chunk_key
 from tests.fixtures.checkpoint import TEST_TOKEN, tiny_state_dict
+from tokenmill.common.checkpoint.chunks import chunk_key
+from tokenmill.common.cli.main import cli
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_cli_verify_reports_corruption(ckpt, run_cli):
 
 
 def test_cli_export_import(ckpt, run_cli, tmp_path):
-    from common.model import ModelConfig, Transformer
+    from tokenmill.common.model.transformer import ModelConfig, Transformer
 
     cfg = ModelConfig(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from common import errors
-from services.checkpoint.engine.store import FAULT_ENV
 from tests.fixtures.checkpoint import tiny_state_dict
+from tokenmill.common import errors
+from tokenmill.common.checkpoint.store import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from common import errors
-from common.checkpoint_digest import digest_of
-from services.checkpoint.engine import CheckpointStore, FileEntry, Manifest, TensorEntry
-from services.checkpoint.engine.chunks import chunk_key
-from services.checkpoint.engine.names import parse_ref, validate_file_name, validate_name, validate_tag
+from tokenmill.common import errors
+from tokenmill.common.checkpoint import CheckpointStore, FileEntry, Manifest, TensorEntry
+from tokenmill.common.checkpoint.chunks import chunk_key
+from tokenmill.common.checkpoint.digest import digest_of
+from tokenmill.common.checkpoint.names import parse_ref, validate_file_name, validate_name, validate_tag
 
 CS = 64 << 10
 
@@ -47,7 +47,7 @@ def read_all(store: CheckpointStore, ref: str) -> dict[str, bytes]:
 
 def test_engine_imports_without_grpc_or_stubs():
     code = (
-        "import sys; import services.checkpoint.engine, common.storage; "
+        "import sys; import tokenmill.common.checkpoint, tokenmill.common.storage; "
         "bad = [m for m in ('grpc', 'redis', 'ray', 'tokenmill.v1', 'torch') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -163,7 +163,7 @@ def test_quota_counts_reserved_uploads(tmp_path):
 
 
 def test_engine_over_s3(s3_server):
-    from common.storage import S3BlobStore
+    from tokenmill.common.storage import S3BlobStore
 
     kwargs = s3_server.client_kwargs()
     backend = S3BlobStore(s3_server.bucket, "engine-test", endpoint_url=kwargs.pop("endpoint_url"), **kwargs)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from common import errors
+from tokenmill.common import errors
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,7 +56,7 @@ def test_import_export_round_trip_in_transformers(ckpt, tmp_path):
 
 
 def test_trainer_checkpoint_exports_to_transformers(ckpt, tmp_path):
-    from common.model import ModelConfig, Transformer
+    from tokenmill.common.model.transformer import ModelConfig, Transformer
 
     cfg = ModelConfig(
         vocab_size=96,

@@ -15,11 +15,11 @@ import grpc
 import pytest
 import torch
 
-import common.clients.checkpoint as ckpt_client
-from common import errors
-from common.checkpoint_digest import chunk_file_name, staging_key
-from services.checkpoint.engine.chunks import chunk_key
+import tokenmill.common.clients.checkpoint as ckpt_client
 from tests.fixtures.checkpoint import TEST_TOKEN, tiny_state_dict
+from tokenmill.common import errors
+from tokenmill.common.checkpoint.chunks import chunk_key
+from tokenmill.common.checkpoint.digest import chunk_file_name, staging_key
 from tokenmill.v1 import checkpoint_pb2 as pb
 from tokenmill.v1 import checkpoint_pb2_grpc as pb_grpc
 
@@ -178,8 +178,8 @@ def test_s3_store_saves_over_grpc(start_checkpoint_service, s3_env):
 
 KILLED_CLIENT = """
 import os, sys, time
-import common.clients.checkpoint as c
-from common.storage import TMP_MARK
+import tokenmill.common.clients.checkpoint as c
+from tokenmill.common.storage import TMP_MARK
 from tests.fixtures.checkpoint import tiny_state_dict
 real, calls = c._write_staged, []
 

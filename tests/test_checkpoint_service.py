@@ -12,10 +12,10 @@ import grpc
 import pytest
 import torch
 
-from common import errors
-from common.clients.checkpoint import piece_name
-from services.checkpoint.engine.chunks import chunk_key
 from tests.fixtures.checkpoint import tiny_state_dict
+from tokenmill.common import errors
+from tokenmill.common.checkpoint.chunks import chunk_key
+from tokenmill.common.clients.checkpoint import piece_name
 from tokenmill.v1 import checkpoint_pb2 as pb
 from tokenmill.v1 import checkpoint_pb2_grpc as pb_grpc
 
@@ -391,16 +391,16 @@ def test_chunks_are_named_by_blake3_and_sha256_versions_stay_loadable(ckpt):
 def test_service_server_options_reach_the_grpc_server(tmp_path):
     """ServiceApp(server_options=...) come after the defaults, so a service can override them
     (the checkpoint service raises the HTTP/2 frame size and socket read sizes this way)."""
-    from common.runtime import ServiceApp
-    from services.checkpoint.engine import CheckpointStore
-    from services.checkpoint.server import (
+    from tests.fixtures.checkpoint import TEST_TOKEN
+    from tests.fixtures.grpc import make_test_config
+    from tokenmill.common.checkpoint import CheckpointStore
+    from tokenmill.common.runtime import ServiceApp
+    from tokenmill.services.checkpoint.server import (
         SERVER_OPTIONS,
         SERVICE_NAME,
         CheckpointServicer,
         add_checkpoint_servicer,
     )
-    from tests.fixtures.checkpoint import TEST_TOKEN
-    from tests.fixtures.grpc import make_test_config
 
     assert ("grpc.http2.max_frame_size", (1 << 24) - 1) in SERVER_OPTIONS
     config = make_test_config(tmp_path)
@@ -416,7 +416,7 @@ def test_service_server_options_reach_the_grpc_server(tmp_path):
     app.start()
     app.set_serving()
     try:
-        from common.clients.checkpoint import CheckpointClient
+        from tokenmill.common.clients.checkpoint import CheckpointClient
 
         # chunks over gRPC (the same-host path would write the big chunk without a message)
         with CheckpointClient(
@@ -647,7 +647,7 @@ def test_other_rpc_bad_inputs(ckpt):
 
 
 def test_auth_is_required(ckpt):
-    from common.clients.checkpoint import CheckpointClient
+    from tokenmill.common.clients.checkpoint import CheckpointClient
 
     anon = CheckpointClient(f"127.0.0.1:{ckpt.app.port}")
     with pytest.raises(errors.Unauthenticated):

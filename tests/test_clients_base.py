@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-import common.clients as clients
-from common import errors
-from common.clients.base import (
+import tokenmill.common.clients as clients
+from tests.fixtures.grpc import TEST_TOKEN, EchoClient, echo_servicers, free_port
+from tokenmill.common import errors
+from tokenmill.common.clients.base import (
     NO_DEADLINE,
     BaseClient,
     ClientTls,
@@ -18,8 +19,7 @@ from common.clients.base import (
     job_state_value,
     service_config_json,
 )
-from common.runtime import ServiceApp
-from tests.fixtures.grpc import TEST_TOKEN, EchoClient, echo_servicers, free_port
+from tokenmill.common.runtime import ServiceApp
 from tokenmill.v1 import common_pb2
 
 
@@ -126,7 +126,7 @@ def test_job_state_names_and_values():
 
 def test_package_reexports_clients_lazily(monkeypatch):
     assert clients.BaseClient is BaseClient and clients.JobsClientMixin is JobsClientMixin
-    monkeypatch.setitem(clients._LAZY, "MissingClient", "common.clients.does_not_exist")
+    monkeypatch.setitem(clients._LAZY, "MissingClient", "tokenmill.common.clients.does_not_exist")
     with pytest.raises(ModuleNotFoundError):
         clients.MissingClient  # noqa: B018 - the failure happens on use, not on import
     with pytest.raises(AttributeError):

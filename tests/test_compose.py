@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import DEFAULT_PORTS, SERVICE_NAMES, load_config
+from tokenmill.common.config import DEFAULT_PORTS, SERVICE_NAMES, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -59,7 +59,7 @@ def test_every_service_is_defined_with_its_default_port(compose):
     # the router is the public inference endpoint: it runs the inference image with its own module
     router = services["router"]
     assert router["image"] == services["inference"]["image"]
-    assert router["entrypoint"] == ["python", "-m", "services.inference"]
+    assert router["entrypoint"] == ["python", "-m", "tokenmill.services.inference"]
     assert router["ports"][0].endswith(f":{DEFAULT_PORTS['inference']}:{DEFAULT_PORTS['inference']}")
     # host ports are unique within each profile (a GPU service and its CPU twin never run together)
     for profile in ("gpu", "cpu"):
@@ -162,7 +162,7 @@ def test_dockerfile_conventions(name):
     assert expose.split()[:2] == [str(port), str(port + 1000)]
     assert f'CMD ["python", "{PROBE_IN_IMAGE}", "--port", "{port}"]' in text
     assert re.search(r"^HEALTHCHECK ", text, re.M)
-    assert f'ENTRYPOINT ["python", "-m", "services.{name}"]' in text
+    assert f'ENTRYPOINT ["python", "-m", "tokenmill.services.{name}"]' in text
     assert 'CMD ["--config", "/etc/tokenmill/config.yaml"]' in text
     for source in re.findall(r"^COPY (?!--from)(\S+) ", text, re.M):
         if "[" not in source:

@@ -1,5 +1,5 @@
 """The compress service shell: job RPCs against the real job system, SubmitCompress validation,
-and `python -m services.compress` as a real process."""
+and `python -m tokenmill.services.compress` as a real process."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common import errors
-from common.clients import CompressClient
-from common.jobs import JobQueue, JobWorker
-from common.runtime import ServiceApp
-from services.compress.server import JOB_TYPE, SERVICE_NAME, build
 from tests.fixtures.grpc import TEST_TOKEN, free_port, make_test_config
+from tokenmill.common import errors
+from tokenmill.common.clients import CompressClient
+from tokenmill.common.jobs import JobQueue, JobWorker
+from tokenmill.common.runtime import ServiceApp
+from tokenmill.services.compress.server import JOB_TYPE, SERVICE_NAME, build
 from tokenmill.v1 import common_pb2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +203,7 @@ def test_python_m_services_compress_serves_and_stops_on_sigterm(tmp_path, redis_
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENMILL_")}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.compress", "--config", str(config_path)],
+        [sys.executable, "-m", "tokenmill.services.compress", "--config", str(config_path)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import DEFAULT_PORTS, Config, ConfigError, load_config
+from tokenmill.common.config import DEFAULT_PORTS, Config, ConfigError, load_config
 
 TOKEN = "local-token-0123456789abcdef"
 

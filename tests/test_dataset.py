@@ -1,4 +1,4 @@
-"""Packed shard format, reader and the resumable, rank-sharded sampler (common/dataset.py)."""
+"""Packed shard format, reader and the resumable, rank-sharded sampler (common/data/dataset.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.dataset import (
+from tokenmill.common.data.dataset import (
     MANIFEST,
     PackedDataset,
     ShardWriter,
@@ -17,7 +17,7 @@ from common.dataset import (
     token_dtype_for,
     write_json_atomic,
 )
-from common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from tokenmill.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 
 VOCAB = 300
 EOS = 0

@@ -14,16 +14,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN = ("grpc", "redis", "ray", "tokenmill.v1")
 ENGINES = (
-    "common.model",
-    "common.lora",
-    "common.quant",
-    "common.dataset",
-    "services.trainer.engine.worker",
-    "services.trainer.engine.backends.local",
-    "services.trainer.engine.backends.ray_backend",
-    "services.inference.engine",
-    "services.ingest.engine.pipeline",
-    "services.checkpoint.engine",
+    "tokenmill.common.model.transformer",
+    "tokenmill.common.model.lora",
+    "tokenmill.common.model.quant",
+    "tokenmill.common.data.dataset",
+    "tokenmill.common.trainer.worker",
+    "tokenmill.common.trainer.backends.local",
+    "tokenmill.common.trainer.backends.ray_backend",
+    "tokenmill.common.inference",
+    "tokenmill.common.ingest.pipeline",
+    "tokenmill.common.checkpoint",
 )
 
 PROBE = """

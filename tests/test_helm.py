@@ -2,7 +2,7 @@
 
 Built-in kinds are validated against the Kubernetes OpenAPI schemas (kubernetes-validate, strict);
 CRDs (KEDA, KubeRay, Prometheus Operator) have no schemas there and are checked structurally.
-The rendered config.yaml is loaded with the real `common.config.load_config`, and the chart's gRPC
+The rendered config.yaml is loaded with the real `tokenmill.common.config.load_config`, and the chart's gRPC
 probe script is run against a real gRPC health server (plaintext and mutual TLS).
 No cluster is involved: nothing here talks to a Kubernetes API server.
 """
@@ -26,7 +26,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.config import DEFAULT_PORTS, load_config
+from tokenmill.common.config import DEFAULT_PORTS, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "tokenmill"
@@ -193,7 +193,7 @@ def check_wiring(docs: list[dict], external: frozenset[str] = frozenset()) -> No
         (container,) = spec["containers"]
         grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
         metrics_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
-        assert metrics_port == grpc_port + 1000  # common.config: metrics_port default = port + 1000
+        assert metrics_port == grpc_port + 1000  # tokenmill.common.config: metrics_port default = port + 1000
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             action = container[probe]
             if "grpc" in action:
@@ -293,7 +293,7 @@ def test_default_render_is_valid_and_wired(helm, tmp_path, monkeypatch):
     for name, port in DEFAULT_PORTS.items():
         dep = deployments[f"{FULL}-{name}"]
         (container,) = pod_spec(dep)["containers"]
-        assert container["command"][2] == f"services.{name}"
+        assert container["command"][2] == f"tokenmill.services.{name}"
         assert container["ports"][0]["containerPort"] == port
         assert env_of(container)[f"TOKENMILL_SERVICES__{name.upper()}__HOST"]["value"] == "0.0.0.0"
         assert by_kind(docs, "Service")[f"{FULL}-{name}"]["spec"]["ports"][0]["port"] == port
@@ -310,8 +310,11 @@ def test_default_render_is_valid_and_wired(helm, tmp_path, monkeypatch):
     # KEDA owns the inference replica count; the router is the public endpoint and runs the inference image
     assert "replicas" not in deployments[f"{FULL}-inference"]["spec"]
     router = pod_spec(deployments[f"{FULL}-router"])["containers"][0]
-    # `python -m services.inference` without TOKENMILL_SERVE_MODEL is the router (router.py has no __main__)
-    assert router["image"] == "tokenmill-inference:0.1.0" and router["command"][2] == "services.inference"
+    # `python -m tokenmill.services.inference` without TOKENMILL_SERVE_MODEL is the router (router.py has no __main__)
+    assert (
+        router["image"] == "tokenmill-inference:0.1.0"
+        and router["command"][2] == "tokenmill.services.inference"
+    )
     assert "TOKENMILL_SERVE_MODEL" not in env_of(router)
     # Redis: StatefulSet with AOF on a PVC
     (redis,) = by_kind(docs, "StatefulSet").values()

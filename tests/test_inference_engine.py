@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from common.errors import InvalidArgument, NotFound, ResourceExhausted
-from services.inference.engine import EngineConfig, LoraAdapter, SamplingParams, Tokenizer, build_engine
-from services.inference.engine.request import Request
-from services.inference.engine.tokenizer import detokenize_incrementally, flush_detokenizer
 from tests.fixtures.inference import hf_model_from, reference_greedy
+from tokenmill.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from tokenmill.common.inference import EngineConfig, LoraAdapter, SamplingParams, Tokenizer, build_engine
+from tokenmill.common.inference.request import Request
+from tokenmill.common.inference.tokenizer import detokenize_incrementally, flush_detokenizer
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -310,14 +310,14 @@ def test_engine_runs_with_torch_only(tmp_path):
     script = tmp_path / "torch_only.py"
     script.write_text(
         "import sys, importlib.abc\n"
-        "BLOCK = ('grpc', 'redis', 'tokenmill', 'tokenizers', 'transformers', 'ray', 'google', 'prometheus_client')\n"
+        "BLOCK = ('grpc', 'redis', 'tokenizers', 'transformers', 'ray', 'google', 'prometheus_client')\n"
         "class Blocker(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
-        "        if name.split('.')[0] in BLOCK:\n"
+        "        if name.split('.')[0] in BLOCK or name.startswith('tokenmill.v1'):\n"
         "            raise ImportError(f'blocked {name}')\n"
         "sys.meta_path.insert(0, Blocker())\n"
-        "from common.model import ModelConfig, Transformer\n"
-        "from services.inference.engine import EngineConfig, SamplingParams, build_engine\n"
+        "from tokenmill.common.model.transformer import ModelConfig, Transformer\n"
+        "from tokenmill.common.inference import EngineConfig, SamplingParams, build_engine\n"
         "cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,\n"
         "                  num_kv_heads=2, max_seq_len=128)\n"
         "eng = build_engine(Transformer(cfg).state_dict(), cfg.to_dict(), EngineConfig(num_blocks=32))\n"

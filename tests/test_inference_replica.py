@@ -8,10 +8,10 @@ import time
 import grpc
 import pytest
 
-from common import errors
-from services.inference.replica import ReplicaServicer
 from tests.fixtures.grpc import TEST_TOKEN
 from tests.fixtures.inference import reference_greedy
+from tokenmill.common import errors
+from tokenmill.services.inference.replica import ReplicaServicer
 from tokenmill.v1 import inference_pb2
 
 
@@ -138,7 +138,7 @@ def test_servicer_without_a_loaded_model_is_unavailable():
 def test_lora_adapter_from_the_store(start_replica, inference_store, tiny_ckpt):
     import torch
 
-    from common.lora import adapter_config
+    from tokenmill.common.model.lora import adapter_config
 
     torch.manual_seed(1)
     cfg = tiny_ckpt.config
@@ -169,11 +169,11 @@ def test_lora_adapter_from_the_store(start_replica, inference_store, tiny_ckpt):
 def test_metrics_use_vllm_names(inference_store):
     from prometheus_client import generate_latest
 
-    from common.runtime.metrics import new_registry
-    from services.inference.engine import EngineConfig
-    from services.inference.loader import load_model
-    from services.inference.metrics import EngineCollector
-    from services.inference.replica import Replica
+    from tokenmill.common.inference import EngineConfig
+    from tokenmill.common.runtime.metrics import new_registry
+    from tokenmill.services.inference.loader import load_model
+    from tokenmill.services.inference.metrics import EngineCollector
+    from tokenmill.services.inference.replica import Replica
 
     registry = new_registry()
     replica = Replica(
@@ -218,7 +218,7 @@ def test_metrics_use_vllm_names(inference_store):
 
 
 def test_entry_point_roles(monkeypatch):
-    from services.inference.server import MODEL_ENV, parse_args
+    from tokenmill.services.inference.server import MODEL_ENV, parse_args
 
     monkeypatch.delenv(MODEL_ENV, raising=False)
     assert parse_args(["--config", "c.yaml"]).role == "router"

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from common import errors
-from common.clients.inference import InferenceClient
-from common.redis_conn import connect_url
-from common.runtime import ServiceApp
-from services.inference.convert import SERVICE_NAME, add_inference_servicer
-from services.inference.dispatch import REPLICAS, RouterDispatcher
-from services.inference.http_api import HttpFront
-from services.inference.router import RouterServicer
 from tests.fixtures.grpc import TEST_TOKEN, make_test_config
 from tests.fixtures.inference import reference_greedy
+from tokenmill.common import errors
+from tokenmill.common.clients.inference import InferenceClient
+from tokenmill.common.redis_conn import connect_url
+from tokenmill.common.runtime import ServiceApp
+from tokenmill.services.inference.convert import SERVICE_NAME, add_inference_servicer
+from tokenmill.services.inference.dispatch import REPLICAS, RouterDispatcher
+from tokenmill.services.inference.http_api import HttpFront
+from tokenmill.services.inference.router import RouterServicer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,7 +163,7 @@ def _replica_process(tmp_path, redis_url, store_port, replica_id):
         [
             sys.executable,
             "-m",
-            "services.inference",
+            "tokenmill.services.inference",
             "--config",
             str(cfg),
             "replica",
@@ -292,7 +292,7 @@ def test_openai_http_front(router, start_replica, redis_url, tiny_ckpt):
 def test_cli_generate_and_bench_serve(router, start_replica, redis_url, tmp_path, tiny_ckpt):
     from click.testing import CliRunner
 
-    from common.cli.main import cli
+    from tokenmill.common.cli.main import cli
 
     client, _, _ = router
     start_replica(redis_url)
@@ -359,7 +359,7 @@ def test_router_process_starts_and_answers(redis_url, tmp_path):
         [
             sys.executable,
             "-m",
-            "services.inference",
+            "tokenmill.services.inference",
             "--config",
             str(cfg),
             "router",

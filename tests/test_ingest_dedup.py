@@ -8,7 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from services.ingest.engine.dedup import (
+from tests.fixtures.ingest import english_doc, mutate
+from tokenmill.common.ingest.dedup import (
     MinHashConfig,
     MinHasher,
     candidate_pairs,
@@ -18,7 +19,6 @@ from services.ingest.engine.dedup import (
     near_duplicates,
     spacy_like_split,
 )
-from tests.fixtures.ingest import english_doc, mutate
 
 H = MinHasher(MinHashConfig())
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from common.errors import InvalidArgument
-from services.ingest.engine import filters_code as fc
-from services.ingest.engine import filters_web as fw
-from services.ingest.engine.doc import Doc, split_words
-from services.ingest.engine.langid import LanguageFilter
-from services.ingest.engine.normalize import normalize_text
-from services.ingest.engine.spec import IngestSpec, build_filters
 from tests.fixtures.ingest import GOOD_SENTENCES, good_web_text
+from tokenmill.common.errors import InvalidArgument
+from tokenmill.common.ingest import filters_code as fc
+from tokenmill.common.ingest import filters_web as fw
+from tokenmill.common.ingest.doc import Doc, split_words
+from tokenmill.common.ingest.langid import LanguageFilter
+from tokenmill.common.ingest.normalize import normalize_text
+from tokenmill.common.ingest.spec import IngestSpec, build_filters
 
 
 def run(f, text: str) -> str | None:

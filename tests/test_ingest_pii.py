@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.ingest.engine.pii import PiiScrubber, luhn_ok
+from tokenmill.common.ingest.pii import PiiScrubber, luhn_ok
 
 S = PiiScrubber()
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.dataset import MANIFEST, PackedDataset, TokenSampler
-from common.errors import AlreadyExists, Cancelled, FailedPrecondition, NotFound
-from services.ingest.engine import tokenizer as tk
-from services.ingest.engine.pipeline import run_ingest
-from services.ingest.engine.registry import DatasetRegistry
-from services.ingest.engine.spec import IngestSpec
 from tests.fixtures.ingest import english_doc, good_web_text, mutate, write_jsonl
+from tokenmill.common.data.dataset import MANIFEST, PackedDataset, TokenSampler
+from tokenmill.common.errors import AlreadyExists, Cancelled, FailedPrecondition, NotFound
+from tokenmill.common.ingest import tokenizer as tk
+from tokenmill.common.ingest.pipeline import run_ingest
+from tokenmill.common.ingest.registry import DatasetRegistry
+from tokenmill.common.ingest.spec import IngestSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,8 +172,8 @@ def test_killed_run_leaves_no_dataset_and_restart_cleans(tmp_path, web_corpus):
         f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from services.ingest.engine.pipeline import run_ingest
-        from services.ingest.engine.spec import IngestSpec
+        from tokenmill.common.ingest.pipeline import run_ingest
+        from tokenmill.common.ingest.spec import IngestSpec
         def progress(d):
             if d.get("phase") == "pack":
                 open({str(marker)!r}, "w").close()

@@ -7,14 +7,14 @@ import textwrap
 import numpy as np
 import pytest
 
-from services.ingest.engine.dedup import MinHashConfig, MinHasher, near_duplicates
 from tests.fixtures.ingest import english_doc, mutate
+from tokenmill.common.ingest.dedup import MinHashConfig, MinHasher, near_duplicates
 
 pytestmark = pytest.mark.slow
 
 
 def test_ray_buckets_and_signatures_match_local(ray_local):
-    from services.ingest.engine.dedup_ray import near_duplicates_ray, signatures_ray
+    from tokenmill.common.ingest.dedup_ray import near_duplicates_ray, signatures_ray
 
     cfg = MinHashConfig()
     docs = []
@@ -33,9 +33,9 @@ def test_ray_buckets_and_signatures_match_local(ray_local):
 
 
 def test_pipeline_with_ray_dedup_backend(ray_local, tmp_path):
-    from services.ingest.engine.pipeline import run_ingest
-    from services.ingest.engine.spec import IngestSpec
     from tests.fixtures.ingest import write_jsonl
+    from tokenmill.common.ingest.pipeline import run_ingest
+    from tokenmill.common.ingest.spec import IngestSpec
 
     docs = []
     for i in range(6):

@@ -11,8 +11,8 @@ import yaml
 from click.testing import CliRunner
 from google.protobuf.json_format import MessageToDict
 
-from common import errors
 from tests.fixtures.ingest import english_doc, good_web_text, write_jsonl
+from tokenmill.common import errors
 from tokenmill.v1 import common_pb2
 
 
@@ -125,8 +125,8 @@ def test_cancel_running_job(ingest_service, tmp_path):
 
 
 def test_cli_ingest_list_show_delete(ingest_service, tmp_path):
-    from common.cli.main import cli
     from tests.fixtures.grpc import TEST_TOKEN
+    from tokenmill.common.cli.main import cli
 
     config = ingest_service["config"]
     cfg = tmp_path / "config.yaml"

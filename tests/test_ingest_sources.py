@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from common.errors import InvalidArgument, NotFound
-from services.ingest.engine.sources import SourceOptions, SourceStats, iter_sources, validate_sources
+from tokenmill.common.errors import InvalidArgument, NotFound
+from tokenmill.common.ingest.sources import SourceOptions, SourceStats, iter_sources, validate_sources
 
 
 def read(sources, **opts):
@@ -146,7 +146,7 @@ def test_validate_sources(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of permissions")
 def test_unreadable_source(tmp_path):
-    from common.errors import FailedPrecondition
+    from tokenmill.common.errors import FailedPrecondition
 
     path = Path(tmp_path / "secret.jsonl")
     path.write_text('{"text": "x"}\n')
@@ -156,7 +156,7 @@ def test_unreadable_source(tmp_path):
 
 
 def test_s3_source_through_storage_layer(s3_env, tmp_path):
-    """s3://bucket/prefix via common.storage against a real S3-compatible server (moto on loopback)."""
+    """s3://bucket/prefix via tokenmill.common.storage against a real S3-compatible server (moto on loopback)."""
     import boto3
 
     s3 = boto3.client("s3", **s3_env.client_kwargs())

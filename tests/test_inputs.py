@@ -1,5 +1,5 @@
 """config.input_roots: client-named inputs (ingest sources and tokenizer, trainer sft_data) must lie
-under an allowed root after resolving '..' and symlinks; checked by common.inputs and enforced by
+under an allowed root after resolving '..' and symlinks; checked by tokenmill.common.inputs and enforced by
 both services at submit (PERMISSION_DENIED, nothing queued)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from common import errors
-from common.inputs import check_input_allowed
 from tests.fixtures.grpc import make_test_config
 from tests.fixtures.ingest import good_web_text, write_jsonl
+from tokenmill.common import errors
+from tokenmill.common.inputs import check_input_allowed
 from tokenmill.v1 import common_pb2
 
 pytestmark = pytest.mark.timeout(300)
@@ -124,8 +124,8 @@ def test_ingest_enforces_input_roots(ingest_service, tmp_path, layout):
 
 def test_ingest_engine_checks_again_at_run_time(tmp_path, layout):
     """A job already queued (or a spec run directly) cannot read outside the roots either."""
-    from services.ingest.engine.pipeline import run_ingest
-    from services.ingest.engine.spec import IngestSpec
+    from tokenmill.common.ingest.pipeline import run_ingest
+    from tokenmill.common.ingest.spec import IngestSpec
 
     spec = IngestSpec(name="x", sources=[str(layout["allowed"] / "link.jsonl")], vocab_size=400)
     with pytest.raises(errors.PermissionDenied):
@@ -139,10 +139,10 @@ def test_ingest_engine_checks_again_at_run_time(tmp_path, layout):
 @pytest.fixture
 def restricted_trainer(train_data_root, redis_client, start_checkpoint_service, tmp_path, layout):
     """A real TrainerService whose input_roots is only tmp_path/allowed (data_dir is outside it)."""
-    from common.clients.trainer import TrainerClient
-    from common.runtime import ServiceApp
-    from services.trainer.server import build
     from tests.fixtures.grpc import TEST_TOKEN
+    from tokenmill.common.clients.trainer import TrainerClient
+    from tokenmill.common.runtime import ServiceApp
+    from tokenmill.services.trainer.server import build
 
     ckpt = start_checkpoint_service()
     config = make_test_config(tmp_path, data_dir=train_data_root, input_roots=[str(layout["allowed"])])

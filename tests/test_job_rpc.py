@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from common.job_rpc import JobRpcMixin, event_to_proto, job_to_proto
-from common.jobs import JobContext, JobQueue, JobWorker
 from tests.fixtures.grpc import TEST_TOKEN, make_test_config
+from tokenmill.common.jobs import JobContext, JobQueue, JobWorker
+from tokenmill.common.runtime.job_rpc import JobRpcMixin, event_to_proto, job_to_proto
 from tokenmill.v1 import common_pb2, trainer_pb2_grpc
 
 AUTH = [("authorization", f"Bearer {TEST_TOKEN}")]

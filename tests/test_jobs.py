@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from common import errors
-from common.jobs import Job, JobContext, JobEvent, JobQueue, JobState, JobWorker
+from tokenmill.common import errors
+from tokenmill.common.jobs import Job, JobContext, JobEvent, JobQueue, JobState, JobWorker
 
 STATE_RANK = {"PENDING": 0, "RUNNING": 1, "SUCCEEDED": 2, "FAILED": 2, "CANCELLED": 2}
 

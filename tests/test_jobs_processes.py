@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from common.jobs import Job, JobQueue, JobState, JobWorker
-from common.redis_conn import connect_url
-from common.redis_embedded import EmbeddedRedis
 from tests.fixtures.redis import TEST_LEASE_SECONDS
 from tests.test_jobs import assert_monotonic, states
+from tokenmill.common.jobs import Job, JobQueue, JobState, JobWorker
+from tokenmill.common.platform.redis_embedded import EmbeddedRedis
+from tokenmill.common.redis_conn import connect_url
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

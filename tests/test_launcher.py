@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.config import SERVICE_NAMES
+from tokenmill.common.config import SERVICE_NAMES
 
 TOKENMILL = str(Path(sys.executable).parent / "tokenmill")
 

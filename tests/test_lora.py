@@ -1,11 +1,11 @@
-"""common/lora.py: only adapters train, adapters save/load on their own, merging is exact."""
+"""common/model/lora.py: only adapters train, adapters save/load on their own, merging is exact."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from common.lora import (
+from tokenmill.common.model.lora import (
     LoRALinear,
     adapter_config,
     adapter_state_dict,
@@ -13,7 +13,7 @@ from common.lora import (
     load_adapter,
     merge_lora,
 )
-from common.model import Transformer, preset
+from tokenmill.common.model.transformer import Transformer, preset
 
 
 def _model(seed=0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.model import (
+from tokenmill.common.model.transformer import (
     IGNORE_INDEX,
     PRESETS,
     ModelConfig,

@@ -1,4 +1,4 @@
-"""common.procs.pid_alive: the one 'is this process alive' check (launcher pid files, ingest temps)."""
+"""tokenmill.common.procs.pid_alive: the one 'is this process alive' check (launcher pid files, ingest temps)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-from common.procs import pid_alive
+from tokenmill.common.procs import pid_alive
 
 
 def test_running_process_is_alive():

@@ -1,12 +1,14 @@
-"""Weight-only int8 / int4 formats (common.quant) and quantized models in the engine."""
+"""Weight-only int8 / int4 formats (tokenmill.common.model.quant) and quantized models in the engine."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from common.errors import InvalidArgument
-from common.quant import (
+from tests.fixtures.inference import reference_greedy
+from tokenmill.common.errors import InvalidArgument
+from tokenmill.common.inference import EngineConfig, SamplingParams, build_engine
+from tokenmill.common.model.quant import (
     DenseLinear,
     Int4Linear,
     Int8Linear,
@@ -19,8 +21,6 @@ from common.quant import (
     quantize_state_dict,
     unpack_int4,
 )
-from services.inference.engine import EngineConfig, SamplingParams, build_engine
-from tests.fixtures.inference import reference_greedy
 
 
 def test_int8_round_trip_and_layout():

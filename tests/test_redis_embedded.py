@@ -15,16 +15,16 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from common.config import Config
-from common.procs import pid_alive
-from common.redis_conn import connect, connect_url, redis_url_for
-from common.redis_embedded import (
+from tokenmill.common.config import Config
+from tokenmill.common.platform.redis_embedded import (
     DISABLED_COMMANDS,
     EmbeddedRedis,
     _free_port,
     redact,
     redis_server_executable,
 )
+from tokenmill.common.procs import pid_alive
+from tokenmill.common.redis_conn import connect, connect_url, redis_url_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_dangerous_commands_are_disabled(embedded: EmbeddedRedis) -> None:
 def test_password_survives_restart_and_is_never_logged(
     embedded: EmbeddedRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="common.redis_embedded")
+    caplog.set_level(logging.DEBUG, logger="tokenmill.common.platform.redis_embedded")
     url = embedded.start()
     password = urlsplit(url).password
     embedded.stop()
@@ -164,7 +164,7 @@ def test_start_is_idempotent_and_shared_between_instances(embedded: EmbeddedRedi
 
 
 def test_server_outlives_the_process_that_started_it(tmp_path: Path) -> None:
-    code = f"from common.redis_embedded import EmbeddedRedis; print(EmbeddedRedis({str(tmp_path)!r}).start())"
+    code = f"from tokenmill.common.platform.redis_embedded import EmbeddedRedis; print(EmbeddedRedis({str(tmp_path)!r}).start())"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     url = out.stdout.strip()

@@ -15,10 +15,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client import Counter
 
-from common import errors
-from common.clients.base import ClientTls
-from common.runtime import ServiceApp
-from common.runtime.logs import JsonFormatter
 from tests.fixtures.grpc import (
     CHECKPOINT_SERVICE,
     INFERENCE_SERVICE,
@@ -28,6 +24,10 @@ from tests.fixtures.grpc import (
     echo_servicers,
     make_test_config,
 )
+from tokenmill.common import errors
+from tokenmill.common.clients.base import ClientTls
+from tokenmill.common.runtime import ServiceApp
+from tokenmill.common.runtime.logs import JsonFormatter
 from tokenmill.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -376,8 +376,8 @@ def test_client_supplied_request_id_is_used(client, caplog):
 
 
 def test_setup_logging_is_idempotent_and_formats_extras(capsys):
-    from common.runtime import setup_logging
-    from common.runtime.logs import _RuntimeHandler
+    from tokenmill.common.runtime import setup_logging
+    from tokenmill.common.runtime.logs import _RuntimeHandler
 
     root = logging.getLogger()
     level = root.level

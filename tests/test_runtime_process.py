@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common import errors
-from common.runtime import EXIT_CONFIG, EXIT_STARTUP
 from tests.fixtures.grpc import TEST_TOKEN, EchoClient, free_port
+from tokenmill.common import errors
+from tokenmill.common.runtime import EXIT_CONFIG, EXIT_STARTUP
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = (
-    "import sys; from common.runtime import run_service; "
+    "import sys; from tokenmill.common.runtime import run_service; "
     "from tests.fixtures.grpc import build_echo_service; "
     "sys.exit(run_service('inference', build_echo_service, sys.argv[1:]))"
 )

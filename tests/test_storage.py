@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from common import errors
-from common.storage import BlobStore, LocalBlobStore, S3BlobStore, check_key, open_store
+from tokenmill.common import errors
+from tokenmill.common.storage import BlobStore, LocalBlobStore, S3BlobStore, check_key, open_store
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import telemetry
-from common.telemetry import GpuCollector, GpuStat, NvmlSampler, gpu_stats, register_gpu_collector
+from tokenmill.common import telemetry
+from tokenmill.common.telemetry import GpuCollector, GpuStat, NvmlSampler, gpu_stats, register_gpu_collector
 
 _real_nvml = NvmlSampler()
 HAVE_GPU = bool(_real_nvml.sample())
@@ -29,7 +29,7 @@ def _metrics(registry: CollectorRegistry) -> dict[str, list]:
 @pytest.mark.skipif(HAVE_GPU, reason="this host has a working NVML; the no-driver path cannot be observed")
 def test_no_driver_gives_empty_list_and_logs_once(caplog):
     sampler = NvmlSampler()
-    with caplog.at_level(logging.INFO, logger="common.telemetry"):
+    with caplog.at_level(logging.INFO, logger="tokenmill.common.telemetry"):
         assert sampler.sample() == []
         assert sampler.sample() == []
         assert not sampler.available
@@ -42,7 +42,7 @@ def test_no_driver_gives_empty_list_and_logs_once(caplog):
 def test_missing_binding_module_degrades(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
     sampler = NvmlSampler()
-    with caplog.at_level(logging.INFO, logger="common.telemetry"):
+    with caplog.at_level(logging.INFO, logger="tokenmill.common.telemetry"):
         assert sampler.sample() == []
     assert "ImportError" in sampler.unavailable_reason or "ModuleNotFoundError" in sampler.unavailable_reason
 
@@ -173,7 +173,7 @@ def test_sampler_reads_every_field_simulated_gpu():
 
 def test_lost_gpu_is_skipped_others_reported_simulated_gpu(caplog):
     nvml = _fake_nvml([dict(H100, lost=True), dict(H100, uuid="GPU-cccc")])
-    with caplog.at_level(logging.WARNING, logger="common.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="tokenmill.common.telemetry"):
         stats = NvmlSampler(nvml).sample()
     assert [(s.index, s.uuid) for s in stats] == [(1, "GPU-cccc")]
     assert any("GPU 0" in r.getMessage() for r in caplog.records)
@@ -188,7 +188,7 @@ def test_lost_gpu_during_field_read_skips_device_simulated_gpu():
 def test_driver_not_loaded_degrades_once_simulated_gpu(caplog):
     nvml = _fake_nvml([H100], init_error=True)
     sampler = NvmlSampler(nvml)
-    with caplog.at_level(logging.INFO, logger="common.telemetry"):
+    with caplog.at_level(logging.INFO, logger="tokenmill.common.telemetry"):
         assert sampler.sample() == [] and sampler.sample() == []
     assert nvml.calls["init"] == 1
     assert "NVMLError_DriverNotLoaded" in sampler.unavailable_reason

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from common.cli.train import train
 from tests.fixtures.grpc import make_test_config
+from tokenmill.common.cli.train import train
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.model import IGNORE_INDEX
-from services.trainer.engine.backends.local import WorkerFailed, run_local
-from services.trainer.engine.checkpoint_io import LocalCheckpointIO, read_full
-from services.trainer.engine.config import LoraSettings, TrainConfig
-from services.trainer.engine.data import encode_sft_example
-from services.trainer.engine.schedule import lr_at
+from tokenmill.common.model.transformer import IGNORE_INDEX
+from tokenmill.common.trainer.backends.local import WorkerFailed, run_local
+from tokenmill.common.trainer.checkpoint_io import LocalCheckpointIO, read_full
+from tokenmill.common.trainer.config import LoraSettings, TrainConfig
+from tokenmill.common.trainer.data import encode_sft_example
+from tokenmill.common.trainer.schedule import lr_at
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,13 +1,13 @@
 """The trainer engine builds worker CheckpointIOs through a factory the service passes in, so the
-engine never imports the service (services.trainer.io_factory) that knows the checkpoint store."""
+engine never imports the service (tokenmill.services.trainer.io_factory) that knows the checkpoint store."""
 
 from __future__ import annotations
 
 import pytest
 
-from common import errors
-from services.trainer.engine.checkpoint_io import LocalCheckpointIO, local_checkpoint_io, resolve_io_factory
-from services.trainer.io_factory import DOTTED, make_checkpoint_io
+from tokenmill.common import errors
+from tokenmill.common.trainer.checkpoint_io import LocalCheckpointIO, local_checkpoint_io, resolve_io_factory
+from tokenmill.services.trainer.io_factory import DOTTED, make_checkpoint_io
 
 
 def test_engine_default_factory_builds_local_only(tmp_path):
@@ -19,7 +19,7 @@ def test_engine_default_factory_builds_local_only(tmp_path):
 def test_factories_resolve_from_callables_and_dotted_paths(tmp_path):
     assert resolve_io_factory(make_checkpoint_io) is make_checkpoint_io
     assert resolve_io_factory(DOTTED) is make_checkpoint_io
-    for bad in ("no-colon", "services.trainer.io_factory:nope", ":x"):
+    for bad in ("no-colon", "tokenmill.services.trainer.io_factory:nope", ":x"):
         with pytest.raises(errors.InvalidArgument, match="io factory"):
             resolve_io_factory(bad)
 

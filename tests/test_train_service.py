@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from common import errors
+from tokenmill.common import errors
 from tokenmill.v1 import common_pb2
 
 pytestmark = pytest.mark.timeout(600)
@@ -99,7 +99,7 @@ def test_bad_requests_are_rejected_before_any_worker_starts(trainer_service):
             c.validate("bad", **fields)
     with pytest.raises(errors.InvalidArgument, match="output_name"):
         c.submit("", dataset="stories")
-    # the checkpoint store's rules (common.names), enforced at submit rather than after training
+    # the checkpoint store's rules (tokenmill.common.names), enforced at submit rather than after training
     for bad, message in (("x" * 101, "the limit is 100"), ("a..b", "not a valid checkpoint name")):
         with pytest.raises(errors.InvalidArgument, match=message) as info:
             c.submit(bad, dataset="stories", **SMALL)
@@ -173,7 +173,7 @@ def test_two_workers_lower_loss_on_an_ingested_code_corpus(trainer_service, code
 
 @pytest.mark.parametrize("raw", ["{not json", "[1, 2]", '{"kill_at_step": "soon"}', '"x"', "null"])
 def test_malformed_fault_injection_is_logged_and_ignored(raw, caplog):
-    from services.trainer.server import FAULTS_ENV, parse_faults
+    from tokenmill.services.trainer.server import FAULTS_ENV, parse_faults
 
     with caplog.at_level("WARNING", logger="tokenmill.trainer"):
         assert parse_faults(raw) == {}
@@ -181,7 +181,7 @@ def test_malformed_fault_injection_is_logged_and_ignored(raw, caplog):
 
 
 def test_fault_injection_parses_integers():
-    from services.trainer.server import parse_faults
+    from tokenmill.services.trainer.server import parse_faults
 
     assert parse_faults("") == {}
     assert parse_faults('{"kill_at_step": 4, "kill_rank": "1"}') == {"kill_at_step": 4, "kill_rank": 1}

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from common import errors
+from tokenmill.common import errors
 
 
 def human_bytes(n: int | float) -> str:
@@ -25,11 +25,11 @@ def human_bytes(n: int | float) -> str:
 
 @contextlib.contextmanager
 def _client(ctx: click.Context) -> Iterator[Any]:
-    from common.clients.checkpoint import CheckpointClient
+    from tokenmill.common.clients.checkpoint import CheckpointClient
 
     config = ctx.obj.config if ctx.obj is not None and hasattr(ctx.obj, "config") else None
     if config is None:
-        from common.config import load_config
+        from tokenmill.common.config import load_config
 
         config = load_config()
     client = CheckpointClient.from_config(config)
@@ -114,7 +114,7 @@ def list_cmd(ctx: click.Context, name: str, as_json: bool) -> None:
 @_errors
 def show_cmd(ctx: click.Context, ref: str, tensors: bool) -> None:
     """Describe one checkpoint (REF: name, name:version or name:tag)."""
-    from common.proto_struct import struct_to_dict
+    from tokenmill.common.runtime.proto_struct import struct_to_dict
 
     with _client(ctx) as client:
         v = client.get(ref, include_manifest=True)

@@ -10,14 +10,14 @@ from typing import Any
 import click
 from google.protobuf.json_format import MessageToDict
 
-from common import errors
+from tokenmill.common import errors
 from tokenmill.v1 import common_pb2
 
 _TERMINAL = (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED)
 
 
 def _client(obj):
-    from common.clients.ingest import IngestClient
+    from tokenmill.common.clients.ingest import IngestClient
 
     return IngestClient.from_config(obj.config)
 

@@ -7,16 +7,16 @@ import sys
 
 import click
 
-from common.config import Config, ConfigError, load_config
+from tokenmill.common.config import Config, ConfigError, load_config
 
 # area module -> attribute holding its click command/group (modules that are absent are skipped,
 # so a partial checkout still has a working CLI)
 COMMANDS = {
-    "common.cli.platform": ["up", "down", "status"],
-    "common.cli.data": ["data"],
-    "common.cli.train": ["train"],
-    "common.cli.ckpt": ["ckpt"],
-    "common.cli.serve": ["serve", "generate", "bench"],
+    "tokenmill.common.cli.platform": ["up", "down", "status"],
+    "tokenmill.common.cli.data": ["data"],
+    "tokenmill.common.cli.train": ["train"],
+    "tokenmill.common.cli.ckpt": ["ckpt"],
+    "tokenmill.common.cli.serve": ["serve", "generate", "bench"],
 }
 
 

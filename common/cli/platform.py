@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from common import launcher
-from common.config import Config, ConfigError, load_config
+from tokenmill.common.config import Config, ConfigError, load_config
+from tokenmill.common.platform import launcher
 
 JOB_TYPES = ("ingest", "train", "compress")
 
@@ -58,8 +58,8 @@ def status(obj) -> None:
         address = row["address"] or "-"
         click.echo(f"{row['name']:<{width}}{address:<22}{pid!s:<9}{row['restarts']!s:<10}{row['health']}")
     try:
-        from common.jobs import JobQueue, JobState
-        from common.redis_conn import connect
+        from tokenmill.common.jobs import JobQueue, JobState
+        from tokenmill.common.redis_conn import connect
 
         queue = JobQueue(connect(config))
         click.echo(f"\n{'queue':<14}{'waiting':<10}{'running':<10}dead")

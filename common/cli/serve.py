@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from common import errors
+from tokenmill.common import errors
 
 REPLICA_PREFIX = "inference-replica-"
 
@@ -55,8 +55,14 @@ def serve(
     timeout: float,
 ) -> None:
     """Serve MODEL[:TAG] from the checkpoint store on N replicas behind the router."""
-    from common.clients.checkpoint import CheckpointClient
-    from common.launcher import ProcessSpec, RunDir, add_processes, health_status, remove_processes
+    from tokenmill.common.clients.checkpoint import CheckpointClient
+    from tokenmill.common.platform.launcher import (
+        ProcessSpec,
+        RunDir,
+        add_processes,
+        health_status,
+        remove_processes,
+    )
 
     config = obj.config
     try:  # fail fast on a typo rather than starting replicas that can never load
@@ -70,7 +76,7 @@ def serve(
     specs = []
     for i in range(replicas):
         port, metrics_port = svc.port + 100 + i, svc.port + 1100 + i
-        argv = [sys.executable, "-m", "services.inference"]
+        argv = [sys.executable, "-m", "tokenmill.services.inference"]
         if obj.path:
             argv += ["--config", obj.path]
         argv += [
@@ -159,7 +165,7 @@ def generate(
     """Complete PROMPT with the served model (through the router)."""
     from google.protobuf.json_format import MessageToDict
 
-    from common.clients.inference import InferenceClient
+    from tokenmill.common.clients.inference import InferenceClient
 
     kwargs = dict(
         max_tokens=max_tokens,
@@ -294,7 +300,7 @@ def bench_serve(
     obj: Any, num_requests: int, concurrency: int, prompt: str, max_tokens: int, model: str, as_json: bool
 ) -> None:
     """Stream NUM requests with CONCURRENCY workers through the router; report throughput, TTFT, ITL."""
-    from common.clients.inference import InferenceClient
+    from tokenmill.common.clients.inference import InferenceClient
 
     with InferenceClient.from_config(obj.config) as client:
         try:

@@ -12,7 +12,7 @@ from typing import Any
 import click
 from google.protobuf.json_format import MessageToDict
 
-from common import errors
+from tokenmill.common import errors
 from tokenmill.v1 import common_pb2
 
 
@@ -123,7 +123,7 @@ def _follow(client, job_id: str, steps: int) -> common_pb2.Job:
 def train(obj, output_name: str, overrides: tuple[str, ...], lora_rank: int, lora_alpha: float, lora_targets: str,
           detach: bool, plot_path: str | None, **fields: Any) -> None:  # fmt: skip
     """Train a model from a dataset, or fine-tune a checkpoint, saving it as --output."""
-    from common.clients.trainer import TrainerClient
+    from tokenmill.common.clients.trainer import TrainerClient
 
     config = obj.config
     request: dict[str, Any] = {k: v for k, v in fields.items() if v not in ("", None)}

@@ -10,14 +10,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from common.clients.base import BaseClient, ClientTls, JobsClientMixin
+from tokenmill.common.clients.base import BaseClient, ClientTls, JobsClientMixin
 
 _LAZY = {
-    "CheckpointClient": "common.clients.checkpoint",
-    "IngestClient": "common.clients.ingest",
-    "TrainerClient": "common.clients.trainer",
-    "CompressClient": "common.clients.compress",
-    "InferenceClient": "common.clients.inference",
+    "CheckpointClient": "tokenmill.common.clients.checkpoint",
+    "IngestClient": "tokenmill.common.clients.ingest",
+    "TrainerClient": "tokenmill.common.clients.trainer",
+    "CompressClient": "tokenmill.common.clients.compress",
+    "InferenceClient": "tokenmill.common.clients.inference",
 }
 
 __all__ = ["BaseClient", "ClientTls", "JobsClientMixin", *_LAZY]

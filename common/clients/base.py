@@ -5,7 +5,7 @@
   Requests that change state carry idempotency keys, so a retried Submit cannot double-run.
 * Auth: `authorization: Bearer <token>` metadata on every call (a client interceptor, so it works
   on plain loopback channels too, where gRPC refuses to send call credentials).
-* Errors: `grpc.RpcError` becomes the matching `common.errors` class, so callers catch
+* Errors: `grpc.RpcError` becomes the matching `tokenmill.common.errors` class, so callers catch
   `errors.NotFound` whether the code ran in-process or over the wire.
 """
 
@@ -22,8 +22,8 @@ from typing import Any, ClassVar, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common import errors
-from common.config import Config
+from tokenmill.common import errors
+from tokenmill.common.config import Config
 from tokenmill.v1 import common_pb2
 
 T = TypeVar("T")
@@ -138,7 +138,7 @@ class _CallDetails(grpc.ClientCallDetails):
 
 
 def convert_rpc_error(exc: grpc.RpcError) -> errors.TokenmillError:
-    """The `common.errors` exception for a failed call (code name kept on `.code`)."""
+    """The `tokenmill.common.errors` exception for a failed call (code name kept on `.code`)."""
     code = exc.code() if hasattr(exc, "code") else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     details = (exc.details() if hasattr(exc, "details") else None) or name
@@ -242,7 +242,7 @@ class BaseClient:
         wait_for_ready: bool | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> T:
-        """Call a unary (or client-streaming: pass an iterator) method; errors -> common.errors.
+        """Call a unary (or client-streaming: pass an iterator) method; errors -> tokenmill.common.errors.
 
         `timeout=None` uses the client's default deadline; `NO_DEADLINE` sets none."""
         try:

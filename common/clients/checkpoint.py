@@ -1,7 +1,7 @@
 """`CheckpointClient`: save and load model artifacts through the checkpoint store service.
 
 Saving hashes each tensor's bytes in fixed-size chunks (BLAKE3 by default, see
-common/checkpoint_digest.py; parallel threads, the hash releases the GIL), asks the store which
+common/checkpoint/digest.py; parallel threads, the hash releases the GIL), asks the store which
 chunks it lacks, sends only those over several parallel streams, then commits. On the store's own
 host the missing chunks are written straight into its staging directory and adopted by the server
 (which re-hashes them) instead of streamed, the mirror of same-host loads. Loading pulls one
@@ -30,8 +30,8 @@ import grpc
 import numpy as np
 import torch
 
-from common import errors
-from common.checkpoint_digest import (
+from tokenmill.common import errors
+from tokenmill.common.checkpoint.digest import (
     DEFAULT_ALGORITHM,
     check_algorithm,
     chunk_file_name,
@@ -40,10 +40,10 @@ from common.checkpoint_digest import (
     matches,
     staging_key,
 )
-from common.clients.base import BaseClient, convert_rpc_error
-from common.clients.checkpoint_wire import decode_download_chunk, encode_upload_chunk, tune_malloc
-from common.proto_struct import dict_to_struct
-from common.storage import write_temp_file
+from tokenmill.common.checkpoint.wire import decode_download_chunk, encode_upload_chunk, tune_malloc
+from tokenmill.common.clients.base import BaseClient, convert_rpc_error
+from tokenmill.common.runtime.proto_struct import dict_to_struct
+from tokenmill.common.storage import write_temp_file
 from tokenmill.v1 import checkpoint_pb2 as pb
 from tokenmill.v1 import checkpoint_pb2_grpc as pb_grpc
 
@@ -876,12 +876,12 @@ class CheckpointClient(BaseClient):
 
     # -- Hugging Face layout -----------------------------------------------------------------------
     def export_hf(self, ref: str, out_dir: str | os.PathLike[str]) -> Path:
-        from common.hf_layout import export_hf
+        from tokenmill.common.model.hf_layout import export_hf
 
         return export_hf(self, ref, out_dir)
 
     def import_hf(self, in_dir: str | os.PathLike[str], name: str, **kwargs: Any) -> pb.CheckpointVersion:
-        from common.hf_layout import import_hf
+        from tokenmill.common.model.hf_layout import import_hf
 
         return import_hf(self, in_dir, name, **kwargs)
 

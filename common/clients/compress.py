@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.clients.base import BaseClient, JobsClientMixin
-from common.errors import InvalidArgument
+from tokenmill.common.clients.base import BaseClient, JobsClientMixin
+from tokenmill.common.errors import InvalidArgument
 from tokenmill.v1 import common_pb2, compress_pb2, compress_pb2_grpc
 
 

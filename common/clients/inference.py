@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from common.clients.base import BaseClient
-from common.errors import InvalidArgument
+from tokenmill.common.clients.base import BaseClient
+from tokenmill.common.errors import InvalidArgument
 from tokenmill.v1 import inference_pb2, inference_pb2_grpc
 
 

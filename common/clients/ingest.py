@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from common.clients.base import BaseClient, JobsClientMixin
-from common.errors import InvalidArgument
-from common.proto_struct import dict_to_struct
+from tokenmill.common.clients.base import BaseClient, JobsClientMixin
+from tokenmill.common.errors import InvalidArgument
+from tokenmill.common.runtime.proto_struct import dict_to_struct
 from tokenmill.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 

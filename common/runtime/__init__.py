@@ -1,8 +1,8 @@
 """The gRPC service runtime every tokenmill service is built on (see docs/contracts.md)."""
 
-from common.runtime.app import ReadyCheck, ServiceApp, StartupError
-from common.runtime.entry import EXIT_CONFIG, EXIT_STARTUP, load_or_exit, run_service
-from common.runtime.logs import current_request_id, setup_logging
+from tokenmill.common.runtime.app import ReadyCheck, ServiceApp, StartupError
+from tokenmill.common.runtime.entry import EXIT_CONFIG, EXIT_STARTUP, load_or_exit, run_service
+from tokenmill.common.runtime.logs import current_request_id, setup_logging
 
 __all__ = [
     "EXIT_CONFIG",

@@ -25,10 +25,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.config import Config
-from common.runtime.interceptors import AuthInterceptor, ErrorInterceptor, ObserveInterceptor
-from common.runtime.metrics import MetricsServer, RpcMetrics, new_registry
-from common.runtime.tls import server_credentials
+from tokenmill.common.config import Config
+from tokenmill.common.runtime.interceptors import AuthInterceptor, ErrorInterceptor, ObserveInterceptor
+from tokenmill.common.runtime.metrics import MetricsServer, RpcMetrics, new_registry
+from tokenmill.common.runtime.tls import server_credentials
 
 log = logging.getLogger("tokenmill.runtime")
 

@@ -1,4 +1,4 @@
-"""`python -m services.<name>` entry helper: config -> logging -> build -> serve.
+"""`python -m tokenmill.services.<name>` entry helper: config -> logging -> build -> serve.
 
 A config that cannot start the service exits with status 2 and one message naming the field
 (never a traceback): operators fix configs from the message alone. A service that cannot bind
@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 from pydantic_settings import SettingsError
 
-from common.config import Config, ConfigError, load_config
-from common.errors import TokenmillError
-from common.runtime.app import ReadyCheck, ServiceApp, StartupError
-from common.runtime.logs import setup_logging
+from tokenmill.common.config import Config, ConfigError, load_config
+from tokenmill.common.errors import TokenmillError
+from tokenmill.common.runtime.app import ReadyCheck, ServiceApp, StartupError
+from tokenmill.common.runtime.logs import setup_logging
 
 log = logging.getLogger("tokenmill.runtime")
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import grpc
 
-from common import errors
-from common.runtime.logs import request_id_var
-from common.runtime.metrics import RpcMetrics
+from tokenmill.common import errors
+from tokenmill.common.runtime.logs import request_id_var
+from tokenmill.common.runtime.metrics import RpcMetrics
 
 log = logging.getLogger("tokenmill.runtime")
 access_log = logging.getLogger("tokenmill.rpc")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from common.config import TlsConfig
+from tokenmill.common.config import TlsConfig
 
 
 def _read(path: Path | None, field: str) -> bytes | None:

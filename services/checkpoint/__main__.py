@@ -1,7 +1,7 @@
-"""`python -m services.checkpoint [--config PATH]`."""
+"""`python -m tokenmill.services.checkpoint [--config PATH]`."""
 
 import sys
 
-from services.checkpoint.server import main
+from tokenmill.services.checkpoint.server import main
 
 sys.exit(main())

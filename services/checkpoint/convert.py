@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from common.proto_struct import dict_to_struct, struct_to_dict, timestamp_from_seconds
+from tokenmill.common.checkpoint.manifest import FileEntry, Manifest, ShardInfo, TensorEntry
+from tokenmill.common.checkpoint.store import Lease, UploadStatus, Version
+from tokenmill.common.runtime.proto_struct import dict_to_struct, struct_to_dict, timestamp_from_seconds
 from tokenmill.v1 import checkpoint_pb2 as pb
-
-from .engine.manifest import FileEntry, Manifest, ShardInfo, TensorEntry
-from .engine.store import Lease, UploadStatus, Version
 
 
 def tensor_from_proto(t: pb.TensorEntry) -> TensorEntry:

@@ -1,8 +1,8 @@
-"""CheckpointService: a thin gRPC wrapper over the store engine (services/checkpoint/engine).
+"""CheckpointService: a thin gRPC wrapper over the store engine (common/checkpoint).
 
 Every handler validates, delegates to `CheckpointStore` and converts; domain errors raised by the
 engine become precise statuses in the runtime's error interceptor. Run with
-`python -m services.checkpoint [--config PATH]`.
+`python -m tokenmill.services.checkpoint [--config PATH]`.
 """
 
 from __future__ import annotations
@@ -11,19 +11,17 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from common.clients.checkpoint_wire import (
+from tokenmill.common.checkpoint.store import CheckpointStore
+from tokenmill.common.checkpoint.wire import (
     RawDownloadChunk,
     decode_upload_chunk,
     encode_download_chunk,
     tune_malloc,
 )
-from common.config import Config
-from common.errors import InvalidArgument
-from common.runtime import ServiceApp, run_service
-from tokenmill.v1 import checkpoint_pb2 as pb
-from tokenmill.v1 import checkpoint_pb2_grpc as pb_grpc
-
-from .convert import (
+from tokenmill.common.config import Config
+from tokenmill.common.errors import InvalidArgument
+from tokenmill.common.runtime import ServiceApp, run_service
+from tokenmill.services.checkpoint.convert import (
     dict_to_struct,
     file_from_proto,
     lease_to_proto,
@@ -32,7 +30,8 @@ from .convert import (
     tensor_from_proto,
     version_to_proto,
 )
-from .engine.store import CheckpointStore
+from tokenmill.v1 import checkpoint_pb2 as pb
+from tokenmill.v1 import checkpoint_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CheckpointService"].full_name
 QUOTA_ENV = "TOKENMILL_CHECKPOINT_QUOTA_BYTES"
@@ -193,7 +192,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
 
 class _BulkCodecServer:
     """Passes the generated handlers to the real server with the two bulk messages' codecs swapped
-    for the zero-copy ones (same wire format; see common/clients/checkpoint_wire.py)."""
+    for the zero-copy ones (same wire format; see common/checkpoint/wire.py)."""
 
     def __init__(self, server: Any):
         self._server = server

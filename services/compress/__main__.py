@@ -1,7 +1,7 @@
-"""`python -m services.compress [--config PATH]`."""
+"""`python -m tokenmill.services.compress [--config PATH]`."""
 
 import sys
 
-from services.compress.server import main
+from tokenmill.services.compress.server import main
 
 sys.exit(main())

@@ -2,7 +2,7 @@
 SubmitCompress. The compression engine does not exist yet, so a valid SubmitCompress answers
 UNIMPLEMENTED and queues nothing (an honest "not yet", never a job that would sit forever).
 
-Run with `python -m services.compress [--config PATH]`.
+Run with `python -m tokenmill.services.compress [--config PATH]`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import Any
 
 import grpc
 
-from common.config import Config
-from common.errors import InvalidArgument
-from common.job_rpc import JobRpcMixin
-from common.jobs import JobQueue
-from common.names import HINT, validate_name, validate_tag
-from common.redis_conn import connect
-from common.runtime import ServiceApp, run_service
+from tokenmill.common.config import Config
+from tokenmill.common.errors import InvalidArgument
+from tokenmill.common.jobs import JobQueue
+from tokenmill.common.names import HINT, validate_name, validate_tag
+from tokenmill.common.redis_conn import connect
+from tokenmill.common.runtime import ServiceApp, run_service
+from tokenmill.common.runtime.job_rpc import JobRpcMixin
 from tokenmill.v1 import common_pb2, compress_pb2, compress_pb2_grpc
 
 SERVICE_NAME = compress_pb2.DESCRIPTOR.services_by_name["CompressService"].full_name
@@ -156,7 +156,7 @@ def validate_submit(request: compress_pb2.SubmitCompressRequest) -> dict[str, An
 def _check_student(preset: str) -> None:
     if not preset:
         raise InvalidArgument("method 'distill' needs student_preset (a model preset for the student)")
-    from common.model import PRESETS  # torch import; only distill requests pay for it
+    from tokenmill.common.model.transformer import PRESETS  # torch import; only distill requests pay for it
 
     if preset not in PRESETS:
         raise InvalidArgument(f"student_preset {preset!r} is unknown; use one of {sorted(PRESETS)}")

@@ -1,5 +1,5 @@
 import sys
 
-from services.inference.server import main
+from tokenmill.services.inference.server import main
 
 sys.exit(main())

@@ -7,8 +7,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from common.errors import InvalidArgument
-from services.inference.engine import RequestOutput, SamplingParams, Usage
+from tokenmill.common.errors import InvalidArgument
+from tokenmill.common.inference import RequestOutput, SamplingParams, Usage
 from tokenmill.v1 import inference_pb2, inference_pb2_grpc
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name

@@ -29,8 +29,8 @@ from typing import Any
 
 import redis
 
-from common.errors import NotFound, TokenmillError, Unavailable, from_code
-from services.inference.convert import chunk_from_output
+from tokenmill.common.errors import NotFound, TokenmillError, Unavailable, from_code
+from tokenmill.services.inference.convert import chunk_from_output
 from tokenmill.v1 import inference_pb2
 
 log = logging.getLogger(__name__)

@@ -25,10 +25,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from common.config import Config
-from common.errors import InvalidArgument, TokenmillError
-from services.inference.convert import ResponseBuilder
-from services.inference.dispatch import RouterDispatcher
+from tokenmill.common.config import Config
+from tokenmill.common.errors import InvalidArgument, TokenmillError
+from tokenmill.services.inference.convert import ResponseBuilder
+from tokenmill.services.inference.dispatch import RouterDispatcher
 from tokenmill.v1 import inference_pb2
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Load a served model (and LoRA adapters) from the checkpoint store into an engine.
 
 The store's manifest config is the source of truth for shapes; `tokenizer.json` travels with the
-checkpoint; quantized tensors (`*.qweight`) are recognised by name (common.quant formats).
+checkpoint; quantized tensors (`*.qweight`) are recognised by name (tokenmill.common.model.quant formats).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from common.errors import FailedPrecondition, InvalidArgument, NotFound
-from common.proto_struct import struct_to_dict
-from services.inference.engine import LoraAdapter, Tokenizer
+from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from tokenmill.common.inference import LoraAdapter, Tokenizer
+from tokenmill.common.runtime.proto_struct import struct_to_dict
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,18 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from common.errors import FailedPrecondition, InvalidArgument, NotFound, TokenmillError, Unavailable
-from common.telemetry import gpu_stats
-from services.inference.convert import ResponseBuilder, check_parsed, chunk_from_output, submit_kwargs
-from services.inference.engine import EngineConfig, SamplingParams, build_engine
-from services.inference.engine.async_engine import AsyncEngine, RequestStream
-from services.inference.loader import LoadedModel, load_adapter
-from services.inference.metrics import LatencyObserver
+from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound, TokenmillError, Unavailable
+from tokenmill.common.inference import EngineConfig, SamplingParams, build_engine
+from tokenmill.common.inference.async_engine import AsyncEngine, RequestStream
+from tokenmill.common.telemetry import gpu_stats
+from tokenmill.services.inference.convert import (
+    ResponseBuilder,
+    check_parsed,
+    chunk_from_output,
+    submit_kwargs,
+)
+from tokenmill.services.inference.loader import LoadedModel, load_adapter
+from tokenmill.services.inference.metrics import LatencyObserver
 from tokenmill.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import random
 
-from common.clients.inference import InferenceClient
-from common.errors import InvalidArgument
-from services.inference.convert import ResponseBuilder, check_parsed
-from services.inference.dispatch import RouterDispatcher
+from tokenmill.common.clients.inference import InferenceClient
+from tokenmill.common.errors import InvalidArgument
+from tokenmill.services.inference.convert import ResponseBuilder, check_parsed
+from tokenmill.services.inference.dispatch import RouterDispatcher
 from tokenmill.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -74,6 +74,6 @@ class RouterServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
 
     def queue_depth(self) -> int:
-        from services.inference.dispatch import REQUESTS
+        from tokenmill.services.inference.dispatch import REQUESTS
 
         return int(self.dispatcher.r.xlen(REQUESTS))

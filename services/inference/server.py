@@ -1,4 +1,4 @@
-"""`python -m services.inference`: the router (default) or one replica (`replica --model REF`).
+"""`python -m tokenmill.services.inference`: the router (default) or one replica (`replica --model REF`).
 
 Without a subcommand it runs the router (how the Helm chart's router pods and docker-compose start it),
 unless TOKENMILL_SERVE_MODEL=REF is in the environment: then a replica of REF on the configured
@@ -19,13 +19,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from common.config import Config, ServiceConfig
-from common.errors import TokenmillError
-from common.runtime.app import ServiceApp, StartupError
-from common.runtime.entry import load_or_exit
-from common.runtime.logs import setup_logging
-from services.inference.convert import SERVICE_NAME, add_inference_servicer
-from services.inference.engine import EngineConfig
+from tokenmill.common.config import Config, ServiceConfig
+from tokenmill.common.errors import TokenmillError
+from tokenmill.common.inference import EngineConfig
+from tokenmill.common.runtime.app import ServiceApp, StartupError
+from tokenmill.common.runtime.entry import load_or_exit
+from tokenmill.common.runtime.logs import setup_logging
+from tokenmill.services.inference.convert import SERVICE_NAME, add_inference_servicer
 
 log = logging.getLogger("tokenmill.inference")
 
@@ -38,7 +38,7 @@ def _dial_host(host: str) -> str:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    from services.inference.replica import parse_dtype
+    from tokenmill.services.inference.replica import parse_dtype
 
     device = args.device
     if device == "auto":
@@ -60,13 +60,13 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def build_replica(config: Config, app: ServiceApp, args: argparse.Namespace):
-    from common.clients.checkpoint import CheckpointClient
-    from common.redis_conn import connect
-    from common.telemetry import register_gpu_collector
-    from services.inference.dispatch import ReplicaPuller, default_replica_id
-    from services.inference.loader import load_model
-    from services.inference.metrics import EngineCollector
-    from services.inference.replica import Replica, ReplicaServicer
+    from tokenmill.common.clients.checkpoint import CheckpointClient
+    from tokenmill.common.redis_conn import connect
+    from tokenmill.common.telemetry import register_gpu_collector
+    from tokenmill.services.inference.dispatch import ReplicaPuller, default_replica_id
+    from tokenmill.services.inference.loader import load_model
+    from tokenmill.services.inference.metrics import EngineCollector
+    from tokenmill.services.inference.replica import Replica, ReplicaServicer
 
     replica_id = args.replica_id or default_replica_id()
     engine_config = engine_config_from_args(args)
@@ -110,10 +110,10 @@ def build_replica(config: Config, app: ServiceApp, args: argparse.Namespace):
 
 
 def build_router(config: Config, app: ServiceApp, args: argparse.Namespace):
-    from common.redis_conn import connect
-    from services.inference.dispatch import RouterDispatcher
-    from services.inference.http_api import HttpFront
-    from services.inference.router import RouterServicer
+    from tokenmill.common.redis_conn import connect
+    from tokenmill.services.inference.dispatch import RouterDispatcher
+    from tokenmill.services.inference.http_api import HttpFront
+    from tokenmill.services.inference.router import RouterServicer
 
     r = connect(config, client_name="inference-router")
     dispatcher = RouterDispatcher(r)

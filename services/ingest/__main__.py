@@ -1,8 +1,8 @@
-"""`python -m services.ingest [--config PATH]`."""
+"""`python -m tokenmill.services.ingest [--config PATH]`."""
 
 import sys
 
-from services.ingest.server import main
+from tokenmill.services.ingest.server import main
 
 if __name__ == "__main__":  # spawned pipeline workers import this module too; they must not serve
     sys.exit(main())

@@ -1,10 +1,10 @@
 """IngestService: validates ingest requests, queues them as `ingest` jobs and runs them (a JobWorker
 thread calling the engine's pipeline), and serves the dataset registry.
 
-Thin on purpose: the pipeline lives in ``services/ingest/engine/``. Everything that can be
+Thin on purpose: the pipeline lives in ``common/ingest/``. Everything that can be
 rejected before queueing is rejected by ``SubmitIngest`` (bad names, unknown presets or filter
 parameters, missing/unreadable sources, an existing dataset, a missing tokenizer), so a queued job
-fails only for reasons found while reading. Run with ``python -m services.ingest``.
+fails only for reasons found while reading. Run with ``python -m tokenmill.services.ingest``.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import errors
-from common.config import Config
-from common.job_rpc import JobRpcMixin, job_to_proto
-from common.jobs import JobContext, JobQueue, JobWorker
-from common.proto_struct import dict_to_struct, struct_to_dict, timestamp_from_seconds
-from common.runtime import ServiceApp, run_service
-from services.ingest.engine.pipeline import check_input_locations, preflight, run_ingest
-from services.ingest.engine.registry import DatasetRegistry, summary
-from services.ingest.engine.spec import IngestSpec
+from tokenmill.common import errors
+from tokenmill.common.config import Config
+from tokenmill.common.ingest.pipeline import check_input_locations, preflight, run_ingest
+from tokenmill.common.ingest.registry import DatasetRegistry, summary
+from tokenmill.common.ingest.spec import IngestSpec
+from tokenmill.common.jobs import JobContext, JobQueue, JobWorker
+from tokenmill.common.runtime import ServiceApp, run_service
+from tokenmill.common.runtime.job_rpc import JobRpcMixin, job_to_proto
+from tokenmill.common.runtime.proto_struct import dict_to_struct, struct_to_dict, timestamp_from_seconds
 from tokenmill.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger("tokenmill.ingest")
@@ -198,7 +198,7 @@ class IngestServicer(JobRpcMixin, ingest_pb2_grpc.IngestServiceServicer):
 
 def build(config: Config, app: ServiceApp, *, redis_client=None):
     """Wire the servicer and one job worker; ready once Redis answers."""
-    from common.redis_conn import connect
+    from tokenmill.common.redis_conn import connect
 
     redis_client = redis_client or connect(config, client_name="tokenmill-ingest")
     queue = JobQueue.from_config(config, redis_client)

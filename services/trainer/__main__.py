@@ -1,7 +1,7 @@
-"""`python -m services.trainer [--config PATH]`."""
+"""`python -m tokenmill.services.trainer [--config PATH]`."""
 
 import sys
 
-from services.trainer.server import main
+from tokenmill.services.trainer.server import main
 
 sys.exit(main())

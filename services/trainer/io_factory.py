@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from common.errors import InvalidArgument
-from services.trainer.engine.checkpoint_io import CheckpointIO, LocalCheckpointIO
+from tokenmill.common.errors import InvalidArgument
+from tokenmill.common.trainer.checkpoint_io import CheckpointIO, LocalCheckpointIO
 
-DOTTED = "services.trainer.io_factory:make_checkpoint_io"
+DOTTED = "tokenmill.services.trainer.io_factory:make_checkpoint_io"
 
 
 def make_checkpoint_io(spec: Mapping[str, Any]) -> CheckpointIO:
@@ -22,7 +22,7 @@ def make_checkpoint_io(spec: Mapping[str, Any]) -> CheckpointIO:
     if kind == "local":
         return LocalCheckpointIO(spec["root"])
     if kind == "store":
-        from services.trainer.store_io import StoreCheckpointIO
+        from tokenmill.services.trainer.store_io import StoreCheckpointIO
 
         return StoreCheckpointIO.from_spec(spec)
     raise InvalidArgument(f"unknown checkpoint io kind {kind!r}; use 'local' or 'store'")

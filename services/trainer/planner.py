@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.dataset import read_manifest
-from common.errors import InvalidArgument, NotFound
-from common.inputs import check_input_allowed
-from common.model import ModelConfig
-from common.names import validate_name
-from services.trainer.engine.checkpoint_io import CheckpointIO
-from services.trainer.engine.config import LoraSettings, TrainConfig
-from services.trainer.engine.metrics import estimate_bytes_per_worker
+from tokenmill.common.data.dataset import read_manifest
+from tokenmill.common.errors import InvalidArgument, NotFound
+from tokenmill.common.inputs import check_input_allowed
+from tokenmill.common.model.transformer import ModelConfig
+from tokenmill.common.names import validate_name
+from tokenmill.common.trainer.checkpoint_io import CheckpointIO
+from tokenmill.common.trainer.config import LoraSettings, TrainConfig
+from tokenmill.common.trainer.metrics import estimate_bytes_per_worker
 
 # SubmitTrainRequest field -> TrainConfig field (same meaning); zero/empty means "use the default".
 DIRECT_FIELDS = (

@@ -1,6 +1,6 @@
 """TrainerService: the coordinator. Validates train requests, queues them as `train` jobs, and runs
 them (a JobWorker thread) by launching the `local` or `ray` backend; progress goes to the job's
-event stream, the final checkpoint to the job's artifacts. Run with `python -m services.trainer`.
+event stream, the final checkpoint to the job's artifacts. Run with `python -m tokenmill.services.trainer`.
 
 Thin on purpose: validation lives in planner.py, training in engine/, storage in store_io.py.
 """
@@ -15,13 +15,13 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from common import errors
-from common.config import Config
-from common.job_rpc import JobRpcMixin, job_to_proto
-from common.jobs import JobCancelled, JobContext, JobQueue, JobWorker
-from common.runtime import ServiceApp, run_service
-from services.trainer.io_factory import make_checkpoint_io
-from services.trainer.planner import Plan, Planner
+from tokenmill.common import errors
+from tokenmill.common.config import Config
+from tokenmill.common.jobs import JobCancelled, JobContext, JobQueue, JobWorker
+from tokenmill.common.runtime import ServiceApp, run_service
+from tokenmill.common.runtime.job_rpc import JobRpcMixin, job_to_proto
+from tokenmill.services.trainer.io_factory import make_checkpoint_io
+from tokenmill.services.trainer.planner import Plan, Planner
 from tokenmill.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 log = logging.getLogger("tokenmill.trainer")
@@ -162,19 +162,19 @@ class TrainJobHandler:
 
     def _backend(self, name: str) -> Callable[..., dict[str, Any]]:
         if name == "ray":
-            from services.trainer.engine.backends.ray_backend import run_ray
+            from tokenmill.common.trainer.backends.ray_backend import run_ray
 
             return lambda *a, **kw: run_ray(
                 *a, ray_address=self.ray_address, io_factory=make_checkpoint_io, **kw
             )
-        from services.trainer.engine.backends.local import run_local
+        from tokenmill.common.trainer.backends.local import run_local
 
         return lambda *a, **kw: run_local(*a, io_factory=make_checkpoint_io, **kw)
 
 
 def store_io_spec(config: Config) -> dict[str, Any]:
     """How worker processes reach the checkpoint store (they build their own clients)."""
-    from common.clients.checkpoint import CheckpointClient
+    from tokenmill.common.clients.checkpoint import CheckpointClient
 
     client = CheckpointClient.from_config(config)
     try:
@@ -195,7 +195,7 @@ def store_io_spec(config: Config) -> dict[str, Any]:
 
 def build(config: Config, app: ServiceApp, *, redis_client=None, io_spec: dict[str, Any] | None = None):
     """Wire the servicer and one job worker; ready once Redis answers."""
-    from common.redis_conn import connect
+    from tokenmill.common.redis_conn import connect
 
     redis_client = redis_client or connect(config, client_name="tokenmill-trainer")
     queue = JobQueue.from_config(config, redis_client)

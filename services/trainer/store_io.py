@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from common import errors
-from common.clients.checkpoint import CheckpointClient
-from services.trainer.engine.checkpoint_io import Layout
+from tokenmill.common import errors
+from tokenmill.common.clients.checkpoint import CheckpointClient
+from tokenmill.common.trainer.checkpoint_io import Layout
 
 
 class StoreCheckpointIO:

@@ -1,0 +1,1 @@
+"""Datasets: the packed token shards that ingest writes and the trainer reads."""

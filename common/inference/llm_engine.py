@@ -1,0 +1,359 @@
+"""LLMEngine: requests in, token deltas out, one scheduler step at a time.
+
+Single-threaded by design (like vLLM's EngineCore); `AsyncEngine` runs it on a thread and fans
+out per-request streams. `add_request` validates everything a client can get wrong and raises
+tokenmill.common.errors (INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED) before anything is queued.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from tokenmill.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from tokenmill.common.inference.block_manager import BlockManager
+from tokenmill.common.inference.config import EngineConfig, ModelSpec
+from tokenmill.common.inference.lora import LoraAdapter
+from tokenmill.common.inference.model import PagedLlama
+from tokenmill.common.inference.request import Request, SamplingParams, Status
+from tokenmill.common.inference.runner import ModelRunner
+from tokenmill.common.inference.sampler import Sampler
+from tokenmill.common.inference.scheduler import Scheduler
+from tokenmill.common.inference.tokenizer import Tokenizer, detokenize_incrementally, flush_detokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    time_to_first_token_s: float
+    total_time_s: float
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (a delta; `usage` only on the final output)."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str = ""  # "stop" | "length" | "abort"
+    usage: Usage | None = None
+
+
+class EngineObserver(Protocol):
+    """Hook for metrics; the replica service exports these to Prometheus with vLLM names."""
+
+    def on_first_token(self, ttft_s: float) -> None: ...
+    def on_token(self, inter_token_s: float) -> None: ...
+    def on_finish(self, e2e_s: float, prompt_tokens: int, completion_tokens: int) -> None: ...
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: PagedLlama,
+        config: EngineConfig,
+        tokenizer: Tokenizer | None = None,
+        observer: EngineObserver | None = None,
+    ):
+        self.model = model
+        self.spec: ModelSpec = model.spec
+        self.config = config
+        self.tokenizer = tokenizer
+        self.observer = observer
+        self.max_model_len = config.resolve_max_model_len(self.spec)
+        num_blocks = config.resolve_num_blocks(self.spec)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
+        )
+        self.runner = ModelRunner(
+            model,
+            self.blocks,
+            use_cuda_graphs=config.use_cuda_graphs,
+            cuda_graph_max_batch=config.cuda_graph_max_batch,
+            max_blocks_per_seq=config.max_blocks_per_seq(self.spec),
+        )
+        self.sampler = Sampler(model.device)
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.steps = 0
+
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        """Register an adapter (engine thread only: moving its weights to the GPU here keeps all
+        device work on one thread, which CUDA-graph capture requires)."""
+        if adapter.weights and max(layer for layer, _ in adapter.weights) >= self.spec.num_layers:
+            raise InvalidArgument(f"adapter {adapter.name!r} has more layers than the base model")
+        dev, dt = self.model.device, self.model.dtype
+        adapter.weights = {k: (a.to(dev, dt), b.to(dev, dt)) for k, (a, b) in adapter.weights.items()}
+        self.adapters[adapter.name] = adapter
+
+    # ------------------------------------------------------------------ requests
+
+    def make_request(
+        self,
+        *,
+        prompt: str | None = None,
+        prompt_token_ids: Iterable[int] | None = None,
+        params: SamplingParams | None = None,
+        request_id: str = "",
+        adapter: str = "",
+    ) -> Request:
+        """Validate and build a Request without touching engine state (safe from any thread)."""
+        params = params or SamplingParams()
+        ids = list(prompt_token_ids or [])
+        if not ids:
+            if not prompt:
+                raise InvalidArgument("the prompt is empty: give prompt text or prompt_token_ids")
+            if self.tokenizer is None:
+                raise InvalidArgument("this model has no tokenizer; send prompt_token_ids instead of text")
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise InvalidArgument("the prompt tokenizes to zero tokens")
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise InvalidArgument(
+                f"prompt token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})"
+            )
+        if len(ids) >= self.max_model_len:
+            raise InvalidArgument(
+                f"the prompt has {len(ids)} tokens but the context is {self.max_model_len}; "
+                "shorten it to leave room for at least one new token"
+            )
+        room = self.max_model_len - len(ids)
+        if params.max_tokens == 0:
+            params.max_tokens = min(self.config.default_max_tokens, room)
+        params.validate()
+        if params.max_tokens > room:
+            raise InvalidArgument(
+                f"max_tokens={params.max_tokens} plus the {len(ids)}-token prompt exceeds the context of "
+                f"{self.max_model_len}; use max_tokens <= {room}"
+            )
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.spec.vocab_size]
+        if bad_stop:
+            raise InvalidArgument(f"stop token id {bad_stop[0]} is outside the vocabulary")
+        if adapter and adapter not in self.adapters:
+            raise NotFound(
+                f"LoRA adapter {adapter!r} is not loaded on this replica; loaded: {sorted(self.adapters)}"
+            )
+        need = self.blocks.blocks_for(len(ids) + params.max_tokens)
+        if need > self.blocks.usable_blocks:
+            raise ResourceExhausted(
+                f"the request needs {need} KV blocks ({len(ids)} prompt + {params.max_tokens} new tokens) but the "
+                f"replica's pool has {self.blocks.usable_blocks}; lower max_tokens or give the replica more KV memory"
+            )
+        rid = request_id or f"req-{next(self._ids)}-{time.monotonic_ns()}"
+        eos = () if params.ignore_eos else self.spec.eos_token_ids
+        return Request(rid, ids, params, adapter=adapter, eos_token_ids=eos)
+
+    def add(self, req: Request) -> None:
+        """Queue a validated request (engine thread only)."""
+        if req.request_id in self.requests:
+            raise InvalidArgument(f"request id {req.request_id!r} is already in use")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise ResourceExhausted(
+                f"{len(self.scheduler.waiting)} requests are already waiting on this replica; retry later"
+            )
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+
+    def add_request(self, **kwargs) -> Request:
+        req = self.make_request(**kwargs)
+        self.add(req)
+        return req
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.remove(req)
+        req.status = Status.FINISHED
+        req.finish_reason = "abort"
+        return RequestOutput(request_id, finished=True, finish_reason="abort", usage=self._usage(req))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ step
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.items:
+            return []
+        logits, sample_idx = self.runner.execute(sched.items, self.adapters)
+        self.steps += 1
+        for it in sched.items:
+            req = it.request
+            req.num_computed_tokens += it.num_tokens
+            self.blocks.commit(req.request_id, req.all_token_ids, req.num_computed_tokens, req.adapter)
+        if not sample_idx:
+            return []
+        sampling_reqs = [sched.items[i].request for i in sample_idx]
+        tokens, logprobs = self.sampler(logits, sampling_reqs)
+        now = time.monotonic()
+        outputs = []
+        for j, (req, tok) in enumerate(zip(sampling_reqs, tokens, strict=True)):
+            outputs.append(self._append_token(req, tok, None if logprobs is None else logprobs[j], now))
+        return outputs
+
+    def _append_token(self, req: Request, tok: int, logprob: float | None, now: float) -> RequestOutput:
+        req.output_token_ids.append(tok)
+        self.generation_tokens_total += 1
+        if req.params.logprobs and logprob is not None:
+            req.output_logprobs.append(logprob)
+        if self.observer is not None:
+            if req.first_token_time is None:
+                self.observer.on_first_token(now - req.arrival_time)
+            else:
+                self.observer.on_token(now - req.last_token_time)
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.prompt_tokens_total += len(req.prompt_token_ids)
+        req.last_token_time = now
+        out = RequestOutput(req.request_id, token_ids=[tok])
+        if req.params.logprobs and logprob is not None:
+            out.logprobs = [logprob]
+        p = req.params
+        reason = ""
+        if tok in p.stop_token_ids or tok in req.eos_token_ids:
+            reason = "stop"
+        elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = "length"
+        if self.tokenizer is not None:
+            detokenize_incrementally(self.tokenizer, req)
+            if reason:
+                flush_detokenizer(self.tokenizer, req)
+            if p.stop:
+                cut = self._find_stop(req)
+                if cut is not None:
+                    req.text = req.text[:cut]
+                    reason = "stop"
+            hold = 0 if reason else (max(len(s) for s in p.stop) - 1 if p.stop else 0)
+            end = max(req.emitted_text_len, len(req.text) - hold)
+            out.text = req.text[req.emitted_text_len : end]
+            req.emitted_text_len = end
+        if reason:
+            self._finish(req, reason, out)
+        return out
+
+    def _find_stop(self, req: Request) -> int | None:
+        longest = max(len(s) for s in req.params.stop)
+        # Only the tail that changed can contain a new match.
+        start = max(0, req.emitted_text_len - longest)
+        best = None
+        for s in req.params.stop:
+            i = req.text.find(s, start)
+            if i != -1 and (best is None or i < best):
+                best = i
+        return best
+
+    def _finish(self, req: Request, reason: str, out: RequestOutput) -> None:
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        self.scheduler.remove(req)
+        self.requests.pop(req.request_id, None)
+        out.finished = True
+        out.finish_reason = reason
+        out.usage = self._usage(req)
+        if self.observer is not None:
+            self.observer.on_finish(
+                out.usage.total_time_s, len(req.prompt_token_ids), len(req.output_token_ids)
+            )
+
+    def _usage(self, req: Request) -> Usage:
+        now = time.monotonic()
+        return Usage(
+            prompt_tokens=len(req.prompt_token_ids),
+            completion_tokens=len(req.output_token_ids),
+            cached_prompt_tokens=req.num_cached_tokens,
+            time_to_first_token_s=(req.first_token_time - req.arrival_time) if req.first_token_time else 0.0,
+            total_time_s=now - req.arrival_time,
+        )
+
+    # ------------------------------------------------------------------ convenience
+
+    def generate(
+        self, prompts: Iterable[list[int] | str], params: SamplingParams | Iterable[SamplingParams]
+    ) -> list[Request]:
+        """Run a batch to completion (tests, benchmarks); returns the finished Requests in order."""
+        prompts = list(prompts)
+        plist = list(params) if not isinstance(params, SamplingParams) else [params] * len(prompts)
+        reqs = []
+        for p, sp in zip(prompts, plist, strict=True):
+            sp = SamplingParams(**vars(sp))
+            kw = {"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}
+            reqs.append(self.add_request(params=sp, **kw))
+        while self.has_unfinished():
+            self.step()
+        return reqs
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> dict:
+        return {
+            "requests_running": len(self.scheduler.running),
+            "requests_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.blocks.usage(),
+            "kv_blocks_total": self.blocks.usable_blocks,
+            "kv_blocks_free": self.blocks.num_free(),
+            "prefix_cache_queries": self.blocks.prefix_queries,
+            "prefix_cache_hits": self.blocks.prefix_hits,
+            "preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens": self.prompt_tokens_total,
+            "generation_tokens": self.generation_tokens_total,
+        }
+
+
+def build_engine(
+    tensors: Mapping[str, torch.Tensor],
+    model_config: dict,
+    config: EngineConfig | None = None,
+    tokenizer: Tokenizer | None = None,
+    observer: EngineObserver | None = None,
+) -> LLMEngine:
+    """Checkpoint tensors + config dict -> a ready engine (dense or quantized weights)."""
+    config = config or EngineConfig()
+    spec = ModelSpec.from_dict(model_config)
+    if tokenizer is not None and tokenizer.vocab_size > spec.vocab_size:
+        raise InvalidArgument(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {spec.vocab_size}"
+        )
+    model = PagedLlama(spec, dict(tensors), dtype=config.dtype, device=config.device)
+    if config.gpu_memory_utilization > 0 and model.device.type == "cuda" and config.num_blocks is None:
+        config.kv_cache_memory_bytes = kv_budget_from_gpu(config, model)
+    return LLMEngine(model, config, tokenizer, observer)
+
+
+def kv_budget_from_gpu(config: EngineConfig, model: PagedLlama) -> int:
+    """Bytes for the KV pool: the utilisation target minus what is already used, minus activations."""
+    free, total = torch.cuda.mem_get_info(model.device)
+    used = total - free
+    budget = int(config.gpu_memory_utilization * total) - used - config.activation_reserve_bytes
+    per_block = model.spec.kv_bytes_per_token(config.dtype) * config.block_size
+    need = per_block * config.max_blocks_per_seq(model.spec)
+    if budget < need:
+        raise ResourceExhausted(
+            f"after loading the weights only {max(budget, 0) / 2**30:.2f} GiB are left for the KV cache at "
+            f"gpu_memory_utilization={config.gpu_memory_utilization}, but one full-length sequence needs "
+            f"{need / 2**30:.2f} GiB; raise the utilisation, lower max_model_len, or quantize the weights"
+        )
+    return budget

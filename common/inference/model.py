@@ -1,0 +1,235 @@
+"""The Llama-family decoder as a paged-attention forward over checkpoint tensors.
+
+Parameter names are Hugging Face `LlamaForCausalLM`'s (what `tokenmill.common.model.transformer` saves), weights may be
+dense or weight-only quantized (`tokenmill.common.model.quant`), q/k/v and gate/up are fused into one matmul each.
+Attention reads K/V from the paged cache through per-sequence block tables: the new tokens' K/V
+are scattered into their slots first, then each sequence gathers its context and attends with a
+causal mask. GQA is computed without expanding K/V (queries are grouped per KV head).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.common.errors import InvalidArgument
+from tokenmill.common.inference.config import ModelSpec
+from tokenmill.common.inference.lora import LoraBatch
+from tokenmill.common.model.quant import concat_linears, make_linear
+from tokenmill.common.model.transformer import rope_inv_freq
+
+PREFIX = "model."
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D]; cos/sin [T, D] (HF rotate-half convention)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+@dataclass
+class AttnMeta:
+    """Where the step's tokens go and what each sequence attends to.
+
+    Tokens are laid out decodes first (one per sequence), then the prefill chunks back to back.
+    """
+
+    slot_mapping: torch.Tensor  # [T] flat cache slot for each new token
+    num_decodes: int
+    decode_tables: torch.Tensor | None  # [Bd, nblocks] block tables of the decode sequences
+    decode_ctx: torch.Tensor | None  # [Bd] context length including the new token
+    prefill_tables: torch.Tensor | None  # [Bp, nblocks]
+    prefill_ctx: torch.Tensor | None  # [Bp]
+    prefill_qlen: torch.Tensor | None  # [Bp]
+    prefill_pad_idx: torch.Tensor | None  # [Bp, Qmax] index into the prefill tokens (padding -> 0)
+    prefill_valid: torch.Tensor | None  # [Bp, Qmax] bool
+
+
+class PagedLlama(nn.Module):
+    def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, device):
+        super().__init__()
+        self.spec = spec
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+        def t(name: str) -> torch.Tensor:
+            if name not in tensors:
+                raise InvalidArgument(f"checkpoint lacks tensor {name!r}; is it a Llama-family checkpoint?")
+            return tensors[name].to(device=self.device, dtype=dtype)
+
+        self.embed = nn.Parameter(t(PREFIX + "embed_tokens.weight"), requires_grad=False)
+        if self.embed.shape != (spec.vocab_size, spec.hidden_size):
+            raise InvalidArgument(
+                f"embed_tokens is {tuple(self.embed.shape)} but the config says "
+                f"({spec.vocab_size}, {spec.hidden_size})"
+            )
+        self.layers = nn.ModuleList()
+        for i in range(spec.num_layers):
+            p = f"{PREFIX}layers.{i}."
+            mk = lambda n, p=p: make_linear(tensors, p + n, dtype=dtype, device=self.device)  # noqa: E731
+            layer = nn.Module()
+            layer.input_norm = nn.Parameter(t(p + "input_layernorm.weight"), requires_grad=False)
+            layer.post_norm = nn.Parameter(t(p + "post_attention_layernorm.weight"), requires_grad=False)
+            layer.qkv = concat_linears(
+                [mk("self_attn.q_proj"), mk("self_attn.k_proj"), mk("self_attn.v_proj")]
+            )
+            layer.o = mk("self_attn.o_proj")
+            layer.gate_up = concat_linears([mk("mlp.gate_proj"), mk("mlp.up_proj")])
+            layer.down = mk("mlp.down_proj")
+            self.layers.append(layer)
+        self.norm = nn.Parameter(t(PREFIX + "norm.weight"), requires_grad=False)
+        if "lm_head.weight" in tensors and not spec.tie_word_embeddings:
+            self.lm_head = nn.Parameter(t("lm_head.weight"), requires_grad=False)
+        else:
+            self.lm_head = self.embed
+        inv = rope_inv_freq(spec.config).to(self.device)
+        pos = torch.arange(spec.max_position_embeddings, device=self.device, dtype=torch.float32)
+        freqs = torch.outer(pos, inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        self.q_size = spec.num_heads * spec.head_dim
+        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.scale = 1.0 / math.sqrt(spec.head_dim)
+
+    def weight_bytes(self) -> int:
+        total = sum(p.numel() * p.element_size() for p in (self.embed, self.norm))
+        if self.lm_head is not self.embed:
+            total += self.lm_head.numel() * self.lm_head.element_size()
+        for layer in self.layers:
+            total += sum(m.weight_bytes() for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
+            total += 2 * layer.input_norm.numel() * layer.input_norm.element_size()
+        return total
+
+    def num_parameters(self) -> int:
+        s = self.spec
+        per_layer = (
+            s.hidden_size * (self.q_size + 2 * self.kv_size)
+            + self.q_size * s.hidden_size
+            + 3 * s.hidden_size * s.intermediate_size
+            + 2 * s.hidden_size
+        )
+        n = s.vocab_size * s.hidden_size * (1 if self.lm_head is self.embed else 2)
+        return n + s.num_layers * per_layer + s.hidden_size
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
+        s = self.spec
+        # [K|V, kv head, slot, head dim]: see _gather_attend for why heads come before slots.
+        return [
+            torch.zeros(
+                2, s.num_kv_heads, num_blocks * block_size, s.head_dim, dtype=self.dtype, device=self.device
+            )
+            for _ in range(s.num_layers)
+        ]
+
+    # ------------------------------------------------------------------ attention
+
+    def _gather_attend(
+        self, q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor, block_size: int
+    ) -> torch.Tensor:
+        """q [B, Q, H, D]; mask [B, Q, L] (True = attend) -> [B, Q, H*D].
+
+        The cache is laid out [2, Hkv, slots, D] so that gathering whole blocks with index_select
+        yields K/V as [Hkv, B, L, D] directly: batched matmuls read them without any transpose copy.
+        """
+        s = self.spec
+        b, nq = q.shape[0], q.shape[1]
+        hkv, d, g = s.num_kv_heads, s.head_dim, s.num_heads // s.num_kv_heads
+        idx = tables.reshape(-1)
+        k = cache[0].view(hkv, -1, block_size, d).index_select(1, idx).view(hkv, b, -1, d)  # [Hkv, B, L, D]
+        v = cache[1].view(hkv, -1, block_size, d).index_select(1, idx).view(hkv, b, -1, d)
+        qg = q.view(b, nq, hkv, g, d).permute(2, 0, 3, 1, 4).reshape(hkv, b, g * nq, d)  # [Hkv, B, G*Q, D]
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale  # [Hkv, B, G*Q, L]
+        scores = scores.view(hkv, b, g, nq, -1).masked_fill(~mask[None, :, None, :, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(hkv, b, g * nq, -1)
+        out = torch.matmul(probs, v)  # [Hkv, B, G*Q, D]
+        out = out.view(hkv, b, g, nq, d).permute(1, 3, 0, 2, 4)  # [B, Q, Hkv, G, D]
+        return out.reshape(b, nq, self.q_size)
+
+    def _attention(
+        self, q: torch.Tensor, cache: torch.Tensor, meta: AttnMeta, block_size: int
+    ) -> torch.Tensor:
+        s = self.spec
+        q = q.view(-1, s.num_heads, s.head_dim)
+        outs = []
+        nd = meta.num_decodes
+        if nd:
+            tables = meta.decode_tables
+            length = tables.shape[1] * block_size
+            mask = torch.arange(length, device=q.device)[None, :] < meta.decode_ctx[:, None]
+            outs.append(self._gather_attend(q[:nd, None], cache, tables, mask[:, None, :], block_size)[:, 0])
+        if meta.prefill_tables is not None:
+            qp = q[nd:]
+            # One sequence needs no padding.
+            qpad = qp[None] if meta.prefill_pad_idx is None else qp[meta.prefill_pad_idx]
+            tables = meta.prefill_tables
+            length = tables.shape[1] * block_size
+            nq = qpad.shape[1]
+            start = (meta.prefill_ctx - meta.prefill_qlen)[:, None]  # absolute position of query 0
+            qpos = start + torch.arange(nq, device=q.device)[None, :]  # [Bp, Q]
+            kpos = torch.arange(length, device=q.device)
+            mask = (kpos[None, None, :] <= qpos[:, :, None]) & (
+                kpos[None, None, :] < meta.prefill_ctx[:, None, None]
+            )
+            out = self._gather_attend(qpad, cache, tables, mask, block_size)
+            outs.append(out[0] if meta.prefill_valid is None else out[meta.prefill_valid])
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttnMeta,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        logits_indices: torch.Tensor | None = None,
+        lora: LoraBatch | None = None,
+    ) -> torch.Tensor:
+        """Run the new tokens through the model; returns float32 logits at `logits_indices` (or all)."""
+        s = self.spec
+        h = F.embedding(input_ids, self.embed)
+        cos, sin = self.cos[positions], self.sin[positions]
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_norm, s.rms_norm_eps)
+            qkv = layer.qkv(x)
+            if lora is not None:
+                lora.apply(qkv, x, i, ("q_proj", "k_proj", "v_proj"))
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rope(q.view(-1, s.num_heads, s.head_dim), cos, sin)
+            k = apply_rope(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+            cache = kv_caches[i]
+            cache[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+            cache[1].index_copy_(1, meta.slot_mapping, v.view(-1, s.num_kv_heads, s.head_dim).transpose(0, 1))
+            attn = self._attention(q, cache, meta, block_size)
+            o = layer.o(attn)
+            if lora is not None:
+                lora.apply(o, attn, i, ("o_proj",))
+            h = h + o
+            x = rms_norm(h, layer.post_norm, s.rms_norm_eps)
+            gu = layer.gate_up(x)
+            if lora is not None:
+                lora.apply(gu, x, i, ("gate_proj", "up_proj"))
+            gate, up = gu.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            d = layer.down(act)
+            if lora is not None:
+                lora.apply(d, act, i, ("down_proj",))
+            h = h + d
+        if logits_indices is not None:
+            h = h[logits_indices]
+        h = rms_norm(h, self.norm, s.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()

@@ -1,0 +1,224 @@
+"""Model runner: turns a scheduled step into tensors, runs the paged forward, returns logits.
+
+Owns the KV cache tensors. On CUDA, pure-decode steps without LoRA replay captured CUDA graphs
+(one per batch-size bucket and block-table width bucket, captured lazily), so small batches are not
+dominated by Python and kernel-launch overhead; everything else runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from tokenmill.common.inference.block_manager import NULL_BLOCK, BlockManager
+from tokenmill.common.inference.lora import LoraAdapter, LoraBatch
+from tokenmill.common.inference.model import AttnMeta, PagedLlama
+from tokenmill.common.inference.scheduler import ScheduledItem
+
+log = logging.getLogger(__name__)
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int | None:
+    for b in buckets:
+        if n <= b:
+            return b
+    return None
+
+
+class _DecodeGraph:
+    """A captured decode step for a fixed (batch, table width); inputs are copied into static buffers."""
+
+    def __init__(self, runner: ModelRunner, batch: int, width: int, pool, capture: bool = True):
+        dev = runner.device
+        self.batch, self.width = batch, width
+        self.input_ids = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(batch, dtype=torch.long, device=dev)  # padded rows write to the null block
+        self.tables = torch.full((batch, width), NULL_BLOCK, dtype=torch.long, device=dev)
+        self.ctx = torch.ones(batch, dtype=torch.long, device=dev)
+        meta = AttnMeta(self.slots, batch, self.tables, self.ctx, None, None, None, None, None)
+        model, caches, bs = runner.model, runner.kv_caches, runner.block_size
+        self._forward = lambda: model(self.input_ids, self.positions, meta, caches, bs)
+        self.graph = None
+        if not capture:  # same static buffers and padding, run eagerly (tests on CPU)
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels / allocator outside the graph
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = self._forward()
+
+    def run(self, packed: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """packed: CPU int64 [4, n] = (input ids, positions, slots, context lengths); tables [n, w]."""
+        n, w = packed.shape[1], tables.shape[1]
+        dev = self.input_ids.device
+        packed = packed.to(dev, non_blocking=True)  # one transfer for the four vectors
+        tables = tables.to(dev, non_blocking=True)
+        self.input_ids[:n].copy_(packed[0])
+        self.positions[:n].copy_(packed[1])
+        self.slots[:n].copy_(packed[2])
+        self.slots[n:].zero_()
+        self.ctx[:n].copy_(packed[3])
+        self.ctx[n:].fill_(1)
+        self.tables.fill_(NULL_BLOCK)
+        self.tables[:n, :w].copy_(tables)
+        if self.graph is None:
+            self.logits = self._forward()
+        else:
+            self.graph.replay()
+        return self.logits[:n]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: PagedLlama,
+        blocks: BlockManager,
+        *,
+        use_cuda_graphs: bool = True,
+        cuda_graph_max_batch: int = 64,
+        max_blocks_per_seq: int = 1,
+    ):
+        self.model = model
+        self.blocks = blocks
+        self.block_size = blocks.block_size
+        self.device = model.device
+        self.kv_caches = model.allocate_kv_cache(blocks.num_blocks, blocks.block_size)
+        self.use_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self.capture_graphs = self.device.type == "cuda"  # False: static-buffer path run eagerly (tests)
+        self.graph_batches = [
+            b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b <= cuda_graph_max_batch
+        ]
+        self.graph_widths = []
+        w = 4
+        while w < max_blocks_per_seq:
+            self.graph_widths.append(w)
+            w *= 2
+        self.graph_widths.append(max(w, max_blocks_per_seq))
+        self.graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.lora_slices = self._lora_slices()
+
+    def _lora_slices(self) -> dict[str, tuple[int, int]]:
+        m, s = self.model, self.model.spec
+        q, kv, inter = m.q_size, m.kv_size, s.intermediate_size
+        return {
+            "q_proj": (0, q),
+            "k_proj": (q, q + kv),
+            "v_proj": (q + kv, q + 2 * kv),
+            "o_proj": (0, s.hidden_size),
+            "gate_proj": (0, inter),
+            "up_proj": (inter, 2 * inter),
+            "down_proj": (0, s.hidden_size),
+        }
+
+    def _tables(self, reqs: Sequence, width: int | None = None) -> torch.Tensor:
+        tables = [self.blocks.table(r.request_id) for r in reqs]
+        w = width or max(len(t) for t in tables)
+        padded = [t + [NULL_BLOCK] * (w - len(t)) for t in tables]
+        return torch.tensor(padded, dtype=torch.long)
+
+    @torch.inference_mode()
+    def execute(
+        self, items: Sequence[ScheduledItem], adapters: dict[str, LoraAdapter]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Run the step; returns (logits [n_sampling, V], positions in `items` of the sampling rows)."""
+        decodes = [it for it in items if it.num_tokens == 1]
+        prefills = [it for it in items if it.num_tokens > 1]
+        ordered = decodes + prefills
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        sample_items: list[int] = []
+        index_of = {id(it): i for i, it in enumerate(items)}
+        for it in ordered:
+            req, start, n = it.request, it.request.num_computed_tokens, it.num_tokens
+            toks = req.all_token_ids
+            table = self.blocks.table(req.request_id)
+            ids.extend(toks[start : start + n])
+            rng = range(start, start + n)
+            pos.extend(rng)
+            slots.extend(table[p // bs] * bs + p % bs for p in rng)
+            if start + n == req.num_tokens:
+                logits_rows.append(len(ids) - 1)
+                sample_items.append(index_of[id(it)])
+        dev = self.device
+        t_ids = torch.tensor(ids, dtype=torch.long)
+        t_pos = torch.tensor(pos, dtype=torch.long)
+        t_slots = torch.tensor(slots, dtype=torch.long)
+        uses_lora = any(it.request.adapter for it in items)
+
+        if decodes and not prefills and self.use_graphs and not uses_lora:
+            tables = self._tables([it.request for it in decodes])
+            b = _bucket(len(decodes), self.graph_batches)
+            w = _bucket(tables.shape[1], self.graph_widths)
+            if b is not None and w is not None:
+                ctx = [it.request.num_computed_tokens + 1 for it in decodes]
+                packed = torch.tensor([ids, pos, slots, ctx], dtype=torch.long)
+                graph = self.graphs.get((b, w))
+                if graph is None:
+                    graph = self.graphs[(b, w)] = _DecodeGraph(
+                        self, b, w, self.graph_pool, self.capture_graphs
+                    )
+                return graph.run(packed, tables), sample_items
+
+        nd = len(decodes)
+        meta = AttnMeta(
+            slot_mapping=t_slots.to(dev, non_blocking=True),
+            num_decodes=nd,
+            decode_tables=self._tables([it.request for it in decodes]).to(dev) if decodes else None,
+            decode_ctx=torch.tensor([it.request.num_computed_tokens + 1 for it in decodes], device=dev)
+            if decodes
+            else None,
+            prefill_tables=None,
+            prefill_ctx=None,
+            prefill_qlen=None,
+            prefill_pad_idx=None,
+            prefill_valid=None,
+        )
+        if prefills:
+            qlens = [it.num_tokens for it in prefills]
+            meta.prefill_tables = self._tables([it.request for it in prefills]).to(dev)
+            meta.prefill_ctx = torch.tensor(
+                [it.request.num_computed_tokens + it.num_tokens for it in prefills], device=dev
+            )
+            meta.prefill_qlen = torch.tensor(qlens, device=dev)
+            if len(prefills) > 1:
+                qmax = max(qlens)
+                starts = torch.tensor([0] + qlens[:-1]).cumsum(0)
+                ar = torch.arange(qmax)
+                valid = ar[None, :] < torch.tensor(qlens)[:, None]
+                pad_idx = torch.where(valid, starts[:, None] + ar[None, :], torch.zeros((), dtype=torch.long))
+                meta.prefill_pad_idx = pad_idx.to(dev)
+                meta.prefill_valid = valid.to(dev)
+        lora = None
+        if uses_lora:
+            groups: dict[str, list[int]] = {}
+            row = 0
+            for it in ordered:
+                if it.request.adapter:
+                    groups.setdefault(it.request.adapter, []).extend(range(row, row + it.num_tokens))
+                row += it.num_tokens
+            lora = LoraBatch(
+                [(adapters[name], torch.tensor(rows, device=dev)) for name, rows in groups.items()],
+                self.lora_slices,
+            )
+        logits = self.model(
+            t_ids.to(dev),
+            t_pos.to(dev),
+            meta,
+            self.kv_caches,
+            bs,
+            logits_indices=torch.tensor(logits_rows, device=dev),
+            lora=lora,
+        )
+        # `sample_items` follows the decode-first order; map back to the caller's item order.
+        return logits, sample_items

@@ -1,0 +1,75 @@
+"""Byte-level BPE tokenizer: train one on the cleaned corpus (HF ``tokenizers``) or reuse a file.
+
+Byte-level pre-tokenisation means every string round-trips exactly (``decode(encode(t)) == t``),
+which the packing round-trip test relies on. ``<|endoftext|>`` is id 0 and is the eos appended
+after every document. The PII placeholders are added as ordinary (non-special) tokens so each is
+one id and survives ``skip_special_tokens`` decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOS, PAD]
+PLACEHOLDER_TOKENS = ["<EMAIL>", "<PHONE>", "<IP_ADDRESS>", "<CREDIT_CARD>", "<SECRET>"]
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, *, length: int | None = None, min_frequency: int = 2
+):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=max(vocab_size - len(PLACEHOLDER_TOKENS), 256 + len(SPECIAL_TOKENS)),
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_batched(texts), trainer=trainer, length=length)
+    tok.add_tokens(PLACEHOLDER_TOKENS)
+    return tok
+
+
+def _batched(texts: Iterable[str], size: int = 256) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for t in texts:
+        batch.append(t)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def load_tokenizer(path: str | Path):
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    if not p.is_file():
+        raise NotFound(f"tokenizer file {p} does not exist; give a tokenizer.json or 'dataset:NAME'")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as exc:  # tokenizers raises plain Exception on a bad file
+        raise InvalidArgument(f"{p} is not a valid HF tokenizers tokenizer.json ({exc})") from None
+
+
+def eos_id(tok) -> int:
+    eid = tok.token_to_id(EOS)
+    if eid is None:
+        raise FailedPrecondition(
+            f"the tokenizer has no {EOS} token; ingest needs it as the document separator"
+        )
+    return int(eid)
+
+
+def vocab_size(tok) -> int:
+    return int(tok.get_vocab_size(with_added_tokens=True))

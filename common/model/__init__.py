@@ -1,0 +1,1 @@
+"""Models: the Llama-family transformer, quantized and LoRA weights, the HF mapping."""

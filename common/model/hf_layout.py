@@ -1,0 +1,161 @@
+"""Export checkpoints to, and import them from, the Hugging Face model layout.
+
+The layout is a directory with ``config.json`` (a ``LlamaConfig``), ``model.safetensors`` (or
+sharded ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) and
+``tokenizer.json``; ``transformers`` loads it as ``LlamaForCausalLM``. Parameter names need no
+mapping: `tokenmill.common.model.transformer` uses HF's names. Weights are read only from safetensors: a directory that
+has only ``pytorch_model.bin`` is refused rather than unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tokenmill.common import errors
+from tokenmill.common.runtime.proto_struct import struct_to_dict
+
+if TYPE_CHECKING:
+    from tokenmill.common.clients.checkpoint import CheckpointClient
+
+WEIGHT_PREFIXES = ("model.", "lm_head.")
+# files carried through an import/export unchanged when present
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def hf_config_from_manifest(config: Mapping[str, Any], files: Mapping[str, bytes]) -> dict[str, Any]:
+    """The config.json to write: the imported one if the checkpoint carries it, else derived
+    from the tokenmill model config (tokenmill.common.model.transformer.ModelConfig) or taken as-is if already HF."""
+    if "config.json" in files:
+        return json.loads(files["config.json"])
+    if not config:
+        raise errors.FailedPrecondition(
+            "checkpoint has no model config and no config.json file; it cannot be exported to the HF layout"
+        )
+    if "model_type" in config:
+        return dict(config)
+    from tokenmill.common.model.transformer import ModelConfig
+
+    try:
+        return ModelConfig.from_dict(dict(config)).to_hf_config()
+    except (TypeError, ValueError) as exc:
+        raise errors.FailedPrecondition(f"checkpoint config is not a model config: {exc}") from None
+
+
+def model_config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The tokenmill model config for an imported HF config (falls back to the HF dict itself)."""
+    try:
+        from tokenmill.common.model.transformer import ModelConfig
+
+        return ModelConfig.from_hf_config(dict(hf)).to_dict()
+    except (ImportError, KeyError, TypeError, ValueError):
+        return dict(hf)
+
+
+def write_hf_dir(
+    out_dir: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    hf_config: Mapping[str, Any],
+    files: Mapping[str, bytes],
+) -> Path:
+    """Write the layout: model weights only (optimizer/training state stays in the store)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in tensors.items() if k.startswith(WEIGHT_PREFIXES)}
+    if not weights:
+        raise errors.FailedPrecondition(
+            f"no model weights (names starting with {WEIGHT_PREFIXES}) to export; tensors: {sorted(tensors)[:5]}"
+        )
+    if (
+        hf_config.get("tie_word_embeddings")
+        and "lm_head.weight" in weights
+        and "model.embed_tokens.weight" in weights
+    ):
+        weights.pop("lm_head.weight")  # tied: transformers rebuilds it from the embedding
+    tmp = out / "model.safetensors.tmp"
+    save_file(weights, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(dict(hf_config), indent=2, sort_keys=True) + "\n")
+    for name, data in files.items():
+        if name in SIDE_FILES and name != "config.json":
+            (out / name).write_bytes(data)
+    return out
+
+
+def read_hf_dir(
+    in_dir: str | os.PathLike[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, bytes]]:
+    """(tensors, hf config, side files) from an HF model directory; safetensors only."""
+    src = Path(in_dir)
+    if not (src / "config.json").is_file():
+        raise errors.NotFound(f"{src} has no config.json; is it a Hugging Face model directory?")
+    hf = json.loads((src / "config.json").read_text())
+    index = src / "model.safetensors.index.json"
+    if (src / "model.safetensors").is_file():
+        shards = [src / "model.safetensors"]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        shards = [src / name for name in sorted(set(weight_map.values()))]
+        for shard in shards:
+            if shard.parent != src or not shard.is_file():
+                raise errors.InvalidArgument(f"index names weight file {shard.name!r} that is not in {src}")
+    elif any(src.glob("*.bin")) or any(src.glob("*.pt")):
+        raise errors.FailedPrecondition(
+            f"{src} holds pickle weights (*.bin/*.pt) and no safetensors; tokenmill never unpickles. "
+            "Convert them to model.safetensors first"
+        )
+    else:
+        raise errors.NotFound(f"{src} has no model.safetensors")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensors[key] = f.get_tensor(key)
+    files = {name: (src / name).read_bytes() for name in SIDE_FILES if (src / name).is_file()}
+    return tensors, hf, files
+
+
+def export_hf(client: CheckpointClient, ref: str, out_dir: str | os.PathLike[str]) -> Path:
+    """Write checkpoint `ref` as an HF directory that `LlamaForCausalLM.from_pretrained` loads."""
+    version = client.get(ref, include_manifest=True)
+    have = {f.name for f in version.manifest.files}
+    files = client.load_files(version.ref, [n for n in SIDE_FILES if n in have])
+    hf = hf_config_from_manifest(struct_to_dict(version.manifest.config), files)
+    tensors = client.load(version.ref)
+    return write_hf_dir(out_dir, tensors, hf, files)
+
+
+def import_hf(
+    client: CheckpointClient,
+    in_dir: str | os.PathLike[str],
+    name: str,
+    *,
+    tags: Sequence[str] = (),
+    labels: Mapping[str, str] | None = None,
+    idempotency_key: str = "",
+) -> Any:
+    """Store an HF directory as a new version of `name` (config.json and tokenizer files kept)."""
+    tensors, hf, files = read_hf_dir(in_dir)
+    return client.save(
+        name,
+        tensors,
+        files=files,
+        config=model_config_from_hf(hf),
+        lineage={"parent": f"hf:{Path(in_dir).name}"},
+        labels=dict(labels or {}),
+        tags=tags,
+        idempotency_key=idempotency_key,
+    )

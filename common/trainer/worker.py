@@ -1,0 +1,441 @@
+"""The training loop every worker process runs, whatever launched it (local processes or Ray Train).
+
+One call of :func:`train` = one attempt of a job on one rank. It resumes from the run's last checkpoint
+when there is one (any world size), trains with FSDP2, reports progress through a :class:`Channel`
+(rank 0 only), checkpoints on a schedule, on cancel and at the end, and returns a result dict on rank 0.
+Per step, one small all-reduce carries the loss sum, a non-finite flag and the stop flag, so every rank
+takes the same decision at the same step (no rank can leave a collective hanging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from tokenmill.common.model.lora import adapter_config, apply_lora
+from tokenmill.common.model.transformer import ModelConfig, Transformer, count_parameters
+from tokenmill.common.trainer import sharded_state as ss
+from tokenmill.common.trainer.checkpoint_io import CheckpointIO
+from tokenmill.common.trainer.config import TrainConfig
+from tokenmill.common.trainer.data import make_sources
+from tokenmill.common.trainer.metrics import mfu, peak_flops
+from tokenmill.common.trainer.parallel import (
+    Dist,
+    init_distributed,
+    memory_bytes,
+    reshard_all,
+    set_grad_sync,
+    shard_model,
+)
+from tokenmill.common.trainer.schedule import lr_at
+
+TRAIN_STATE = "train_state.json"
+
+
+class Channel(Protocol):
+    """How rank 0 talks to whoever launched it."""
+
+    def report(self, kind: str, data: dict[str, Any]) -> None: ...
+    def stop_requested(self) -> bool: ...
+
+
+class NullChannel:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def report(self, kind: str, data: dict[str, Any]) -> None:
+        self.events.append((kind, data))
+
+    def stop_requested(self) -> bool:
+        return False
+
+
+def resolve_model_config(cfg: TrainConfig, io: CheckpointIO | None) -> ModelConfig:
+    """The preset (+ overrides), or, when starting from a checkpoint, that checkpoint's own config."""
+    model = cfg.validate()
+    if cfg.init_checkpoint:
+        if io is None or io.resolve(cfg.init_checkpoint) is None:
+            raise NotFound(
+                f"checkpoint {cfg.init_checkpoint!r} not found; list them with 'tokenmill ckpt list'"
+            )
+        hf = json.loads(io.read_files(cfg.init_checkpoint, ["config.json"])["config.json"])
+        model = ModelConfig.from_hf_config(hf)
+        if cfg.model_overrides:
+            model = model.replace(**{k: v for k, v in cfg.model_overrides.items() if k == "max_seq_len"})
+    return model
+
+
+def _broadcast_str(value: str, d: Dist) -> str:
+    """Broadcast a short ASCII string from rank 0 as a byte tensor (no pickling)."""
+    buf = torch.zeros(128, dtype=torch.uint8, device=d.device)
+    if d.is_main:
+        raw = value.encode()[:128]
+        buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    dist.broadcast(buf, 0)
+    return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, io: CheckpointIO, channel: Channel, d: Dist):
+        self.cfg, self.io, self.channel, self.d = cfg, io, channel, d
+        self.model_cfg = resolve_model_config(cfg, io)
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+        self.history: list[dict[str, Any]] = []
+        self.last_ckpt = ""
+        self.run_tag = f"run-{cfg.run_id}" if cfg.run_id else ""
+
+    # ------------------------------------------------------------------------------------ build
+    def build(self) -> None:
+        cfg, d = self.cfg, self.d
+        self.train_src, self.val_src, data_vocab = make_sources(cfg, d.rank, d.world)
+        if data_vocab and data_vocab > self.model_cfg.vocab_size:
+            raise InvalidArgument(
+                f"the tokenizer has {data_vocab} tokens but the model's vocab_size is {self.model_cfg.vocab_size}; "
+                f"set model_overrides vocab_size >= {data_vocab}"
+            )
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every world size
+        model = Transformer(self.model_cfg)
+        if cfg.mode == "lora":
+            apply_lora(
+                model,
+                rank=cfg.lora.rank,
+                alpha=cfg.lora.alpha,
+                target_modules=cfg.lora.target_modules,
+                dropout=cfg.lora.dropout,
+            )
+        model.activation_checkpointing = cfg.activation_checkpointing
+        model.to(d.device)
+        # FSDP2 shards across workers. A single CPU worker has nothing to shard and no mixed precision
+        # to manage, so it trains the plain module (FSDP's DTensor bookkeeping would only cost time;
+        # checkpoints are the same pieces either way). On GPU, FSDP2 also applies the bf16 policy.
+        if d.world > 1 or d.device.type == "cuda" or self.bf16:
+            # With one worker nothing needs freeing between forward and backward: keep blocks gathered.
+            shard_model(
+                model,
+                bf16=self.bf16,
+                compile_blocks=cfg.compile and d.device.type == "cuda",
+                reshard_after_forward=d.world > 1,
+            )
+        self.model = model
+        self.params_total = count_parameters(model)
+        self.params_trainable = count_parameters(model, trainable_only=True)
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        extra = {"fused": True} if d.device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), **extra
+        )
+        self.step = 0
+        resume = self.io.resolve(f"{cfg.output_name}:{self.run_tag}") if self.run_tag else None
+        if resume:
+            self._resume(resume)
+        elif cfg.init_checkpoint:
+            self._load_init(cfg.init_checkpoint)
+
+    def _load_init(self, ref: str) -> None:
+        layout = self.io.layout(ref)
+        targets = {n: p for n, p in ss.model_tensors(self.model).items() if ".lora_" not in n}
+        missing = sorted(set(targets) - set(layout))
+        if missing:
+            raise FailedPrecondition(f"checkpoint {ref} lacks {missing[:3]}; is it a model of this family?")
+        ss.load_into(self.io, ref, layout, targets, self.d.rank, self.d.world)
+
+    def _resume(self, ref: str) -> None:
+        layout = self.io.layout(ref)
+        state = json.loads(self.io.read_files(ref, [TRAIN_STATE])[TRAIN_STATE])
+        ss.load_into(self.io, ref, layout, ss.model_tensors(self.model), self.d.rank, self.d.world)
+        ss.load_optimizer(
+            self.io, ref, layout, self.model, self.opt, state["step"], self.d.rank, self.d.world
+        )
+        self.train_src.load_state_dict(state["sampler"])
+        rng_key = f"rng.cpu.rank{self.d.rank}"
+        if state["world_size"] == self.d.world and rng_key in layout:
+            torch.set_rng_state(
+                ss.read_rows(self.io, ref, layout, rng_key, 0, layout[rng_key][0]["global_shape"][0])
+            )
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        self.last_ckpt = ref
+        if self.d.is_main:
+            self.channel.report(
+                "log",
+                {
+                    "message": f"resumed from {ref} at step {self.step} (saved by {state['world_size']} workers)"
+                },
+            )
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def save(self, *, final: bool, reason: str) -> str:
+        cfg, d = self.cfg, self.d
+        reshard_all(self.model)
+        upload_id = ""
+        if d.is_main:
+            tags = [self.run_tag] if self.run_tag else []
+            lineage = {
+                "parent": cfg.init_checkpoint,
+                "dataset": cfg.dataset_name or cfg.dataset_path,
+                "job_id": cfg.run_id,
+            }
+            metrics = {k: v for k, v in (self.history[-1] if self.history else {}).items() if v is not None}
+            metrics["reason"] = reason
+            upload_id = self.io.begin(
+                cfg.output_name,
+                config=self.model_cfg.to_hf_config(),
+                tags=tags,
+                metrics=metrics,
+                lineage=lineage,
+            )
+        upload_id = _broadcast_str(upload_id, d)
+        only = "lora" if (final and cfg.mode == "lora") else None
+        named = ss.model_tensors(self.model, only=only)
+        if not final:
+            moments, _ = ss.optimizer_tensors(self.model, self.opt)
+            named.update(moments)
+        tensors, shards = ss.collect_pieces(named, d.rank, d.world)
+        # Own copies: storage exporters (numpy views) must never pin FSDP-managed parameter memory.
+        tensors = {k: v.to("cpu", copy=True) for k, v in tensors.items()}
+        if not final:  # per-rank RNG, exact on same-world-size resume
+            key = f"rng.cpu.rank{d.rank}"
+            tensors[f"{key}@0"] = torch.get_rng_state()
+            shards[f"{key}@0"] = {
+                "logical_name": key,
+                "offsets": [0],
+                "global_shape": [tensors[f"{key}@0"].numel()],
+            }
+        files: dict[str, bytes] = {}
+        if d.is_main:
+            files = self._files(final)
+        self.io.write(upload_id, d.rank, tensors, shards, files)
+        dist.barrier()
+        ref = ""
+        if d.is_main:
+            ref = self.io.commit(upload_id)
+            self.channel.report(
+                "checkpoint", {"ref": ref, "step": self.step, "final": final, "reason": reason}
+            )
+        self.last_ckpt = _broadcast_str(ref, d)
+        return self.last_ckpt
+
+    def _files(self, final: bool) -> dict[str, bytes]:
+        cfg = self.cfg
+        state = {
+            "step": self.step,
+            "world_size": self.d.world,
+            "sampler": self.train_src.state_dict(),
+            "history": self.history,
+            "config": cfg.to_dict(),
+            "final": final,
+        }
+        files = {
+            TRAIN_STATE: json.dumps(state).encode(),
+            "config.json": json.dumps(self.model_cfg.to_hf_config(), indent=2).encode(),
+        }
+        tok = cfg.tokenizer_path or (
+            str(Path(cfg.dataset_path) / "tokenizer.json") if cfg.dataset_path else ""
+        )
+        if tok and Path(tok).is_file():
+            files["tokenizer.json"] = Path(tok).read_bytes()
+        elif cfg.init_checkpoint:
+            with contextlib.suppress(NotFound):
+                files.update(self.io.read_files(cfg.init_checkpoint, ["tokenizer.json"]))
+        if cfg.mode == "lora":
+            lo = cfg.lora
+            body = adapter_config(lo.rank, lo.alpha, lo.target_modules, lo.dropout)
+            body["base_model_name_or_path"] = cfg.init_checkpoint
+            files["adapter_config.json"] = json.dumps(body).encode()
+        return files
+
+    # ------------------------------------------------------------------------------------ steps
+    def _mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.d.device)
+        dist.all_reduce(t)
+        return float(t[0]) / self.d.world
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_src is None:
+            return None
+        self.model.eval()
+        saved = self.val_src.consumed
+        self.val_src.consumed = 0  # the same held-out batches every time
+        total = 0.0
+        for _ in range(self.cfg.eval_batches):
+            x, y = self.val_src.next_batch()
+            _, loss = self.model(x.to(self.d.device), y.to(self.d.device))
+            total += float(loss)
+        self.val_src.consumed = saved
+        reshard_all(self.model)
+        self.model.train()
+        return self._mean(total / self.cfg.eval_batches)
+
+    def _inject(self, where: str) -> bool:
+        faults = self.cfg.faults or {}
+        if (
+            where == "kill"
+            and faults.get("kill_at_step") == self.step
+            and faults.get("kill_rank", 0) == self.d.rank
+        ):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return where == "nan" and faults.get("nan_at_step") == self.step
+
+    def run(self) -> dict[str, Any]:
+        cfg, d = self.cfg, self.d
+        self.model.train()
+        tokens_per_step = d.world * cfg.micro_batch_size * cfg.seq_len * cfg.grad_accum_steps
+        peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
+        if d.is_main:
+            self.channel.report(
+                "start",
+                {
+                    "parameters": self.params_total,
+                    "trainable_parameters": self.params_trainable,
+                    "workers": d.world,
+                    "device": str(d.device),
+                    "bf16": self.bf16,
+                    "start_step": self.step,
+                    "steps": cfg.steps,
+                    "flops_per_token": self.model_cfg.flops_per_token(cfg.seq_len),
+                },
+            )
+        status, reason = "completed", ""
+        t_run = time.perf_counter()
+        start_step = self.step
+        # Host-device syncs only every `log_every` steps (and before evals/checkpoints/the end): on GPU
+        # the CPU keeps queueing work ahead. Per-step losses stay on device until the window's sync.
+        sync_every = max(1, cfg.log_every)
+        window: list[tuple[torch.Tensor, float, torch.Tensor | None]] = []
+        bad = torch.zeros((), dtype=torch.bool, device=d.device)
+        t_window = time.perf_counter()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        while self.step < cfg.steps:
+            lr = lr_at(
+                self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps
+            )
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
+            for micro in range(cfg.grad_accum_steps):
+                x, y = self.train_src.next_batch()
+                set_grad_sync(self.model, micro == cfg.grad_accum_steps - 1)
+                _, loss = self.model(x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True))
+                if self._inject("nan"):
+                    loss = loss * float("nan")
+                self._inject("kill")
+                (loss / cfg.grad_accum_steps).backward()
+                loss_sum += loss.detach()
+            loss_step = loss_sum / cfg.grad_accum_steps
+            norm = None
+            if cfg.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                norm = norm.to_local() if hasattr(norm, "to_local") else norm
+                bad |= ~torch.isfinite(norm)
+            bad |= ~torch.isfinite(loss_step)
+            window.append((loss_step, lr, norm))
+            nxt = self.step + 1
+            do_eval = bool(cfg.eval_every) and (nxt % cfg.eval_every == 0 or nxt == cfg.steps)
+            do_ckpt = bool(cfg.checkpoint_every) and nxt % cfg.checkpoint_every == 0 and nxt < cfg.steps
+            if not (nxt % sync_every == 0 or nxt == cfg.steps or do_eval or do_ckpt):
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.step = nxt
+                continue
+            stop_local = d.is_main and self.channel.stop_requested()
+            packed = torch.stack(
+                [w[0] for w in window] + [bad.float(), torch.tensor(float(stop_local), device=d.device)]
+            )
+            packed = packed.to(torch.float64)
+            dist.all_reduce(packed)
+            losses = (packed[:-2] / d.world).tolist()
+            nonfinite, stop = bool(packed[-2] > 0), bool(packed[-1] > 0)
+            if nonfinite:
+                self.opt.zero_grad(set_to_none=True)
+                status = "failed"
+                first = nxt - len(window) + 1
+                where = f"step {nxt}" if first == nxt else f"steps {first}-{nxt}"
+                kept = self.last_ckpt or "none (no checkpoint was written before it)"
+                reason = (
+                    f"loss became non-finite (NaN/Inf) at {where}; the run stopped without applying it; "
+                    f"last good checkpoint: {kept}. Lower lr or raise warmup_steps"
+                )
+                break
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step = nxt
+            now = time.perf_counter()
+            dt = (now - t_window) / len(window)
+            for i, (loss_val, (_, lr_i, _)) in enumerate(zip(losses, window, strict=True)):
+                self.history.append({"step": nxt - len(window) + 1 + i, "loss": loss_val, "lr": lr_i})
+            last_norm = window[-1][2]
+            tps = tokens_per_step / dt
+            record: dict[str, Any] = {
+                "step": self.step,
+                "steps": cfg.steps,
+                "loss": losses[-1],
+                "lr": lr,
+                "tokens_per_s": tps,
+                "step_time_s": dt,
+                "mfu": mfu(self.model_cfg, cfg.seq_len, tps / d.world, peak),
+                "memory_bytes": memory_bytes(d.device),
+                "grad_norm": float(last_norm) if last_norm is not None else None,
+                "eta_s": (now - t_run) / (self.step - start_step) * (cfg.steps - self.step),
+            }
+            window.clear()
+            if do_eval:
+                val = self.evaluate()
+                if val is not None:
+                    record["val_loss"], record["val_ppl"] = val, math.exp(min(val, 50.0))
+                    self.history[-1]["val_loss"] = val
+            if d.is_main:
+                self.channel.report("progress", record)
+            if stop:
+                status, reason = "cancelled", f"cancelled at step {self.step}"
+                self.save(final=False, reason="cancel")
+                break
+            if do_ckpt:
+                self.save(final=False, reason="periodic")
+            t_window = time.perf_counter()
+        final_ref = ""
+        if status == "completed" and cfg.save_final:
+            final_ref = self.save(final=True, reason="final")
+        last = self.history[-1] if self.history else {}
+        return {
+            "status": status,
+            "reason": reason,
+            "step": self.step,
+            "checkpoint": final_ref or self.last_ckpt,
+            "final_loss": last.get("loss"),
+            "val_loss": next((h["val_loss"] for h in reversed(self.history) if "val_loss" in h), None),
+            "history": self.history,
+            "parameters": self.params_total,
+            "trainable_parameters": self.params_trainable,
+            "workers": d.world,
+        }
+
+
+def train(cfg: TrainConfig, io: CheckpointIO, channel: Channel | None = None) -> dict[str, Any]:
+    """Run one attempt on this rank (process group from the torchrun environment or already set up)."""
+    channel = channel or NullChannel()
+    d = init_distributed(cfg.device)
+    try:
+        run = _Run(cfg, io, channel, d)
+        run.build()
+        result = run.run()
+        dist.barrier()
+        return result
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
