@@ -37,7 +37,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench._report import target, write_report
-from tokenmill.common.clients.checkpoint import CheckpointClient, tensor_bytes
+from tokenmill.common.checkpoint.format import tensor_bytes
+from tokenmill.common.clients.checkpoint import CheckpointClient
 
 REPO = Path(__file__).resolve().parent.parent
 

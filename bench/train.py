@@ -32,8 +32,8 @@ from tokenmill.common.data.dataset import (
     write_json_atomic,
 )
 from tokenmill.common.model.transformer import Transformer
-from tokenmill.common.trainer.checkpoint_io import LocalCheckpointIO
 from tokenmill.common.trainer.config import TrainConfig
+from tokenmill.common.trainer.local_io import LocalCheckpointIO
 from tokenmill.common.trainer.parallel import free_port
 from tokenmill.common.trainer.schedule import lr_at
 from tokenmill.common.trainer.worker import NullChannel, train

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._report import target, write_report  # noqa: E402
 from tokenmill.common.data.dataset import MANIFEST, ShardWriter, token_dtype_for, write_json_atomic  # noqa: E402
 from tokenmill.common.model.transformer import preset  # noqa: E402
-from tokenmill.common.trainer.checkpoint_io import LocalCheckpointIO  # noqa: E402
 from tokenmill.common.trainer.config import TrainConfig  # noqa: E402
+from tokenmill.common.trainer.local_io import LocalCheckpointIO  # noqa: E402
 from tokenmill.common.trainer.metrics import peak_flops  # noqa: E402
 from tokenmill.common.trainer.parallel import free_port  # noqa: E402
 from tokenmill.common.trainer.worker import NullChannel, train  # noqa: E402

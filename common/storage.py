@@ -9,6 +9,10 @@ Why the local backend writes the way it does: ``rename`` is atomic but not durab
 put writes a temporary file in the destination directory, fsyncs it, renames (or hard-links, for
 create-if-absent) it into place and fsyncs the directory. A crash therefore leaves the old object or
 the new one, never a torn file under the final name.
+
+What a backend can do beyond the key -> bytes map is asked, never inferred from its class:
+``BlobStore.local_files()`` returns the ``LocalFiles`` capability (plain files on this host, which
+same-host clients may read and stage into) or None.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -67,17 +71,48 @@ def check_key(key: str) -> str:
     return key
 
 
+BeforePublish = Callable[[], object]
+"""A crash-drill hook a put runs once its bytes are durable and before they become visible."""
+
+
+class LocalFiles(Protocol):
+    """The capability of a backend whose objects are plain files under `root` on this host.
+
+    Why a capability: same-host clients read chunk files and stage upload chunks in the store's
+    directory, which only a filesystem backend allows; the engine asks for this instead of
+    checking the backend's class, so another file-backed backend only has to implement it."""
+
+    root: Path
+    fsync: bool  # whether writes are fsynced (a file adopted from a client must be too)
+
+    def path(self, key: str) -> Path:
+        """The file holding `key`."""
+        ...
+
+    def adopt(self, key: str, src_name: str, *, src_dir_fd: int) -> None:
+        """Publish an existing, durable file (relative to the open directory `src_dir_fd`) as `key`."""
+        ...
+
+    def remove_tree(self, key: str) -> bool:
+        """Delete the directory `key` and everything in it; False when it was absent."""
+        ...
+
+
 class BlobStore(ABC):
-    """Durable key -> bytes map. Every `put` is atomic: readers see the old object or the new one."""
+    """Durable key -> bytes map. Every `put` is atomic: readers see the old object or the new one.
+
+    `before_publish` (puts): called once the bytes are durable and before they become visible, so
+    crash drills can stop a writer exactly there; a backend that publishes in one request calls it
+    just before that request."""
 
     url: str
 
     @abstractmethod
-    def put(self, key: str, data: Bytes) -> None:
+    def put(self, key: str, data: Bytes, *, before_publish: BeforePublish | None = None) -> None:
         """Write `data` under `key` atomically and durably (replacing any previous object)."""
 
     @abstractmethod
-    def put_if_absent(self, key: str, data: Bytes) -> bool:
+    def put_if_absent(self, key: str, data: Bytes, *, before_publish: BeforePublish | None = None) -> bool:
         """Create `key` only if it does not exist; False (nothing written) when it already did."""
 
     @abstractmethod
@@ -109,6 +144,14 @@ class BlobStore(ABC):
     def delete(self, key: str) -> bool:
         """Remove `key`; False when it was already absent."""
 
+    def local_files(self) -> LocalFiles | None:
+        """The plain-files capability when this backend's objects are files on this host, else None."""
+        return None
+
+    def remove_stale_temps(self) -> int:
+        """Delete temp objects a crashed writer left behind; returns the count (0 where puts leave none)."""
+        return 0
+
     def sync(self) -> None:  # noqa: B027 - optional hook
         """Make every completed put durable (a no-op where puts are durable on return)."""
 
@@ -117,17 +160,19 @@ class BlobStore(ABC):
 
 
 class LocalBlobStore(BlobStore):
-    """Objects as files under a root directory (write temp, fsync, rename, fsync dir)."""
+    """Objects as files under a root directory (write temp, fsync, rename, fsync dir); implements
+    the `LocalFiles` capability."""
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.url = f"file://{self.root}"
         self.fsync = fsync
-        # Test hook: called with the key after the temp file is durable and before it is published.
-        self.before_publish: Callable[[str], None] | None = None
         self._made_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
+
+    def local_files(self) -> LocalFiles:
+        return self
 
     def path(self, key: str) -> Path:
         """The file holding `key` (for callers that want to mmap or sendfile it)."""
@@ -151,12 +196,12 @@ class LocalBlobStore(BlobStore):
         self._ensure_dir(target.parent)
         return write_temp_file(target, data, fsync=self.fsync)
 
-    def put(self, key: str, data: Bytes) -> None:
+    def put(self, key: str, data: Bytes, *, before_publish: BeforePublish | None = None) -> None:
         target = self.path(key)
         tmp = self._write_temp(target, data)
         try:
-            if self.before_publish is not None:
-                self.before_publish(key)
+            if before_publish is not None:
+                before_publish()
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -165,12 +210,12 @@ class LocalBlobStore(BlobStore):
         if self.fsync:
             _fsync_dir(target.parent)
 
-    def put_if_absent(self, key: str, data: Bytes) -> bool:
+    def put_if_absent(self, key: str, data: Bytes, *, before_publish: BeforePublish | None = None) -> bool:
         target = self.path(key)
         tmp = self._write_temp(target, data)
         try:
-            if self.before_publish is not None:
-                self.before_publish(key)
+            if before_publish is not None:
+                before_publish()
             os.link(tmp, target)  # atomic create-if-absent, unlike rename
             created = True
         except FileExistsError:
@@ -257,13 +302,10 @@ class LocalBlobStore(BlobStore):
             _fsync_dir(target.parent)
         return True
 
-    def remove_stale_temps(self, prefix: str = "") -> int:
+    def remove_stale_temps(self) -> int:
         """Delete temp files a crash left behind (never visible as objects); returns the count."""
         removed = 0
-        base = self.root / prefix if prefix else self.root
-        if not base.is_dir():
-            return 0
-        for dirpath, _, filenames in os.walk(base):
+        for dirpath, _, filenames in os.walk(self.root):
             for name in filenames:
                 if _TMP_MARK in name:
                     with contextlib.suppress(OSError):
@@ -347,12 +389,16 @@ class S3BlobStore(BlobStore):
         except self._client_error as exc:
             raise self._convert(key, exc) from None
 
-    def put(self, key: str, data: Bytes) -> None:
+    def put(self, key: str, data: Bytes, *, before_publish: BeforePublish | None = None) -> None:
         body = bytes(data) if not isinstance(data, bytes) else data
+        if before_publish is not None:
+            before_publish()
         self._call(key, lambda: self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body))
 
-    def put_if_absent(self, key: str, data: Bytes) -> bool:
+    def put_if_absent(self, key: str, data: Bytes, *, before_publish: BeforePublish | None = None) -> bool:
         body = bytes(data) if not isinstance(data, bytes) else data
+        if before_publish is not None:
+            before_publish()
         try:
             self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body, IfNoneMatch="*")
             return True

@@ -12,7 +12,6 @@ import torch
 
 from tests.fixtures.checkpoint import tiny_state_dict
 from tokenmill.common import errors
-from tokenmill.common.checkpoint.store import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +30,8 @@ def test_server_killed_mid_commit(checkpoint_server_process, tmp_path, point, co
     server.proc.wait(10)
 
     marker = tmp_path / f"{point}.reached"
-    server = checkpoint_server_process(store_dir, env={FAULT_ENV: f"{point}:{marker}"})
+    pause = {f"checkpoint.{point}": {"action": "pause", "marker": str(marker)}}
+    server = checkpoint_server_process(store_dir, failpoints=pause)
     outcome: dict[str, object] = {}
 
     def save() -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tokenmill.common import errors
+from tokenmill.common import errors, failpoints
 from tokenmill.common.checkpoint import CheckpointStore, FileEntry, Manifest, TensorEntry
 from tokenmill.common.checkpoint.chunks import chunk_key
-from tokenmill.common.checkpoint.digest import digest_of
+from tokenmill.common.checkpoint.format import digest_of
 from tokenmill.common.checkpoint.names import parse_ref, validate_file_name, validate_name, validate_tag
 
 CS = 64 << 10
@@ -100,13 +100,12 @@ def test_sessions_survive_a_restart_and_tags_recover(tmp_path):
     assert status.missing_chunks == [m.tensors[0].chunks[1]] and status.missing_bytes == 10
     reopened.put_chunk(status.upload_id, m.tensors[0].chunks[1], data[CS:])
 
-    def crash(point: str) -> None:
-        if point == "after_manifest":
-            raise SystemExit("simulated crash after the manifest was published")
-
-    reopened._fault = crash  # type: ignore[method-assign]
-    with pytest.raises(SystemExit):
-        reopened.commit(status.upload_id)
+    failpoints.arm({"checkpoint.after_manifest": {"action": "raise"}})  # a crash after the manifest
+    try:
+        with pytest.raises(failpoints.FailpointError):
+            reopened.commit(status.upload_id)
+    finally:
+        failpoints.arm(None)
     assert reopened.resolve("m") == ("m", 1)
     third = CheckpointStore.open(f"file://{tmp_path}")
     assert third.get("m:best").version == 1 and "best" in third.get("m").tags

@@ -15,11 +15,11 @@ import grpc
 import pytest
 import torch
 
-import tokenmill.common.clients.checkpoint as ckpt_client
+import tokenmill.common.clients.checkpoint.same_host as ckpt_client
 from tests.fixtures.checkpoint import TEST_TOKEN, tiny_state_dict
 from tokenmill.common import errors
 from tokenmill.common.checkpoint.chunks import chunk_key
-from tokenmill.common.checkpoint.digest import chunk_file_name, staging_key
+from tokenmill.common.checkpoint.format import chunk_file_name, staging_key
 from tokenmill.v1 import checkpoint_pb2 as pb
 from tokenmill.v1 import checkpoint_pb2_grpc as pb_grpc
 
@@ -178,7 +178,8 @@ def test_s3_store_saves_over_grpc(start_checkpoint_service, s3_env):
 
 KILLED_CLIENT = """
 import os, sys, time
-import tokenmill.common.clients.checkpoint as c
+import tokenmill.common.clients.checkpoint.same_host as c
+from tokenmill.common.clients.checkpoint import CheckpointClient
 from tokenmill.common.storage import TMP_MARK
 from tests.fixtures.checkpoint import tiny_state_dict
 real, calls = c._write_staged, []
@@ -193,7 +194,7 @@ def dies_mid_write(staging, name, data):
     time.sleep(60)
 
 c._write_staged = dies_mid_write
-client = c.CheckpointClient(sys.argv[1], token=sys.argv[3], chunk_size=64 << 10, streams=1)
+client = CheckpointClient(sys.argv[1], token=sys.argv[3], chunk_size=64 << 10, streams=1)
 client.save("model", tiny_state_dict(seed=3), idempotency_key="job-1-step-5")
 """
 

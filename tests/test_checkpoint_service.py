@@ -15,7 +15,7 @@ import torch
 from tests.fixtures.checkpoint import tiny_state_dict
 from tokenmill.common import errors
 from tokenmill.common.checkpoint.chunks import chunk_key
-from tokenmill.common.clients.checkpoint import piece_name
+from tokenmill.common.checkpoint.format import piece_name
 from tokenmill.v1 import checkpoint_pb2 as pb
 from tokenmill.v1 import checkpoint_pb2_grpc as pb_grpc
 

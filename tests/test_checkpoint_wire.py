@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tokenmill.common.checkpoint.wire import (
+from tokenmill.common.checkpoint.format import (
     RawDownloadChunk,
     decode_download_chunk,
     decode_upload_chunk,
@@ -68,7 +68,7 @@ def test_tune_malloc_runs_once_and_can_be_turned_off():
     import sys
 
     code = (
-        "from tokenmill.common.checkpoint.wire import tune_malloc; "
+        "from tokenmill.common.checkpoint.format import tune_malloc; "
         "print(tune_malloc(arena_max=None), tune_malloc())"
     )
     env = {k: v for k, v in os.environ.items() if k != "TOKENMILL_CHECKPOINT_MALLOC_TUNING"}

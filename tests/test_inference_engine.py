@@ -301,6 +301,7 @@ def test_padded_static_decode_path_simulated(tiny_ckpt):
         assert r.output_token_ids == reference_greedy(tiny_ckpt.model, p, 20)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_engine_runs_with_torch_only(tmp_path):
     """A GPU box with only torch must be able to import and run the engine (no grpc/redis/tokenizers)."""
     import subprocess

@@ -17,7 +17,7 @@ import pytest
 from tests.fixtures.grpc import OTHER_TOKEN, TEST_TOKEN, TlsFiles, make_test_config
 from tokenmill.common.config import Config
 from tokenmill.common.redis_conn import connect_url
-from tokenmill.services.inference.dispatch import RouterDispatcher
+from tokenmill.services.inference.dispatch.failover import RouterDispatcher
 from tokenmill.services.inference.http_api import HttpFront
 
 TRANSPORT_ERRORS = (ssl.SSLError, ConnectionError, http.client.HTTPException, OSError)

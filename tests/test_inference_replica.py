@@ -104,7 +104,7 @@ def test_client_cancel_mid_stream_frees_blocks(start_replica):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         s = h.replica.aengine.stats()
-        if s["requests_running"] == 0 and s["kv_blocks_free"] == s["kv_blocks_total"]:
+        if s.requests_running == 0 and s.kv_blocks_free == s.kv_blocks_total:
             break
         time.sleep(0.05)
     assert not engine.requests and engine.blocks.num_free() == engine.blocks.usable_blocks

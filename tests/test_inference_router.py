@@ -22,7 +22,8 @@ from tokenmill.common.clients.inference import InferenceClient
 from tokenmill.common.redis_conn import connect_url
 from tokenmill.common.runtime import ServiceApp
 from tokenmill.services.inference.convert import SERVICE_NAME, add_inference_servicer
-from tokenmill.services.inference.dispatch import REPLICAS, RouterDispatcher
+from tokenmill.services.inference.dispatch.failover import RouterDispatcher
+from tokenmill.services.inference.dispatch.protocol import REPLICAS
 from tokenmill.services.inference.http_api import HttpFront
 from tokenmill.services.inference.router import RouterServicer
 
@@ -119,7 +120,7 @@ def test_client_cancel_through_the_router_frees_blocks(router, start_replica, re
     stream.close()
     eng = h.replica.engine
     wait_for(
-        lambda: h.replica.aengine.stats()["requests_running"] == 0 and not eng.requests,
+        lambda: h.replica.aengine.stats().requests_running == 0 and not eng.requests,
         what="the replica to abort the cancelled request",
     )
     wait_for(lambda: eng.blocks.num_free() == eng.blocks.usable_blocks, what="blocks freed")
@@ -340,6 +341,23 @@ def test_cli_generate_and_bench_serve(router, start_replica, redis_url, tmp_path
     assert report["ttft_ms_p50"] > 0 and report["itl_ms_p99"] >= report["itl_ms_p50"] > 0
     res = runner.invoke(cli, ["--config", str(cfg), "generate", "hi", "--temperature", "-1"])
     assert res.exit_code != 0 and "INVALID_ARGUMENT" in res.output
+
+
+def test_router_registers_through_the_runtime_with_health_per_service(redis_url, tmp_path):
+    from tokenmill.services.inference.server import build_router, parse_args
+
+    config = make_test_config(tmp_path, redis_url=redis_url)
+    app = ServiceApp("inference", config, port=0, metrics=False)
+    ready = build_router(config, app, parse_args(["router", "--http-port", "0"]))
+    try:
+        app.start()
+        with InferenceClient(f"127.0.0.1:{app.port}", token=TEST_TOKEN) as client:
+            assert client.health(SERVICE_NAME) == "NOT_SERVING"
+            assert ready()
+            app.set_serving()
+            assert client.health(SERVICE_NAME) == "SERVING"
+    finally:
+        app.stop(0)
 
 
 @pytest.mark.slow

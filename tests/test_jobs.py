@@ -10,6 +10,7 @@ import pytest
 
 from tokenmill.common import errors
 from tokenmill.common.jobs import Job, JobContext, JobEvent, JobQueue, JobState, JobWorker
+from tokenmill.common.jobs.scripts import Finished, FinishRequest, Started
 
 STATE_RANK = {"PENDING": 0, "RUNNING": 1, "SUCCEEDED": 2, "FAILED": 2, "CANCELLED": 2}
 
@@ -109,7 +110,7 @@ def test_worker_runs_job_to_success(job_queue: JobQueue) -> None:
     assert [e.kind for e in events] == ["state", "state", "progress", "log", "state"]
     assert events[-1].data == {"loss": 1.5} and events[-1].terminal
     assert job_queue.depth("train") == {"waiting": 0, "running": 0, "dead": 0}
-    assert job_queue.redis.xlen(job_queue.stream_key("train")) == 0  # finished entries are deleted
+    assert job_queue.redis.xlen(job_queue.keys.stream("train")) == 0  # finished entries are deleted
     assert worker.run_once(block_seconds=0.05) is False
 
 
@@ -235,8 +236,9 @@ def test_cancel_pending_entry_already_read_by_a_worker(job_queue: JobQueue) -> N
     ran = []
     worker = JobWorker(job_queue, "train", lambda ctx: ran.append(1) or {})
     entry = worker._read(0.1)
+    assert entry is not None and entry.job_id == job.id
     job_queue.cancel(job.id)
-    worker._process(worker._start(entry[0], job.id))
+    worker._process(worker._start(entry))
     assert not ran and job_queue.get(job.id).state is JobState.CANCELLED
     assert job_queue.depth("train") == {"waiting": 0, "running": 0, "dead": 0}
 
@@ -380,19 +382,25 @@ def test_stale_attempt_cannot_overwrite_the_outcome(job_queue: JobQueue) -> None
     job = job_queue.submit("train", {})
     first = JobWorker(job_queue, "train", lambda ctx: {}, consumer="stale")
     q = job_queue
-    keys = [q.job_key(job.id), q.stream_key("train"), q.events_key(job.id), q.dead_key("train")]
-    start = first._start()  # attempt 1 starts, then its worker stalls: no heartbeat, no result
-    assert start[0] == "run" and start[1] == 1
-    entry = [start[3]]
-    stale = JobContext(q, q.get(job.id), 1, entry[0], "stale")
+    start = first._take()  # attempt 1 starts, then its worker stalls: no heartbeat, no result
+    assert isinstance(start, Started) and start.attempt == 1
+    stale = JobContext(q, q.get(job.id), 1, start.entry, "stale")
     time.sleep(q.lease_seconds + 0.2)  # no heartbeat: the lease expires
     second = JobWorker(q, "train", lambda ctx: {"by": "second"})
     assert second.run_once(0.1)
     assert q.get(job.id).result == {"by": "second"} and q.get(job.id).attempts == 2
     stale.progress("late", step=99)
     assert stale.lease_lost and stale.cancelled
-    finish = [1, entry[0], q.group("train"), time.time(), "SUCCEEDED", '{"by": "stale"}', "", job.id]
-    assert q._finish(keys=keys, args=finish) == ["fenced", "SUCCEEDED"]
+    finish = FinishRequest(
+        job_id=job.id,
+        job_type="train",
+        attempt=1,
+        entry=start.entry,
+        now=time.time(),
+        outcome="SUCCEEDED",
+        result='{"by": "stale"}',
+    )
+    assert q.scripts.finish(finish) == Finished(state="SUCCEEDED", fenced=True)
     done = q.get(job.id)
     assert done.result == {"by": "second"} and done.progress == {}
     events = q.events(job.id)

@@ -68,6 +68,7 @@ def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.Co
     return subprocess.run([TOKENMILL, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # starts the whole platform
 def test_up_status_down_leaves_nothing_behind(platform_env: dict[str, str], tmp_path: Path) -> None:
     start = time.monotonic()
     result = _cli(platform_env, "up", "--timeout", "30")

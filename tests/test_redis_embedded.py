@@ -54,6 +54,7 @@ def test_start_writes_discovery_files_and_enables_aof(embedded: EmbeddedRedis, t
     assert server_info["config_file"] == str(tmp_path.resolve() / "redis" / "redis.conf")
 
 
+@pytest.mark.slow  # restarts redis-server several times
 def test_server_requires_the_generated_password(embedded: EmbeddedRedis, tmp_path: Path) -> None:
     url = embedded.start()
     password = (tmp_path / "redis" / "redis.pass").read_text().strip()

@@ -27,6 +27,7 @@ from tests.fixtures.grpc import (
 from tokenmill.common import errors
 from tokenmill.common.clients.base import ClientTls
 from tokenmill.common.runtime import ServiceApp
+from tokenmill.common.runtime.codec import RawCodec
 from tokenmill.common.runtime.logs import JsonFormatter
 from tokenmill.v1 import inference_pb2, inference_pb2_grpc
 
@@ -400,3 +401,91 @@ def test_setup_logging_is_idempotent_and_formats_extras(capsys):
         for handler in [h for h in root.handlers if isinstance(h, _RuntimeHandler)]:
             root.removeHandler(handler)
         root.setLevel(level)
+
+
+# -- servicer_adder: handler tables generated from the proto's service descriptor ----------------
+
+
+class _RecordingServer:
+    """Takes what an adder registers, as grpc.Server does."""
+
+    def __init__(self) -> None:
+        self.generic: list[grpc.GenericRpcHandler] = []
+        self.registered: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers) -> None:
+        self.registered[service] = handlers
+
+
+class _CallDetails(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
+def _custom_codec_services():
+    from tokenmill.services.checkpoint.server import add_checkpoint_servicer
+    from tokenmill.services.inference.convert import add_inference_servicer
+    from tokenmill.v1 import checkpoint_pb2, checkpoint_pb2_grpc
+
+    return [
+        (
+            checkpoint_pb2.DESCRIPTOR.services_by_name["CheckpointService"],
+            add_checkpoint_servicer,
+            checkpoint_pb2_grpc.CheckpointServiceServicer(),
+        ),
+        (
+            inference_pb2.DESCRIPTOR.services_by_name["InferenceService"],
+            add_inference_servicer,
+            inference_pb2_grpc.InferenceServiceServicer(),
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    "service, adder, servicer", _custom_codec_services(), ids=["checkpoint", "inference"]
+)
+def test_custom_codec_adders_serve_every_rpc_of_the_proto(service, adder, servicer):
+    server = _RecordingServer()
+    adder(servicer, server)
+    (generic,) = server.generic
+    assert set(server.registered[service.full_name]) == {m.name for m in service.methods}
+    for method in service.methods:
+        handler = generic.service(_CallDetails(f"/{service.full_name}/{method.name}"))
+        assert handler is not None, method.full_name
+        assert (handler.request_streaming, handler.response_streaming) == (
+            method.client_streaming,
+            method.server_streaming,
+        ), method.full_name
+        assert handler is server.registered[service.full_name][method.name]
+
+
+def test_custom_codecs_replace_only_the_named_rpcs():
+    from tokenmill.common.runtime.codec import method_handlers
+    from tokenmill.services.checkpoint import server as checkpoint_server
+    from tokenmill.services.inference.convert import add_inference_servicer, check_parsed
+    from tokenmill.v1 import checkpoint_pb2, checkpoint_pb2_grpc
+
+    server = _RecordingServer()
+    checkpoint_server.add_checkpoint_servicer(checkpoint_pb2_grpc.CheckpointServiceServicer(), server)
+    handlers = server.registered["tokenmill.v1.CheckpointService"]
+    assert handlers["UploadChunks"].request_deserializer is checkpoint_server.decode_upload_chunk
+    assert handlers["Download"].response_serializer is checkpoint_server.encode_download_chunk
+    begin = handlers["BeginUpload"]
+    assert begin.request_deserializer == checkpoint_pb2.BeginUploadRequest.FromString
+    assert begin.response_serializer == checkpoint_pb2.UploadSession.SerializeToString
+
+    # Inference: every request parses tolerantly; undecodable bytes reach the handler's check.
+    server = _RecordingServer()
+    add_inference_servicer(inference_pb2_grpc.InferenceServiceServicer(), server)
+    parse = server.registered["tokenmill.v1.InferenceService"]["Tokenize"].request_deserializer
+    assert parse(inference_pb2.TokenizeRequest(text="hi").SerializeToString()).text == "hi"
+    with pytest.raises(errors.InvalidArgument, match="valid UTF-8"):
+        check_parsed(parse(b"\x0a\x02\xff\xfe"))  # field 1 (text) holding invalid UTF-8
+
+    service = checkpoint_pb2.DESCRIPTOR.services_by_name["CheckpointService"]
+    with pytest.raises(ValueError, match="does not declare"):
+        method_handlers(service, object(), codecs={"Downlaod": RawCodec()})

@@ -63,15 +63,13 @@ def test_local_put_is_atomic_when_interrupted(tmp_path):
     store = LocalBlobStore(tmp_path)
     store.put("k", b"old")
 
-    def crash(key: str) -> None:
+    def crash() -> None:
         raise RuntimeError("simulated crash before publish")
 
-    store.before_publish = crash
     with pytest.raises(RuntimeError):
-        store.put("k", b"new")
+        store.put("k", b"new", before_publish=crash)
     with pytest.raises(RuntimeError):
-        store.put_if_absent("fresh", b"new")
-    store.before_publish = None
+        store.put_if_absent("fresh", b"new", before_publish=crash)
     assert store.get("k") == b"old" and not store.exists("fresh")
     assert [p.name for p in tmp_path.iterdir()] == ["k"]  # no temp files left behind
 
@@ -131,3 +129,29 @@ def test_local_adopt_renames_a_file_into_place_and_remove_tree(tmp_path: Path):
     assert store.remove_tree("staging/link") is True and (outside / "keep").exists()  # link only
     assert store.remove_tree("staging") is True and not (tmp_path / "blobs" / "staging").exists()
     assert store.remove_tree("staging") is False
+
+
+def test_a_put_stopped_before_publish_leaves_nothing_visible(blob):
+    """The crash-drill hook runs after the bytes are durable and before anyone can see them."""
+    blob.put("k", b"old")
+    calls: list[str] = []
+
+    def crash() -> None:
+        calls.append("hook")
+        raise RuntimeError("simulated crash before publish")
+
+    with pytest.raises(RuntimeError):
+        blob.put("k", b"new", before_publish=crash)
+    with pytest.raises(RuntimeError):
+        blob.put_if_absent("fresh", b"new", before_publish=crash)
+    assert calls == ["hook", "hook"]
+    assert blob.get("k") == b"old" and not blob.exists("fresh")
+
+
+def test_only_a_filesystem_backend_offers_local_files(blob):
+    files = blob.local_files()
+    if isinstance(blob, LocalBlobStore):
+        assert files is blob and files.path("a/b") == blob.root / "a" / "b"
+    else:
+        assert files is None
+        assert blob.remove_stale_temps() == 0  # S3 puts leave no temp objects

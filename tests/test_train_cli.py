@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from tests.fixtures.grpc import make_test_config
 from tokenmill.common.cli.train import train
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # the CLI driving real training
 
 
 def _obj(svc, tmp_path):

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from tokenmill.common import failpoints
 from tokenmill.common.model.transformer import IGNORE_INDEX
 from tokenmill.common.trainer.backends.local import WorkerFailed, run_local
-from tokenmill.common.trainer.checkpoint_io import LocalCheckpointIO, read_full
+from tokenmill.common.trainer.checkpoint_io import read_full
 from tokenmill.common.trainer.config import LoraSettings, TrainConfig
 from tokenmill.common.trainer.data import encode_sft_example
+from tokenmill.common.trainer.local_io import LocalCheckpointIO
 from tokenmill.common.trainer.schedule import lr_at
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # real multi-process training
 
 
 def _cfg(ds, **kw) -> TrainConfig:
@@ -37,31 +39,41 @@ def _losses(result):
     return [h["loss"] for h in result["history"]]
 
 
-def test_kill_and_resume_reproduces_loss_curve_and_reshards(train_dataset, tmp_path):
+def _arm(monkeypatch, spec) -> None:
+    """Arm failpoints in the worker processes run_local spawns from here (they inherit the env)."""
+    monkeypatch.setenv(failpoints.ENV, failpoints.env_value(spec))
+
+
+def _kill_after_step(step: int, rank: int) -> dict:
+    return {"trainer.after_step": {"action": "kill", "when": {"step": step, "rank": rank, "attempt": 1}}}
+
+
+def test_kill_and_resume_reproduces_loss_curve_and_reshards(train_dataset, tmp_path, monkeypatch):
     io_spec = {"kind": "local", "root": str(tmp_path / "ckpt")}
     full = run_local(_cfg(train_dataset, run_id="full"), io_spec)
     assert full["status"] == "completed" and full["step"] == 8
     curve = _losses(full)
     assert curve[-1] < curve[0] - 0.5, curve
 
-    # A worker is SIGKILLed in step 5 (0-based 4 -> after the step-3 checkpoint): the attempt fails...
-    crashing = _cfg(train_dataset, run_id="crash", faults={"kill_at_step": 4, "kill_rank": 1})
+    # A worker is SIGKILLed after step 4 (after the step-3 checkpoint) of attempt 1: the attempt fails...
+    _arm(monkeypatch, _kill_after_step(4, rank=1))
     with pytest.raises(WorkerFailed, match=r"train-worker-1 \(signal 9\)"):
-        run_local(crashing, io_spec)
+        run_local(_cfg(train_dataset, run_id="crash"), io_spec)
     io = LocalCheckpointIO(tmp_path / "ckpt")
     assert io.resolve("m:run-crash") is not None
     # ... and the retry (same world size) resumes from step 3 and reproduces the curve bit for bit.
     events = []
     resumed = run_local(
-        _cfg(train_dataset, run_id="crash"), io_spec, on_event=lambda k, d: events.append((k, d))
+        _cfg(train_dataset, run_id="crash", attempt=2), io_spec, on_event=lambda k, d: events.append((k, d))
     )
     assert any(k == "log" and "resumed from m:" in d["message"] for k, d in events)
     assert _losses(resumed) == curve
 
     # Resharding: a 2-worker checkpoint resumed on 1 worker (same global batch) follows the same curve.
+    _arm(monkeypatch, _kill_after_step(4, rank=0))
     with pytest.raises(WorkerFailed):
-        run_local(_cfg(train_dataset, run_id="reshard", faults={"kill_at_step": 4, "kill_rank": 0}), io_spec)
-    one = run_local(_cfg(train_dataset, run_id="reshard", workers=1, micro_batch_size=8), io_spec)
+        run_local(_cfg(train_dataset, run_id="reshard"), io_spec)
+    one = run_local(_cfg(train_dataset, run_id="reshard", workers=1, micro_batch_size=8, attempt=2), io_spec)
     assert one["workers"] == 1
     np.testing.assert_allclose(_losses(one), curve, rtol=2e-4)
 
@@ -69,18 +81,18 @@ def test_kill_and_resume_reproduces_loss_curve_and_reshards(train_dataset, tmp_p
     ref = io.resolve("m:run-full")
     layout = io.layout(ref)
     pieces = layout["model.embed_tokens.weight"]
-    assert len(pieces) == 2 and {p["offsets"][0] for p in pieces} == {0, pieces[0]["global_shape"][0] // 2}
+    assert len(pieces) == 2 and {p.offsets[0] for p in pieces} == {0, pieces[0].global_shape[0] // 2}
     state = read_full(io, ref, ["model.embed_tokens.weight", "model.norm.weight"])
-    assert state["model.embed_tokens.weight"].shape == tuple(pieces[0]["global_shape"])
-    manifest = io.manifest(ref)
-    assert {"config.json", "tokenizer.json", "train_state.json"} <= set(manifest["files"])
+    assert state["model.embed_tokens.weight"].shape == tuple(pieces[0].global_shape)
+    manifest = io.store.get(ref).manifest
+    assert {"config.json", "tokenizer.json", "train_state.json"} <= {f.name for f in manifest.files}
     assert not any(k.startswith("optim.") for k in layout), "the final checkpoint is weights only"
 
 
-def test_nan_loss_stops_with_reason_and_keeps_last_good_checkpoint(train_dataset, tmp_path):
+def test_nan_loss_stops_with_reason_and_keeps_last_good_checkpoint(train_dataset, tmp_path, monkeypatch):
     io_spec = {"kind": "local", "root": str(tmp_path / "ckpt")}
-    cfg = _cfg(train_dataset, run_id="nan", workers=2, checkpoint_every=2, faults={"nan_at_step": 4})
-    result = run_local(cfg, io_spec)
+    _arm(monkeypatch, {"trainer.loss": {"action": "trigger", "when": {"step": 5, "attempt": 1}}})
+    result = run_local(_cfg(train_dataset, run_id="nan", workers=2, checkpoint_every=2), io_spec)
     assert result["status"] == "failed"
     assert "non-finite" in result["reason"] and "step 5" in result["reason"] and "m:2" in result["reason"]
     assert result["checkpoint"] == "m:2" and result["step"] == 4

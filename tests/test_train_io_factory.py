@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tokenmill.common import errors
-from tokenmill.common.trainer.checkpoint_io import LocalCheckpointIO, local_checkpoint_io, resolve_io_factory
+from tokenmill.common.trainer.checkpoint_io import resolve_io_factory
+from tokenmill.common.trainer.local_io import LocalCheckpointIO, local_checkpoint_io
 from tokenmill.services.trainer.io_factory import DOTTED, make_checkpoint_io
 
 

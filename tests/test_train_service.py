@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from tokenmill.common import errors
+from tokenmill.common import errors, failpoints
 from tokenmill.v1 import common_pb2
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # training jobs through the service
 
 SMALL = dict(workers=2, micro_batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2)
 
@@ -130,7 +130,8 @@ def test_cancel_mid_run_ends_cancelled_with_a_checkpoint(trainer_service):
 
 def test_killed_worker_is_retried_and_resumes(trainer_service, monkeypatch):
     svc = trainer_service
-    monkeypatch.setenv("TOKENMILL_TRAIN_FAULTS", json.dumps({"kill_at_step": 4, "kill_rank": 1}))
+    kill = {"action": "kill", "when": {"step": 4, "rank": 1, "attempt": 1}}
+    monkeypatch.setenv(failpoints.ENV, failpoints.env_value({"trainer.after_step": kill}))
     job = svc.client.submit("resume", dataset="stories", steps=6, checkpoint_every=3, **SMALL)
     done = svc.client.wait(job.id, timeout=400)
     assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
@@ -142,7 +143,8 @@ def test_killed_worker_is_retried_and_resumes(trainer_service, monkeypatch):
 
 def test_nan_loss_fails_with_reason_and_keeps_last_good_checkpoint(trainer_service, monkeypatch):
     svc = trainer_service
-    monkeypatch.setenv("TOKENMILL_TRAIN_FAULTS", json.dumps({"nan_at_step": 3}))
+    nan = {"action": "trigger", "when": {"step": 4, "attempt": 1}}
+    monkeypatch.setenv(failpoints.ENV, failpoints.env_value({"trainer.loss": nan}))
     job = svc.client.submit("diverge", dataset="stories", steps=8, checkpoint_every=2, **SMALL)
     done = svc.client.wait(job.id, timeout=300)
     assert done.state == common_pb2.JOB_STATE_FAILED
@@ -171,17 +173,25 @@ def test_two_workers_lower_loss_on_an_ingested_code_corpus(trainer_service, code
     assert losses[-1] < losses[0] - 0.5, losses
 
 
-@pytest.mark.parametrize("raw", ["{not json", "[1, 2]", '{"kill_at_step": "soon"}', '"x"', "null"])
-def test_malformed_fault_injection_is_logged_and_ignored(raw, caplog):
-    from tokenmill.services.trainer.server import FAULTS_ENV, parse_faults
+def test_the_job_attempt_reaches_the_workers():
+    """Failpoints say `when={"attempt": 1}`: the handler hands the job's attempt to the workers."""
+    from types import SimpleNamespace
 
-    with caplog.at_level("WARNING", logger="tokenmill.trainer"):
-        assert parse_faults(raw) == {}
-    assert FAULTS_ENV in caplog.text and "ignoring" in caplog.text
+    from tokenmill.common.trainer.config import TrainConfig
+    from tokenmill.services.trainer.server import TrainJobHandler
 
+    planner = SimpleNamespace(plan=lambda spec: SimpleNamespace(config=TrainConfig()))
+    handler = TrainJobHandler(planner, {"kind": "local", "root": "/nonexistent"})
+    seen = []
 
-def test_fault_injection_parses_integers():
-    from tokenmill.services.trainer.server import parse_faults
+    def launch(cfg, io_spec, **kw):
+        seen.append((cfg.run_id, cfg.attempt))
+        return {"status": "completed", "step": 1, "final_loss": 1.0, "val_loss": None, "parameters": 1,
+                "trainable_parameters": 1, "workers": 1, "history": []}  # fmt: skip
 
-    assert parse_faults("") == {}
-    assert parse_faults('{"kill_at_step": 4, "kill_rank": "1"}') == {"kill_at_step": 4, "kill_rank": 1}
+    handler._backend = lambda name: launch
+    ctx = SimpleNamespace(
+        job=SimpleNamespace(id="job-1", spec={}), attempt=2, log=lambda m: None, cancelled=False
+    )
+    handler(ctx)
+    assert seen == [("job-1", 2)]

@@ -8,8 +8,7 @@ from tokenmill.common.checkpoint.manifest import (
     ShardInfo,
     TensorEntry,
 )
-from tokenmill.common.checkpoint.store import (
-    CheckpointStore,
+from tokenmill.common.checkpoint.records import (
     Lease,
     ReadChunk,
     StoreStats,
@@ -17,6 +16,7 @@ from tokenmill.common.checkpoint.store import (
     VerifyReport,
     Version,
 )
+from tokenmill.common.checkpoint.store import CheckpointStore
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

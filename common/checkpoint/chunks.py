@@ -5,7 +5,7 @@ embedding, a LoRA fine-tune, a re-upload) maps to chunks that already exist, so 
 stored or sent. The digest doubles as the integrity check: a chunk whose bytes no longer hash to
 its name is corrupt, and reads say so (DATA_LOSS) instead of returning it.
 
-Digests name their hash (common/checkpoint/digest.py): ``blake3:<hex>`` is stored as
+Digests name their hash (common/checkpoint/format.py): ``blake3:<hex>`` is stored as
 ``chunks/ab/blake3-<hex>``, a bare sha256 ``<hex>`` (the original format) as ``chunks/ab/<hex>``.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import threading
 
-from tokenmill.common.checkpoint.digest import CHUNK_PREFIX, chunk_key, digest_from_key, matches
+from tokenmill.common.checkpoint.format import CHUNK_PREFIX, chunk_key, digest_from_key, matches
 from tokenmill.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
-from tokenmill.common.storage import BlobStore, LocalBlobStore
+from tokenmill.common.storage import BlobStore
 
 PREFIX = CHUNK_PREFIX
 
@@ -91,11 +91,12 @@ class ChunkStore:
     def adopt(self, digest: str, size: int, src_name: str, *, src_dir_fd: int) -> bool:
         """Publish a file already verified to hold this chunk (same-host uploads) by renaming it
         into place; False (nothing renamed) when the store already had the chunk."""
-        if not isinstance(self.backend, LocalBlobStore):
+        files = self.backend.local_files()
+        if files is None:
             raise FailedPrecondition(f"{self.backend.url} is not a local directory: chunks cannot be adopted")
         if self.has(digest):
             return False
-        self.backend.adopt(chunk_key(digest), src_name, src_dir_fd=src_dir_fd)
+        files.adopt(chunk_key(digest), src_name, src_dir_fd=src_dir_fd)
         with self._lock:
             if digest not in self._index:
                 self._index[digest] = size

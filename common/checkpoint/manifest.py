@@ -10,30 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
-from tokenmill.common.checkpoint.digest import parse_digest
+from tokenmill.common.checkpoint.format import DTYPE_SIZES, parse_digest
 from tokenmill.common.checkpoint.names import validate_entry_name, validate_file_name
 from tokenmill.common.errors import InvalidArgument
 
-# safetensors dtype names -> bytes per element
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-}
 DEFAULT_CHUNK_SIZE = 4 << 20
 MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 16 << 20
@@ -119,6 +101,10 @@ class FileEntry:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FileEntry:
         return cls(str(d["name"]), int(d["nbytes"]), list(d["chunks"]))
+
+
+# Either kind of entry, where only what both share matters: name, nbytes and chunk digests.
+Entry: TypeAlias = TensorEntry | FileEntry
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -71,7 +72,7 @@ def _status_line(data: dict[str, Any]) -> str:
 
 def follow(client, job_id: str) -> common_pb2.Job:
     """Live progress on a terminal (one rewritten line), one line per event otherwise."""
-    live = click.get_text_stream("stdout").isatty()
+    live = sys.stdout.isatty()
     last_plain = 0.0
     width = 0
     for event in client.watch_job(job_id, follow=True):

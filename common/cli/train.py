@@ -6,6 +6,7 @@ The PNG goes next to the job's outputs, ``<data_dir>/trainer/<job_id>/loss_curve
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def _terminal(event) -> bool:
 def _follow(client, job_id: str, steps: int) -> common_pb2.Job:
     """Follow WatchJob until the job is terminal: a live progress bar on a terminal, one line per
     progress event otherwise (logs, CI, `make demo` piped through tee)."""
-    live = click.get_text_stream("stdout").isatty()
+    live = sys.stdout.isatty()
     if not live:
         for event in client.watch_job(job_id, follow=True):
             if event.kind in ("progress", "log"):

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -152,9 +152,11 @@ class BaseClient:
     """A channel to one service plus helpers that call it and convert errors.
 
     Subclasses set `stub_class` (the generated `XServiceStub`) and `service_name` (the config key),
-    and call `self._unary(self.stub.Method, request)` / `self._stream(self.stub.Method, request)`."""
+    and call `self._unary(self.stub.Method, request)` / `self._stream(self.stub.Method, request)`.
+    The generated stubs carry no annotations (their methods are untyped attributes), so `stub` is
+    `Any`; it is None only on a plain `BaseClient` (health checks)."""
 
-    stub_class: ClassVar[Callable[[grpc.Channel], Any] | None] = None
+    stub_class: ClassVar[type | None] = None
     service_name: ClassVar[str] = ""
 
     def __init__(
@@ -200,7 +202,7 @@ class BaseClient:
                 channel, _MetadataInterceptor([("authorization", f"Bearer {token}")])
             )
         self.channel = channel
-        self.stub = self.stub_class(channel) if self.stub_class is not None else None
+        self.stub: Any = self.stub_class(channel) if self.stub_class is not None else None
 
     @classmethod
     def from_config(cls, config: Config, service_name: str | None = None, **kwargs: Any):
@@ -312,12 +314,13 @@ TERMINAL_STATES = frozenset(
 )
 
 
-def job_state_value(state: int | str | None) -> int:
+def job_state_value(state: int | str | None) -> common_pb2.JobState:
     """`None`/int/`"RUNNING"`/`"JOB_STATE_RUNNING"` -> the JobState enum value (0 = any)."""
     if state is None:
         return common_pb2.JOB_STATE_UNSPECIFIED
     if isinstance(state, int):
-        return state
+        # Enum values are plain ints at runtime; the generated stubs call the type JobState.
+        return cast(common_pb2.JobState, state)
     name = state.upper()
     if not name.startswith("JOB_STATE_"):
         name = f"JOB_STATE_{name}"

@@ -4,10 +4,12 @@ from tokenmill.common.inference.config import EngineConfig, ModelSpec
 from tokenmill.common.inference.llm_engine import LLMEngine, RequestOutput, Usage, build_engine
 from tokenmill.common.inference.lora import LoraAdapter
 from tokenmill.common.inference.request import Request, SamplingParams
+from tokenmill.common.inference.stats import EngineStats
 from tokenmill.common.inference.tokenizer import Tokenizer
 
 __all__ = [
     "EngineConfig",
+    "EngineStats",
     "LLMEngine",
     "LoraAdapter",
     "ModelSpec",

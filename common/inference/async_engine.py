@@ -19,6 +19,7 @@ from typing import Any
 from tokenmill.common.errors import TokenmillError, Unavailable
 from tokenmill.common.inference.llm_engine import LLMEngine, RequestOutput
 from tokenmill.common.inference.request import Request
+from tokenmill.common.inference.stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,9 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._calls: list[tuple[Callable[[LLMEngine], Any], queue.SimpleQueue]] = []
         self._stop = threading.Event()
+        self._snapshot: EngineStats = engine.stats()  # refreshed by the engine thread each turn
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
-        self.stats_snapshot: dict = engine.stats()
 
     # ------------------------------------------------------------------ callers
 
@@ -135,8 +136,11 @@ class AsyncEngine:
             raise value
         return value
 
-    def stats(self) -> dict:
-        return dict(self.stats_snapshot)
+    def stats(self) -> EngineStats:
+        """The engine's latest snapshot, with submitted requests not yet handed to it counted as waiting."""
+        with self._lock:
+            queued = len(self._pending)
+        return self._snapshot.with_queued(queued)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -185,7 +189,7 @@ class AsyncEngine:
         while not self._stop.is_set():
             self._drain_commands()
             if not self.engine.has_unfinished():
-                self.stats_snapshot = self.engine.stats()
+                self._snapshot = self.engine.stats()
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
@@ -197,7 +201,7 @@ class AsyncEngine:
                 continue
             for out in outputs:
                 self._deliver(out)
-            self.stats_snapshot = self.engine.stats()
+            self._snapshot = self.engine.stats()
         self._fail_all(Unavailable("the replica is shutting down; retry the request"))
 
     def _fail_all(self, error: TokenmillError) -> None:

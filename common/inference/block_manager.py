@@ -83,7 +83,8 @@ class BlockManager:
         self.ref[b] -= 1
         if self.ref[b] > 0:
             return
-        if self.block_key[b] is not None and self.cache.get(self.block_key[b]) == b:
+        key = self.block_key[b]
+        if key is not None and self.cache.get(key) == b:
             self.evictable[b] = None  # most recently used at the end
         else:
             self.block_key[b] = None

@@ -25,6 +25,7 @@ from tokenmill.common.inference.request import Request, SamplingParams, Status
 from tokenmill.common.inference.runner import ModelRunner
 from tokenmill.common.inference.sampler import Sampler
 from tokenmill.common.inference.scheduler import Scheduler
+from tokenmill.common.inference.stats import EngineStats
 from tokenmill.common.inference.tokenizer import Tokenizer, detokenize_incrementally, flush_detokenizer
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class LLMEngine:
         if req.params.logprobs and logprob is not None:
             req.output_logprobs.append(logprob)
         if self.observer is not None:
-            if req.first_token_time is None:
+            if req.last_token_time is None:  # no token yet: set with first_token_time below
                 self.observer.on_first_token(now - req.arrival_time)
             else:
                 self.observer.on_token(now - req.last_token_time)
@@ -308,19 +309,19 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stats
 
-    def stats(self) -> dict:
-        return {
-            "requests_running": len(self.scheduler.running),
-            "requests_waiting": len(self.scheduler.waiting),
-            "kv_cache_usage": self.blocks.usage(),
-            "kv_blocks_total": self.blocks.usable_blocks,
-            "kv_blocks_free": self.blocks.num_free(),
-            "prefix_cache_queries": self.blocks.prefix_queries,
-            "prefix_cache_hits": self.blocks.prefix_hits,
-            "preemptions": self.scheduler.num_preemptions,
-            "prompt_tokens": self.prompt_tokens_total,
-            "generation_tokens": self.generation_tokens_total,
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            requests_running=len(self.scheduler.running),
+            requests_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.blocks.usage(),
+            kv_blocks_total=self.blocks.usable_blocks,
+            kv_blocks_free=self.blocks.num_free(),
+            prefix_cache_queries=self.blocks.prefix_queries,
+            prefix_cache_hits=self.blocks.prefix_hits,
+            preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens_total,
+            generation_tokens=self.generation_tokens_total,
+        )
 
 
 def build_engine(

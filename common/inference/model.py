@@ -19,7 +19,7 @@ from torch import nn
 from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.inference.config import ModelSpec
 from tokenmill.common.inference.lora import LoraBatch
-from tokenmill.common.model.quant import concat_linears, make_linear
+from tokenmill.common.model.quant import QuantLinear, concat_linears, make_linear
 from tokenmill.common.model.transformer import rope_inv_freq
 
 PREFIX = "model."
@@ -40,6 +40,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 @dataclass
+class DecodeMeta:
+    """The decode sequences (one new token each): their block tables and context lengths."""
+
+    tables: torch.Tensor  # [Bd, nblocks]
+    ctx: torch.Tensor  # [Bd] context length including the new token
+
+
+@dataclass
+class PrefillMeta:
+    """The prefill chunks, back to back: block tables, context and chunk lengths, padding."""
+
+    tables: torch.Tensor  # [Bp, nblocks]
+    ctx: torch.Tensor  # [Bp]
+    qlen: torch.Tensor  # [Bp]
+    pad_idx: torch.Tensor | None = None  # [Bp, Qmax] index into the prefill tokens (padding -> 0)
+    valid: torch.Tensor | None = None  # [Bp, Qmax] bool; both None for one sequence (no padding)
+
+
+@dataclass
 class AttnMeta:
     """Where the step's tokens go and what each sequence attends to.
 
@@ -48,16 +67,46 @@ class AttnMeta:
 
     slot_mapping: torch.Tensor  # [T] flat cache slot for each new token
     num_decodes: int
-    decode_tables: torch.Tensor | None  # [Bd, nblocks] block tables of the decode sequences
-    decode_ctx: torch.Tensor | None  # [Bd] context length including the new token
-    prefill_tables: torch.Tensor | None  # [Bp, nblocks]
-    prefill_ctx: torch.Tensor | None  # [Bp]
-    prefill_qlen: torch.Tensor | None  # [Bp]
-    prefill_pad_idx: torch.Tensor | None  # [Bp, Qmax] index into the prefill tokens (padding -> 0)
-    prefill_valid: torch.Tensor | None  # [Bp, Qmax] bool
+    decode: DecodeMeta | None  # None when the step has no decodes
+    prefill: PrefillMeta | None  # None when the step has no prefills
+
+
+def _load(
+    tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    if name not in tensors:
+        raise InvalidArgument(f"checkpoint lacks tensor {name!r}; is it a Llama-family checkpoint?")
+    return tensors[name].to(device=device, dtype=dtype)
+
+
+class DecoderLayer(nn.Module):
+    """One decoder layer's weights: norms, fused qkv, o, fused gate/up, down."""
+
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype, device: torch.device
+    ):
+        super().__init__()
+
+        def linear(name: str) -> QuantLinear:
+            return make_linear(tensors, prefix + name, dtype=dtype, device=device)
+
+        def norm(name: str) -> nn.Parameter:
+            return nn.Parameter(_load(tensors, prefix + name, dtype, device), requires_grad=False)
+
+        self.input_norm = norm("input_layernorm.weight")
+        self.post_norm = norm("post_attention_layernorm.weight")
+        self.qkv = concat_linears(
+            [linear("self_attn.q_proj"), linear("self_attn.k_proj"), linear("self_attn.v_proj")]
+        )
+        self.o = linear("self_attn.o_proj")
+        self.gate_up = concat_linears([linear("mlp.gate_proj"), linear("mlp.up_proj")])
+        self.down = linear("mlp.down_proj")
 
 
 class PagedLlama(nn.Module):
+    cos: torch.Tensor  # [max positions, head dim] rotary tables (buffers)
+    sin: torch.Tensor
+
     def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, device):
         super().__init__()
         self.spec = spec
@@ -65,9 +114,7 @@ class PagedLlama(nn.Module):
         self.device = torch.device(device)
 
         def t(name: str) -> torch.Tensor:
-            if name not in tensors:
-                raise InvalidArgument(f"checkpoint lacks tensor {name!r}; is it a Llama-family checkpoint?")
-            return tensors[name].to(device=self.device, dtype=dtype)
+            return _load(tensors, name, dtype, self.device)
 
         self.embed = nn.Parameter(t(PREFIX + "embed_tokens.weight"), requires_grad=False)
         if self.embed.shape != (spec.vocab_size, spec.hidden_size):
@@ -75,20 +122,11 @@ class PagedLlama(nn.Module):
                 f"embed_tokens is {tuple(self.embed.shape)} but the config says "
                 f"({spec.vocab_size}, {spec.hidden_size})"
             )
-        self.layers = nn.ModuleList()
-        for i in range(spec.num_layers):
-            p = f"{PREFIX}layers.{i}."
-            mk = lambda n, p=p: make_linear(tensors, p + n, dtype=dtype, device=self.device)  # noqa: E731
-            layer = nn.Module()
-            layer.input_norm = nn.Parameter(t(p + "input_layernorm.weight"), requires_grad=False)
-            layer.post_norm = nn.Parameter(t(p + "post_attention_layernorm.weight"), requires_grad=False)
-            layer.qkv = concat_linears(
-                [mk("self_attn.q_proj"), mk("self_attn.k_proj"), mk("self_attn.v_proj")]
-            )
-            layer.o = mk("self_attn.o_proj")
-            layer.gate_up = concat_linears([mk("mlp.gate_proj"), mk("mlp.up_proj")])
-            layer.down = mk("mlp.down_proj")
-            self.layers.append(layer)
+        layers = [
+            DecoderLayer(tensors, f"{PREFIX}layers.{i}.", dtype, self.device) for i in range(spec.num_layers)
+        ]
+        self.layers = nn.ModuleList(layers)  # registers their weights with this module
+        self.decoder_layers: tuple[DecoderLayer, ...] = tuple(layers)  # the same layers, typed
         self.norm = nn.Parameter(t(PREFIX + "norm.weight"), requires_grad=False)
         if "lm_head.weight" in tensors and not spec.tie_word_embeddings:
             self.lm_head = nn.Parameter(t("lm_head.weight"), requires_grad=False)
@@ -108,7 +146,7 @@ class PagedLlama(nn.Module):
         total = sum(p.numel() * p.element_size() for p in (self.embed, self.norm))
         if self.lm_head is not self.embed:
             total += self.lm_head.numel() * self.lm_head.element_size()
-        for layer in self.layers:
+        for layer in self.decoder_layers:
             total += sum(m.weight_bytes() for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
             total += 2 * layer.input_norm.numel() * layer.input_norm.element_size()
         return total
@@ -165,26 +203,24 @@ class PagedLlama(nn.Module):
         q = q.view(-1, s.num_heads, s.head_dim)
         outs = []
         nd = meta.num_decodes
-        if nd:
-            tables = meta.decode_tables
+        if meta.decode is not None:
+            tables = meta.decode.tables
             length = tables.shape[1] * block_size
-            mask = torch.arange(length, device=q.device)[None, :] < meta.decode_ctx[:, None]
+            mask = torch.arange(length, device=q.device)[None, :] < meta.decode.ctx[:, None]
             outs.append(self._gather_attend(q[:nd, None], cache, tables, mask[:, None, :], block_size)[:, 0])
-        if meta.prefill_tables is not None:
+        if meta.prefill is not None:
+            pre = meta.prefill
             qp = q[nd:]
             # One sequence needs no padding.
-            qpad = qp[None] if meta.prefill_pad_idx is None else qp[meta.prefill_pad_idx]
-            tables = meta.prefill_tables
-            length = tables.shape[1] * block_size
+            qpad = qp[None] if pre.pad_idx is None else qp[pre.pad_idx]
+            length = pre.tables.shape[1] * block_size
             nq = qpad.shape[1]
-            start = (meta.prefill_ctx - meta.prefill_qlen)[:, None]  # absolute position of query 0
+            start = (pre.ctx - pre.qlen)[:, None]  # absolute position of query 0
             qpos = start + torch.arange(nq, device=q.device)[None, :]  # [Bp, Q]
             kpos = torch.arange(length, device=q.device)
-            mask = (kpos[None, None, :] <= qpos[:, :, None]) & (
-                kpos[None, None, :] < meta.prefill_ctx[:, None, None]
-            )
-            out = self._gather_attend(qpad, cache, tables, mask, block_size)
-            outs.append(out[0] if meta.prefill_valid is None else out[meta.prefill_valid])
+            mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < pre.ctx[:, None, None])
+            out = self._gather_attend(qpad, cache, pre.tables, mask, block_size)
+            outs.append(out[0] if pre.valid is None else out[pre.valid])
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     # ------------------------------------------------------------------ forward
@@ -203,7 +239,7 @@ class PagedLlama(nn.Module):
         s = self.spec
         h = F.embedding(input_ids, self.embed)
         cos, sin = self.cos[positions], self.sin[positions]
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers):
             x = rms_norm(h, layer.input_norm, s.rms_norm_eps)
             qkv = layer.qkv(x)
             if lora is not None:

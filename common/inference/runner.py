@@ -14,7 +14,7 @@ import torch
 
 from tokenmill.common.inference.block_manager import NULL_BLOCK, BlockManager
 from tokenmill.common.inference.lora import LoraAdapter, LoraBatch
-from tokenmill.common.inference.model import AttnMeta, PagedLlama
+from tokenmill.common.inference.model import AttnMeta, DecodeMeta, PagedLlama, PrefillMeta
 from tokenmill.common.inference.scheduler import ScheduledItem
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class _DecodeGraph:
         self.slots = torch.zeros(batch, dtype=torch.long, device=dev)  # padded rows write to the null block
         self.tables = torch.full((batch, width), NULL_BLOCK, dtype=torch.long, device=dev)
         self.ctx = torch.ones(batch, dtype=torch.long, device=dev)
-        meta = AttnMeta(self.slots, batch, self.tables, self.ctx, None, None, None, None, None)
+        meta = AttnMeta(self.slots, batch, DecodeMeta(self.tables, self.ctx), None)
         model, caches, bs = runner.model, runner.kv_caches, runner.block_size
         self._forward = lambda: model(self.input_ids, self.positions, meta, caches, bs)
         self.graph = None
@@ -124,6 +124,24 @@ class ModelRunner:
         padded = [t + [NULL_BLOCK] * (w - len(t)) for t in tables]
         return torch.tensor(padded, dtype=torch.long)
 
+    def _prefill_meta(self, prefills: Sequence[ScheduledItem], dev: torch.device) -> PrefillMeta:
+        """Tables and lengths of the prefill chunks; with several, the index that pads them to one batch."""
+        qlens = [it.num_tokens for it in prefills]
+        meta = PrefillMeta(
+            tables=self._tables([it.request for it in prefills]).to(dev),
+            ctx=torch.tensor([it.request.num_computed_tokens + it.num_tokens for it in prefills], device=dev),
+            qlen=torch.tensor(qlens, device=dev),
+        )
+        if len(prefills) > 1:
+            qmax = max(qlens)
+            starts = torch.tensor([0] + qlens[:-1]).cumsum(0)
+            ar = torch.arange(qmax)
+            valid = ar[None, :] < torch.tensor(qlens)[:, None]
+            pad_idx = torch.where(valid, starts[:, None] + ar[None, :], torch.zeros((), dtype=torch.long))
+            meta.pad_idx = pad_idx.to(dev)
+            meta.valid = valid.to(dev)
+        return meta
+
     @torch.inference_mode()
     def execute(
         self, items: Sequence[ScheduledItem], adapters: dict[str, LoraAdapter]
@@ -170,35 +188,14 @@ class ModelRunner:
                     )
                 return graph.run(packed, tables), sample_items
 
-        nd = len(decodes)
-        meta = AttnMeta(
-            slot_mapping=t_slots.to(dev, non_blocking=True),
-            num_decodes=nd,
-            decode_tables=self._tables([it.request for it in decodes]).to(dev) if decodes else None,
-            decode_ctx=torch.tensor([it.request.num_computed_tokens + 1 for it in decodes], device=dev)
-            if decodes
-            else None,
-            prefill_tables=None,
-            prefill_ctx=None,
-            prefill_qlen=None,
-            prefill_pad_idx=None,
-            prefill_valid=None,
-        )
-        if prefills:
-            qlens = [it.num_tokens for it in prefills]
-            meta.prefill_tables = self._tables([it.request for it in prefills]).to(dev)
-            meta.prefill_ctx = torch.tensor(
-                [it.request.num_computed_tokens + it.num_tokens for it in prefills], device=dev
+        decode = None
+        if decodes:
+            decode = DecodeMeta(
+                tables=self._tables([it.request for it in decodes]).to(dev),
+                ctx=torch.tensor([it.request.num_computed_tokens + 1 for it in decodes], device=dev),
             )
-            meta.prefill_qlen = torch.tensor(qlens, device=dev)
-            if len(prefills) > 1:
-                qmax = max(qlens)
-                starts = torch.tensor([0] + qlens[:-1]).cumsum(0)
-                ar = torch.arange(qmax)
-                valid = ar[None, :] < torch.tensor(qlens)[:, None]
-                pad_idx = torch.where(valid, starts[:, None] + ar[None, :], torch.zeros((), dtype=torch.long))
-                meta.prefill_pad_idx = pad_idx.to(dev)
-                meta.prefill_valid = valid.to(dev)
+        prefill = self._prefill_meta(prefills, dev) if prefills else None
+        meta = AttnMeta(t_slots.to(dev, non_blocking=True), len(decodes), decode, prefill)
         lora = None
         if uses_lora:
             groups: dict[str, list[int]] = {}

@@ -29,7 +29,7 @@ from tokenmill.common.ingest.dedup import (
 
 def _band_rows(batch: dict[str, np.ndarray], config: MinHashConfig) -> dict[str, np.ndarray]:
     hasher = MinHasher(config)
-    sigs = np.stack(batch["sig"]).astype(np.uint32)
+    sigs = np.stack(list(batch["sig"])).astype(np.uint32)
     keys = hasher.band_keys(sigs)  # [n, bands]
     n, bands = keys.shape
     return {
@@ -74,7 +74,8 @@ def near_duplicates_ray(sigs: np.ndarray, config: MinHashConfig, *, parallelism:
         [{"doc": i, "sig": np.asarray(sigs[i], dtype=np.uint32)} for i in range(n)],
         override_num_blocks=parallelism or None,
     )
-    rows = items.map_batches(_band_rows, fn_kwargs={"config": config}, batch_format="numpy")
+    # ray types a batch UDF as one-argument; the second (config) comes from fn_kwargs
+    rows = items.map_batches(_band_rows, fn_kwargs={"config": config}, batch_format="numpy")  # type: ignore[arg-type]
     pairs_ds = rows.groupby(["band", "key"]).map_groups(_bucket_pairs, batch_format="numpy")
     chunks = [
         np.stack([b["a"], b["b"]], axis=1) for b in pairs_ds.iter_batches(batch_format="numpy") if len(b["a"])

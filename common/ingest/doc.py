@@ -9,6 +9,7 @@ filters use): words, numbers with inner ``.``/``,``, clitics (``n't``, ``'s``) a
 from __future__ import annotations
 
 import re
+from typing import Any, ClassVar, Protocol
 
 # spaCy's English tokenizer, reduced to the rules that matter for word counts (spacy/lang/
 # punctuation.py and lang/en): split on whitespace, then peel prefixes and suffixes off each chunk
@@ -159,3 +160,15 @@ class Doc:
         if self._words is None:
             self._words = split_words(self._text)
         return self._words
+
+
+class DocFilter(Protocol):
+    """A per-document filter: a dataclass whose fields are its parameters (overridable per spec).
+
+    Calling it returns the reason to drop the document, or None to keep it; it may rewrite
+    ``doc.text`` (the C4 rule keeps only the good lines)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    name: str
+
+    def __call__(self, doc: Doc) -> str | None: ...

@@ -15,7 +15,7 @@ from typing import Any
 
 from tokenmill.common.data.dataset import MANIFEST, read_manifest
 from tokenmill.common.errors import InvalidArgument, NotFound
-from tokenmill.common.ingest.pipeline import clean_stale_temps, datasets_dir
+from tokenmill.common.ingest.workspace import clean_stale_temps, datasets_dir
 from tokenmill.common.names import validate_name
 
 

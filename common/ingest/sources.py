@@ -14,6 +14,7 @@ between listing and reading. Only a source that cannot be opened at all before t
 from __future__ import annotations
 
 import fnmatch
+import functools
 import gzip
 import io
 import json
@@ -112,11 +113,11 @@ def _open_binary(opener: Callable[[], IO[bytes]], name: str) -> IO[bytes]:
     raw = opener()
     low = name.lower()
     if low.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]  # typeshed: not a typing.IO
     if low.endswith((".zst", ".zstd")):
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)  # type: ignore[return-value]
+        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
     return raw
 
 
@@ -135,7 +136,8 @@ def _get_text(obj: Any, field_path: str) -> Any:
 def read_jsonl(
     stream: IO[bytes], name: str, text_field: str, stats: SourceStats, max_doc_bytes: int
 ) -> Iterator[RawDoc]:
-    buffered = io.BufferedReader(stream, CHUNK) if not isinstance(stream, io.BufferedReader) else stream
+    # typeshed wants a raw stream here; any binary stream with readinto (gzip, zstd, files) works
+    buffered = io.BufferedReader(stream, CHUNK) if not isinstance(stream, io.BufferedReader) else stream  # type: ignore[type-var]
     lineno = 0
     while True:
         line = buffered.readline(max_doc_bytes + 1)
@@ -295,7 +297,9 @@ def _iter_s3(
                     io.BufferedReader(_RangeReader(store, key, size)), name, opts.text_field, stats
                 )
             elif _has_suffix(key, JSONL_SUFFIXES):
-                with _open_binary(lambda k=key, s=size: _RangeReader(store, k, s), key) as stream:
+                # a RawIOBase is a binary stream; typeshed does not count it as a typing.IO
+                opener = functools.partial(_RangeReader, store, key, size)
+                with _open_binary(opener, key) as stream:  # type: ignore[arg-type]
                     yield from read_jsonl(stream, name, opts.text_field, stats, opts.max_doc_bytes)
             elif size > opts.max_doc_bytes:
                 stats.bytes += size

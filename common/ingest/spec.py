@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.ingest import filters_code, filters_web
+from tokenmill.common.ingest.doc import DocFilter
 from tokenmill.common.ingest.langid import LanguageFilter
 from tokenmill.common.names import validate_name
 
 # name -> factory; the order of each preset is the order the filters run in.
-FILTERS: dict[str, Callable[..., Any]] = {
+FILTERS: dict[str, type[DocFilter]] = {
     "language": LanguageFilter,
     "gopher_repetition": filters_web.GopherRepetitionFilter,
     "gopher_quality": filters_web.GopherQualityFilter,
@@ -155,7 +155,7 @@ class IngestSpec:
         )
 
 
-def build_filters(spec: IngestSpec) -> list[Any]:
+def build_filters(spec: IngestSpec) -> list[DocFilter]:
     """The preset's filter chain with overrides applied; rejects unknown names/parameters."""
     overrides = dict(spec.filter_overrides or {})
     if not isinstance(overrides, dict):
@@ -167,7 +167,7 @@ def build_filters(spec: IngestSpec) -> list[Any]:
             f"filter_overrides names filter(s) {sorted(unknown)} not in preset {spec.preset!r}; "
             f"its filters are {list(chain)}"
         )
-    filters = []
+    filters: list[DocFilter] = []
     for name in chain:
         params = overrides.get(name, {})
         if params is False:

@@ -20,6 +20,8 @@ from tokenmill.common.ingest.normalize import normalize_text
 from tokenmill.common.ingest.pii import PiiScrubber
 from tokenmill.common.ingest.spec import IngestSpec, build_filters
 
+Batch = list[tuple[str, str, int]]  # raw documents as (id, text, encoding errors)
+
 
 @dataclass
 class StageCount:
@@ -86,7 +88,7 @@ class DocumentChain:
     def new_counts(self) -> dict[str, StageCount]:
         return {name: StageCount(name) for name in self.stage_names}
 
-    def process(self, batch: list[tuple[str, str, int]]) -> BatchResult:
+    def process(self, batch: Batch) -> BatchResult:
         counts = self.new_counts()
         ids: list[str] = []
         texts: list[str] = []
@@ -160,6 +162,6 @@ def init_worker(spec_dict: dict[str, Any]) -> None:
     _CHAIN = DocumentChain(IngestSpec.from_dict(spec_dict))
 
 
-def process_batch(batch: list[tuple[str, str, int]]) -> BatchResult:
+def process_batch(batch: Batch) -> BatchResult:
     assert _CHAIN is not None, "init_worker was not called in this process"
     return _CHAIN.process(batch)

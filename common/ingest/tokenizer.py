@@ -8,10 +8,16 @@ one id and survives ``skip_special_tokens`` decoding.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from tokenmill.common.data.dataset import MANIFEST, TOKENIZER
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from tokenmill.common.inputs import check_input_allowed
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer  # imported lazily at run time: only ingest runs need it
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -21,7 +27,7 @@ PLACEHOLDER_TOKENS = ["<EMAIL>", "<PHONE>", "<IP_ADDRESS>", "<CREDIT_CARD>", "<S
 
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, *, length: int | None = None, min_frequency: int = 2
-):
+) -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -50,7 +56,7 @@ def _batched(texts: Iterable[str], size: int = 256) -> Iterator[list[str]]:
         yield batch
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path) -> Tokenizer:
     from tokenizers import Tokenizer
 
     p = Path(path)
@@ -62,7 +68,7 @@ def load_tokenizer(path: str | Path):
         raise InvalidArgument(f"{p} is not a valid HF tokenizers tokenizer.json ({exc})") from None
 
 
-def eos_id(tok) -> int:
+def eos_id(tok: Tokenizer) -> int:
     eid = tok.token_to_id(EOS)
     if eid is None:
         raise FailedPrecondition(
@@ -71,5 +77,25 @@ def eos_id(tok) -> int:
     return int(eid)
 
 
-def vocab_size(tok) -> int:
+def vocab_size(tok: Tokenizer) -> int:
     return int(tok.get_vocab_size(with_added_tokens=True))
+
+
+def resolve_tokenizer(source: str, root: Path, input_roots: Sequence[str] = ()) -> Path | None:
+    """The tokenizer.json an ingest spec's ``tokenizer`` setting names, or None (train one).
+
+    ``dataset:NAME`` reuses that dataset's tokenizer under ``root`` (the datasets directory); a path
+    must lie under `input_roots` and load. Called before any work starts, and again when it is used."""
+    if not source:
+        return None
+    if source.startswith("dataset:"):
+        other = source.split(":", 1)[1]
+        path = root / other / TOKENIZER
+        if not (root / other / MANIFEST).is_file() or not path.is_file():
+            raise NotFound(
+                f"tokenizer source dataset {other!r} not found; list datasets with 'tokenmill data list'"
+            )
+        return path
+    path = Path(check_input_allowed(source, input_roots, what="tokenizer"))
+    load_tokenizer(path)
+    return path

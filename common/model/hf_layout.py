@@ -20,7 +20,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tokenmill.common import errors
-from tokenmill.common.runtime.proto_struct import struct_to_dict
 
 if TYPE_CHECKING:
     from tokenmill.common.clients.checkpoint import CheckpointClient
@@ -130,6 +129,8 @@ def read_hf_dir(
 
 def export_hf(client: CheckpointClient, ref: str, out_dir: str | os.PathLike[str]) -> Path:
     """Write checkpoint `ref` as an HF directory that `LlamaForCausalLM.from_pretrained` loads."""
+    from tokenmill.common.runtime.proto_struct import struct_to_dict  # a client's messages: gRPC is there
+
     version = client.get(ref, include_manifest=True)
     have = {f.name for f in version.manifest.files}
     files = client.load_files(version.ref, [n for n in SIDE_FILES if n in have])

@@ -25,6 +25,14 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class LoRALinear(nn.Module):
     """A bias-free linear layer plus a low-rank trainable update."""
 
+    in_features: int
+    out_features: int
+    weight: torch.Tensor
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+    dropout: nn.Module
+    scaling: float
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if base.bias is not None:

@@ -1,9 +1,9 @@
 """Weight-only quantized linear layers and the functions that write their formats.
 
-One interface (`Linear`-like modules with `forward(x)` and `out_features`) for dense, int8 and
-int4 weights, so the inference engine never branches on the format and the compression service
-only has to write tensors in the layouts below into the checkpoint store (docs/contracts.md,
-"Quantized weights"):
+One interface (`QuantLinear`: `forward(x)`, `in_features`/`out_features`, `weight_bytes()`) for
+dense, int8 and int4 weights, so the inference engine never branches on the format and the
+compression service only has to write tensors in the layouts below into the checkpoint store
+(docs/contracts.md, "Quantized weights"):
 
 * int8 weight-only: `{w}.qweight` int8 [out, in], `{w}.scales` float [out];
   W ~= qweight * scales[:, None] (symmetric, per output channel).
@@ -19,6 +19,7 @@ Imports only torch: it runs on a GPU box without the rest of the platform.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +122,21 @@ def quantize_state_dict(
 # --------------------------------------------------------------------------- layers
 
 
-class DenseLinear(nn.Module):
+class QuantLinear(nn.Module):
+    """The one interface of every layer here: `forward(x)`, its feature sizes and its weight memory."""
+
+    in_features: int
+    out_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        """Bytes the weights (and their scales) occupy, for memory budgeting."""
+        raise NotImplementedError
+
+
+class DenseLinear(QuantLinear):
     """A bias-free linear layer over a plain weight [out, in]."""
 
     def __init__(self, weight: torch.Tensor):
@@ -136,8 +151,11 @@ class DenseLinear(nn.Module):
         return self.weight.numel() * self.weight.element_size()
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantLinear):
     """Weight-only int8: weights stay int8 in memory, activations keep the compute dtype."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
         super().__init__()
@@ -159,8 +177,12 @@ class Int8Linear(nn.Module):
         return self.qweight.numel() + self.scales.numel() * self.scales.element_size()
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantLinear):
     """Weight-only group-wise int4 (two values per byte); dequantized per call into the compute dtype."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype):
         super().__init__()
@@ -192,7 +214,7 @@ class Int4Linear(nn.Module):
 
 def make_linear(
     tensors: Mapping[str, torch.Tensor], base: str, *, dtype: torch.dtype, device: torch.device | str
-) -> nn.Module:
+) -> QuantLinear:
     """Build the right layer for `base` from whichever format the tensors hold."""
     if f"{base}.weight" in tensors:
         return DenseLinear(tensors[f"{base}.weight"].to(device=device, dtype=dtype))
@@ -212,30 +234,31 @@ def make_linear(
     return Int4Linear(q, scales.to(device), zeros.to(device), dtype)
 
 
-def concat_linears(layers: Sequence[nn.Module]) -> nn.Module:
+def concat_linears(layers: Sequence[QuantLinear]) -> QuantLinear:
     """Fuse layers that read the same input into one (e.g. q/k/v): fewer kernel launches per step."""
-    first = layers[0]
-    if all(isinstance(m, DenseLinear) for m in layers):
-        return DenseLinear(torch.cat([m.weight.data for m in layers], dim=0))
-    if all(isinstance(m, Int8Linear) for m in layers):
-        fused = Int8Linear(
-            torch.cat([m.qweight for m in layers]), torch.cat([m.scales for m in layers]), first.scales.dtype
+    dense = [m for m in layers if isinstance(m, DenseLinear)]
+    if len(dense) == len(layers):
+        return DenseLinear(torch.cat([m.weight.data for m in dense], dim=0))
+    int8 = [m for m in layers if isinstance(m, Int8Linear)]
+    if len(int8) == len(layers):
+        return Int8Linear(
+            torch.cat([m.qweight for m in int8]), torch.cat([m.scales for m in int8]), int8[0].scales.dtype
         )
-        return fused
-    if all(isinstance(m, Int4Linear) for m in layers) and len({m.group_size for m in layers}) == 1:
+    int4 = [m for m in layers if isinstance(m, Int4Linear)]
+    if len(int4) == len(layers) and len({m.group_size for m in int4}) == 1:
         return Int4Linear(
-            torch.cat([m.qweight for m in layers]),
-            torch.cat([m.scales for m in layers]),
-            torch.cat([m.zeros for m in layers]),
-            first.scales.dtype,
+            torch.cat([m.qweight for m in int4]),
+            torch.cat([m.scales for m in int4]),
+            torch.cat([m.zeros for m in int4]),
+            int4[0].scales.dtype,
         )
     return _Stacked(layers)
 
 
-class _Stacked(nn.Module):
+class _Stacked(QuantLinear):
     """Fallback fusion for mixed formats: run each layer and concatenate the outputs."""
 
-    def __init__(self, layers: Sequence[nn.Module]):
+    def __init__(self, layers: Sequence[QuantLinear]):
         super().__init__()
         self.parts = nn.ModuleList(layers)
         self.out_features = sum(m.out_features for m in layers)
@@ -245,4 +268,5 @@ class _Stacked(nn.Module):
         return torch.cat([m(x) for m in self.parts], dim=-1)
 
     def weight_bytes(self) -> int:
-        return sum(m.weight_bytes() for m in self.parts)
+        # ModuleList yields plain Modules; __init__ only ever puts QuantLinears in it.
+        return sum(cast(QuantLinear, m).weight_bytes() for m in self.parts)

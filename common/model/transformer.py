@@ -378,6 +378,8 @@ class LlamaModel(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only LM. ``state_dict()`` keys equal HF ``LlamaForCausalLM``'s."""
 
+    rope_inv_freq: torch.Tensor  # a buffer, registered in __init__
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

@@ -15,7 +15,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOKENMILL = str(Path(sys.executable).parent / "tokenmill")
 
 

@@ -23,11 +23,15 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenmill.common.clients.base import BaseClient, client_tls
 from tokenmill.common.config import SERVICE_NAMES, Config, load_config
 from tokenmill.common.errors import TokenmillError
 from tokenmill.common.procs import pid_alive as _alive
+
+if TYPE_CHECKING:
+    from tokenmill.common.platform.redis_embedded import EmbeddedRedis
 
 log = logging.getLogger("tokenmill.launcher")
 
@@ -144,7 +148,7 @@ class Supervisor:
         self.state: dict[str, ChildState] = {}
         self.next_start: dict[str, float] = {}
         self.stopping = False
-        self.redis = None
+        self.redis: EmbeddedRedis | None = None
 
     def run(self) -> None:
         self.run_dir.ensure()
@@ -338,15 +342,15 @@ def process_table(config: Config) -> list[dict[str, object]]:
     """Each supervised process with its pid, restarts and live health (for `tokenmill status`)."""
     run_dir = RunDir(config.data_dir)
     state = run_dir.read_state()
-    rows = []
+    rows: list[dict[str, object]] = []
     for spec in run_dir.read_processes():
         child = state.get(spec.name)
-        alive = child is not None and _alive(child.pid)
+        live_pid = child.pid if child is not None and _alive(child.pid) else None
         rows.append(
             {
                 "name": spec.name,
                 "address": spec.health_address,
-                "pid": child.pid if alive else None,
+                "pid": live_pid,
                 "restarts": child.restarts if child else 0,
                 "health": health_status(config, spec.health_address) if spec.health_address else "n/a",
             }

@@ -233,6 +233,7 @@ class EmbeddedRedis:
                 port = self.port or _free_port(self.host)
                 error = self._spawn(port)
                 if not error:
+                    assert self._proc is not None  # _spawn started it
                     self.port = port
                     self._write_url()
                     log.info(

@@ -50,9 +50,11 @@ class ServiceApp:
 
     `port` / `metrics_port` override the config (tests pass `port=0` for an ephemeral port; the
     metrics endpoint then also binds an ephemeral port). `metrics=False` skips the HTTP endpoint
-    (the registry and counters still exist). `server_options` are extra gRPC core options for
-    services with unusual traffic (the checkpoint store's multi-MiB chunks); they come first,
-    and gRPC core keeps the first value of a repeated option, so they win over the defaults."""
+    (the registry and counters still exist). `min_workers` raises the configured handler-thread
+    count for services whose open streams each hold a thread (the inference service).
+    `server_options` are extra gRPC core options for services with unusual traffic (the
+    checkpoint store's multi-MiB chunks); they come first, and gRPC core keeps the first value of
+    a repeated option, so they win over the defaults."""
 
     def __init__(
         self,
@@ -63,6 +65,7 @@ class ServiceApp:
         port: int | None = None,
         metrics_port: int | None = None,
         metrics: bool = True,
+        min_workers: int = 0,
         server_options: Sequence[tuple[str, Any]] = (),
     ):
         if service_name not in config.services:
@@ -99,7 +102,7 @@ class ServiceApp:
         limit = config.max_message_bytes
         self._thread_prefix = f"grpc-{service_name}-handler"
         self._executor = futures.ThreadPoolExecutor(
-            max_workers=service_cfg.workers, thread_name_prefix=self._thread_prefix
+            max_workers=max(service_cfg.workers, min_workers), thread_name_prefix=self._thread_prefix
         )
         self.server = grpc.server(
             self._executor,

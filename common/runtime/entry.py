@@ -54,6 +54,13 @@ def load_or_exit(path: str | None, prog: str) -> Config:
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The command line every service accepts (`--config PATH`); richer ones add to it."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", metavar="PATH", help="YAML config file (default: $TOKENMILL_CONFIG)")
+    return parser
+
+
 def run_service(
     name: str,
     build: Build,
@@ -61,19 +68,43 @@ def run_service(
     *,
     server_options: Sequence[tuple[str, Any]] = (),
 ) -> int:
-    """Parse `--config`, load it, set up logging, `ready = build(config, app)`, `app.serve(ready)`.
+    """Parse `--config`, load it, then `serve_service` (the whole `main` of most services).
 
     `server_options`: extra gRPC server options for this service (see `ServiceApp`).
 
     Returns the process exit status (0 after a clean drain)."""
     prog = f"tokenmill-{name}"
-    parser = argparse.ArgumentParser(prog=prog, description=f"Run the tokenmill {name} service.")
-    parser.add_argument("--config", metavar="PATH", help="YAML config file (default: $TOKENMILL_CONFIG)")
-    args = parser.parse_args(argv)
+    args = config_parser(prog, f"Run the tokenmill {name} service.").parse_args(argv)
     config = load_or_exit(args.config, prog)
+    return serve_service(name, build, config, prog=prog, server_options=server_options)
+
+
+def serve_service(
+    name: str,
+    build: Build,
+    config: Config,
+    *,
+    prog: str,
+    port: int | None = None,
+    metrics_port: int | None = None,
+    min_workers: int = 0,
+    server_options: Sequence[tuple[str, Any]] = (),
+) -> int:
+    """Set up logging, `ready = build(config, app)`, `app.serve(ready)`; returns the exit status.
+
+    For services whose command line is richer than `--config` (the inference router and
+    replica): they parse it themselves, then start the same way every service does. `port`,
+    `metrics_port`, `min_workers` and `server_options` go to `ServiceApp`."""
     setup_logging(config.log_level, config.log_format, service=name)
     try:
-        app = ServiceApp(name, config, server_options=server_options)
+        app = ServiceApp(
+            name,
+            config,
+            port=port,
+            metrics_port=metrics_port,
+            min_workers=min_workers,
+            server_options=server_options,
+        )
         ready = build(config, app)
         app.serve(ready)
         stuck = app.stuck_handlers(timeout=1.0)

@@ -25,10 +25,14 @@ from tokenmill.common.runtime.proto_struct import dict_to_struct, timestamp_from
 from tokenmill.v1 import common_pb2
 
 MAX_PAGE_SIZE = 1000
+# JobState values are the proto names without the prefix (tests/test_jobs.py checks it)
+_STATE_TO_PROTO: dict[JobState, common_pb2.JobState] = {
+    state: getattr(common_pb2, f"JOB_STATE_{state.value}") for state in JobState
+}
 
 
-def state_to_proto(state: JobState) -> int:
-    return common_pb2.JobState.Value(f"JOB_STATE_{state.value}")
+def state_to_proto(state: JobState) -> common_pb2.JobState:
+    return _STATE_TO_PROTO[state]
 
 
 def state_from_proto(value: int) -> JobState | None:

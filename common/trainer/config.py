@@ -67,11 +67,10 @@ class TrainConfig:
     save_final: bool = True  # benchmarks turn the final checkpoint off
     lora: LoraSettings = field(default_factory=LoraSettings)
     memory_budget_bytes: int = 0  # per worker; 0 = device memory (or unchecked on CPU)
-    # identity of the job: checkpoints are tagged run-<run_id> so a retried attempt resumes from them
+    # identity of the job: checkpoints are tagged run-<run_id> so a retried attempt resumes from them;
+    # `attempt` (1 = first) is set by the job system, never by the API (the failpoints' context)
     run_id: str = ""
-    # fault injection for tests and drills ({"kill_at_step", "kill_rank", "nan_at_step"}); the service
-    # fills it only from the TOKENMILL_TRAIN_FAULTS environment variable, never from the API
-    faults: dict[str, int] = field(default_factory=dict)
+    attempt: int = 1
 
     # ------------------------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:

@@ -17,9 +17,14 @@ import torch
 from tokenmill.common.data.dataset import PackedDataset, TokenSampler
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tokenmill.common.model.transformer import IGNORE_INDEX
+from tokenmill.common.trainer.config import TrainConfig
 
 
 class BatchSource(Protocol):
+    """What the worker loop draws batches from; evaluation rewinds ``consumed`` to replay the same batches."""
+
+    consumed: int  # samples the whole job has drawn (all ranks)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -147,17 +152,29 @@ def _guess_eos(tok) -> int:
     raise InvalidArgument("tokenizer has no end-of-text token; the dataset manifest's eos_id is needed")
 
 
-def make_sources(cfg, rank: int, world_size: int) -> tuple[BatchSource, BatchSource | None, int]:
+def make_sources(cfg: TrainConfig, rank: int, world_size: int) -> tuple[BatchSource, BatchSource | None, int]:
     """Train source, optional val source, and the vocab size of the data (0 when unknown)."""
     if cfg.mode == "pretrain":
-        train = PackedDataset(cfg.dataset_path, "train")
-        sampler = TokenSampler(train, cfg.seq_len, cfg.micro_batch_size, rank, world_size, cfg.seed)
-        val = None
-        if cfg.eval_every:
-            vds = PackedDataset(cfg.dataset_path, "val")
-            if vds.num_tokens > cfg.seq_len:
-                val = TokenSampler(vds, cfg.seq_len, cfg.micro_batch_size, rank, world_size, cfg.seed)
-        return sampler, val, train.vocab_size
+        return _pretrain_sources(cfg, rank, world_size)
+    return _sft_sources(cfg, rank, world_size)
+
+
+def _pretrain_sources(
+    cfg: TrainConfig, rank: int, world_size: int
+) -> tuple[TokenSampler, TokenSampler | None, int]:
+    """Windows of the packed train split; val only when evaluating and the val split fills a window."""
+    train = PackedDataset(cfg.dataset_path, "train")
+    sampler = TokenSampler(train, cfg.seq_len, cfg.micro_batch_size, rank, world_size, cfg.seed)
+    val = None
+    if cfg.eval_every:
+        vds = PackedDataset(cfg.dataset_path, "val")
+        if vds.num_tokens > cfg.seq_len:
+            val = TokenSampler(vds, cfg.seq_len, cfg.micro_batch_size, rank, world_size, cfg.seed)
+    return sampler, val, train.vocab_size
+
+
+def _sft_sources(cfg: TrainConfig, rank: int, world_size: int) -> tuple[SftSampler, SftSampler | None, int]:
+    """Encoded prompt/response examples; when evaluating, every tenth example is held out for val."""
     eos = None
     vocab = 0
     if cfg.dataset_path:

@@ -14,12 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmill.common.trainer.checkpoint_io import CheckpointIO, Layout, piece_key, read_rows, shard_info
+from tokenmill.common.checkpoint.format import Layout, piece_name
+from tokenmill.common.checkpoint.manifest import ShardInfo
+from tokenmill.common.errors import FailedPrecondition
+from tokenmill.common.trainer.checkpoint_io import CheckpointIO, read_tensor
 
 try:  # public since torch 2.5
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
-    from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+    from torch.distributed._tensor import DTensor
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -47,9 +50,9 @@ def collect_pieces(
         if not isinstance(t, DTensor) and rank != 0:
             continue  # replicated: rank 0 writes it once
         offsets = [start] + [0] * (len(gshape) - 1)
-        key = piece_key(name, offsets)
+        key = piece_name(name, offsets)
         tensors[key] = local.detach()
-        shards[key] = shard_info(name, offsets, gshape)
+        shards[key] = ShardInfo(name, gshape, offsets).to_json()
     return tensors, shards
 
 
@@ -104,21 +107,15 @@ def load_into(
         pieces = layout.get(name)
         if not pieces:
             raise KeyError(name)
-        if list(pieces[0]["global_shape"]) != gshape:
-            from tokenmill.common.errors import FailedPrecondition
-
+        if list(pieces[0].global_shape) != gshape:
             raise FailedPrecondition(
-                f"checkpoint {ref}: {name} has shape {pieces[0]['global_shape']}, the model expects {gshape}; "
+                f"checkpoint {ref}: {name} has shape {list(pieces[0].global_shape)}, the model expects {gshape}; "
                 "the model config differs from the checkpoint's"
             )
-        rows = local.shape[0] if local.dim() else 1
-        if local.dim() and rows == 0:
+        if local.dim() and local.shape[0] == 0:
             continue
-        data = (
-            read_rows(io, ref, layout, name, start, start + rows)
-            if local.dim()
-            else read_rows(io, ref, layout, name, 0, 1)
-        )
+        rows = [slice(start, start + local.shape[0])] if local.dim() else []
+        data = read_tensor(io, ref, layout, name, rows)
         local.copy_(data.reshape(local.shape).to(local.dtype))
 
 

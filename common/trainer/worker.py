@@ -12,20 +12,23 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import signal
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
+from tokenmill.common import failpoints
+from tokenmill.common.checkpoint.format import piece_name
+from tokenmill.common.checkpoint.manifest import ShardInfo
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tokenmill.common.model.lora import adapter_config, apply_lora
 from tokenmill.common.model.transformer import ModelConfig, Transformer, count_parameters
 from tokenmill.common.trainer import sharded_state as ss
-from tokenmill.common.trainer.checkpoint_io import CheckpointIO
+from tokenmill.common.trainer.checkpoint_io import CheckpointIO, read_tensor
 from tokenmill.common.trainer.config import TrainConfig
 from tokenmill.common.trainer.data import make_sources
 from tokenmill.common.trainer.metrics import mfu, peak_flops
@@ -136,9 +139,7 @@ class _Run:
             {"params": no_decay, "weight_decay": 0.0},
         ]
         extra = {"fused": True} if d.device.type == "cuda" else {}
-        self.opt = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), **extra
-        )
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, **extra)
         self.step = 0
         resume = self.io.resolve(f"{cfg.output_name}:{self.run_tag}") if self.run_tag else None
         if resume:
@@ -164,9 +165,7 @@ class _Run:
         self.train_src.load_state_dict(state["sampler"])
         rng_key = f"rng.cpu.rank{self.d.rank}"
         if state["world_size"] == self.d.world and rng_key in layout:
-            torch.set_rng_state(
-                ss.read_rows(self.io, ref, layout, rng_key, 0, layout[rng_key][0]["global_shape"][0])
-            )
+            torch.set_rng_state(read_tensor(self.io, ref, layout, rng_key))
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         self.last_ckpt = ref
@@ -210,12 +209,9 @@ class _Run:
         tensors = {k: v.to("cpu", copy=True) for k, v in tensors.items()}
         if not final:  # per-rank RNG, exact on same-world-size resume
             key = f"rng.cpu.rank{d.rank}"
-            tensors[f"{key}@0"] = torch.get_rng_state()
-            shards[f"{key}@0"] = {
-                "logical_name": key,
-                "offsets": [0],
-                "global_shape": [tensors[f"{key}@0"].numel()],
-            }
+            rng = torch.get_rng_state()
+            tensors[piece_name(key, [0])] = rng
+            shards[piece_name(key, [0])] = ShardInfo(key, [rng.numel()], [0]).to_json()
         files: dict[str, bytes] = {}
         if d.is_main:
             files = self._files(final)
@@ -282,135 +278,150 @@ class _Run:
         self.model.train()
         return self._mean(total / self.cfg.eval_batches)
 
-    def _inject(self, where: str) -> bool:
-        faults = self.cfg.faults or {}
-        if (
-            where == "kill"
-            and faults.get("kill_at_step") == self.step
-            and faults.get("kill_rank", 0) == self.d.rank
-        ):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return where == "nan" and faults.get("nan_at_step") == self.step
-
-    def run(self) -> dict[str, Any]:
-        cfg, d = self.cfg, self.d
-        self.model.train()
-        tokens_per_step = d.world * cfg.micro_batch_size * cfg.seq_len * cfg.grad_accum_steps
-        peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
-        if d.is_main:
+    def _report_start(self) -> None:
+        if self.d.is_main:
             self.channel.report(
                 "start",
                 {
                     "parameters": self.params_total,
                     "trainable_parameters": self.params_trainable,
-                    "workers": d.world,
-                    "device": str(d.device),
+                    "workers": self.d.world,
+                    "device": str(self.d.device),
                     "bf16": self.bf16,
                     "start_step": self.step,
-                    "steps": cfg.steps,
-                    "flops_per_token": self.model_cfg.flops_per_token(cfg.seq_len),
+                    "steps": self.cfg.steps,
+                    "flops_per_token": self.model_cfg.flops_per_token(self.cfg.seq_len),
                 },
             )
+
+    def _gradients(self, params: Sequence[torch.Tensor]) -> _StepOutput:
+        """Forward and backward over the step's micro-batches at this step's lr (not applied yet)."""
+        cfg, d = self.cfg, self.d
+        lr = lr_at(
+            self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps
+        )
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
+        for micro in range(cfg.grad_accum_steps):
+            x, y = self.train_src.next_batch()
+            set_grad_sync(self.model, micro == cfg.grad_accum_steps - 1)
+            _, loss = self.model(x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True))
+            if failpoints.hit("trainer.loss", step=self.step + 1, rank=d.rank, attempt=cfg.attempt):
+                loss = loss * float("nan")
+            (loss / cfg.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        norm = None
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            norm = norm.to_local() if hasattr(norm, "to_local") else norm
+        return _StepOutput(loss_sum / cfg.grad_accum_steps, lr, norm)
+
+    def _apply(self) -> None:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def _end_window(
+        self, window: list[_StepOutput], bad: torch.Tensor, pace: _Pace, *, do_eval: bool, do_ckpt: bool
+    ) -> tuple[str, str] | None:
+        """The host-device sync closing a window of steps: one all-reduce of the window's losses, the
+        non-finite flag and the stop flag; then progress, eval and checkpoints. Returns (status,
+        reason) when the run must end here."""
+        cfg, d = self.cfg, self.d
+        stop_local = d.is_main and self.channel.stop_requested()
+        flags = [bad.float(), torch.tensor(float(stop_local), device=d.device)]
+        packed = torch.stack([w.loss for w in window] + flags).to(torch.float64)
+        dist.all_reduce(packed)
+        losses = (packed[:-2] / d.world).tolist()
+        if bool(packed[-2] > 0):
+            self.opt.zero_grad(set_to_none=True)
+            return "failed", self._diverged(len(window))
+        self._apply()
+        now = time.perf_counter()
+        dt = (now - pace.t_window) / len(window)
+        first = self.step - len(window) + 1
+        for i, (loss_val, w) in enumerate(zip(losses, window, strict=True)):
+            self.history.append({"step": first + i, "loss": loss_val, "lr": w.lr})
+        tps = pace.tokens_per_step / dt
+        norm = window[-1].norm
+        record: dict[str, Any] = {
+            "step": self.step,
+            "steps": cfg.steps,
+            "loss": losses[-1],
+            "lr": window[-1].lr,
+            "tokens_per_s": tps,
+            "step_time_s": dt,
+            "mfu": mfu(self.model_cfg, cfg.seq_len, tps / d.world, pace.peak),
+            "memory_bytes": memory_bytes(d.device),
+            "grad_norm": float(norm) if norm is not None else None,
+            "eta_s": (now - pace.t_run) / (self.step - pace.start_step) * (cfg.steps - self.step),
+        }
+        if do_eval:
+            val = self.evaluate()
+            if val is not None:
+                record["val_loss"], record["val_ppl"] = val, math.exp(min(val, 50.0))
+                self.history[-1]["val_loss"] = val
+        if d.is_main:
+            self.channel.report("progress", record)
+        if bool(packed[-1] > 0):
+            self.save(final=False, reason="cancel")
+            return "cancelled", f"cancelled at step {self.step}"
+        if do_ckpt:
+            self.save(final=False, reason="periodic")
+        pace.t_window = time.perf_counter()
+        return None
+
+    def _diverged(self, window_len: int) -> str:
+        nxt = self.step + 1
+        first = nxt - window_len + 1
+        where = f"step {nxt}" if first == nxt else f"steps {first}-{nxt}"
+        kept = self.last_ckpt or "none (no checkpoint was written before it)"
+        return (
+            f"loss became non-finite (NaN/Inf) at {where}; the run stopped without applying it; "
+            f"last good checkpoint: {kept}. Lower lr or raise warmup_steps"
+        )
+
+    def run(self) -> dict[str, Any]:
+        cfg, d = self.cfg, self.d
+        self.model.train()
+        self._report_start()
         status, reason = "completed", ""
-        t_run = time.perf_counter()
-        start_step = self.step
+        pace = _Pace(
+            tokens_per_step=d.world * cfg.micro_batch_size * cfg.seq_len * cfg.grad_accum_steps,
+            peak=peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None,
+            start_step=self.step,
+        )
         # Host-device syncs only every `log_every` steps (and before evals/checkpoints/the end): on GPU
         # the CPU keeps queueing work ahead. Per-step losses stay on device until the window's sync.
         sync_every = max(1, cfg.log_every)
-        window: list[tuple[torch.Tensor, float, torch.Tensor | None]] = []
+        window: list[_StepOutput] = []
         bad = torch.zeros((), dtype=torch.bool, device=d.device)
-        t_window = time.perf_counter()
         params = [p for p in self.model.parameters() if p.requires_grad]
         while self.step < cfg.steps:
-            lr = lr_at(
-                self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps
-            )
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
-            for micro in range(cfg.grad_accum_steps):
-                x, y = self.train_src.next_batch()
-                set_grad_sync(self.model, micro == cfg.grad_accum_steps - 1)
-                _, loss = self.model(x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True))
-                if self._inject("nan"):
-                    loss = loss * float("nan")
-                self._inject("kill")
-                (loss / cfg.grad_accum_steps).backward()
-                loss_sum += loss.detach()
-            loss_step = loss_sum / cfg.grad_accum_steps
-            norm = None
-            if cfg.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                norm = norm.to_local() if hasattr(norm, "to_local") else norm
-                bad |= ~torch.isfinite(norm)
-            bad |= ~torch.isfinite(loss_step)
-            window.append((loss_step, lr, norm))
+            out = self._gradients(params)
+            if out.norm is not None:
+                bad |= ~torch.isfinite(out.norm)
+            bad |= ~torch.isfinite(out.loss)
+            window.append(out)
             nxt = self.step + 1
             do_eval = bool(cfg.eval_every) and (nxt % cfg.eval_every == 0 or nxt == cfg.steps)
             do_ckpt = bool(cfg.checkpoint_every) and nxt % cfg.checkpoint_every == 0 and nxt < cfg.steps
-            if not (nxt % sync_every == 0 or nxt == cfg.steps or do_eval or do_ckpt):
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
-                self.step = nxt
-                continue
-            stop_local = d.is_main and self.channel.stop_requested()
-            packed = torch.stack(
-                [w[0] for w in window] + [bad.float(), torch.tensor(float(stop_local), device=d.device)]
-            )
-            packed = packed.to(torch.float64)
-            dist.all_reduce(packed)
-            losses = (packed[:-2] / d.world).tolist()
-            nonfinite, stop = bool(packed[-2] > 0), bool(packed[-1] > 0)
-            if nonfinite:
-                self.opt.zero_grad(set_to_none=True)
-                status = "failed"
-                first = nxt - len(window) + 1
-                where = f"step {nxt}" if first == nxt else f"steps {first}-{nxt}"
-                kept = self.last_ckpt or "none (no checkpoint was written before it)"
-                reason = (
-                    f"loss became non-finite (NaN/Inf) at {where}; the run stopped without applying it; "
-                    f"last good checkpoint: {kept}. Lower lr or raise warmup_steps"
-                )
-                break
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.step = nxt
-            now = time.perf_counter()
-            dt = (now - t_window) / len(window)
-            for i, (loss_val, (_, lr_i, _)) in enumerate(zip(losses, window, strict=True)):
-                self.history.append({"step": nxt - len(window) + 1 + i, "loss": loss_val, "lr": lr_i})
-            last_norm = window[-1][2]
-            tps = tokens_per_step / dt
-            record: dict[str, Any] = {
-                "step": self.step,
-                "steps": cfg.steps,
-                "loss": losses[-1],
-                "lr": lr,
-                "tokens_per_s": tps,
-                "step_time_s": dt,
-                "mfu": mfu(self.model_cfg, cfg.seq_len, tps / d.world, peak),
-                "memory_bytes": memory_bytes(d.device),
-                "grad_norm": float(last_norm) if last_norm is not None else None,
-                "eta_s": (now - t_run) / (self.step - start_step) * (cfg.steps - self.step),
-            }
-            window.clear()
-            if do_eval:
-                val = self.evaluate()
-                if val is not None:
-                    record["val_loss"], record["val_ppl"] = val, math.exp(min(val, 50.0))
-                    self.history[-1]["val_loss"] = val
-            if d.is_main:
-                self.channel.report("progress", record)
-            if stop:
-                status, reason = "cancelled", f"cancelled at step {self.step}"
-                self.save(final=False, reason="cancel")
-                break
-            if do_ckpt:
-                self.save(final=False, reason="periodic")
-            t_window = time.perf_counter()
+            if nxt % sync_every == 0 or nxt == cfg.steps or do_eval or do_ckpt:
+                ended = self._end_window(window, bad, pace, do_eval=do_eval, do_ckpt=do_ckpt)
+                window.clear()
+                if ended is not None:
+                    status, reason = ended
+                    break
+            else:
+                self._apply()
+            failpoints.hit("trainer.after_step", step=self.step, rank=d.rank, attempt=cfg.attempt)
         final_ref = ""
         if status == "completed" and cfg.save_final:
             final_ref = self.save(final=True, reason="final")
+        return self._result(status, reason, final_ref)
+
+    def _result(self, status: str, reason: str, final_ref: str) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
         return {
             "status": status,
@@ -422,8 +433,28 @@ class _Run:
             "history": self.history,
             "parameters": self.params_total,
             "trainable_parameters": self.params_trainable,
-            "workers": d.world,
+            "workers": self.d.world,
         }
+
+
+@dataclass
+class _StepOutput:
+    """One step's loss (on device until the window's sync), lr and gradient norm (None: no clipping)."""
+
+    loss: torch.Tensor
+    lr: float
+    norm: torch.Tensor | None
+
+
+@dataclass
+class _Pace:
+    """What throughput and ETA figures are computed from."""
+
+    tokens_per_step: int
+    peak: float | None
+    start_step: int
+    t_run: float = field(default_factory=time.perf_counter)
+    t_window: float = field(default_factory=time.perf_counter)
 
 
 def train(cfg: TrainConfig, io: CheckpointIO, channel: Channel | None = None) -> dict[str, Any]:

@@ -11,16 +11,17 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from tokenmill.common.checkpoint.store import CheckpointStore
-from tokenmill.common.checkpoint.wire import (
+from tokenmill.common.checkpoint.format import (
     RawDownloadChunk,
     decode_upload_chunk,
     encode_download_chunk,
     tune_malloc,
 )
+from tokenmill.common.checkpoint.store import CheckpointStore
 from tokenmill.common.config import Config
 from tokenmill.common.errors import InvalidArgument
-from tokenmill.common.runtime import ServiceApp, run_service
+from tokenmill.common.runtime import ReadyCheck, ServiceApp, run_service
+from tokenmill.common.runtime.codec import RawCodec, servicer_adder
 from tokenmill.services.checkpoint.convert import (
     dict_to_struct,
     file_from_proto,
@@ -131,7 +132,7 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
             next_page_token=str(start + page_size) if more else "",
         )
 
-    def Download(self, request: pb.DownloadRequest, context) -> Iterator[pb.DownloadChunk]:
+    def Download(self, request: pb.DownloadRequest, context) -> Iterator[RawDownloadChunk]:
         chunks = self.store.read(
             request.ref,
             list(request.tensors),
@@ -190,26 +191,15 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
         return pb.LocalAccess(root=root, nonce=nonce)
 
 
-class _BulkCodecServer:
-    """Passes the generated handlers to the real server with the two bulk messages' codecs swapped
-    for the zero-copy ones (same wire format; see common/checkpoint/wire.py)."""
-
-    def __init__(self, server: Any):
-        self._server = server
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        self._server.add_generic_rpc_handlers(handlers)
-
-    def add_registered_method_handlers(self, name: str, handlers: dict[str, Any]) -> None:
-        # the generic handler above holds this same dict, so both paths see the swap
-        handlers["UploadChunks"] = handlers["UploadChunks"]._replace(request_deserializer=decode_upload_chunk)
-        handlers["Download"] = handlers["Download"]._replace(response_serializer=encode_download_chunk)
-        self._server.add_registered_method_handlers(name, handlers)
-
-
-def add_checkpoint_servicer(servicer: CheckpointServicer, server: Any) -> None:
-    """`app.add` adder: the generated one, with zero-copy codecs for UploadChunks and Download."""
-    pb_grpc.add_CheckpointServiceServicer_to_server(servicer, _BulkCodecServer(server))
+# Every RPC of the proto, with the zero-copy codecs for the two bulk messages (same wire format;
+# see the raw wire codec in common/checkpoint/format.py).
+add_checkpoint_servicer = servicer_adder(
+    pb.DESCRIPTOR.services_by_name["CheckpointService"],
+    codecs={
+        "UploadChunks": RawCodec(request_deserializer=decode_upload_chunk),
+        "Download": RawCodec(response_serializer=encode_download_chunk),
+    },
+)
 
 
 def open_store_from_config(config: Config) -> CheckpointStore:
@@ -220,7 +210,7 @@ def open_store_from_config(config: Config) -> CheckpointStore:
     return CheckpointStore.open(config.effective_storage_url, quota_bytes=int(quota))
 
 
-def build(config: Config, app: ServiceApp) -> object:
+def build(config: Config, app: ServiceApp) -> ReadyCheck:
     """Wire the store into the app; the service is ready once recovery has run (in the constructor)."""
     store = open_store_from_config(config)
     app.add(add_checkpoint_servicer, CheckpointServicer(store, config.max_message_bytes), SERVICE_NAME)

@@ -1,17 +1,20 @@
-"""Proto <-> engine conversions shared by the replica, the router and the HTTP front."""
+"""Proto <-> engine conversions shared by the replica, the router and the HTTP front, and the
+InferenceService's registration (its requests parse tolerantly so bad UTF-8 is INVALID_ARGUMENT)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.inference import RequestOutput, SamplingParams, Usage
-from tokenmill.v1 import inference_pb2, inference_pb2_grpc
+from tokenmill.common.runtime.codec import servicer_adder
+from tokenmill.v1 import inference_pb2
 
-SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
+SERVICE_NAME = SERVICE.full_name
 
 
 def sampling_from_proto(sp: inference_pb2.SamplingParams) -> SamplingParams:
@@ -40,9 +43,7 @@ def submit_kwargs(request: inference_pb2.GenerateRequest) -> dict[str, Any]:
     }
 
 
-def usage_to_proto(u: Usage | None) -> inference_pb2.Usage | None:
-    if u is None:
-        return None
+def usage_to_proto(u: Usage) -> inference_pb2.Usage:
     return inference_pb2.Usage(
         prompt_tokens=u.prompt_tokens,
         completion_tokens=u.completion_tokens,
@@ -98,8 +99,8 @@ class _BadRequest:
         self.error = error
 
 
-def _safe_parser(cls):
-    def parse(data: bytes):
+def _tolerant_parser(cls: type[Message]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
         try:
             return cls.FromString(data)
         except DecodeError as exc:
@@ -116,45 +117,6 @@ def check_parsed(request: Any) -> None:
         )
 
 
-def add_inference_servicer(servicer: Any, server: grpc.Server) -> None:
-    """Like the generated adder, but a request that fails to parse reaches the handler (which
-    answers INVALID_ARGUMENT with the reason) instead of gRPC's opaque INTERNAL."""
-    generated = {
-        "Generate": (
-            grpc.unary_unary_rpc_method_handler,
-            inference_pb2.GenerateRequest,
-            inference_pb2.GenerateResponse,
-        ),
-        "GenerateStream": (
-            grpc.unary_stream_rpc_method_handler,
-            inference_pb2.GenerateRequest,
-            inference_pb2.GenerateChunk,
-        ),
-        "Tokenize": (
-            grpc.unary_unary_rpc_method_handler,
-            inference_pb2.TokenizeRequest,
-            inference_pb2.TokenizeResponse,
-        ),
-        "ModelInfo": (
-            grpc.unary_unary_rpc_method_handler,
-            inference_pb2.ModelInfoRequest,
-            inference_pb2.ModelInfoResponse,
-        ),
-        "GetStats": (
-            grpc.unary_unary_rpc_method_handler,
-            inference_pb2.GetStatsRequest,
-            inference_pb2.ReplicaStats,
-        ),
-    }
-    handlers = {
-        name: make(
-            getattr(servicer, name),
-            request_deserializer=_safe_parser(req_cls),
-            response_serializer=resp_cls.SerializeToString,
-        )
-        for name, (make, req_cls, resp_cls) in generated.items()
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-
-
-__all__ = ["SERVICE_NAME", "add_inference_servicer", "inference_pb2_grpc"]
+# Like the generated adder (every RPC of the proto), but a request that fails to parse reaches the
+# handler, which answers INVALID_ARGUMENT with the reason, instead of gRPC's opaque INTERNAL.
+add_inference_servicer = servicer_adder(SERVICE, request_parser=_tolerant_parser)

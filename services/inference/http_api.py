@@ -27,8 +27,9 @@ from starlette.routing import Route
 
 from tokenmill.common.config import Config
 from tokenmill.common.errors import InvalidArgument, TokenmillError
+from tokenmill.common.runtime import StartupError
 from tokenmill.services.inference.convert import ResponseBuilder
-from tokenmill.services.inference.dispatch import RouterDispatcher
+from tokenmill.services.inference.dispatch.failover import RouterDispatcher
 from tokenmill.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def build_app(dispatcher: RouterDispatcher, tokens: list[str] | None) -> Starlet
                     }
                     yield f"data: {json.dumps(event)}\n\n"
                     if chunk.finish_reason and include_usage and chunk.HasField("usage"):
-                        usage_event = {
+                        usage_event: dict[str, Any] = {
                             "id": req.request_id,
                             "object": "text_completion",
                             "created": created,
@@ -302,7 +303,7 @@ class HttpFront:
             uv_config.load()
         except (OSError, ssl.SSLError) as exc:
             tls = config.tls
-            raise RuntimeError(
+            raise StartupError(
                 f"the HTTP front cannot load its TLS files (tls.cert_file={tls.cert_file}, "
                 f"tls.key_file={tls.key_file}, tls.client_ca_file={tls.client_ca_file}): {exc}"
             ) from exc
@@ -314,7 +315,7 @@ class HttpFront:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the HTTP front did not start (port in use?)")
+                raise StartupError("the HTTP front did not start (port in use?)")
             time.sleep(0.02)
         return self.port
 

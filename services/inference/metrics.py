@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from tokenmill.common.inference import EngineStats
 
 TTFT_BUCKETS = (
     0.001,
@@ -37,11 +39,13 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 
 
 class EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], dict], labels: dict[str, str]):
+    """Engine gauges and counters, read from `stats()` (the async engine's) at scrape time."""
+
+    def __init__(self, stats: Callable[[], EngineStats], labels: dict[str, str]):
         self._stats = stats
         self._labels = labels
 
-    def collect(self) -> Iterator:
+    def collect(self) -> Iterator[Metric]:
         s = self._stats()
         names, values = list(self._labels), list(self._labels.values())
 
@@ -55,19 +59,19 @@ class EngineCollector(Collector):
             c.add_metric(values, float(value))
             return c
 
-        yield gauge("num_requests_running", "Requests in the running batch.", s["requests_running"])
-        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s["requests_waiting"])
-        yield gauge("kv_cache_usage_perc", "KV-cache usage: 1 means full.", s["kv_cache_usage"])
+        yield gauge("num_requests_running", "Requests in the running batch.", s.requests_running)
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s.requests_waiting)
+        yield gauge("kv_cache_usage_perc", "KV-cache usage: 1 means full.", s.kv_cache_usage)
         yield counter(
-            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s["prefix_cache_queries"]
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries
         )
-        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s["prefix_cache_hits"])
-        yield counter("prompt_tokens", "Prefill tokens processed.", s["prompt_tokens"])
-        yield counter("generation_tokens", "Generation tokens produced.", s["generation_tokens"])
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        yield counter("prompt_tokens", "Prefill tokens processed.", s.prompt_tokens)
+        yield counter("generation_tokens", "Generation tokens produced.", s.generation_tokens)
         yield counter(
             "num_preemptions",
             "Requests preempted (recomputed later) for lack of KV blocks.",
-            s["preemptions"],
+            s.preemptions,
         )
 
 
@@ -75,22 +79,17 @@ class LatencyObserver:
     """The engine's observer: TTFT, inter-token latency and end-to-end latency histograms."""
 
     def __init__(self, registry: CollectorRegistry | None, labels: dict[str, str]):
-        kw = {"labelnames": list(labels), "registry": registry}
-        self.ttft = Histogram(
-            "tokenmill:time_to_first_token_seconds", "Time to first token.", buckets=TTFT_BUCKETS, **kw
-        ).labels(**labels)
-        self.itl = Histogram(
-            "tokenmill:inter_token_latency_seconds",
-            "Time between consecutive tokens.",
-            buckets=ITL_BUCKETS,
-            **kw,
-        ).labels(**labels)
-        self.e2e = Histogram(
-            "tokenmill:e2e_request_latency_seconds",
-            "Request latency, arrival to finish.",
-            buckets=E2E_BUCKETS,
-            **kw,
-        ).labels(**labels)
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            metric = Histogram(name, doc, labelnames=list(labels), registry=registry, buckets=buckets)
+            return metric.labels(**labels)
+
+        self.ttft = histogram("tokenmill:time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.itl = histogram(
+            "tokenmill:inter_token_latency_seconds", "Time between consecutive tokens.", ITL_BUCKETS
+        )
+        self.e2e = histogram(
+            "tokenmill:e2e_request_latency_seconds", "Request latency, arrival to finish.", E2E_BUCKETS
+        )
 
     def on_first_token(self, ttft_s: float) -> None:
         self.ttft.observe(ttft_s)

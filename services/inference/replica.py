@@ -1,7 +1,7 @@
 """One inference replica: an engine on a thread plus the gRPC InferenceService over it.
 
 Answers direct gRPC (Generate, GenerateStream, Tokenize, ModelInfo, GetStats) and, when a Redis
-connection is given, also pulls routed requests (services/inference/dispatch.py). Health turns
+connection is given, also pulls routed requests (services/inference/dispatch/puller.py). Health turns
 SERVING only after a real one-token forward pass succeeded (`warmup`).
 """
 
@@ -136,14 +136,14 @@ class Replica:
         s = self.aengine.stats()
         msg = inference_pb2.ReplicaStats(
             replica=self.replica_id,
-            requests_running=s["requests_running"],
-            requests_waiting=s["requests_waiting"] + len(self.aengine._pending),
-            kv_cache_usage=s["kv_cache_usage"],
-            kv_blocks_total=s["kv_blocks_total"],
-            kv_blocks_free=s["kv_blocks_free"],
-            prefix_cache_queries=s["prefix_cache_queries"],
-            prefix_cache_hits=s["prefix_cache_hits"],
-            preemptions=s["preemptions"],
+            requests_running=s.requests_running,
+            requests_waiting=s.requests_waiting,
+            kv_cache_usage=s.kv_cache_usage,
+            kv_blocks_total=s.kv_blocks_total,
+            kv_blocks_free=s.kv_blocks_free,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            preemptions=s.preemptions,
         )
         for g in gpu_stats():
             msg.gpus.add(

@@ -1,6 +1,6 @@
 """The router: the platform's single inference endpoint, in front of any number of replicas.
 
-Generate/GenerateStream go through Redis (dispatch.RouterDispatcher: replicas pull by capacity);
+Generate/GenerateStream go through Redis (dispatch.failover.RouterDispatcher: replicas pull by capacity);
 Tokenize and ModelInfo are answered by a live replica over gRPC; GetStats sums the replicas'
 heartbeats.
 """
@@ -12,7 +12,7 @@ import random
 from tokenmill.common.clients.inference import InferenceClient
 from tokenmill.common.errors import InvalidArgument
 from tokenmill.services.inference.convert import ResponseBuilder, check_parsed
-from tokenmill.services.inference.dispatch import RouterDispatcher
+from tokenmill.services.inference.dispatch.failover import RouterDispatcher
 from tokenmill.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -64,7 +64,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.ReplicaStats(
             replica=f"router ({len(replicas)} live replicas)",
             requests_running=sum(r.running for r in replicas),
-            requests_waiting=sum(r.waiting for r in replicas) + self.queue_depth(),
+            requests_waiting=sum(r.waiting for r in replicas) + self.dispatcher.queue_depth(),
             kv_cache_usage=(1 - free / total) if total else 0.0,
             kv_blocks_total=total,
             kv_blocks_free=free,
@@ -72,8 +72,3 @@ class RouterServicer(inference_pb2_grpc.InferenceServiceServicer):
             prefix_cache_hits=sum(r.prefix_hits for r in replicas),
             preemptions=sum(r.preemptions for r in replicas),
         )
-
-    def queue_depth(self) -> int:
-        from tokenmill.services.inference.dispatch import REQUESTS
-
-        return int(self.dispatcher.r.xlen(REQUESTS))

@@ -18,19 +18,19 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
-from tokenmill.common.config import Config, ServiceConfig
-from tokenmill.common.errors import TokenmillError
+from tokenmill.common.config import Config
 from tokenmill.common.inference import EngineConfig
-from tokenmill.common.runtime.app import ServiceApp, StartupError
-from tokenmill.common.runtime.entry import load_or_exit
-from tokenmill.common.runtime.logs import setup_logging
+from tokenmill.common.runtime import ReadyCheck, ServiceApp, config_parser, load_or_exit, serve_service
 from tokenmill.services.inference.convert import SERVICE_NAME, add_inference_servicer
 
 log = logging.getLogger("tokenmill.inference")
 
-MIN_WORKERS = 64  # handler threads: streams mostly wait (engine thread or Redis) and cost no CPU
-MODEL_ENV = "TOKENMILL_SERVE_MODEL"  # without a subcommand: run a replica of this model  # each open stream holds a handler thread; the router only waits on Redis
+# Handler threads at least: each open stream holds one while it waits on the engine or Redis (no CPU).
+MIN_WORKERS = 64
+MODEL_ENV = "TOKENMILL_SERVE_MODEL"  # without a subcommand: run a replica of this model
 
 
 def _dial_host(host: str) -> str:
@@ -59,20 +59,21 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def build_replica(config: Config, app: ServiceApp, args: argparse.Namespace):
+def build_replica(config: Config, app: ServiceApp, args: argparse.Namespace) -> ReadyCheck:
+    """Serve gRPC at once (UNAVAILABLE while loading); ready once the model loaded and warmed up
+    and, unless --no-redis, the puller takes routed work."""
     from tokenmill.common.clients.checkpoint import CheckpointClient
     from tokenmill.common.redis_conn import connect
     from tokenmill.common.telemetry import register_gpu_collector
-    from tokenmill.services.inference.dispatch import ReplicaPuller, default_replica_id
+    from tokenmill.services.inference.dispatch.puller import ReplicaPuller, default_replica_id
     from tokenmill.services.inference.loader import load_model
     from tokenmill.services.inference.metrics import EngineCollector
     from tokenmill.services.inference.replica import Replica, ReplicaServicer
 
     replica_id = args.replica_id or default_replica_id()
     engine_config = engine_config_from_args(args)
-    state: dict = {}
-    add_inference_servicer(ReplicaServicer(lambda: state.get("replica")), app.server)
-    app._service_names.append(SERVICE_NAME)  # noqa: SLF001 - health/reflection for our custom adder
+    state: dict[str, Any] = {}
+    app.add(add_inference_servicer, ReplicaServicer(lambda: state.get("replica")), SERVICE_NAME)
 
     def ready() -> bool:
         if "replica" not in state:
@@ -109,9 +110,10 @@ def build_replica(config: Config, app: ServiceApp, args: argparse.Namespace):
     return ready
 
 
-def build_router(config: Config, app: ServiceApp, args: argparse.Namespace):
+def build_router(config: Config, app: ServiceApp, args: argparse.Namespace) -> ReadyCheck:
+    """Route through Redis, with the OpenAI HTTP front beside the gRPC port; ready once Redis answers."""
     from tokenmill.common.redis_conn import connect
-    from tokenmill.services.inference.dispatch import RouterDispatcher
+    from tokenmill.services.inference.dispatch.failover import RouterDispatcher
     from tokenmill.services.inference.http_api import HttpFront
     from tokenmill.services.inference.router import RouterServicer
 
@@ -120,8 +122,7 @@ def build_router(config: Config, app: ServiceApp, args: argparse.Namespace):
     client_kwargs = {}
     if not config.auth.disabled and config.auth.tokens:
         client_kwargs["token"] = config.auth.tokens[0]
-    add_inference_servicer(RouterServicer(dispatcher, client_kwargs=client_kwargs), app.server)
-    app._service_names.append(SERVICE_NAME)  # noqa: SLF001
+    app.add(add_inference_servicer, RouterServicer(dispatcher, client_kwargs=client_kwargs), SERVICE_NAME)
     http_port = args.http_port if args.http_port is not None else config.service("inference").port + 2000
     front = HttpFront(dispatcher, config, app.host, http_port)
     front.start()
@@ -131,10 +132,7 @@ def build_router(config: Config, app: ServiceApp, args: argparse.Namespace):
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="tokenmill-inference", description="tokenmill inference router / replica"
-    )
-    parser.add_argument("--config", metavar="PATH", help="YAML config file (default: $TOKENMILL_CONFIG)")
+    parser = config_parser("tokenmill-inference", "tokenmill inference router / replica")
     sub = parser.add_subparsers(dest="role")
     router = sub.add_parser("router", help="the routing endpoint (default)")
     router.add_argument(
@@ -178,31 +176,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the role, then start like every service (`serve_service`)."""
     args = parse_args(argv)
     prog = f"tokenmill-inference-{args.role}"
     config = load_or_exit(args.config, prog)
-    setup_logging(config.log_level, config.log_format, service="inference")
-    try:
-        # Every open stream holds a gRPC handler thread while it waits on the engine or Redis.
-        svc = config.service("inference")
-        if svc.workers < MIN_WORKERS:
-            services = dict(config.services)
-            services["inference"] = ServiceConfig(**{**svc.model_dump(), "workers": MIN_WORKERS})
-            config = config.model_copy(update={"services": services})
-        if args.role == "router":
-            app = ServiceApp("inference", config)
-            ready = build_router(config, app, args)
-        else:
-            app = ServiceApp("inference", config, port=args.port, metrics_port=args.metrics_port)
-            ready = build_replica(config, app, args)
-        app.serve(ready)
-    except StartupError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
-    except TokenmillError as exc:
-        print(f"{prog}: cannot start: {exc.message}", file=sys.stderr)
-        return 1
-    except RuntimeError as exc:
-        print(f"{prog}: cannot start: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    if args.role == "router":
+        build = partial(build_router, args=args)
+        return serve_service("inference", build, config, prog=prog, min_workers=MIN_WORKERS)
+    return serve_service(
+        "inference",
+        partial(build_replica, args=args),
+        config,
+        prog=prog,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        min_workers=MIN_WORKERS,
+    )

@@ -1,4 +1,4 @@
-"""The trainer service's CheckpointIO factory: local directories and the checkpoint store.
+"""The trainer service's CheckpointIO factory: a local store directory or the checkpoint service.
 
 It lives in the service layer because the store IO imports the gRPC client; the engine's backends
 take it as a parameter (`io_factory`), so the engine never imports the service that runs it.
@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from tokenmill.common.errors import InvalidArgument
-from tokenmill.common.trainer.checkpoint_io import CheckpointIO, LocalCheckpointIO
+from tokenmill.common.trainer.checkpoint_io import CheckpointIO
+from tokenmill.common.trainer.local_io import LocalCheckpointIO
 
 DOTTED = "tokenmill.services.trainer.io_factory:make_checkpoint_io"
 

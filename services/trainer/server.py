@@ -2,13 +2,12 @@
 them (a JobWorker thread) by launching the `local` or `ray` backend; progress goes to the job's
 event stream, the final checkpoint to the job's artifacts. Run with `python -m tokenmill.services.trainer`.
 
-Thin on purpose: validation lives in planner.py, training in engine/, storage in store_io.py.
+Thin on purpose: validation lives in planner.py, training in tokenmill.common.trainer, storage in
+store_io.py.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,37 +23,13 @@ from tokenmill.services.trainer.io_factory import make_checkpoint_io
 from tokenmill.services.trainer.planner import Plan, Planner
 from tokenmill.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
-log = logging.getLogger("tokenmill.trainer")
-
 JOB_TYPE = "train"
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
-FAULTS_ENV = "TOKENMILL_TRAIN_FAULTS"  # JSON fault injection for drills/tests; applies to attempt 1 only
 HISTORY_POINTS = 500  # loss-curve points kept in a job result
 
 
 class TrainingDiverged(errors.FailedPrecondition):
     """NaN/Inf loss: the job fails at once (retrying the same config diverges again)."""
-
-
-def parse_faults(raw: str) -> dict[str, int]:
-    """The fault-injection drill settings from FAULTS_ENV: a JSON object of integers. A malformed
-    value is an operator's typo in a test knob; it is logged and ignored, never a failed job."""
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-        if not isinstance(value, dict):
-            raise TypeError(f"expected a JSON object, got {type(value).__name__}")
-        return {str(k): int(v) for k, v in value.items()}
-    except (ValueError, TypeError) as exc:
-        log.warning(
-            "ignoring %s=%r: %s; expected a JSON object of integers, e.g. "
-            '{"kill_at_step": 4, "kill_rank": 0}',
-            FAULTS_ENV,
-            raw[:200],
-            exc,
-        )
-        return {}
 
 
 def request_to_spec(request: trainer_pb2.SubmitTrainRequest) -> dict[str, Any]:
@@ -118,10 +93,7 @@ class TrainJobHandler:
     def __call__(self, ctx: JobContext) -> dict[str, Any]:
         plan: Plan = self.planner.plan(dict(ctx.job.spec))
         cfg = plan.config
-        cfg.run_id = ctx.job.id
-        faults = parse_faults(os.environ.get(FAULTS_ENV, "")) if ctx.attempt == 1 else {}
-        if faults:
-            cfg.faults = faults
+        cfg.run_id, cfg.attempt = ctx.job.id, ctx.attempt
         if ctx.attempt > 1:
             ctx.log(f"attempt {ctx.attempt}: resuming from the last checkpoint of this job, if any")
 

@@ -1,4 +1,4 @@
-"""CheckpointIO over the checkpoint store service (common/clients/checkpoint.py).
+"""CheckpointIO over the checkpoint store service (tokenmill.common.clients.checkpoint).
 
 Each worker process builds its own client from a JSON spec; rank 0 opens the upload, every rank
 ``attach(upload_id).add(...)``s its own shard pieces, rank 0 commits. Reads fetch only the pieces a
@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from tokenmill.common import errors
+from tokenmill.common.checkpoint.format import Layout, layout_of
 from tokenmill.common.clients.checkpoint import CheckpointClient
-from tokenmill.common.trainer.checkpoint_io import Layout
+from tokenmill.common.trainer.checkpoint_io import manifest_metadata
 
 
 class StoreCheckpointIO:
@@ -30,17 +31,28 @@ class StoreCheckpointIO:
         )
 
     # writing
-    def begin(self, name, *, config, tags=(), metrics=None, lineage=None) -> str:
-        up = self.client.begin(
-            name,
-            config=config,
-            tags=tags,
-            metrics=_scalars(metrics or {}),
-            lineage={k: str(v) for k, v in (lineage or {}).items() if v},
-        )
-        return up.upload_id
+    def begin(
+        self,
+        name: str,
+        *,
+        config: dict[str, Any],
+        tags: Sequence[str] = (),
+        metrics: dict[str, Any] | None = None,
+        lineage: dict[str, str] | None = None,
+    ) -> str:
+        scalars, lineage_text = manifest_metadata(metrics, lineage)
+        return self.client.begin(
+            name, config=config, tags=tags, metrics=scalars, lineage=lineage_text
+        ).upload_id
 
-    def write(self, upload_id, rank, tensors, shards, files={}) -> None:  # noqa: B006
+    def write(
+        self,
+        upload_id: str,
+        rank: int,
+        tensors: Mapping[str, torch.Tensor],
+        shards: Mapping[str, dict[str, Any]],
+        files: Mapping[str, bytes] = {},  # noqa: B006 (read-only)
+    ) -> None:
         self.client.attach(upload_id).add(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, shards=shards, files=dict(files)
         )
@@ -60,20 +72,9 @@ class StoreCheckpointIO:
         if resolved is None:
             raise errors.NotFound(f"checkpoint {ref!r} not found; list them with 'tokenmill ckpt list'")
         if resolved not in self._layouts:
-            manifest = self.client.get(resolved, include_manifest=True).manifest
-            layout: Layout = {}
-            for t in manifest.tensors:
-                shape = [int(s) for s in t.shape]
-                if t.HasField("shard") and t.shard.logical_name:
-                    name = t.shard.logical_name
-                    offsets = [int(o) for o in t.shard.offsets]
-                    gshape = [int(s) for s in t.shard.global_shape]
-                else:
-                    name, offsets, gshape = t.name, [0] * len(shape), shape
-                layout.setdefault(name, []).append(
-                    {"key": t.name, "offsets": offsets, "shape": shape, "global_shape": gshape}
-                )
-            self._layouts[resolved] = layout
+            self._layouts[resolved] = layout_of(
+                self.client.get(resolved, include_manifest=True).manifest.tensors
+            )
         return self._layouts[resolved]
 
     def read_pieces(self, ref: str, keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -81,7 +82,3 @@ class StoreCheckpointIO:
 
     def read_files(self, ref: str, names: Sequence[str]) -> dict[str, bytes]:
         return self.client.load_files(ref, list(names))
-
-
-def _scalars(d: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool))}

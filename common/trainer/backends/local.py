@@ -16,8 +16,9 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from tokenmill.common.trainer.checkpoint_io import IoFactory, local_checkpoint_io, resolve_io_factory
+from tokenmill.common.trainer.checkpoint_io import IoFactory, resolve_io_factory
 from tokenmill.common.trainer.config import TrainConfig
+from tokenmill.common.trainer.local_io import local_checkpoint_io
 from tokenmill.common.trainer.parallel import free_port
 
 

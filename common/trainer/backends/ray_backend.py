@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.common.trainer.backends.local import WorkerFailed
-from tokenmill.common.trainer.checkpoint_io import IoFactory, local_checkpoint_io
+from tokenmill.common.trainer.checkpoint_io import IoFactory
 from tokenmill.common.trainer.config import TrainConfig
+from tokenmill.common.trainer.local_io import local_checkpoint_io
 
-REPO_ROOT = str(Path(__file__).resolve().parents[4])
+REPO_ROOT = str(Path(__file__).resolve().parents[3])
 
 
 class _RayChannel:

@@ -1,0 +1,200 @@
+"""The router side of routing: put a request on the stream, follow its reply stream, and when the
+replica serving it stops heartbeating, continue it on another replica (prompt + tokens already
+streamed, the remaining max_tokens), or answer UNAVAILABLE once retries are exhausted: never a
+silent truncation. A client that goes away cancels the request on the replica (blocks freed)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+
+import redis
+
+from tokenmill.common.errors import NotFound, Unavailable, from_code
+from tokenmill.services.inference.dispatch.protocol import (
+    CANCEL_CHANNEL,
+    REPLY_TTL_S,
+    REQUESTS,
+    Accepted,
+    ReplicaInfo,
+    ReplyError,
+    cancelled_key,
+    decode_reply,
+    ensure_group,
+    live_replicas,
+    reply_key,
+    request_fields,
+)
+from tokenmill.v1 import inference_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Routing:
+    """One client request across its attempts: the original, then its continuations."""
+
+    original: inference_pb2.GenerateRequest
+    base_id: str  # the id the client sees on every chunk
+    request_id: str  # the current attempt's id (names its reply stream)
+    max_tokens: int  # as the first replica resolved it
+    attempt: int = 0
+    streamed: list[int] = field(default_factory=list)  # tokens already yielded, across attempts
+    prompt_ids: list[int] | None = None
+    finished: bool = False
+
+    @classmethod
+    def start(cls, request: inference_pb2.GenerateRequest) -> _Routing:
+        original = inference_pb2.GenerateRequest()
+        original.CopyFrom(request)
+        base_id = request.request_id or uuid.uuid4().hex
+        return cls(original, base_id, base_id, int(original.sampling.max_tokens))
+
+    def request(self) -> inference_pb2.GenerateRequest:
+        """What to enqueue for the current attempt: a continuation once a replica reported the prompt."""
+        current = inference_pb2.GenerateRequest()
+        current.CopyFrom(self.original)
+        current.request_id = self.request_id
+        if self.prompt_ids is not None:
+            current.prompt = ""
+            del current.prompt_token_ids[:]
+            current.prompt_token_ids.extend(self.prompt_ids + self.streamed)
+            if self.max_tokens:
+                current.sampling.max_tokens = max(1, self.max_tokens - len(self.streamed))
+        return current
+
+    def next_attempt(self) -> None:
+        self.attempt += 1
+        self.request_id = f"{self.base_id}.retry{self.attempt}"
+
+    def accept(self, accepted: Accepted) -> None:
+        if self.prompt_ids is None:
+            self.prompt_ids = accepted.prompt_token_ids
+            self.max_tokens = accepted.max_tokens or int(self.original.sampling.max_tokens)
+
+    def relabel(self, chunk: inference_pb2.GenerateChunk) -> inference_pb2.GenerateChunk:
+        """The chunk as the client sees it: its own id, usage counted across attempts."""
+        chunk.request_id = self.base_id
+        self.streamed.extend(chunk.token_ids)
+        if chunk.HasField("usage") and self.attempt:
+            chunk.usage.prompt_tokens = len(self.prompt_ids or [])
+            chunk.usage.completion_tokens = len(self.streamed)
+        return chunk
+
+
+class RouterDispatcher:
+    def __init__(
+        self,
+        r: redis.Redis,
+        *,
+        dead_after_s: float = 3.0,
+        max_retries: int = 2,
+        poll_s: float = 0.25,
+        no_replica_timeout_s: float = 10.0,
+    ):
+        self.r = r
+        self.dead_after_s = dead_after_s
+        self.max_retries = max_retries
+        self.poll_s = poll_s
+        self.no_replica_timeout_s = no_replica_timeout_s
+        ensure_group(r)
+
+    def replicas(self) -> list[ReplicaInfo]:
+        return live_replicas(self.r, self.dead_after_s)
+
+    def queue_depth(self) -> int:
+        """Routed requests no replica has taken yet."""
+        return int(self.r.xlen(REQUESTS))
+
+    def check_model(self, model: str, replicas: list[ReplicaInfo]) -> None:
+        if not replicas:
+            raise Unavailable(
+                "no inference replica is running; start some with 'tokenmill serve MODEL --replicas N'"
+            )
+        if model and model.split(":")[0] not in {r.name for r in replicas}:
+            served = sorted({r.model for r in replicas})
+            raise NotFound(f"model {model!r} is not served; the replicas serve {served}")
+
+    def cancel(self, request_id: str) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(cancelled_key(request_id), "1", ex=REPLY_TTL_S)
+        pipe.publish(CANCEL_CHANNEL, request_id)
+        pipe.delete(reply_key(request_id))
+        pipe.execute()
+
+    def stream(
+        self, request: inference_pb2.GenerateRequest, is_active: Callable[[], bool] = lambda: True
+    ) -> Iterator[inference_pb2.GenerateChunk]:
+        """Route one request and yield its chunks; raises the replica's error or UNAVAILABLE."""
+        self.check_model(request.model, self.replicas())
+        routing = _Routing.start(request)
+        self._enqueue(routing.request())
+        try:
+            while True:
+                died = yield from self._follow(routing, is_active)
+                if died is None:
+                    return
+                self._continue_elsewhere(routing, died)
+        finally:
+            if routing.finished:
+                self.r.delete(reply_key(routing.request_id))
+            else:
+                self.cancel(routing.request_id)
+
+    def _enqueue(self, request: inference_pb2.GenerateRequest) -> None:
+        self.r.xadd(REQUESTS, request_fields(request))
+
+    def _follow(
+        self, routing: _Routing, is_active: Callable[[], bool]
+    ) -> Generator[inference_pb2.GenerateChunk, None, str | None]:
+        """Yield the current attempt's chunks. Returns the id of the replica that died serving it,
+        or None once the request finished or the client went away."""
+        key = reply_key(routing.request_id)
+        replica: str | None = None
+        last_id, queued_since = "0", time.monotonic()
+        while is_active():
+            resp = self.r.xread({key: last_id}, count=256, block=int(self.poll_s * 1000))
+            if not resp:
+                live = {i.replica_id for i in self.replicas()}
+                if replica is not None and replica not in live:
+                    return replica
+                if (
+                    replica is None
+                    and not live
+                    and time.monotonic() - queued_since > self.no_replica_timeout_s
+                ):
+                    raise Unavailable("no inference replica picked up the request; are replicas running?")
+                continue
+            for _key, messages in resp:
+                for msg_id, fields in messages:
+                    last_id = msg_id
+                    reply = decode_reply(fields)
+                    if isinstance(reply, Accepted):
+                        replica = reply.replica
+                        routing.accept(reply)
+                    elif isinstance(reply, ReplyError):
+                        raise from_code(reply.code, reply.message)
+                    elif reply is not None:
+                        yield routing.relabel(reply)
+                        if reply.finish_reason:
+                            routing.finished = True
+                            return None
+        return None
+
+    def _continue_elsewhere(self, routing: _Routing, died: str) -> None:
+        """The replica serving the request died: enqueue its continuation, or give up."""
+        if routing.attempt >= self.max_retries:
+            raise Unavailable(
+                f"replica {died} died while serving request {routing.base_id} after {len(routing.streamed)} "
+                f"tokens and {self.max_retries} retries failed; the output is incomplete, retry the request"
+            )
+        log.warning(
+            "replica %s died serving %s; retrying (attempt %d)", died, routing.base_id, routing.attempt + 1
+        )
+        self.r.delete(reply_key(routing.request_id))
+        routing.next_attempt()
+        self.check_model(routing.original.model, self.replicas())
+        self._enqueue(routing.request())

@@ -1,0 +1,194 @@
+"""The Redis wire protocol between the router and the replicas (docs/contracts.md "Redis keys").
+
+A routed request is an entry on the stream `tokenmill:inference:requests` (consumer group
+`replicas`); its outputs come back on the per-request reply stream `tokenmill:inference:reply:{id}`
+as `accepted` (replica id, prompt token ids, resolved max_tokens), `chunk` (a GenerateChunk) or
+`error` (code + message) messages. Replicas heartbeat a `ReplicaInfo` into the hash
+`tokenmill:inference:replicas`; a client that goes away sets `cancelled:{id}` and publishes the id
+on the cancel channel.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+
+from tokenmill.common.inference import EngineStats
+from tokenmill.v1 import inference_pb2
+
+NS = "tokenmill:inference"
+REQUESTS = f"{NS}:requests"
+GROUP = "replicas"
+REPLICAS = f"{NS}:replicas"
+CANCEL_CHANNEL = f"{NS}:cancel"
+REPLY_TTL_S = 600
+
+Fields = dict[str, str]
+
+
+def reply_key(request_id: str) -> str:
+    return f"{NS}:reply:{request_id}"
+
+
+def cancelled_key(request_id: str) -> str:
+    return f"{NS}:cancelled:{request_id}"
+
+
+def ensure_group(r: redis.Redis) -> None:
+    """Create the replicas' consumer group (and the stream) unless it exists."""
+    try:
+        r.xgroup_create(REQUESTS, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def _b64(msg: Any) -> str:
+    return base64.b64encode(msg.SerializeToString()).decode()
+
+
+# -- routed requests ---------------------------------------------------------------------------
+
+
+def request_fields(request: inference_pb2.GenerateRequest) -> Fields:
+    """The stream entry that routes `request` (its id names the reply stream)."""
+    return {
+        "rid": request.request_id,
+        "reply": reply_key(request.request_id),
+        "req": _b64(request),
+        "t": str(time.time()),
+    }
+
+
+@dataclass(frozen=True)
+class RoutedEntry:
+    """A routed request as read from the stream; the request itself is decoded on demand."""
+
+    request_id: str
+    reply: str
+    payload: str | None  # the base64 GenerateRequest
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> RoutedEntry | None:
+        """None for an entry without a request id or reply stream (nothing to answer to)."""
+        rid, reply = fields.get("rid", ""), fields.get("reply", "")
+        if not rid or not reply:
+            return None
+        return cls(rid, reply, fields.get("req"))
+
+    def decode(self) -> inference_pb2.GenerateRequest:
+        """The request, its id set; raises (answered as INTERNAL) when the entry is malformed."""
+        if self.payload is None:
+            raise ValueError("the routed entry carries no request")
+        request = inference_pb2.GenerateRequest.FromString(base64.b64decode(self.payload))
+        request.request_id = self.request_id
+        return request
+
+
+# -- replies -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A replica took the request: who, the prompt as tokens, and max_tokens as resolved there."""
+
+    replica: str
+    prompt_token_ids: list[int]
+    max_tokens: int = 0  # 0 = not reported; the request's own value stands
+
+
+@dataclass(frozen=True)
+class ReplyError:
+    code: str  # a tokenmill.common.errors code
+    message: str
+
+
+Reply = Accepted | ReplyError | inference_pb2.GenerateChunk
+
+
+def accepted_fields(accepted: Accepted) -> Fields:
+    return {"t": "accepted", "d": json.dumps(asdict(accepted))}
+
+
+def error_fields(code: str, message: str) -> Fields:
+    return {"t": "error", "code": code, "msg": message}
+
+
+def chunk_fields(chunk: inference_pb2.GenerateChunk) -> Fields:
+    return {"t": "chunk", "d": _b64(chunk)}
+
+
+def decode_reply(fields: Fields) -> Reply | None:
+    """One reply message; None for a kind this side does not know (skipped, as before)."""
+    kind = fields.get("t")
+    if kind == "accepted":
+        body = json.loads(fields["d"])
+        return Accepted(body["replica"], list(body["prompt_token_ids"]), int(body.get("max_tokens") or 0))
+    if kind == "error":
+        return ReplyError(fields.get("code", "INTERNAL"), fields.get("msg", "replica error"))
+    if kind == "chunk":
+        return inference_pb2.GenerateChunk.FromString(base64.b64decode(fields["d"]))
+    return None
+
+
+# -- heartbeats --------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplicaInfo:
+    """A replica's heartbeat: where to reach it, what it serves and how loaded it is."""
+
+    replica_id: str
+    address: str
+    model: str  # resolved ref "name:version"
+    time: float
+    free_blocks: int = 0
+    total_blocks: int = 0
+    running: int = 0
+    waiting: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    preemptions: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.model.split(":")[0]
+
+    @classmethod
+    def from_stats(cls, replica_id: str, address: str, model: str, stats: EngineStats) -> ReplicaInfo:
+        return cls(
+            replica_id=replica_id,
+            address=address,
+            model=model,
+            time=time.time(),
+            free_blocks=stats.kv_blocks_free,
+            total_blocks=stats.kv_blocks_total,
+            running=stats.requests_running,
+            waiting=stats.requests_waiting,
+            prefix_queries=stats.prefix_cache_queries,
+            prefix_hits=stats.prefix_cache_hits,
+            preemptions=stats.preemptions,
+        )
+
+
+def publish_heartbeat(r: redis.Redis, info: ReplicaInfo) -> None:
+    r.hset(REPLICAS, info.replica_id, json.dumps(asdict(info)))
+
+
+def live_replicas(r: redis.Redis, dead_after_s: float) -> list[ReplicaInfo]:
+    """Replicas whose last heartbeat is at most `dead_after_s` old (unparsable entries skipped)."""
+    now = time.time()
+    out = []
+    for _rid, raw in r.hgetall(REPLICAS).items():
+        try:
+            info = ReplicaInfo(**json.loads(raw))
+        except (TypeError, ValueError):
+            continue
+        if now - info.time <= dead_after_s:
+            out.append(info)
+    return out
