@@ -9,7 +9,9 @@ instead of crashing. Blocking reads (XREAD/XREADGROUP BLOCK) must block for less
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -19,6 +21,8 @@ from tokenmill.common.platform.redis_embedded import EmbeddedRedis
 
 if TYPE_CHECKING:
     from tokenmill.common.config import Config
+
+_T = TypeVar("_T")
 
 SOCKET_TIMEOUT_S = 30.0
 RETRIES = 12  # with the backoff below: ~20 s of retrying before the error reaches the caller
@@ -54,3 +58,38 @@ def connect_url(url: str, *, client_name: str | None = None) -> redis.Redis:
 def connect(config: Config, *, client_name: str | None = None) -> redis.Redis:
     """A Redis client for this config (see `redis_url_for`)."""
     return connect_url(redis_url_for(config), client_name=client_name)
+
+
+class InterruptibleReads:
+    """Blocking reads (XREAD/XREADGROUP BLOCK) that another thread can end at once.
+
+    A worker loop blocks in Redis for up to its block time; stopping it would wait that out, on
+    every shutdown. These reads run on a connection of their own whose id is known while a read
+    blocks, so `interrupt()` ends the wait with CLIENT UNBLOCK (the read returns as if it timed
+    out). Where an ACL forbids CLIENT UNBLOCK, stopping just takes up to the block time."""
+
+    def __init__(self, client: redis.Redis):
+        self._client = client
+        self._reader: redis.Redis | None = None
+        self._blocked_id: int | None = None
+
+    def run(self, read: Callable[[redis.Redis], _T]) -> _T:
+        """`read(connection)`: one blocking command on the dedicated connection."""
+        if self._reader is None:
+            self._reader = self._client.client()
+        try:
+            self._blocked_id = self._reader.client_id()
+            return read(self._reader)
+        finally:
+            self._blocked_id = None
+
+    def interrupt(self) -> None:
+        """End the read blocked now, if any (a read that starts after this blocks as usual)."""
+        blocked = self._blocked_id
+        if blocked is not None:
+            with contextlib.suppress(redis.RedisError):
+                self._client.client_unblock(blocked)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()

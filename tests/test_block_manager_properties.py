@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -206,10 +206,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 assert self.content.get(b) == (seq.salt, tuple(seq.tokens[: (i + 1) * bs])), (seq.seq_id, i)
 
 
+# Pure Python and quick: three times the profile's example count (tests/conftest.py).
 BlockManagerMachine.TestCase.settings = settings(
-    max_examples=300,
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
+    max_examples=3 * settings.default.max_examples, stateful_step_count=40
 )
 test_block_manager_state_machine = BlockManagerMachine.TestCase

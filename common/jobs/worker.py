@@ -36,6 +36,7 @@ from tokenmill.common.jobs.scripts import (
     StartReply,
     StartRequest,
 )
+from tokenmill.common.redis_conn import InterruptibleReads
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,7 @@ class JobWorker:
         self._hb_stop = threading.Event()
         self._heartbeats: threading.Thread | None = None
         self._thread: threading.Thread | None = None
-        self._reader: redis.Redis | None = None  # its own connection, so stop() can unblock it
-        self._blocked_reader_id: int | None = None
+        self._reads = InterruptibleReads(queue.redis)  # stop() ends an idle wait at once
         self._stream = queue.keys.stream(job_type)
         self._group = queue.keys.group(job_type)
         queue.ensure_group(job_type)
@@ -110,12 +110,11 @@ class JobWorker:
     def _read(self, block_seconds: float) -> Entry | None:
         """The next new entry, blocking up to `block_seconds` (less when a reclaim is due)."""
         block = min(block_seconds, MAX_BLOCK_SECONDS, max(self._next_reclaim - time.monotonic(), 0.0))
-        if self._reader is None:
-            self._reader = self.queue.redis.client()
         try:
-            self._blocked_reader_id = self._reader.client_id()
-            reply = self._reader.xreadgroup(
-                self._group, self.consumer, {self._stream: ">"}, count=1, block=int(block * 1000) or None
+            reply = self._reads.run(
+                lambda r: r.xreadgroup(
+                    self._group, self.consumer, {self._stream: ">"}, count=1, block=int(block * 1000) or None
+                )
             )
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -123,8 +122,6 @@ class JobWorker:
             log.warning("consumer group %s vanished (Redis lost its data?); recreating it", self._group)
             self.queue.ensure_group(self.job_type, force=True)
             return None
-        finally:
-            self._blocked_reader_id = None
         if not reply or not reply[0][1]:
             return None
         entry_id, fields = reply[0][1][0]
@@ -291,14 +288,6 @@ class JobWorker:
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    def _unblock_reader(self) -> None:
-        """Wake an idle XREADGROUP now rather than after its block time (CLIENT UNBLOCK); where an
-        ACL forbids the command, stopping just takes up to that block time (at most a second)."""
-        reader_id = self._blocked_reader_id
-        if reader_id is not None:
-            with contextlib.suppress(redis.RedisError):
-                self.queue.redis.client_unblock(reader_id)
-
     def start_in_thread(self) -> threading.Thread:
         self._stop.clear()
         self._thread = threading.Thread(target=self.run, name=f"job-worker-{self.job_type}", daemon=True)
@@ -308,11 +297,10 @@ class JobWorker:
     def stop(self, timeout: float | None = None) -> None:
         """Stop taking work; waits for the job in hand to finish (handlers should check cancel)."""
         self._stop.set()
-        self._unblock_reader()
+        self._reads.interrupt()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        if self._reader is not None:
-            self._reader.close()
+        self._reads.close()
         self._hb_stop.set()
         with contextlib.suppress(redis.RedisError):
             pending = self.queue.redis.xpending_range(self._stream, self._group, "-", "+", 1, self.consumer)

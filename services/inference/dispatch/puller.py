@@ -3,6 +3,7 @@ honour cancels. Four threads, one job each, sharing the table of routed requests
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -16,6 +17,7 @@ import redis
 from tokenmill.common.errors import TokenmillError
 from tokenmill.common.inference import RequestOutput
 from tokenmill.common.inference.async_engine import RequestStream
+from tokenmill.common.redis_conn import InterruptibleReads
 from tokenmill.services.inference.convert import chunk_from_output
 from tokenmill.services.inference.dispatch.protocol import (
     CANCEL_CHANNEL,
@@ -78,6 +80,7 @@ class ReplicaPuller:
         self._draining = threading.Event()
         self._threads: list[threading.Thread] = []
         self._pubsub: Any = None  # redis.client.PubSub once started
+        self._reads = InterruptibleReads(r)  # stop() ends the pull loop's wait at once
 
     def start(self) -> None:
         ensure_group(self.r)
@@ -104,8 +107,12 @@ class ReplicaPuller:
     def stop(self) -> None:
         self._stop.set()
         self._out.put(None)
+        self._reads.interrupt()
+        with contextlib.suppress(redis.RedisError):
+            self.r.publish(CANCEL_CHANNEL, "")  # wakes the cancel loop (no request has id "")
         for t in self._threads:
             t.join(timeout=3)
+        self._reads.close()
         try:
             self.r.hdel(REPLICAS, self.consumer)
             if self._pubsub is not None:
@@ -132,7 +139,9 @@ class ReplicaPuller:
                 self._stop.wait(0.01)
                 continue
             try:
-                resp = self.r.xreadgroup(GROUP, self.consumer, {REQUESTS: ">"}, count=n, block=500)
+                resp = self._reads.run(
+                    lambda r, n=n: r.xreadgroup(GROUP, self.consumer, {REQUESTS: ">"}, count=n, block=500)
+                )
             except redis.ResponseError as exc:  # the group vanished (FLUSHDB): recreate it
                 log.warning("xreadgroup failed (%s); recreating the consumer group", exc)
                 ensure_group(self.r)
