@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import redis
@@ -139,9 +140,7 @@ class ReplicaPuller:
                 self._stop.wait(0.01)
                 continue
             try:
-                resp = self._reads.run(
-                    lambda r, n=n: r.xreadgroup(GROUP, self.consumer, {REQUESTS: ">"}, count=n, block=500)
-                )
+                resp = self._reads.run(self._take(n))
             except redis.ResponseError as exc:  # the group vanished (FLUSHDB): recreate it
                 log.warning("xreadgroup failed (%s); recreating the consumer group", exc)
                 ensure_group(self.r)
@@ -160,6 +159,10 @@ class ReplicaPuller:
                     finally:
                         self.r.xack(REQUESTS, GROUP, entry_id)
                         self.r.xdel(REQUESTS, entry_id)
+
+    def _take(self, count: int) -> Callable[[redis.Redis], Any]:
+        """A read of up to `count` new routed requests, blocking up to 0.5 s for the first."""
+        return lambda r: r.xreadgroup(GROUP, self.consumer, {REQUESTS: ">"}, count=count, block=500)
 
     def _handle(self, fields: Fields) -> None:
         entry = RoutedEntry.from_fields(fields)
