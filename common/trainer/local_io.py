@@ -36,12 +36,12 @@ from tokenmill.common.checkpoint.format import (
     torch_dtype,
 )
 from tokenmill.common.checkpoint.manifest import DEFAULT_CHUNK_SIZE, Entry
+from tokenmill.common.checkpoint.same_host import MAX_ADOPT
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tokenmill.common.storage import LocalBlobStore, write_temp_file
 from tokenmill.common.trainer.checkpoint_io import CheckpointIO, manifest_metadata
 
 ENTRIES_SUFFIX = ".entries.json"  # staging/<upload id>/rank-<r>.entries.json: one rank's entries
-MAX_ADOPT = 1024  # digests per adopt_staged call (the store's limit)
 
 
 class LocalCheckpointIO:

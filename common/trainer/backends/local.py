@@ -98,43 +98,8 @@ def run_local(
     ]
     for p in procs:
         p.start()
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    killed: list[str] = []
     try:
-        while True:
-            if should_stop() and not stop.is_set():
-                stop.set()
-            try:
-                kind, data = q.get(timeout=poll_s)
-            except queue.Empty:
-                kind = ""
-            if kind == "result":
-                result = data
-            elif kind == "error":
-                error = error or data
-            elif kind:
-                on_event(kind, data)
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead or error:
-                break
-            if all(p.exitcode == 0 for p in procs):
-                while result is None:  # the result may still be in the pipe
-                    try:
-                        kind, data = q.get(timeout=5)
-                    except queue.Empty:
-                        break
-                    if kind == "result":
-                        result = data
-                    elif kind != "error":
-                        on_event(kind, data)
-                break
-        if error is not None and not _killed(procs):
-            # A peer's death reaches the survivors as a connection error first; give the dead
-            # process a moment to be reaped so the report names the real cause.
-            deadline = time.monotonic() + 3.0
-            while time.monotonic() < deadline and not _killed(procs):
-                time.sleep(0.05)
+        result, error = _supervise(procs, q, stop, on_event, should_stop, poll_s)
         killed = _killed(procs)
     finally:
         _stop_all(procs)
@@ -153,6 +118,52 @@ def run_local(
             f"training worker died (exit codes {codes}); the job resumes from its last checkpoint"
         )
     return result
+
+
+def _supervise(
+    procs: list[Any],
+    q: Any,
+    stop: Any,
+    on_event: Callable[[str, dict[str, Any]], None],
+    should_stop: Callable[[], bool],
+    poll_s: float,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Relay the workers' events until they all finish or one fails; (rank 0's result, first error)."""
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    while True:
+        if should_stop() and not stop.is_set():
+            stop.set()
+        try:
+            kind, data = q.get(timeout=poll_s)
+        except queue.Empty:
+            kind = ""
+        if kind == "result":
+            result = data
+        elif kind == "error":
+            error = error or data
+        elif kind:
+            on_event(kind, data)
+        if error or any(p.exitcode not in (None, 0) for p in procs):
+            break
+        if all(p.exitcode == 0 for p in procs):
+            while result is None:  # the result may still be in the pipe
+                try:
+                    kind, data = q.get(timeout=5)
+                except queue.Empty:
+                    break
+                if kind == "result":
+                    result = data
+                elif kind != "error":
+                    on_event(kind, data)
+            break
+    if error is not None and not _killed(procs):
+        # A peer's death reaches the survivors as a connection error first; give the dead
+        # process a moment to be reaped so the report names the real cause.
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and not _killed(procs):
+            time.sleep(0.05)
+    return result, error
 
 
 def _killed(procs: list[Any]) -> list[str]:
