@@ -115,6 +115,15 @@ def _default_services() -> dict[str, ServiceConfig]:
     return {name: ServiceConfig(port=port) for name, port in DEFAULT_PORTS.items()}
 
 
+class RequestLimitsConfig(BaseModel):
+    """Bounds every decoded gRPC request must meet before a handler sees it (common/runtime/requests.py):
+    longer strings, deeper or bigger Struct fields answer INVALID_ARGUMENT naming the field."""
+
+    max_string_chars: int = Field(default=1 << 20, ge=1024)
+    max_struct_depth: int = Field(default=20, ge=1, le=30)  # protobuf stops decoding near 32 anyway
+    max_struct_values: int = Field(default=10_000, ge=1)
+
+
 class JobsConfig(BaseModel):
     lease_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
@@ -125,6 +134,25 @@ class JobsConfig(BaseModel):
         if self.heartbeat_seconds >= self.lease_seconds:
             raise ValueError("jobs.heartbeat_seconds must be smaller than jobs.lease_seconds")
         return self
+
+
+class InferenceLimitsConfig(BaseModel):
+    """Limits on an inference request: sizes checked before any work is spent on it, so one
+    oversized request cannot stall or exhaust a replica (HTTP front, router and replicas enforce
+    them), and the time it may take. gRPC message sizes are `Config.max_message_bytes`."""
+
+    # The deadline of requests that come without one (gRPC without a deadline, HTTP): past it a
+    # request ends DEADLINE_EXCEEDED (HTTP 504) and is cancelled on its replica.
+    deadline_seconds: float = Field(default=600.0, gt=0, le=7 * 86400)
+    # An HTTP request body; a larger one is answered 413 before it is read in full.
+    max_http_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    max_json_depth: int = Field(default=32, ge=2, le=512)
+    # Prompt text, checked before tokenization. 0 = derived per model: its context length times
+    # the tokenizer's longest token in bytes (a longer prompt cannot fit the context).
+    max_prompt_bytes: int = Field(default=0, ge=0)
+    max_stop_sequences: int = Field(default=16, ge=0, le=1024)
+    max_string_bytes: int = Field(default=1024, ge=16, le=1024 * 1024)  # each stop string, model, adapter
+    max_token_id_list: int = Field(default=1024, ge=0)  # stop_token_ids, logit_bias entries
 
 
 class Config(BaseSettings):
@@ -138,6 +166,7 @@ class Config(BaseSettings):
     tls: TlsConfig = Field(default_factory=TlsConfig)
     services: dict[str, ServiceConfig] = Field(default_factory=_default_services)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    inference_limits: InferenceLimitsConfig = Field(default_factory=InferenceLimitsConfig)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -147,6 +176,7 @@ class Config(BaseSettings):
     # local directories and/or s3:// prefixes. Empty = anywhere the process can read, which suits
     # a single-user workstation; set it on shared deployments (the Helm chart does).
     input_roots: list[str] = Field(default_factory=list)
+    request_limits: RequestLimitsConfig = Field(default_factory=RequestLimitsConfig)
 
     @model_validator(mode="after")
     def _resolve_auth(self) -> Config:

@@ -19,8 +19,8 @@ MAX_TAG = 64
 MAX_FILE = 256
 RESERVED_TAGS = frozenset({"latest"})
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_FILE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_FILE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 HINT = "use letters, digits, '.', '_' and '-' (starting with a letter or digit)"
 
 
@@ -37,7 +37,7 @@ def validate_name(name: str, *, what: str = "checkpoint", field: str | None = No
         raise InvalidArgument(
             f"{label} {name[:20]!r}... is {len(name)} characters; the limit is {MAX_NAME} for a {what} name"
         )
-    if not _NAME.match(name) or ".." in name:
+    if not _NAME.fullmatch(name) or ".." in name:  # fullmatch: `$` would let "name\n" through
         problem = f"{field} {name!r} is not a valid {what} name" if field else f"invalid {what} name {name!r}"
         raise InvalidArgument(f"{problem}: {HINT}; no '/', '..' or absolute paths")
     return name
@@ -49,7 +49,7 @@ def validate_tag(tag: str, *, allow_reserved: bool = False) -> str:
         raise InvalidArgument("tag is empty; give a tag such as 'best' or 'step-2000'")
     if len(tag) > MAX_TAG:
         raise InvalidArgument(f"tag {tag[:20]!r}... is {len(tag)} characters; the limit is {MAX_TAG}")
-    if not _NAME.match(tag) or ".." in tag:
+    if not _NAME.fullmatch(tag) or ".." in tag:
         raise InvalidArgument(f"invalid tag {tag!r}: {HINT}; no '..'")
     if tag.isdigit():
         raise InvalidArgument(f"tag {tag!r} is all digits and would be read as a version number")
@@ -67,7 +67,7 @@ def validate_file_name(name: str) -> str:
     if name.startswith("/") or "\\" in name or ":" in name:
         raise InvalidArgument(f"invalid file name {name!r}: must be a relative path without '\\' or ':'")
     for part in name.split("/"):
-        if part in ("", ".", "..") or not _FILE_PART.match(part):
+        if part in ("", ".", "..") or not _FILE_PART.fullmatch(part):
             raise InvalidArgument(
                 f"invalid file name {name!r}: component {part!r} is not allowed; {HINT}, no '..'"
             )

@@ -66,7 +66,7 @@ def check_key(key: str) -> str:
     if not key or len(key) > 1024 or key.startswith("/") or "\x00" in key or "\\" in key:
         raise InvalidArgument(f"invalid storage key {key!r}: must be a relative path of 1..1024 characters")
     for part in key.split("/"):
-        if part in ("", ".", "..") or not _KEY_PART.match(part) or _TMP_MARK in part:
+        if part in ("", ".", "..") or not _KEY_PART.fullmatch(part) or _TMP_MARK in part:
             raise InvalidArgument(f"invalid storage key {key!r}: bad path component {part!r}")
     return key
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.grpc import TEST_TOKEN, make_test_config
-from tests.fixtures.inference import reference_greedy
+from tests.fixtures.inference import reference_greedy, replica_process
 from tokenmill.common import errors
 from tokenmill.common.clients.inference import InferenceClient
 from tokenmill.common.redis_conn import connect_url
@@ -151,48 +151,12 @@ def test_many_simultaneous_requests_on_a_small_pool(router, start_replica, redis
     assert done == [4] * n
 
 
-def _replica_process(tmp_path, redis_url, store_port, replica_id):
-    cfg = tmp_path / f"{replica_id}.yaml"
-    cfg.write_text(
-        f"data_dir: {tmp_path}\nredis_url: {redis_url}\nauth:\n  tokens: ['{TEST_TOKEN}']\nlog_format: text\n"
-        f"services:\n  checkpoint:\n    port: {store_port}\n"
-    )
-    env = {**os.environ}
-    env.pop("TOKENMILL_CONFIG", None)
-    log = tmp_path / f"{replica_id}.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tokenmill.services.inference",
-            "--config",
-            str(cfg),
-            "replica",
-            "--model",
-            "tiny",
-            "--replica-id",
-            replica_id,
-            "--kv-cache-mb",
-            "1",
-            "--block-size",
-            "4",
-            "--device",
-            "cpu",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=open(log, "wb"),  # noqa: SIM115 - the child process owns it
-        stderr=subprocess.STDOUT,
-    )
-    return proc, log
-
-
 @pytest.mark.slow
 def test_replica_killed_mid_stream_is_retried_elsewhere(
     router, start_replica, redis_url, redis_client, inference_store, tmp_path, tiny_ckpt
 ):
     client, _, _ = router
-    proc, log = _replica_process(tmp_path, redis_url, inference_store.app.port, "victim")
+    proc, log = replica_process(tmp_path, redis_url, inference_store.app.port, "victim")
     try:
         wait_for(
             lambda: redis_client.hexists(REPLICAS, "victim") or proc.poll() is not None, 90, "victim ready"
@@ -220,7 +184,7 @@ def test_replica_killed_without_a_survivor_is_unavailable(
     router, redis_url, redis_client, inference_store, tmp_path
 ):
     client, _, _ = router
-    proc, log = _replica_process(tmp_path, redis_url, inference_store.app.port, "lonely")
+    proc, log = replica_process(tmp_path, redis_url, inference_store.app.port, "lonely")
     try:
         wait_for(
             lambda: redis_client.hexists(REPLICAS, "lonely") or proc.poll() is not None, 90, "replica ready"

@@ -179,3 +179,13 @@ def test_trainer_enforces_input_roots_for_sft_data(restricted_trainer, layout, s
             c.validate("out", sft_data=sft, **small)
     assert not list(c.iter_jobs()), "a denied request must not queue a job"
     assert c.validate("out", sft_data=str(allowed / "sft.jsonl"), **small).ok
+
+
+@pytest.mark.parametrize("other", ["../../etc", "x" * 5000, "ok\n", "a/b"])
+def test_tokenizer_from_another_dataset_takes_only_a_dataset_name(tmp_path, other):
+    """`dataset:NAME` names a dataset: no path traversal around input_roots, no OSError on a long name."""
+    from tokenmill.common.errors import InvalidArgument
+    from tokenmill.common.ingest.tokenizer import resolve_tokenizer
+
+    with pytest.raises(InvalidArgument, match="tokenizer"):
+        resolve_tokenizer(f"dataset:{other}", tmp_path / "datasets")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -122,3 +123,59 @@ def test_up_refuses_malformed_config(platform_env: dict[str, str], tmp_path: Pat
     assert result.returncode != 0
     assert "jobs.lease_seconds" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def _list_jobs_works(env: dict[str, str], tmp_path: Path) -> bool:
+    """An RPC the ingest service answers from Redis."""
+    from tokenmill.common import errors
+    from tokenmill.common.clients.ingest import IngestClient
+
+    token = (tmp_path / "data" / "auth_token").read_text().strip()
+    address = f"127.0.0.1:{env['TOKENMILL_SERVICES__INGEST__PORT']}"
+    with IngestClient(address, token=token, timeout=5) as client:
+        try:
+            client.list_jobs()
+        except errors.TokenmillError:
+            return False
+    return True
+
+
+@pytest.mark.slow  # starts the whole platform and waits out a failed Redis restart
+def test_failed_redis_restart_leaves_the_services_up(platform_env: dict[str, str], tmp_path: Path) -> None:
+    """Redis hangs holding its port (as a killed one does until its last thread exits): its restart
+    fails, is reported and retried; the services stay up and serve again once Redis is back."""
+    result = _cli(platform_env, "up", "--timeout", "60")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = tmp_path / "data" / "run"
+    redis_pid = int((tmp_path / "data" / "redis" / "redis.pid").read_text())
+    try:
+        supervisor = int((run_dir / "supervisor.pid").read_text())
+        services = {name: int((run_dir / f"{name}.pid").read_text()) for name in SERVICE_NAMES}
+        assert _list_jobs_works(platform_env, tmp_path)
+        os.kill(redis_pid, signal.SIGSTOP)  # alive, answering nothing, its port still bound
+        _wait_for(
+            lambda: "redis: last start failed" in _cli(platform_env, "status").stdout,
+            90,
+            "status to report the failed Redis restart",
+        )
+        status = _cli(platform_env, "status").stdout
+        assert f"held by pid {redis_pid} (" in status and "DOWN" in status
+        assert _alive(supervisor) and all(_alive(pid) for pid in services.values())
+        os.kill(redis_pid, signal.SIGKILL)  # the port is released: the next retry succeeds
+        _wait_for(lambda: _list_jobs_works(platform_env, tmp_path), 120, "ingest to serve from Redis again")
+        status = _cli(platform_env, "status").stdout
+        assert "last start failed" not in status
+        assert _alive(supervisor)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(redis_pid, signal.SIGKILL)
+        down = _cli(platform_env, "down")
+    assert down.returncode == 0, down.stderr

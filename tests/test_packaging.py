@@ -8,6 +8,7 @@ checkout, so nothing can be imported from the source tree by accident.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,26 +21,30 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def _source_copy(dest: Path) -> Path:
+    """The files a fresh clone has (tracked or not ignored): building in the checkout itself would
+    reuse its build/ folder, where files deleted from the source linger and end up in the wheel."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout.decode()
+    for rel in filter(None, listed.split("\0")):
+        source = REPO / rel
+        if source.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / rel)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(out),
-            str(REPO),
-        ],
-        check=True,
-        timeout=300,
-        cwd=out,
-    )
+    source = _source_copy(tmp_path_factory.mktemp("src"))
+    pip_wheel = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)]
+    subprocess.run([sys.executable, "-m", *pip_wheel], check=True, timeout=300, cwd=out)
     (built,) = out.glob("tokenmill-*.whl")
     return built
 

@@ -208,8 +208,9 @@ def test_sigkilled_server_loses_no_acknowledged_write(embedded: EmbeddedRedis, t
 
 def test_requested_port_in_use_is_an_actionable_error(tmp_path: Path, embedded: EmbeddedRedis) -> None:
     embedded.start()
-    clash = EmbeddedRedis(tmp_path / "other", port=embedded.port)
-    with pytest.raises(RuntimeError, match="could not start embedded redis-server"):
+    clash = EmbeddedRedis(tmp_path / "other", port=embedded.port, port_wait_s=0.5)
+    pid = int((tmp_path / "redis" / "redis.pid").read_text())
+    with pytest.raises(RuntimeError, match=f"could not start embedded redis-server.*held by pid {pid} "):
         clash.start()
 
 

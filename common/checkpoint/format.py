@@ -69,7 +69,7 @@ def check_algorithm(algorithm: str) -> str:
 
 def parse_digest(digest: str) -> tuple[str, str]:
     """(algorithm, hex) of a digest string; INVALID_ARGUMENT when it is neither accepted form."""
-    m = _DIGEST.match(digest) if isinstance(digest, str) else None
+    m = _DIGEST.fullmatch(digest) if isinstance(digest, str) else None
     if m is None:
         raise InvalidArgument(
             f"invalid chunk digest {str(digest)[:80]!r}: expected 'blake3:' + 64 lowercase hex "
@@ -111,14 +111,14 @@ def staging_key(upload_id: str) -> str:
 
     Why one shared spelling: the client writes there and the server adopts from there, and the
     server builds the path only from the upload id it issued and digests it validated."""
-    if not isinstance(upload_id, str) or not _UPLOAD_ID.match(upload_id):
+    if not isinstance(upload_id, str) or not _UPLOAD_ID.fullmatch(upload_id):
         raise InvalidArgument(f"invalid upload id {str(upload_id)[:80]!r}: expected 32 lowercase hex")
     return f"{STAGING_PREFIX}{upload_id}"
 
 
 def digest_from_key(key: str) -> str | None:
     """The digest a chunk key names, or None for a key that is not a chunk."""
-    m = _CHUNK_FILE.match(key.rsplit("/", 1)[-1])
+    m = _CHUNK_FILE.fullmatch(key.rsplit("/", 1)[-1])
     if m is None:
         return None
     return format_digest(m.group(1) or SHA256, m.group(2))

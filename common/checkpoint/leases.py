@@ -43,6 +43,7 @@ class Leases:
             raise InvalidArgument("lease holder must be 1..200 printable characters (e.g. a job id)")
         with self.state.meta:
             name, version = self.catalog.resolve(ref)
+            self.catalog.load(name, version)  # no lease on a damaged version: DATA_LOSS naming it
             lease = Lease(
                 f"{name}:{version}:{uuid.uuid4().hex}",
                 f"{name}:{version}",

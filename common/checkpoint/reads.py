@@ -102,14 +102,9 @@ class Reads:
                     del state.readers[(name, version)]
 
     def verify(self, ref: str) -> VerifyReport:
-        """Hash every chunk of one version (or the whole store); problems name version, entry, chunk."""
-        if ref:
-            recs = [self.catalog.load(*self.catalog.resolve(ref))]
-        else:
-            try:
-                recs = self.catalog.all_versions()
-            except DataLoss as exc:
-                return VerifyReport(False, 0, [str(exc)])
+        """Check the manifest of one version (or of every version) and hash every chunk they name;
+        problems name the manifest file, or the version, entry and chunk."""
+        recs, problems = self._load_for_verify(ref)
         uses: dict[str, list[str]] = {}
         sizes: dict[str, int] = {}
         for rec in recs:
@@ -123,13 +118,28 @@ class Reads:
                         sizes[d] = n
         digests = sorted(uses)
         results = list(self.state.pool.map(lambda d: self.state.chunks.check(d, sizes[d]), digests))
-        problems = [
+        problems += [
             f"{use} ({d[:16]}...): {res}"
             for d, res in zip(digests, results, strict=True)
             if res
             for use in uses[d]
         ]
         return VerifyReport(not problems, len(digests), problems)
+
+    def _load_for_verify(self, ref: str) -> tuple[list[Version], list[str]]:
+        """The records to check, and a problem (naming its file) for each damaged manifest."""
+        refs = [self.catalog.resolve(ref)] if ref else self.catalog.all_refs()
+        recs: list[Version] = []
+        problems: list[str] = []
+        for name, version in refs:
+            try:
+                recs.append(self.catalog.load(name, version, fresh=True))
+            except DataLoss as exc:
+                problems.append(str(exc))
+            except NotFound:
+                if ref:
+                    raise
+        return recs, problems
 
 
 def _plan(rec: Version, tensors: list[str], files: list[str]) -> list[_PlannedChunk]:

@@ -5,6 +5,9 @@ chunk it names is durable, so a crash leaves the old state or the new one. What 
 undone is bookkeeping after the manifest: the commit's tags (re-applied from the manifest, which
 records them, for every version past the tags document's `applied_through`), the closing of its
 upload session, temp files of interrupted writes, and staging directories of gone uploads.
+
+Damage never stops recovery: a damaged manifest quarantines its version only (catalog.py), a
+damaged tags document is rebuilt, and a damaged upload session is set aside (uploads.py).
 """
 
 from __future__ import annotations
@@ -37,13 +40,13 @@ def _apply_pending_tags(catalog: Catalog) -> dict[str, str]:
         doc = catalog.tags(name)
         changed = False
         for version in catalog.version_numbers(name):
-            rec = catalog.load(name, version)
-            if rec.upload_id:
+            rec = catalog.load_or_none(name, version)  # damaged: quarantined, logged, skipped
+            if rec is not None and rec.upload_id:
                 committed[rec.upload_id] = rec.ref
             if version > doc.applied_through:
-                for tag in rec.commit_tags:
+                for tag in rec.commit_tags if rec is not None else []:
                     doc.tags[tag] = version
-                doc.applied_through = version
+                doc.applied_through = version  # past a damaged version too: its number stays used
                 changed = True
         if changed:
             catalog.save_tags(name, doc)

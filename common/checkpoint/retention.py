@@ -13,7 +13,7 @@ from tokenmill.common.checkpoint.names import parse_ref, validate_name
 from tokenmill.common.checkpoint.staging import StagingArea
 from tokenmill.common.checkpoint.state import StoreState
 from tokenmill.common.checkpoint.uploads import Uploads
-from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from tokenmill.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 
 
 class Retention:
@@ -69,8 +69,14 @@ class Retention:
             chunks.reload()
             stored = chunks.digests()
             live: set[str] = set()
-            for rec in self.catalog.all_versions():
-                live |= rec.manifest.digests()
+            try:
+                for rec in self.catalog.all_versions():
+                    live |= rec.manifest.digests()
+            except DataLoss as exc:
+                raise FailedPrecondition(
+                    f"garbage collection did not run: it cannot tell which chunks a damaged version "
+                    f"still needs. {exc}"
+                ) from None
             for session in self.uploads.live_sessions(drop_expired=not dry_run):
                 live |= session.manifest.digests()
             self.staging.sweep(self.uploads.is_open, dry_run=dry_run)

@@ -12,6 +12,8 @@
     leases.py     read leases and "is this version in use"
     retention.py  delete, retention policies, garbage collection
     recovery.py   finishing what a crash interrupted, on open
+    damage.py     damaged records: a bad manifest quarantines its version (DATA_LOSS naming the
+                  file; listings skip it, verify reports it, delete removes it), never the store
 
 A version exists exactly when its manifest object exists, and the manifest is published (with
 create-if-absent, so two concurrent commits get distinct versions) only after every chunk it names
@@ -196,7 +198,8 @@ class CheckpointStore:
         )
 
     def verify(self, ref: str = "") -> VerifyReport:
-        """Hash every chunk of one version (or the whole store); problems name version, entry, chunk."""
+        """Check the manifests (read from disk) and hash every chunk of one version (or the whole
+        store); problems name the damaged manifest's file, or the version, entry and chunk."""
         return self._reads.verify(ref)
 
     # -- leases, delete, retention, GC -----------------------------------------------------------

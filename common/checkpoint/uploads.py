@@ -8,13 +8,13 @@ and closes the session; a crash between those steps is finished by recovery (rec
 
 from __future__ import annotations
 
-import contextlib
 import json
 import uuid
 from collections.abc import Iterable
 
 from tokenmill.common import failpoints
 from tokenmill.common.checkpoint.catalog import Catalog
+from tokenmill.common.checkpoint.damage import PARSE_ERRORS, describe, log, object_location, set_aside
 from tokenmill.common.checkpoint.manifest import (
     Entry,
     FileEntry,
@@ -56,12 +56,44 @@ class Uploads:
         """The persisted session (expired or not); None for a malformed or unknown id."""
         if not upload_id or not all(c in "0123456789abcdef" for c in upload_id) or len(upload_id) != 32:
             return None
+        key = upload_key(upload_id)
         try:
-            state = UploadState.from_json(json.loads(self.backend.get(upload_key(upload_id))))
+            raw = self.backend.get(key)
         except NotFound:
+            return None
+        try:
+            state = parse_session(raw, upload_id)
+        except PARSE_ERRORS as exc:
+            self._set_aside(
+                key, raw, exc, f"upload session {upload_id}", "its client must begin a new upload"
+            )
             return None
         self._sessions[upload_id] = state
         return state
+
+    def _set_aside(self, key: str, raw: bytes, exc: BaseException, what: str, consequence: str) -> None:
+        """Move a damaged session or idempotency record out of the way, naming its file in the log."""
+        with self.state.meta:
+            where = object_location(self.backend, key)
+            copy = set_aside(self.backend, key, raw)
+        log.error("%s: %s %s; moved it to %s, %s", what, where, describe(exc), copy, consequence)
+
+    def _idempotency_record(self, key: str) -> dict[str, str] | None:
+        """The upload id / committed ref an idempotency key maps to; None when absent or damaged."""
+        try:
+            raw = self.backend.get(key)
+        except NotFound:
+            return None
+        try:
+            rec = json.loads(raw)
+            if not isinstance(rec, dict) or not all(
+                isinstance(rec.get(f), str) for f in ("upload_id", "ref")
+            ):
+                raise TypeError("expected {'upload_id': str, 'ref': str}")
+            return rec
+        except PARSE_ERRORS as exc:
+            self._set_aside(key, raw, exc, "idempotency record", "so that key starts a new upload")
+            return None
 
     def session_or_none(self, upload_id: str) -> UploadState | None:
         """The open (unexpired) session, or None."""
@@ -129,14 +161,13 @@ class Uploads:
         manifest.validate()
         with self.state.meta:
             idem_key = idempotency_record_key(name, idempotency_key) if idempotency_key else ""
-            if idem_key:
-                with contextlib.suppress(NotFound):
-                    rec = json.loads(self.backend.get(idem_key))
-                    if rec.get("ref"):
-                        return UploadStatus(rec["upload_id"], name, [], 0, 0, 0.0, committed_ref=rec["ref"])
-                    existing = self.session_or_none(rec["upload_id"])
-                    if existing is not None:
-                        return self._status(existing)
+            rec = self._idempotency_record(idem_key) if idem_key else None
+            if rec is not None:
+                if rec["ref"]:
+                    return UploadStatus(rec["upload_id"], name, [], 0, 0, 0.0, committed_ref=rec["ref"])
+                existing = self.session_or_none(rec["upload_id"])
+                if existing is not None:
+                    return self._status(existing)
             now = self.state.clock()
             state = UploadState(
                 upload_id=uuid.uuid4().hex,
@@ -310,3 +341,15 @@ def _same_entry(upload_id: str, have: dict[str, Entry], entry: Entry) -> bool:
             f"upload {upload_id}: entry {entry.name!r} was already added with different contents"
         )
     return True
+
+
+def parse_session(raw: bytes, upload_id: str) -> UploadState:
+    """The session stored for `upload_id`; one of PARSE_ERRORS when the bytes are not one."""
+    d = json.loads(raw)
+    if not isinstance(d, dict):
+        raise TypeError(f"expected a JSON object, found {type(d).__name__}")
+    state = UploadState.from_json(d)
+    if state.upload_id != upload_id:
+        raise ValueError(f"it is the session of upload {state.upload_id!r}")
+    state.manifest.validate()
+    return state

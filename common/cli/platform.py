@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from tokenmill.common.config import Config, ConfigError, load_config
 from tokenmill.common.platform import launcher
+
+if TYPE_CHECKING:
+    import redis
 
 JOB_TYPES = ("ingest", "train", "compress")
 
@@ -17,6 +22,22 @@ def _local_config(obj) -> Config:
         return load_config(obj.path, auth={"disabled": True})
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _running_redis(config: Config) -> redis.Redis:
+    """A client for the platform's Redis. Unlike `connect`, never starts the embedded server: a
+    second one would take another port, and the supervisor (which restarts it on the children's
+    port) reports why it is down."""
+    from tokenmill.common.platform.redis_embedded import EmbeddedRedis
+    from tokenmill.common.redis_conn import connect_url
+
+    if config.redis_url:
+        return connect_url(config.redis_url)
+    server = EmbeddedRedis(config.data_dir)
+    rec = server.recorded()
+    if rec is None or not server.running():
+        raise RuntimeError("the embedded Redis is not running (see the redis row above)")
+    return connect_url(rec[0])
 
 
 @click.command()
@@ -57,11 +78,13 @@ def status(obj) -> None:
         pid = row["pid"] or "-"
         address = row["address"] or "-"
         click.echo(f"{row['name']:<{width}}{address:<22}{pid!s:<9}{row['restarts']!s:<10}{row['health']}")
+    for row in rows:
+        if row.get("error"):
+            click.echo(f"\n{row['name']}: last start failed, retrying: {row['error']}")
     try:
         from tokenmill.common.jobs import JobQueue, JobState
-        from tokenmill.common.redis_conn import connect
 
-        queue = JobQueue(connect(config))
+        queue = JobQueue(_running_redis(config))
         click.echo(f"\n{'queue':<14}{'waiting':<10}{'running':<10}dead")
         running = []
         for job_type in JOB_TYPES:

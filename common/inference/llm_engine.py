@@ -127,7 +127,9 @@ class LLMEngine:
                 raise InvalidArgument("the prompt is empty: give prompt text or prompt_token_ids")
             if self.tokenizer is None:
                 raise InvalidArgument("this model has no tokenizer; send prompt_token_ids instead of text")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(
+                prompt, max_tokens=self.max_model_len
+            )  # refused before tokenizing when too long
             if not ids:
                 raise InvalidArgument("the prompt tokenizes to zero tokens")
         bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]

@@ -11,6 +11,12 @@ import torch
 
 from tokenmill.common.errors import InvalidArgument
 
+# The engine's own ceilings on per-step work a request can ask for (stop strings are searched in the
+# output at every step); the platform's configurable limits (config.inference_limits) are tighter.
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_BYTES = 4096
+MAX_STOP_TOKEN_IDS = 4096
+
 
 @dataclass
 class SamplingParams:
@@ -38,13 +44,26 @@ class SamplingParams:
             raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise InvalidArgument(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        self._validate_stops()
+
+    def _validate_stops(self) -> None:
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidArgument(f"{len(self.stop)} stop strings; at most {MAX_STOP_SEQUENCES} are allowed")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidArgument(
+                f"{len(self.stop_token_ids)} stop token ids; at most {MAX_STOP_TOKEN_IDS} are allowed"
+            )
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidArgument("stop strings must be non-empty text")
             try:
-                s.encode("utf-8")
+                size = len(s.encode("utf-8"))
             except UnicodeEncodeError:
-                raise InvalidArgument(f"stop string {s!r} is not valid UTF-8 (lone surrogate?)") from None
+                raise InvalidArgument(
+                    f"stop string {s[:40]!r} is not valid UTF-8 (lone surrogate?)"
+                ) from None
+            if size > MAX_STOP_BYTES:
+                raise InvalidArgument(f"a stop string is {size} bytes; at most {MAX_STOP_BYTES} are allowed")
 
     @property
     def greedy(self) -> bool:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from tokenmill.common.data.dataset import MANIFEST, TOKENIZER
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tokenmill.common.inputs import check_input_allowed
+from tokenmill.common.names import validate_name
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer  # imported lazily at run time: only ingest runs need it
@@ -89,7 +90,7 @@ def resolve_tokenizer(source: str, root: Path, input_roots: Sequence[str] = ()) 
     if not source:
         return None
     if source.startswith("dataset:"):
-        other = source.split(":", 1)[1]
+        other = validate_name(source.split(":", 1)[1], what="dataset", field="tokenizer")
         path = root / other / TOKENIZER
         if not (root / other / MANIFEST).is_file() or not path.is_file():
             raise NotFound(

@@ -79,7 +79,7 @@ class JobQueue:
         max_attempts: int | None = None,
     ) -> Job:
         """Create a job (or return the one already created with this idempotency key)."""
-        if not _TYPE_RE.match(job_type or ""):
+        if not _TYPE_RE.fullmatch(job_type or ""):
             raise errors.InvalidArgument(f"job type {job_type!r} must match {_TYPE_RE.pattern}")
         if not isinstance(spec, dict):
             raise errors.InvalidArgument("job spec must be a JSON object (dict)")
@@ -244,7 +244,7 @@ class JobQueue:
 
 
 def _check_offset(offset: str) -> str:
-    if offset and not _OFFSET_RE.match(offset):
+    if offset and not _OFFSET_RE.fullmatch(offset):
         raise errors.InvalidArgument(
             f"offset {offset!r} is not an event offset (expected '<ms>-<seq>' from a previous event, or '')"
         )

@@ -4,6 +4,8 @@
 until every service answers SERVING on grpc.health.v1. The supervisor owns the children: it
 restarts a crashed one with exponential backoff, writes logs and pids under
 `<data_dir>/logs` and `<data_dir>/run`, and on SIGTERM stops them all (SIGTERM, grace, SIGKILL).
+The embedded Redis is supervised the same way (`RedisWatch`): a failed restart is logged, backed off,
+retried and shown by `tokenmill status`, never fatal, since the services ride out a Redis outage.
 Other commands add processes (e.g. `tokenmill serve` adds inference replicas) by editing the
 process table `<data_dir>/run/processes.json`; the supervisor notices the change and converges.
 """
@@ -24,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from tokenmill.common.clients.base import BaseClient, client_tls
 from tokenmill.common.config import SERVICE_NAMES, Config, load_config
@@ -38,6 +41,10 @@ log = logging.getLogger("tokenmill.launcher")
 MAX_BACKOFF_SECONDS = 30.0
 HEALTHY_RESET_SECONDS = 60.0  # a child that ran this long restarts without backoff
 STOP_GRACE_SECONDS = 25.0
+# One Redis restart waits this long for its port; then the supervisor backs off and tries again,
+# so a port that stays taken never stalls the restarts of the other children for long.
+REDIS_PORT_WAIT_SECONDS = 10.0
+REDIS_ROW = "redis"  # its name in state.json and `tokenmill status`
 
 
 @dataclass
@@ -52,10 +59,15 @@ class ProcessSpec:
 
 @dataclass
 class ChildState:
-    pid: int
+    pid: int  # 0 while not running
     started_at: float
     restarts: int = 0
     last_exit: int | None = None
+    error: str = ""  # why the last (re)start failed, for `tokenmill status`
+
+
+def _backoff(failures: int) -> float:
+    return min(MAX_BACKOFF_SECONDS, 2.0 ** min(failures, 5))
 
 
 class RunDir:
@@ -138,6 +150,40 @@ def health_status(config: Config, address: str, timeout: float = 1.0) -> str:
             return f"UNREACHABLE ({exc.code})"
 
 
+class RedisWatch:
+    """The embedded Redis as a supervised child: restarted when it dies, a failed start logged,
+    recorded and retried with backoff. The port (hence the URL the children hold) never changes."""
+
+    def __init__(self, server: EmbeddedRedis):
+        self.server = server
+        self.url: str | None = None  # known after the first successful start
+        self.state = ChildState(pid=0, started_at=0.0)
+        self.failures = 0
+        self.next_start = 0.0
+
+    def check(self, now: float) -> None:
+        """Start the server if it is not running and its backoff has passed; never raises for a
+        failed start (the supervisor must keep the other children up)."""
+        if now < self.next_start or (self.url is not None and self.server.alive()):
+            return
+        if self.url is not None:
+            log.warning("supervisor: embedded redis died; restarting it")
+            self.state.restarts += 1
+        try:
+            self.url = self.server.start()
+        except (RuntimeError, OSError) as exc:
+            self.failures += 1
+            self.next_start = now + _backoff(self.failures)
+            self.state.pid, self.state.error = 0, str(exc)
+            log.error(
+                "supervisor: embedded redis did not start (retry in %.0fs): %s", self.next_start - now, exc
+            )
+            return
+        rec = self.server.recorded()
+        self.failures, self.next_start = 0, 0.0
+        self.state = ChildState(rec[1] if rec else 0, time.time(), self.state.restarts)
+
+
 class Supervisor:
     """Keeps the process table converged: start what is missing, restart what died, stop what was removed."""
 
@@ -148,22 +194,25 @@ class Supervisor:
         self.state: dict[str, ChildState] = {}
         self.next_start: dict[str, float] = {}
         self.stopping = False
-        self.redis: EmbeddedRedis | None = None
+        self.redis: RedisWatch | None = None
 
     def run(self) -> None:
         self.run_dir.ensure()
         self.run_dir.supervisor_pid.write_text(str(os.getpid()))
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
-        env = self._start_redis()
+        env = self._base_env()
         try:
             while not self.stopping:
-                self._converge(env)
+                try:
+                    self._converge(env)
+                except Exception:  # one failed step must not take every child down with it
+                    log.exception("supervisor: converge failed; retrying")
                 time.sleep(0.3)
         finally:
             self._stop_all()
             if self.redis is not None:
-                self.redis.stop()
+                self.redis.server.stop()
             self.run_dir.state.unlink(missing_ok=True)
             self.run_dir.supervisor_pid.unlink(missing_ok=True)
 
@@ -171,23 +220,26 @@ class Supervisor:
         log.info("supervisor: signal %s, stopping children", signum)
         self.stopping = True
 
-    def _start_redis(self) -> dict[str, str]:
-        """Start the embedded Redis unless a REDIS_URL is configured; children get its URL."""
+    def _base_env(self) -> dict[str, str]:
+        """The children's environment; the embedded Redis (unless REDIS_URL is configured) is
+        watched from here on and its URL added once it has started."""
         env = {"TOKENMILL_DATA_DIR": str(self.config.data_dir)}
         if self.config.redis_url:
             env["TOKENMILL_REDIS_URL"] = self.config.redis_url
-            return env
-        from tokenmill.common.platform.redis_embedded import EmbeddedRedis
+        else:
+            from tokenmill.common.platform.redis_embedded import EmbeddedRedis
 
-        self.redis = EmbeddedRedis(self.config.data_dir)
-        self.redis.start()
-        env["TOKENMILL_REDIS_URL"] = self.redis.url
+            server = EmbeddedRedis(self.config.data_dir, port_wait_s=REDIS_PORT_WAIT_SECONDS)
+            self.redis = RedisWatch(server)
         return env
 
     def _converge(self, base_env: dict[str, str]) -> None:
-        if self.redis is not None and not self.redis.alive():
-            log.warning("supervisor: embedded redis died; restarting it")
-            self.redis.start()
+        if self.redis is not None:
+            self.redis.check(time.time())
+            if self.redis.url is None:  # never started yet: the children would have no Redis URL
+                self._write_state()
+                return
+            base_env = {**base_env, "TOKENMILL_REDIS_URL": self.redis.url}
         desired = {spec.name: spec for spec in self.run_dir.read_processes()}
         for name in list(self.children):
             if name not in desired:
@@ -204,17 +256,19 @@ class Supervisor:
                 self.children.pop(name)
             if now >= self.next_start.get(name, 0.0):
                 self._spawn(spec, base_env)
-        _write_json_atomic(self.run_dir.state, {n: asdict(s) for n, s in self.state.items()})
+        self._write_state()
+
+    def _write_state(self) -> None:
+        state = {n: asdict(s) for n, s in self.state.items()}
+        if self.redis is not None:
+            state[REDIS_ROW] = asdict(self.redis.state)
+        _write_json_atomic(self.run_dir.state, state)
 
     def _record_exit(self, name: str, code: int, now: float) -> None:
         state = self.state[name]
         state.last_exit = code
         ran_for = now - state.started_at
-        backoff = (
-            0.0
-            if ran_for > HEALTHY_RESET_SECONDS
-            else min(MAX_BACKOFF_SECONDS, 2.0 ** min(state.restarts, 5))
-        )
+        backoff = 0.0 if ran_for > HEALTHY_RESET_SECONDS else _backoff(state.restarts)
         self.next_start[name] = now + backoff
         log.warning(
             "supervisor: %s exited with %s after %.1fs; restart in %.1fs", name, code, ran_for, backoff
@@ -312,7 +366,7 @@ def down(config: Config, timeout: float = 60.0) -> bool:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
     for name, state in run_dir.read_state().items():
-        if _alive(state.pid):
+        if name != REDIS_ROW and _alive(state.pid):  # Redis is shut down cleanly below
             log.warning("down: %s (pid %s) outlived its supervisor; killing it", name, state.pid)
             _kill_group(state.pid)
     if not config.redis_url:
@@ -339,23 +393,42 @@ def remove_processes(config: Config, names: Iterable[str]) -> None:
 
 
 def process_table(config: Config) -> list[dict[str, object]]:
-    """Each supervised process with its pid, restarts and live health (for `tokenmill status`)."""
+    """Each supervised process (the embedded Redis too) with its pid, restarts, live health and,
+    where its last start failed, why (for `tokenmill status`)."""
     run_dir = RunDir(config.data_dir)
     state = run_dir.read_state()
     rows: list[dict[str, object]] = []
     for spec in run_dir.read_processes():
         child = state.get(spec.name)
-        live_pid = child.pid if child is not None and _alive(child.pid) else None
         rows.append(
             {
                 "name": spec.name,
                 "address": spec.health_address,
-                "pid": live_pid,
+                "pid": child.pid if child is not None and _alive(child.pid) else None,
                 "restarts": child.restarts if child else 0,
                 "health": health_status(config, spec.health_address) if spec.health_address else "n/a",
             }
         )
+    if REDIS_ROW in state and not config.redis_url:
+        rows.insert(0, _redis_row(config, state[REDIS_ROW]))
     return rows
+
+
+def _redis_row(config: Config, child: ChildState) -> dict[str, object]:
+    """The embedded Redis's row: live health from PING, and the supervisor's last start error."""
+    from tokenmill.common.platform.redis_embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(config.data_dir)
+    rec = server.recorded()
+    parts = urlsplit(rec[0]) if rec else None
+    return {
+        "name": REDIS_ROW,
+        "address": f"{parts.hostname}:{parts.port}" if parts else "",
+        "pid": child.pid if _alive(child.pid) else None,
+        "restarts": child.restarts,
+        "health": "SERVING" if server.running() else "DOWN",
+        "error": child.error,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,14 @@ Discovery: `redis.url` and `redis.pid` in that directory. `start()` reuses a liv
 there (any process may call it; a file lock serialises concurrent starters), otherwise starts one.
 The bundled server is Redis 6.2: only use commands available in 6.2.
 
+Restarts keep the port (clients hold the URL). Right after a `kill -9` the port can still be taken:
+redis-server sets SO_REUSEADDR, so its old connections in TIME_WAIT do not matter, but the killed
+process keeps its listening socket until its *last* thread has exited. The main thread becomes a
+zombie first (so the pid looks dead) while another thread still tears down the address space, which
+takes ~10-15 ms per 100 MB of heap. So a restart waits, with backoff and a bound (`port_wait_s`),
+until the port can be bound with redis-server's own SO_REUSEADDR semantics, then fails with an error
+naming what holds it.
+
 Security: loopback and protected-mode keep other *machines* out, not other local users, who could
 otherwise inject jobs or use CONFIG SET dir + SAVE to write files as us. So the server requires a
 random password, generated on first start into `redis.pass` (0600) and carried in the 0600
@@ -34,6 +42,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
 import redis
 
 from tokenmill.common.procs import pid_alive
@@ -42,6 +51,9 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
+PORT_WAIT_S = 30.0  # how long a restart waits for its fixed port to be released
+MAX_PORT_BACKOFF_S = 1.0
+ADDRESS_IN_USE = "Address already in use"  # redis-server's (strerror) reason when bind fails
 # Renamed to "" (removed): runtime reconfiguration (CONFIG SET dir/dbfilename + SAVE writes arbitrary
 # files), DEBUG (crashes, sleeps, reloads), MODULE LOAD (runs a shared object), and replication
 # commands that would replace the dataset with another server's.
@@ -96,17 +108,64 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+def port_bindable(host: str, port: int) -> bool:
+    """True when redis-server could bind `host:port` now. The probe sets SO_REUSEADDR as
+    redis-server does, so only what would really block it counts (a listener, or a socket bound
+    without SO_REUSEADDR), not the old server's connections in TIME_WAIT."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_holders(port: int) -> str:
+    """Who listens on TCP `port`, for an error a person can act on: pids with their command lines."""
+    try:
+        pids = {
+            conn.pid
+            for conn in psutil.net_connections(kind="tcp")
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
+        }
+    except (psutil.Error, OSError):
+        return "a process this user cannot inspect"
+    if not pids:
+        return "a socket bound without listening, or a process this user cannot inspect"
+    return ", ".join(_describe_pid(pid) for pid in sorted(pids, key=lambda p: p or 0))
+
+
+def _describe_pid(pid: int | None) -> str:
+    if pid is None:
+        return "a process of another user"
+    try:
+        cmdline = " ".join(psutil.Process(pid).cmdline())[:120]
+    except psutil.Error:
+        cmdline = "?"
+    return f"pid {pid} ({cmdline})"
+
+
 class EmbeddedRedis:
     """A redis-server process whose state lives in `<data_dir>/redis/`.
 
     `port=0` picks a free port on first start and keeps it for restarts of this object, so
-    clients holding the old URL reconnect to the restarted server.
+    clients holding the old URL reconnect to the restarted server. A start on a fixed port waits
+    up to `port_wait_s` for the port to be released (see the module docstring).
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str], *, port: int = 0, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        port_wait_s: float = PORT_WAIT_S,
+    ):
         self.dir = Path(data_dir).expanduser().resolve() / "redis"
         self.host = host
         self.port = port
+        self.port_wait_s = port_wait_s
         self._password: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -173,7 +232,7 @@ class EmbeddedRedis:
             raise RuntimeError(f"{path} does not hold a valid password; delete it to generate a new one")
         return password
 
-    def _recorded(self) -> tuple[str, int] | None:
+    def recorded(self) -> tuple[str, int] | None:
         """(url, pid) of a server recorded in the data dir, if both files are readable."""
         try:
             url = self.url_file.read_text().strip()
@@ -198,7 +257,7 @@ class EmbeddedRedis:
 
     def running(self) -> bool:
         """True when the server recorded in the data dir is alive and answers PING."""
-        rec = self._recorded()
+        rec = self.recorded()
         return bool(rec and pid_alive(rec[1]) and self._ping(rec[0], pid=rec[1]))
 
     alive = running  # the launcher's supervisor loop asks `alive()`
@@ -215,38 +274,86 @@ class EmbeddedRedis:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def start(self) -> str:
-        """Start the server, or reuse the live one recorded for this data dir; returns its URL."""
+        """Start the server, or reuse the live one recorded for this data dir; returns its URL.
+        On a fixed port (a restart) it waits up to `port_wait_s` for the port to be released."""
         with self._lock():
             self._password = self._load_password()
-            rec = self._recorded()
-            if rec and pid_alive(rec[1]) and self._ping(rec[0], pid=rec[1]):
-                port = _url_port(rec[0])
-                if rec[0] == self._url(port):
-                    self.port = port
-                    return rec[0]
-                # A server started without this password (an older tokenmill): replace it, same port.
-                log.warning("embedded redis-server pid %s has no password; restarting it with one", rec[1])
-                self._shutdown(rec[0], rec[1])
-                self.port = self.port or port
-            last_error = ""
-            for _ in range(3):  # a free port can be taken between probing and binding; retry
-                port = self.port or _free_port(self.host)
-                error = self._spawn(port)
-                if not error:
-                    assert self._proc is not None  # _spawn started it
-                    self.port = port
-                    self._write_url()
-                    log.info(
-                        "embedded redis-server pid %s at %s (%s)", self._proc.pid, redact(self.url), self.dir
-                    )
-                    return self.url
-                last_error = error
-                if self.port:  # the caller asked for this port: do not wander off to another
-                    break
-            raise RuntimeError(f"could not start embedded redis-server in {self.dir}: {last_error}")
+            url = self._reuse_recorded()
+            if url:
+                return url
+            return self._start_fixed(self.port) if self.port else self._start_free()
 
-    def _write_url(self) -> None:
+    def _answering_recorded(self) -> str | None:
+        """The recorded URL when its process is alive and answers as this server (our password)."""
+        rec = self.recorded()
+        if rec and rec[0] == self._url(_url_port(rec[0])) and pid_alive(rec[1]):
+            return rec[0] if self._ping(rec[0], pid=rec[1]) else None
+        return None
+
+    def _reuse_recorded(self) -> str | None:
+        """The live recorded server's URL; a live one without our password is shut down (same port)."""
+        rec = self.recorded()
+        if not (rec and pid_alive(rec[1]) and self._ping(rec[0], pid=rec[1])):
+            return None
+        port = _url_port(rec[0])
+        if rec[0] == self._url(port):
+            self.port = port
+            return rec[0]
+        # A server started without this password (an older tokenmill): replace it, same port.
+        log.warning("embedded redis-server pid %s has no password; restarting it with one", rec[1])
+        self._shutdown(rec[0], rec[1])
+        self.port = self.port or port
+        return None
+
+    def _start_free(self) -> str:
+        """First start without a fixed port: a free one (retried, since it can be taken between
+        probing and binding)."""
+        error = ""
+        for _ in range(3):
+            port = _free_port(self.host)
+            error = self._spawn(port)
+            if not error:
+                return self._started(port)
+        raise RuntimeError(f"could not start embedded redis-server in {self.dir}: {error}")
+
+    def _start_fixed(self, port: int) -> str:
+        """Start on `port`, waiting with backoff (up to `port_wait_s`) while something still holds it."""
+        deadline = time.monotonic() + self.port_wait_s
+        delay = 0.05
+        while True:
+            if port_bindable(self.host, port):
+                error = self._spawn(port)
+            else:  # e.g. a killed server whose last thread has not exited yet
+                url = self._answering_recorded()  # or a live server that was merely slow to answer
+                if url:
+                    return url
+                error = ADDRESS_IN_USE
+            if not error:
+                return self._started(port)
+            if ADDRESS_IN_USE not in error:
+                raise RuntimeError(f"could not start embedded redis-server in {self.dir}: {error}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(self._port_held_message(port))
+            log.info("redis port %s is still in use; retrying in %.2fs", port, min(delay, left))
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, MAX_PORT_BACKOFF_S)
+
+    def _port_held_message(self, port: int) -> str:
+        return (
+            f"could not start embedded redis-server in {self.dir}: port {self.host}:{port} is still in use "
+            f"after {self.port_wait_s:.0f}s, held by {port_holders(port)}. The server must come back on "
+            f"this port, since clients hold {redact(self._url(port))}: stop that process (kill PID) and "
+            "start again (a running `tokenmill up` supervisor retries by itself)"
+        )
+
+    def _started(self, port: int) -> str:
+        """Record the server `_spawn` just started on `port` (redis.url) and return its URL."""
+        assert self._proc is not None  # _spawn started it
+        self.port = port
         _write_private(self.url_file, self.url + "\n")
+        log.info("embedded redis-server pid %s at %s (%s)", self._proc.pid, redact(self.url), self.dir)
+        return self.url
 
     def _config(self, port: int) -> str:
         return "\n".join(
@@ -309,7 +416,7 @@ class EmbeddedRedis:
     def stop(self) -> None:
         """Shut the server down cleanly (SHUTDOWN flushes and fsyncs the AOF) and wait for it."""
         with self._lock():
-            rec = self._recorded()
+            rec = self.recorded()
             if rec is None:
                 return
             self._shutdown(*rec)

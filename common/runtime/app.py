@@ -1,7 +1,8 @@
 """`ServiceApp`: one gRPC server with everything every tokenmill service needs.
 
 Health (grpc.health.v1, NOT_SERVING until ready), reflection, bearer-token auth, TLS/mTLS,
-message-size limits, per-RPC metrics and access logs, domain-error mapping, and a graceful
+message-size limits, request decoding (INVALID_ARGUMENT for bytes that do not parse or values out
+of bounds; requests.py), per-RPC metrics and access logs, domain-error mapping, and a graceful
 SIGTERM drain. Services only add their servicers and say when they are ready.
 
 Deadlines: gRPC enforces the client's deadline (the client gets DEADLINE_EXCEEDED when it passes);
@@ -28,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from tokenmill.common.config import Config
 from tokenmill.common.runtime.interceptors import AuthInterceptor, ErrorInterceptor, ObserveInterceptor
 from tokenmill.common.runtime.metrics import MetricsServer, RpcMetrics, new_registry
+from tokenmill.common.runtime.requests import DecodeInterceptor
 from tokenmill.common.runtime.tls import server_credentials
 
 log = logging.getLogger("tokenmill.runtime")
@@ -98,7 +100,7 @@ class ServiceApp:
         interceptors: list[grpc.ServerInterceptor] = [ObserveInterceptor(self.rpc_metrics)]
         if not config.auth.disabled:
             interceptors.append(AuthInterceptor(config.auth.tokens))
-        interceptors.append(ErrorInterceptor())
+        interceptors += [ErrorInterceptor(), DecodeInterceptor(config.request_limits)]
         limit = config.max_message_bytes
         self._thread_prefix = f"grpc-{service_name}-handler"
         self._executor = futures.ThreadPoolExecutor(

@@ -4,9 +4,9 @@ All three work by wrapping the method handler's behaviour, so they apply equally
 server-streaming, client-streaming and bidi handlers (streaming responses are wrapped as
 generators, so an exception raised mid-stream is still mapped, logged and counted).
 
-Order on the server (outermost first): observe -> auth -> errors -> handler. Observe sees every
-outcome including UNAUTHENTICATED; errors sits next to the handler so domain errors become
-statuses before anything else looks at them.
+Order on the server (outermost first): observe -> auth -> errors -> decode (requests.py) -> handler.
+Observe sees every outcome including UNAUTHENTICATED; errors sits next to the handler so domain
+errors (the decode layer's InvalidArgument too) become statuses before anything else looks at them.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ OPEN_SERVICES = (
     "grpc.reflection.v1.ServerReflection",
 )
 _SERVER_ERROR_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 # wrap(behavior, streaming_response) -> new behavior
@@ -60,9 +60,14 @@ def rpc_type(handler: grpc.RpcMethodHandler) -> str:
 
 
 def wrap_handler(
-    handler: grpc.RpcMethodHandler, wrap: Wrapper, *, keep_non_blocking: bool = True
+    handler: grpc.RpcMethodHandler,
+    wrap: Wrapper,
+    *,
+    keep_non_blocking: bool = True,
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
-    """A copy of `handler` whose behaviour is `wrap(behaviour, response_streaming)`.
+    """A copy of `handler` whose behaviour is `wrap(behaviour, response_streaming)` (and whose
+    request deserializer is `request_deserializer`, when given).
 
     Handlers marked `experimental_non_blocking` (the health service's Watch: it answers through a
     callback instead of holding a worker thread) are returned unwrapped unless
@@ -71,7 +76,7 @@ def wrap_handler(
     if keep_non_blocking and getattr(behavior, "experimental_non_blocking", False):
         return handler
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.request_streaming and handler.response_streaming:
@@ -256,7 +261,9 @@ class _Rpc:
     ):
         self.observer = observer
         self.service, self.method, self.kind, self.quiet = service, method, kind, quiet
-        self.request_id = supplied if supplied and _REQUEST_ID_RE.match(supplied) else uuid.uuid4().hex[:16]
+        self.request_id = (
+            supplied if supplied and _REQUEST_ID_RE.fullmatch(supplied) else uuid.uuid4().hex[:16]
+        )
         self.cancelled = False
         self.start = time.perf_counter()
         request_id_var.set(self.request_id)

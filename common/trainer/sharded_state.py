@@ -82,6 +82,13 @@ def optimizer_tensors(
     return out, step
 
 
+def has_optimizer_state(layout: Layout, model: nn.Module) -> bool:
+    """Whether a checkpoint holds the AdamW moments of every trainable parameter (a final
+    checkpoint holds weights only)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return all(f"optim.{key}.{n}" in layout for n in names for key in OPTIM_KEYS)
+
+
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Materialise AdamW state with an lr=0 step on zero grads (changes no parameter: both the update
     and decoupled weight decay scale with lr), so loaded values can be copied into it in place."""

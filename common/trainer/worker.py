@@ -141,6 +141,7 @@ class _Run:
         extra = {"fused": True} if d.device.type == "cuda" else {}
         self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, **extra)
         self.step = 0
+        self.finished = ""  # the run's committed final checkpoint, when an earlier attempt got that far
         resume = self.io.resolve(f"{cfg.output_name}:{self.run_tag}") if self.run_tag else None
         if resume:
             self._resume(resume)
@@ -156,26 +157,40 @@ class _Run:
         ss.load_into(self.io, ref, layout, targets, self.d.rank, self.d.world)
 
     def _resume(self, ref: str) -> None:
+        """Continue the run from its last checkpoint, whatever it holds: full training state
+        (periodic, cancel), or weights only (the final one). A final checkpoint at the run's last
+        step means an earlier attempt finished: the run ends with it and trains no further."""
         layout = self.io.layout(ref)
         state = json.loads(self.io.read_files(ref, [TRAIN_STATE])[TRAIN_STATE])
-        ss.load_into(self.io, ref, layout, ss.model_tensors(self.model), self.d.rank, self.d.world)
-        ss.load_optimizer(
-            self.io, ref, layout, self.model, self.opt, state["step"], self.d.rank, self.d.world
-        )
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        self.last_ckpt = ref
+        if state.get("final") and self.step >= self.cfg.steps:
+            self.finished = ref
+            self._log(
+                f"the run's final checkpoint {ref} (step {self.step}) is already committed: finishing with it"
+            )
+            return
+        targets = ss.model_tensors(self.model)
+        if state.get("final") and self.cfg.mode == "lora":  # a final adapter holds no base weights
+            self._load_init(self.cfg.init_checkpoint)
+            targets = ss.model_tensors(self.model, only="lora")
+        ss.load_into(self.io, ref, layout, targets, self.d.rank, self.d.world)
+        fresh = not ss.has_optimizer_state(layout, self.model)
+        if not fresh:
+            ss.load_optimizer(
+                self.io, ref, layout, self.model, self.opt, self.step, self.d.rank, self.d.world
+            )
         self.train_src.load_state_dict(state["sampler"])
         rng_key = f"rng.cpu.rank{self.d.rank}"
         if state["world_size"] == self.d.world and rng_key in layout:
             torch.set_rng_state(read_tensor(self.io, ref, layout, rng_key))
-        self.step = int(state["step"])
-        self.history = list(state.get("history", []))
-        self.last_ckpt = ref
+        note = "; it holds no optimizer state (weights only): AdamW moments start fresh" if fresh else ""
+        self._log(f"resumed from {ref} at step {self.step} (saved by {state['world_size']} workers){note}")
+
+    def _log(self, message: str) -> None:
         if self.d.is_main:
-            self.channel.report(
-                "log",
-                {
-                    "message": f"resumed from {ref} at step {self.step} (saved by {state['world_size']} workers)"
-                },
-            )
+            self.channel.report("log", {"message": message})
 
     # ------------------------------------------------------------------------------- checkpoints
     def save(self, *, final: bool, reason: str) -> str:
@@ -384,6 +399,8 @@ class _Run:
 
     def run(self) -> dict[str, Any]:
         cfg, d = self.cfg, self.d
+        if self.finished:
+            return self._result("completed", "", self.finished)
         self.model.train()
         self._report_start()
         status, reason = "completed", ""

@@ -14,22 +14,23 @@ import logging
 import ssl
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from tokenmill.common.config import Config
-from tokenmill.common.errors import InvalidArgument, TokenmillError
+from tokenmill.common.config import Config, InferenceLimitsConfig
+from tokenmill.common.errors import TokenmillError
 from tokenmill.common.runtime import StartupError
 from tokenmill.services.inference.convert import ResponseBuilder
 from tokenmill.services.inference.dispatch.failover import RouterDispatcher
+from tokenmill.services.inference.openai_request import completion_request, parse_json, read_capped
 from tokenmill.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
@@ -53,67 +54,16 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 
 
 def error_response(exc: TokenmillError) -> JSONResponse:
-    return JSONResponse(error_body(exc.code, exc.message), status_code=HTTP_STATUS.get(exc.code, 500))
+    """`exc` as an OpenAI-style error; request errors may carry their own `http_status` (413, 422)."""
+    status = getattr(exc, "http_status", None) or HTTP_STATUS.get(exc.code, 500)
+    return JSONResponse(error_body(exc.code, exc.message), status_code=status)
 
 
-def completion_request(body: Any) -> tuple[inference_pb2.GenerateRequest, bool, bool]:
-    """OpenAI completion JSON -> (GenerateRequest, stream?, include usage in stream?)."""
-    if not isinstance(body, dict):
-        raise InvalidArgument("the body must be a JSON object")
-    prompt = body.get("prompt")
-    req = inference_pb2.GenerateRequest(model=str(body.get("model") or ""))
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        req.prompt = prompt
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and t >= 0 for t in prompt):
-        req.prompt_token_ids.extend(prompt)
-    elif prompt in (None, "", []):
-        raise InvalidArgument("'prompt' is empty")
-    else:
-        raise InvalidArgument(
-            "'prompt' must be a string or a list of token ids (batched prompts: one request each)"
-        )
-    if int(body.get("n", 1) or 1) != 1 or int(body.get("best_of", 1) or 1) != 1:
-        raise InvalidArgument("only n=1 and best_of=1 are supported")
-    sp = req.sampling
-    try:
-        max_tokens = body.get("max_tokens", 16)
-        if max_tokens is not None:
-            max_tokens = int(max_tokens)
-            if max_tokens <= 0:
-                raise InvalidArgument(f"'max_tokens' must be > 0, got {max_tokens}")
-            sp.max_tokens = max_tokens
-        for key in ("temperature", "top_p", "repetition_penalty"):
-            if body.get(key) is not None:
-                setattr(sp, key, float(body[key]))
-        if body.get("top_k") is not None:
-            top_k = int(body["top_k"])
-            if top_k < 0:
-                top_k = 0  # vLLM: -1 means off
-            sp.top_k = top_k
-        if body.get("seed") is not None:
-            sp.seed = int(body["seed"]) & 0xFFFFFFFFFFFFFFFF
-        stop = body.get("stop")
-        if isinstance(stop, str):
-            stop = [stop]
-        for s in stop or []:
-            if not isinstance(s, str) or not s:
-                raise InvalidArgument("'stop' must be a string or a list of non-empty strings")
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidArgument(f"stop string {s!r} is not valid UTF-8") from None
-            sp.stop.append(s)
-        sp.stop_token_ids.extend(int(t) for t in body.get("stop_token_ids") or [])
-        sp.logprobs = bool(body.get("logprobs"))
-        sp.ignore_eos = bool(body.get("ignore_eos", False))
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"bad completion parameter: {exc}") from None
-    req.adapter = str(body.get("adapter") or "")
-    req.request_id = f"cmpl-{uuid.uuid4().hex}"
-    opts = body.get("stream_options") or {}
-    return req, bool(body.get("stream", False)), bool(isinstance(opts, dict) and opts.get("include_usage"))
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (unknown route 404, wrong method 405) in the same OpenAI shape."""
+    assert isinstance(exc, HTTPException)
+    body = error_body("NOT_FOUND" if exc.status_code == 404 else "INVALID_ARGUMENT", str(exc.detail))
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 def _usage(u: inference_pb2.Usage) -> dict[str, int]:
@@ -145,8 +95,14 @@ def bearer_checker(tokens: list[str] | None) -> Callable[[Request], bool]:
     return authorized
 
 
-def build_app(dispatcher: RouterDispatcher, tokens: list[str] | None) -> Starlette:
-    """The Starlette app; `tokens=None` disables auth (see `bearer_checker`)."""
+def build_app(
+    dispatcher: RouterDispatcher,
+    tokens: list[str] | None,
+    limits: InferenceLimitsConfig | None = None,
+) -> Starlette:
+    """The Starlette app; `tokens=None` disables auth (see `bearer_checker`); `limits` bound what
+    a request body may hold (`config.inference_limits`), checked before any work is done on it."""
+    limits = limits or InferenceLimitsConfig()
     authorized = bearer_checker(tokens)
 
     def unauthorized() -> JSONResponse:
@@ -167,11 +123,9 @@ def build_app(dispatcher: RouterDispatcher, tokens: list[str] | None) -> Starlet
         if not authorized(request):
             return unauthorized()
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return error_response(InvalidArgument(f"the body is not valid JSON: {exc}"))
-        try:
-            req, stream, include_usage = completion_request(body)
+            data = await read_capped(request.headers, request.stream(), limits.max_http_body_bytes)
+            body = parse_json(data, limits.max_json_depth)
+            req, stream, include_usage = completion_request(body, limits)
         except TokenmillError as exc:
             return error_response(exc)
         created = int(time.time())
@@ -264,7 +218,8 @@ def build_app(dispatcher: RouterDispatcher, tokens: list[str] | None) -> Starlet
         routes=[
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/completions", completions, methods=["POST"]),
-        ]
+        ],
+        exception_handlers={HTTPException: http_error},
     )
 
 
@@ -286,7 +241,7 @@ class HttpFront:
 
     def __init__(self, dispatcher: RouterDispatcher, config: Config, host: str, port: int):
         tokens = None if config.auth.disabled else list(config.auth.tokens)
-        self.app = build_app(dispatcher, tokens)
+        self.app = build_app(dispatcher, tokens, config.inference_limits)
         self.tls = config.tls.enabled
         uv_config = uvicorn.Config(
             self.app,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tokenmill.common.inference import LoraAdapter, Tokenizer
 from tokenmill.common.runtime.proto_struct import struct_to_dict
+from tokenmill.services.inference.dispatch.selector import Served
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,11 @@ class LoadedModel:
     tensors: dict[str, torch.Tensor]
     config: dict[str, Any]
     tokenizer: Tokenizer | None
+    tags: tuple[str, ...] = ()  # the tags the served version was resolved through (see dispatch.selector)
+
+    @property
+    def served(self) -> Served:
+        return Served(self.ref, self.tags)
 
     @property
     def quantization(self) -> str:
@@ -39,8 +46,9 @@ class LoadedModel:
         return ""
 
 
-def load_model(client, ref: str) -> LoadedModel:
-    """client: a CheckpointClient. NotFound when the ref does not exist (with the store's message)."""
+def load_model(client, ref: str, *, max_prompt_bytes: int | None = None) -> LoadedModel:
+    """client: a CheckpointClient. NotFound when the ref does not exist (with the store's message).
+    `max_prompt_bytes`: a fixed cap on prompt text (config.inference_limits), checked before tokenizing."""
     version = client.get(ref, include_manifest=True)
     config = struct_to_dict(version.manifest.config)
     if not config:
@@ -50,12 +58,24 @@ def load_model(client, ref: str) -> LoadedModel:
     files = {f.name for f in version.manifest.files}
     tokenizer = None
     if "tokenizer.json" in files:
-        tokenizer = Tokenizer.from_json(client.load_files(version.ref, ["tokenizer.json"])["tokenizer.json"])
+        tokenizer = Tokenizer.from_json(
+            client.load_files(version.ref, ["tokenizer.json"])["tokenizer.json"], max_prompt_bytes
+        )
     else:
         log.warning(
             "checkpoint %s has no tokenizer.json: only prompt_token_ids requests will work", version.ref
         )
-    return LoadedModel(version.ref, version.name, tensors, config, tokenizer)
+    return LoadedModel(
+        version.ref, version.name, tensors, config, tokenizer, resolved_tags(ref, version.tags)
+    )
+
+
+def resolved_tags(ref: str, stored_tags: Iterable[str]) -> tuple[str, ...]:
+    """The tags a request may name this version by: those it carried when loaded, plus `latest` when
+    it was loaded as the newest (a bare name or `name:latest`)."""
+    qualifier = ref.partition(":")[2]
+    tags = set(stored_tags) | ({"latest"} if qualifier in ("", "latest") else set())
+    return tuple(sorted(tags))
 
 
 def load_adapter(

@@ -23,6 +23,7 @@ from tokenmill.services.inference.convert import (
     chunk_from_output,
     submit_kwargs,
 )
+from tokenmill.services.inference.dispatch.selector import check_served
 from tokenmill.services.inference.loader import LoadedModel, load_adapter
 from tokenmill.services.inference.metrics import LatencyObserver
 from tokenmill.v1 import inference_pb2, inference_pb2_grpc
@@ -83,8 +84,8 @@ class Replica:
     # ------------------------------------------------------------------ requests
 
     def check_model(self, model: str) -> None:
-        if model and model.split(":")[0] != self.loaded.name:
-            raise NotFound(f"model {model!r} is not served here; this replica serves {self.loaded.ref}")
+        """NOT_FOUND unless `model` selects exactly what this replica loaded (dispatch.selector)."""
+        check_served(model, [self.loaded.served], where="this replica serves")
 
     def ensure_adapter(self, ref: str) -> None:
         if not ref or ref in self.engine.adapters:
@@ -109,12 +110,16 @@ class Replica:
             self.aengine.call(lambda e: e.add_adapter(adapter))
             log.info("loaded LoRA adapter %s", ref)
 
-    def submit(self, request: inference_pb2.GenerateRequest, sink=None) -> RequestStream:
+    def prepare(self, request: inference_pb2.GenerateRequest) -> None:
+        """Everything before the engine takes `request`: checks, and loading its adapter (slow once)."""
         check_parsed(request)
         if not self.ready.is_set():
             raise Unavailable("the replica is still warming up; retry in a moment")
         self.check_model(request.model)
         self.ensure_adapter(request.adapter)
+
+    def submit(self, request: inference_pb2.GenerateRequest, sink=None) -> RequestStream:
+        self.prepare(request)
         return self.aengine.submit(sink=sink, **submit_kwargs(request))
 
     # ------------------------------------------------------------------ info

@@ -23,11 +23,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._clients: dict[str, InferenceClient] = {}
 
     def _client(self, model: str = "") -> InferenceClient:
-        replicas = self.dispatcher.replicas()
-        self.dispatcher.check_model(model, replicas)
-        if model:
-            replicas = [r for r in replicas if r.name == model.split(":")[0]]
-        info = random.choice(replicas)
+        info = random.choice(self.dispatcher.check_model(model, self.dispatcher.replicas()))
         client = self._clients.get(info.address)
         if client is None:
             client = self._clients[info.address] = InferenceClient(info.address, **self.client_kwargs)
@@ -37,7 +33,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServiceServicer):
         check_parsed(request)
         if not request.prompt and not request.prompt_token_ids:
             raise InvalidArgument("the prompt is empty: give prompt text or prompt_token_ids")
-        yield from self.dispatcher.stream(request, context.is_active)
+        yield from self.dispatcher.stream(request, context.is_active, context.time_remaining())
 
     def Generate(self, request, context):
         builder = ResponseBuilder(getattr(request, "request_id", ""))

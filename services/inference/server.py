@@ -78,7 +78,9 @@ def build_replica(config: Config, app: ServiceApp, args: argparse.Namespace) -> 
     def ready() -> bool:
         if "replica" not in state:
             store = state.setdefault("store", CheckpointClient.from_config(config))
-            loaded = load_model(store, args.model)
+            loaded = load_model(
+                store, args.model, max_prompt_bytes=config.inference_limits.max_prompt_bytes or None
+            )
             replica = Replica(loaded, engine_config, replica_id, store_client=store, registry=app.registry)
             app.registry.register(EngineCollector(replica.aengine.stats, replica.labels))
             register_gpu_collector(app.registry)
@@ -118,7 +120,7 @@ def build_router(config: Config, app: ServiceApp, args: argparse.Namespace) -> R
     from tokenmill.services.inference.router import RouterServicer
 
     r = connect(config, client_name="inference-router")
-    dispatcher = RouterDispatcher(r)
+    dispatcher = RouterDispatcher(r, default_deadline_s=config.inference_limits.deadline_seconds)
     client_kwargs = {}
     if not config.auth.disabled and config.auth.tokens:
         client_kwargs["token"] = config.auth.tokens[0]

@@ -9,6 +9,7 @@ budget -> INVALID_ARGUMENT. The job handler runs it again at start (the world ma
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,17 @@ DIRECT_FIELDS = (
     "eval_batches", "checkpoint_every", "seed", "activation_checkpointing", "compile", "precision",
     "memory_budget_bytes",
 )  # fmt: skip
+
+
+FLOAT_FIELDS = ("lr", "min_lr", "weight_decay", "grad_clip")
+
+
+def _finite(name: str, value: Any) -> float:
+    """A float hyperparameter as a finite float. The spec is JSON, where NaN and infinity arrive as
+    the strings "NaN" / "Infinity": a later comparison would raise TypeError, not say which field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -178,6 +190,9 @@ class Planner:
                      "eval_every", "eval_batches", "checkpoint_every", "seed", "memory_budget_bytes"):  # fmt: skip
             if name in values:
                 values[name] = int(values[name])
+        for name in FLOAT_FIELDS:
+            if name in values:
+                values[name] = _finite(name, values[name])
         if "min_lr" not in values and "lr" in values:
             values["min_lr"] = float(values["lr"]) / 10
         overrides = spec.get("model_overrides") or {}

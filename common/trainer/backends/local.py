@@ -1,9 +1,10 @@
 """`local` backend: N worker processes on this machine (torchrun-style env; gloo on CPU, NCCL on GPU).
 
 The parent relays rank 0's reports through a multiprocessing queue to ``on_event`` and forwards a
-stop request through an Event. If any worker dies (crash, OOM kill, SIGKILL), the others are
-terminated and :class:`WorkerFailed` is raised: the job system retries the attempt, which resumes
-from the run's last checkpoint.
+stop request through an Event. Workers die with the parent (lifeline.py): a killed trainer service
+leaves no worker training on behind the job system's back. If any worker dies (crash, OOM kill,
+SIGKILL), the others are terminated and :class:`WorkerFailed` is raised: the job system retries the
+attempt, which resumes from the run's last checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.multiprocessing as mp
 
 from tokenmill.common.trainer.checkpoint_io import IoFactory, resolve_io_factory
 from tokenmill.common.trainer.config import TrainConfig
+from tokenmill.common.trainer.lifeline import die_with_parent
 from tokenmill.common.trainer.local_io import local_checkpoint_io
 from tokenmill.common.trainer.parallel import free_port
 
@@ -38,6 +40,7 @@ class _QueueChannel:
 
 
 def _worker_entry(
+    parent_pid: int,
     rank: int,
     world: int,
     port: int,
@@ -47,6 +50,7 @@ def _worker_entry(
     q: Any,
     stop: Any,
 ) -> None:
+    die_with_parent(parent_pid)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -90,7 +94,7 @@ def run_local(
     procs = [
         ctx.Process(
             target=_worker_entry,
-            args=(r, cfg.workers, port, cfg.to_dict(), dict(io_spec), io_factory, q, stop),
+            args=(os.getpid(), r, cfg.workers, port, cfg.to_dict(), dict(io_spec), io_factory, q, stop),
             name=f"train-worker-{r}",
             daemon=False,
         )

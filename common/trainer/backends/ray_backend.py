@@ -5,6 +5,12 @@ the initialised group and runs unchanged. Rank 0's reports and the stop flag tra
 ``ray.util.queue.Queue`` actors. Ray's own retries are off (``max_failures=0``): the job system owns
 retries, and a retried attempt resumes from the run's last checkpoint exactly as with `local`.
 Ray is imported lazily so the engine package stays importable without it.
+
+Workers die with the trainer service here too, by Ray's ownership rather than ours (lifeline.py
+would be wrong: a Ray worker's parent is the raylet, not the service). The service is the Ray
+driver; the TorchTrainer's actors belong to its Ray job, and when the driver dies the cluster ends
+that job and kills its non-detached actors. A cluster that ``ray.init()`` started itself (no
+address) is the service's children, which Ray starts fate-shared (PR_SET_PDEATHSIG on Linux).
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
 """The router side of routing: put a request on the stream, follow its reply stream, and when the
 replica serving it stops heartbeating, continue it on another replica (prompt + tokens already
 streamed, the remaining max_tokens), or answer UNAVAILABLE once retries are exhausted: never a
-silent truncation. A client that goes away cancels the request on the replica (blocks freed)."""
+silent truncation. A client that goes away cancels the request on the replica (blocks freed).
+
+Every request has a deadline (the client's, or `default_deadline_s`): past it the request ends
+DEADLINE_EXCEEDED and is cancelled on the replica, whatever state it is in, so nothing waits forever.
+Requests a dead replica had taken but not accepted are reclaimed by the live replicas (puller)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from tokenmill.common.errors import NotFound, Unavailable, from_code
+from tokenmill.common.errors import DeadlineExceeded, Unavailable, from_code
 from tokenmill.services.inference.dispatch.protocol import (
     CANCEL_CHANNEL,
     REPLY_TTL_S,
@@ -21,6 +25,7 @@ from tokenmill.services.inference.dispatch.protocol import (
     Accepted,
     ReplicaInfo,
     ReplyError,
+    accepted_key,
     cancelled_key,
     decode_reply,
     ensure_group,
@@ -28,6 +33,7 @@ from tokenmill.services.inference.dispatch.protocol import (
     reply_key,
     request_fields,
 )
+from tokenmill.services.inference.dispatch.selector import check_served
 from tokenmill.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
@@ -41,17 +47,31 @@ class _Routing:
     base_id: str  # the id the client sees on every chunk
     request_id: str  # the current attempt's id (names its reply stream)
     max_tokens: int  # as the first replica resolved it
+    timeout_s: float  # the request's deadline, as seconds from its start
+    deadline: float  # time.monotonic() at the deadline
     attempt: int = 0
     streamed: list[int] = field(default_factory=list)  # tokens already yielded, across attempts
     prompt_ids: list[int] | None = None
     finished: bool = False
 
     @classmethod
-    def start(cls, request: inference_pb2.GenerateRequest) -> _Routing:
+    def start(cls, request: inference_pb2.GenerateRequest, timeout_s: float) -> _Routing:
         original = inference_pb2.GenerateRequest()
         original.CopyFrom(request)
         base_id = request.request_id or uuid.uuid4().hex
-        return cls(original, base_id, base_id, int(original.sampling.max_tokens))
+        deadline = time.monotonic() + timeout_s
+        return cls(original, base_id, base_id, int(original.sampling.max_tokens), timeout_s, deadline)
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def check_deadline(self) -> None:
+        if self.remaining() <= 0:
+            raise DeadlineExceeded(
+                f"request {self.base_id} did not finish within its {self.timeout_s:g} s deadline "
+                f"({len(self.streamed)} tokens streamed); give a longer deadline, fewer max_tokens, or "
+                "check that the inference replicas are healthy"
+            )
 
     def request(self) -> inference_pb2.GenerateRequest:
         """What to enqueue for the current attempt: a continuation once a replica reported the prompt."""
@@ -94,12 +114,16 @@ class RouterDispatcher:
         max_retries: int = 2,
         poll_s: float = 0.25,
         no_replica_timeout_s: float = 10.0,
+        default_deadline_s: float = 600.0,
     ):
+        """`default_deadline_s`: the deadline of requests that come without one (config:
+        `inference_limits.deadline_seconds`)."""
         self.r = r
         self.dead_after_s = dead_after_s
         self.max_retries = max_retries
         self.poll_s = poll_s
         self.no_replica_timeout_s = no_replica_timeout_s
+        self.default_deadline_s = default_deadline_s
         ensure_group(r)
 
     def replicas(self) -> list[ReplicaInfo]:
@@ -109,14 +133,22 @@ class RouterDispatcher:
         """Routed requests no replica has taken yet."""
         return int(self.r.xlen(REQUESTS))
 
-    def check_model(self, model: str, replicas: list[ReplicaInfo]) -> None:
+    def check_model(self, model: str, replicas: list[ReplicaInfo]) -> list[ReplicaInfo]:
+        """The live replicas that serve exactly `model` (dispatch.selector); UNAVAILABLE when none
+        runs, NOT_FOUND (saying what is served) when none serves it, INVALID_ARGUMENT for bad syntax."""
         if not replicas:
             raise Unavailable(
                 "no inference replica is running; start some with 'tokenmill serve MODEL --replicas N'"
             )
-        if model and model.split(":")[0] not in {r.name for r in replicas}:
-            served = sorted({r.model for r in replicas})
-            raise NotFound(f"model {model!r} is not served; the replicas serve {served}")
+        chosen = set(check_served(model, [r.served for r in replicas]))
+        return [r for r in replicas if r.served in chosen]
+
+    def timeout_for(self, remaining_s: float | None) -> float:
+        """The deadline of a request, in seconds: the client's, or the default when it gave none
+        (gRPC reports "none" as None or a huge number)."""
+        if remaining_s is None or remaining_s > 10 * 365 * 86400:
+            return self.default_deadline_s
+        return max(0.0, remaining_s)
 
     def cancel(self, request_id: str) -> None:
         pipe = self.r.pipeline(transaction=False)
@@ -126,12 +158,16 @@ class RouterDispatcher:
         pipe.execute()
 
     def stream(
-        self, request: inference_pb2.GenerateRequest, is_active: Callable[[], bool] = lambda: True
+        self,
+        request: inference_pb2.GenerateRequest,
+        is_active: Callable[[], bool] = lambda: True,
+        timeout_s: float | None = None,
     ) -> Iterator[inference_pb2.GenerateChunk]:
-        """Route one request and yield its chunks; raises the replica's error or UNAVAILABLE."""
+        """Route one request and yield its chunks; raises the replica's error, UNAVAILABLE, or
+        DEADLINE_EXCEEDED once `timeout_s` (default: `default_deadline_s`) has passed."""
         self.check_model(request.model, self.replicas())
-        routing = _Routing.start(request)
-        self._enqueue(routing.request())
+        routing = _Routing.start(request, self.timeout_for(timeout_s))
+        self._enqueue(routing)
         try:
             while True:
                 died = yield from self._follow(routing, is_active)
@@ -144,8 +180,13 @@ class RouterDispatcher:
             else:
                 self.cancel(routing.request_id)
 
-    def _enqueue(self, request: inference_pb2.GenerateRequest) -> None:
-        self.r.xadd(REQUESTS, request_fields(request))
+    def _enqueue(self, routing: _Routing) -> None:
+        """Route the current attempt; a request id a client reuses starts with a clean fence."""
+        request = routing.request()
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(accepted_key(request.request_id), cancelled_key(request.request_id))
+        pipe.xadd(REQUESTS, request_fields(request, time.time() + routing.remaining()))
+        pipe.execute()
 
     def _follow(
         self, routing: _Routing, is_active: Callable[[], bool]
@@ -156,7 +197,9 @@ class RouterDispatcher:
         replica: str | None = None
         last_id, queued_since = "0", time.monotonic()
         while is_active():
-            resp = self.r.xread({key: last_id}, count=256, block=int(self.poll_s * 1000))
+            routing.check_deadline()
+            block_ms = max(1, int(min(self.poll_s, routing.remaining()) * 1000))
+            resp = self.r.xread({key: last_id}, count=256, block=block_ms)
             if not resp:
                 live = {i.replica_id for i in self.replicas()}
                 if replica is not None and replica not in live:
@@ -197,4 +240,4 @@ class RouterDispatcher:
         self.r.delete(reply_key(routing.request_id))
         routing.next_attempt()
         self.check_model(routing.original.model, self.replicas())
-        self._enqueue(routing.request())
+        self._enqueue(routing)

@@ -6,6 +6,12 @@ as `accepted` (replica id, prompt token ids, resolved max_tokens), `chunk` (a Ge
 `error` (code + message) messages. Replicas heartbeat a `ReplicaInfo` into the hash
 `tokenmill:inference:replicas`; a client that goes away sets `cancelled:{id}` and publishes the id
 on the cancel channel.
+
+Exactly one acceptance per request: a replica posts `accepted` only through `post_acceptance`, which
+sets `accepted:{id}` first (SET NX, atomically with the XADD), so when a request taken by a replica
+presumed dead is reclaimed by another, at most one of them serves it. Every entry carries its
+deadline (`dl`, epoch seconds): a replica does not start a request past it and cancels one that
+runs past it.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ from __future__ import annotations
 import base64
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
 
 from tokenmill.common.inference import EngineStats
+from tokenmill.services.inference.dispatch.selector import Served
 from tokenmill.v1 import inference_pb2
 
 NS = "tokenmill:inference"
@@ -39,6 +46,10 @@ def cancelled_key(request_id: str) -> str:
     return f"{NS}:cancelled:{request_id}"
 
 
+def accepted_key(request_id: str) -> str:
+    return f"{NS}:accepted:{request_id}"
+
+
 def ensure_group(r: redis.Redis) -> None:
     """Create the replicas' consumer group (and the stream) unless it exists."""
     try:
@@ -55,13 +66,15 @@ def _b64(msg: Any) -> str:
 # -- routed requests ---------------------------------------------------------------------------
 
 
-def request_fields(request: inference_pb2.GenerateRequest) -> Fields:
-    """The stream entry that routes `request` (its id names the reply stream)."""
+def request_fields(request: inference_pb2.GenerateRequest, deadline: float) -> Fields:
+    """The stream entry that routes `request` (its id names the reply stream); `deadline` is epoch
+    seconds."""
     return {
         "rid": request.request_id,
         "reply": reply_key(request.request_id),
         "req": _b64(request),
         "t": str(time.time()),
+        "dl": repr(deadline),
     }
 
 
@@ -72,14 +85,23 @@ class RoutedEntry:
     request_id: str
     reply: str
     payload: str | None  # the base64 GenerateRequest
+    deadline: float = 0.0  # epoch seconds; 0 = none given (an entry from an older router)
 
     @classmethod
-    def from_fields(cls, fields: Fields) -> RoutedEntry | None:
+    def from_fields(cls, fields: Fields | None) -> RoutedEntry | None:
         """None for an entry without a request id or reply stream (nothing to answer to)."""
+        fields = fields or {}
         rid, reply = fields.get("rid", ""), fields.get("reply", "")
         if not rid or not reply:
             return None
-        return cls(rid, reply, fields.get("req"))
+        try:
+            deadline = float(fields.get("dl") or 0.0)
+        except ValueError:
+            deadline = 0.0
+        return cls(rid, reply, fields.get("req"), deadline)
+
+    def expired(self, now: float | None = None) -> bool:
+        return bool(self.deadline) and (now if now is not None else time.time()) >= self.deadline
 
     def decode(self) -> inference_pb2.GenerateRequest:
         """The request, its id set; raises (answered as INTERNAL) when the entry is malformed."""
@@ -111,8 +133,23 @@ class ReplyError:
 Reply = Accepted | ReplyError | inference_pb2.GenerateChunk
 
 
-def accepted_fields(accepted: Accepted) -> Fields:
-    return {"t": "accepted", "d": json.dumps(asdict(accepted))}
+# KEYS: accepted:{id}, the reply stream, cancelled:{id}. ARGV: replica id, accepted body, TTL.
+# 1 = this replica serves the request; 0 = another replica already accepted it; -1 = it was cancelled.
+_ACCEPT = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then return 0 end
+redis.call('XADD', KEYS[2], '*', 't', 'accepted', 'd', ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+
+def post_acceptance(r: redis.Redis, entry: RoutedEntry, accepted: Accepted) -> bool:
+    """Post `accepted` unless another replica accepted this request first or it was cancelled: the
+    fence that keeps a reclaimed request from being served twice. True when this replica serves it."""
+    keys = [accepted_key(entry.request_id), entry.reply, cancelled_key(entry.request_id)]
+    args = [accepted.replica, json.dumps(asdict(accepted)), REPLY_TTL_S]
+    return int(r.eval(_ACCEPT, len(keys), *keys, *args)) == 1
 
 
 def error_fields(code: str, message: str) -> Fields:
@@ -154,17 +191,23 @@ class ReplicaInfo:
     prefix_queries: int = 0
     prefix_hits: int = 0
     preemptions: int = 0
+    tags: list[str] = field(default_factory=list)  # the tags `model` was resolved through
 
     @property
     def name(self) -> str:
         return self.model.split(":")[0]
 
+    @property
+    def served(self) -> Served:
+        return Served(self.model, tuple(self.tags))
+
     @classmethod
-    def from_stats(cls, replica_id: str, address: str, model: str, stats: EngineStats) -> ReplicaInfo:
+    def from_stats(cls, replica_id: str, address: str, served: Served, stats: EngineStats) -> ReplicaInfo:
         return cls(
             replica_id=replica_id,
             address=address,
-            model=model,
+            model=served.ref,
+            tags=list(served.tags),
             time=time.time(),
             free_blocks=stats.kv_blocks_free,
             total_blocks=stats.kv_blocks_total,

@@ -1,5 +1,10 @@
 """The replica side of routing: pull requests while there is room, stream outputs back, heartbeat,
-honour cancels. Four threads, one job each, sharing the table of routed requests in flight."""
+honour cancels and deadlines. Four threads, one job each, sharing the table of routed requests in flight.
+
+Nothing taken is lost: a request stays in the taker's pending list (PEL) until it is accepted or
+answered. Requests a replica took and then died with (its heartbeat expired, the entries idle past
+the lease) are claimed by a live replica; a restarted replica first re-reads its own pending list.
+The acceptance fence (protocol.post_acceptance) makes sure a reclaimed request is served once."""
 
 from __future__ import annotations
 
@@ -10,11 +15,12 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import redis
 
+from tokenmill.common import failpoints
 from tokenmill.common.errors import TokenmillError
 from tokenmill.common.inference import RequestOutput
 from tokenmill.common.inference.async_engine import RequestStream
@@ -30,13 +36,16 @@ from tokenmill.services.inference.dispatch.protocol import (
     Fields,
     ReplicaInfo,
     RoutedEntry,
-    accepted_fields,
+    accepted_key,
     cancelled_key,
     chunk_fields,
     ensure_group,
     error_fields,
+    live_replicas,
+    post_acceptance,
     publish_heartbeat,
 )
+from tokenmill.services.inference.dispatch.selector import Selector
 
 if TYPE_CHECKING:
     from tokenmill.services.inference.replica import Replica
@@ -47,6 +56,16 @@ LOW_KV_FRACTION = 0.02  # below this share of free KV blocks, take no work while
 
 # What the engine thread hands the forwarder: an output, an error, or None at the end.
 Outcome: TypeAlias = RequestOutput | BaseException | None
+Taken: TypeAlias = list[tuple[str, Fields | None]]  # stream entries as read or claimed
+
+
+@dataclass(frozen=True)
+class _Active:
+    """A routed request this replica accepted and is serving."""
+
+    reply: str
+    stream: RequestStream
+    deadline: float  # epoch seconds; 0 = none
 
 
 def default_replica_id() -> str:
@@ -65,7 +84,11 @@ class ReplicaPuller:
         heartbeat_s: float = 0.5,
         max_waiting: int | None = None,
         batch: int = 16,
+        dead_after_s: float = 3.0,
+        reclaim_every_s: float = 1.0,
     ):
+        """`dead_after_s`: a replica whose heartbeat is older is dead (as the router judges it), and
+        its taken requests idle that long are reclaimed, looked for every `reclaim_every_s`."""
         self.replica = replica
         self.r = r
         self.address = address
@@ -73,8 +96,12 @@ class ReplicaPuller:
         cfg = replica.engine.config
         self.max_waiting = max_waiting if max_waiting is not None else max(4, cfg.max_num_seqs // 2)
         self.batch = batch
+        self.dead_after_s = dead_after_s
+        self.reclaim_every_s = reclaim_every_s
         self.consumer = replica.replica_id
-        self.active: dict[str, tuple[str, RequestStream]] = {}  # request id -> (reply key, stream)
+        self.active: dict[str, _Active] = {}  # request id -> what serves it
+        self._backlog = True  # first re-read what this consumer took before a restart
+        self._next_reclaim = 0.0
         self._lock = threading.Lock()
         self._out: queue.SimpleQueue[tuple[str, Outcome] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -140,51 +167,122 @@ class ReplicaPuller:
                 self._stop.wait(0.01)
                 continue
             try:
-                resp = self._reads.run(self._take(n))
+                taken = self._claim_orphans(n) or self._read(n)
+                if taken:
+                    failpoints.hit("inference.routed_taken", replica=self.consumer)
+                for entry_id, fields in taken:
+                    self._process(entry_id, fields)
             except redis.ResponseError as exc:  # the group vanished (FLUSHDB): recreate it
-                log.warning("xreadgroup failed (%s); recreating the consumer group", exc)
+                log.warning("reading routed requests failed (%s); recreating the consumer group", exc)
                 ensure_group(self.r)
-                continue
             except redis.RedisError:
                 log.exception("redis unavailable; retrying")
                 self._stop.wait(1.0)
-                continue
-            for _stream, entries in resp or []:
-                for entry_id, fields in entries:
-                    try:
-                        if self._draining.is_set():  # read while drain began: hand it back to the queue
-                            self.r.xadd(REQUESTS, fields)
-                        else:
-                            self._handle(fields)
-                    finally:
-                        self.r.xack(REQUESTS, GROUP, entry_id)
-                        self.r.xdel(REQUESTS, entry_id)
 
-    def _take(self, count: int) -> Callable[[redis.Redis], Any]:
-        """A read of up to `count` new routed requests, blocking up to 0.5 s for the first."""
-        return lambda r: r.xreadgroup(GROUP, self.consumer, {REQUESTS: ">"}, count=count, block=500)
+    def _read(self, count: int) -> Taken:
+        """Up to `count` requests: first those this consumer took before a restart (its own pending
+        list), then new ones, blocking up to 0.5 s for the first."""
+        backlog = self._backlog
+        resp = self._reads.run(
+            lambda r: r.xreadgroup(
+                GROUP,
+                self.consumer,
+                {REQUESTS: "0" if backlog else ">"},
+                count=count,
+                block=None if backlog else 500,
+            )
+        )
+        taken = [entry for _stream, entries in resp or [] for entry in entries]
+        if backlog and not taken:
+            self._backlog = False
+        return taken
 
-    def _handle(self, fields: Fields) -> None:
+    def _claim_orphans(self, count: int) -> Taken:
+        """Requests taken by replicas whose heartbeat expired, idle past the lease: XCLAIM them.
+        The claim resets their idle time, so of several replicas claiming at once one wins each."""
+        now = time.monotonic()
+        if now < self._next_reclaim:
+            return []
+        self._next_reclaim = now + self.reclaim_every_s
+        lease_ms = int(self.dead_after_s * 1000)
+        pending = self.r.xpending_range(REQUESTS, GROUP, "-", "+", max(64, 4 * count), idle=lease_ms)
+        if not pending:
+            return []
+        live = {info.replica_id for info in live_replicas(self.r, self.dead_after_s)} | {self.consumer}
+        orphans = [p["message_id"] for p in pending if p["consumer"] not in live][:count]
+        if not orphans:
+            return []
+        claimed: Taken = self.r.xclaim(REQUESTS, GROUP, self.consumer, lease_ms, orphans)
+        if claimed:
+            log.warning("reclaimed %d routed requests taken by replicas that died", len(claimed))
+        return claimed
+
+    def _process(self, entry_id: str, fields: Fields | None) -> None:
+        """Serve (or, while draining, hand back) one taken entry, then drop it from the stream."""
+        try:
+            if self._draining.is_set():  # read while drain began: hand it back to the queue
+                if fields:
+                    self.r.xadd(REQUESTS, fields)
+            else:
+                self._handle(fields)
+        finally:
+            self.r.xack(REQUESTS, GROUP, entry_id)
+            self.r.xdel(REQUESTS, entry_id)
+
+    def _handle(self, fields: Fields | None) -> None:
         entry = RoutedEntry.from_fields(fields)
-        if entry is None or self.r.exists(cancelled_key(entry.request_id)):
+        if entry is None or self.r.exists(cancelled_key(entry.request_id), accepted_key(entry.request_id)):
+            return  # nothing to answer, cancelled, or accepted already (a reclaimed request)
+        if entry.expired():
+            self._post(
+                entry.reply, error_fields("DEADLINE_EXCEEDED", "the request's deadline passed in the queue")
+            )
             return
         try:
-            stream = self.replica.submit(entry.decode(), sink=self._sink)
+            request = entry.decode()
+            if fields and self._route_elsewhere(request, fields):
+                return
+            self.replica.prepare(request)
+            self._start(entry, request)
         except TokenmillError as exc:
             self._post(entry.reply, error_fields(exc.code, exc.message))
-            return
         except Exception as exc:
             log.exception("could not start routed request %s", entry.request_id)
             self._post(entry.reply, error_fields("INTERNAL", f"replica failed to start it: {exc}"))
-            return
+
+    def _route_elsewhere(self, request: Any, fields: Fields) -> bool:
+        """Hand back a request for a model another live replica serves and this one does not."""
+        selector = Selector.parse(request.model)
+        if selector is None or selector.matches(self.replica.loaded.served):
+            return False
+        others = live_replicas(self.r, self.dead_after_s)
+        if not any(selector.matches(info.served) for info in others if info.replica_id != self.consumer):
+            return False  # nobody serves it: prepare() answers NOT_FOUND
+        self.r.xadd(REQUESTS, fields)
+        self._stop.wait(0.05)  # let a replica that serves it take it
+        return True
+
+    def _start(self, entry: RoutedEntry, request: Any) -> None:
+        """Submit to the engine and post the acceptance through the fence. The lock keeps the
+        forwarder from seeing this request's outputs before the fence decided: none precedes
+        `accepted`, none is lost, and a request another replica accepted is cancelled here."""
         with self._lock:
-            self.active[entry.request_id] = (entry.reply, stream)
-        accepted = Accepted(
-            replica=self.consumer,
-            prompt_token_ids=stream.request.prompt_token_ids,
-            max_tokens=stream.request.params.max_tokens,  # resolved (0 = server default on the wire)
-        )
-        self._post(entry.reply, accepted_fields(accepted))
+            stream = self.replica.submit(request, sink=self._sink)
+            accepted = Accepted(
+                replica=self.consumer,
+                prompt_token_ids=stream.request.prompt_token_ids,
+                max_tokens=stream.request.params.max_tokens,  # resolved (0 = server default on the wire)
+            )
+            try:
+                won = post_acceptance(self.r, entry, accepted)
+            except BaseException:
+                stream.cancel()
+                raise
+            if not won:
+                log.info("request %s was accepted elsewhere or cancelled; not serving it", entry.request_id)
+                stream.cancel()
+                return
+            self.active[entry.request_id] = _Active(entry.reply, stream, entry.deadline)
 
     def _post(self, reply: str, fields: Fields) -> None:
         pipe = self.r.pipeline(transaction=False)
@@ -225,7 +323,7 @@ class ReplicaPuller:
                     entry = self.active.get(rid)
                 if entry is None:
                     continue
-                if item is None or self._forward(pipe, entry[0], item):
+                if item is None or self._forward(pipe, entry.reply, item):
                     done.append(rid)
             try:
                 pipe.execute()
@@ -252,8 +350,16 @@ class ReplicaPuller:
     def heartbeat(self) -> None:
         stats = self.replica.aengine.stats()
         publish_heartbeat(
-            self.r, ReplicaInfo.from_stats(self.consumer, self.address, self.replica.loaded.ref, stats)
+            self.r, ReplicaInfo.from_stats(self.consumer, self.address, self.replica.loaded.served, stats)
         )
+
+    def cancel_expired(self) -> None:
+        """Cancel routed requests past their deadline (blocks freed even if the router is gone)."""
+        now = time.time()
+        with self._lock:
+            late = [a.stream for a in self.active.values() if a.deadline and now >= a.deadline]
+        for stream in late:
+            stream.cancel()
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.is_set():
@@ -262,6 +368,7 @@ class ReplicaPuller:
                     self.heartbeat()
                 except redis.RedisError:
                     log.warning("heartbeat failed", exc_info=True)
+            self.cancel_expired()
             self._stop.wait(self.heartbeat_s)
 
     def _cancel_loop(self) -> None:
@@ -279,4 +386,4 @@ class ReplicaPuller:
             with self._lock:
                 entry = self.active.get(rid)
             if entry is not None:
-                entry[1].cancel()
+                entry.stream.cancel()
