@@ -36,6 +36,7 @@ FAILPOINTS: dict[str, str] = {
     "checkpoint.after_manifest": "store: the manifest is published, the upload session not yet closed",
     "trainer.after_step": "trainer worker: an optimizer step finished (context: step, rank, attempt)",
     "trainer.loss": "trainer worker: a step's loss is computed (trigger = make it NaN; context as above)",
+    "ingest.phase_done": "ingest run: a phase finished (context: phase = filter|dedup|pack|publish)",
     "inference.routed_taken": "replica: routed requests taken from the stream, not yet accepted (context: replica)",
 }
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tokenmill.common import failpoints
 from tokenmill.common.data.dataset import MANIFEST
 from tokenmill.common.errors import AlreadyExists
 from tokenmill.common.ingest import phases, workspace
@@ -77,9 +78,14 @@ def run_ingest(
             input_roots=input_roots,
         )
         phases.read_and_filter(state)
+        failpoints.hit("ingest.phase_done", phase="filter")
         phases.near_dedup(state)
+        failpoints.hit("ingest.phase_done", phase="dedup")
         phases.tokenize_and_pack(state)
-        return phases.publish(state)
+        failpoints.hit("ingest.phase_done", phase="pack")
+        manifest = phases.publish(state)
+        failpoints.hit("ingest.phase_done", phase="publish")
+        return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
