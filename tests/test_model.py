@@ -87,6 +87,24 @@ def test_preset_sizes_and_param_count():
     cfg = preset("test-1m", tie_embeddings=False)
     assert count_parameters(Transformer(cfg)) == cfg.num_params()
     assert count_parameters(Transformer(PRESETS["test-1m"])) == PRESETS["test-1m"].num_params()
+    for biased in (
+        preset("test-1m", qkv_bias=True, o_proj_bias=True, mlp_bias=True),
+        preset("test-1m", model_type="qwen2", qkv_bias=True),
+    ):
+        model = Transformer(biased)
+        assert count_parameters(model) == biased.num_params()
+        assert all(
+            not p.any() for n, p in model.named_parameters() if n.endswith(".bias")
+        )  # biases start at 0
+
+
+def test_family_bias_combinations_are_checked():
+    with pytest.raises(ValueError, match="qwen2"):
+        ModelConfig(**SMALL, model_type="qwen2")  # Qwen2 always has q/k/v biases
+    with pytest.raises(ValueError, match="llama"):
+        ModelConfig(**SMALL, qkv_bias=True)  # Llama's attention_bias covers o_proj too
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        ModelConfig(**SMALL, model_type="gpt2")
 
 
 @pytest.mark.parametrize(

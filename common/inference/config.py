@@ -30,6 +30,17 @@ def model_config_from_dict(cfg: dict[str, Any]) -> ModelConfig:
         raise InvalidArgument(f"model config is not a Llama-family config: {exc}") from None
 
 
+def parse_eos_token_ids(value: Any) -> tuple[int, ...]:
+    """A config's `eos_token_id` as a tuple: HF allows none, one id or a list (Llama 3 lists several,
+    and generation stops on any of them)."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list | tuple) else [value]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in items):
+        raise InvalidArgument(f"eos_token_id must be a token id or a list of them, got {value!r}")
+    return tuple(dict.fromkeys(items))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything the paged forward needs to know about a Llama-family model."""
@@ -52,8 +63,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelSpec:
         mc = model_config_from_dict(cfg)
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
+        eos_ids = parse_eos_token_ids(cfg.get("eos_token_id"))
         return cls.from_model_config(mc, eos_token_ids=eos_ids, quantization=cfg.get("quantization") or None)
 
     @classmethod
@@ -61,7 +71,7 @@ class ModelSpec:
         cls, mc: ModelConfig, *, eos_token_ids: tuple[int, ...] | None = None, quantization=None
     ) -> ModelSpec:
         if eos_token_ids is None:
-            eos_token_ids = () if mc.eos_token_id is None else (int(mc.eos_token_id),)
+            eos_token_ids = parse_eos_token_ids(mc.eos_token_id)
         return cls(
             config=mc,
             vocab_size=mc.vocab_size,

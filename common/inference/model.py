@@ -1,4 +1,4 @@
-"""The Llama-family decoder as a paged-attention forward over checkpoint tensors.
+"""The Llama-family decoder (Llama, Qwen2, Mistral) as a paged-attention forward over checkpoint tensors.
 
 Parameter names are Hugging Face `LlamaForCausalLM`'s (what `tokenmill.common.model.transformer` saves), weights may be
 dense or weight-only quantized (`tokenmill.common.model.quant`), q/k/v and gate/up are fused into one matmul each.
@@ -19,6 +19,7 @@ from torch import nn
 from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.inference.config import ModelSpec
 from tokenmill.common.inference.lora import LoraBatch
+from tokenmill.common.model.families import Biases
 from tokenmill.common.model.quant import QuantLinear, concat_linears, make_linear
 from tokenmill.common.model.transformer import rope_inv_freq
 
@@ -79,28 +80,53 @@ def _load(
     return tensors[name].to(device=device, dtype=dtype)
 
 
+class BiasedLinear(QuantLinear):
+    """A (possibly quantized, possibly fused) linear layer plus a dense bias (Qwen2's q/k/v)."""
+
+    def __init__(self, inner: QuantLinear, bias: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.bias = nn.Parameter(bias, requires_grad=False)
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + self.bias
+
+    def weight_bytes(self) -> int:
+        return self.inner.weight_bytes() + self.bias.numel() * self.bias.element_size()
+
+
 class DecoderLayer(nn.Module):
-    """One decoder layer's weights: norms, fused qkv, o, fused gate/up, down."""
+    """One decoder layer's weights: norms, fused qkv, o, fused gate/up, down (biases as configured)."""
 
     def __init__(
-        self, tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype, device: torch.device
+        self,
+        tensors: dict[str, torch.Tensor],
+        prefix: str,
+        biases: Biases,
+        dtype: torch.dtype,
+        device: torch.device,
     ):
         super().__init__()
 
-        def linear(name: str) -> QuantLinear:
-            return make_linear(tensors, prefix + name, dtype=dtype, device=device)
+        def fused(names: tuple[str, ...], bias: bool) -> QuantLinear:
+            parts = [make_linear(tensors, prefix + n, dtype=dtype, device=device) for n in names]
+            layer = parts[0] if len(parts) == 1 else concat_linears(parts)
+            if not bias:
+                return layer
+            return BiasedLinear(
+                layer, torch.cat([_load(tensors, f"{prefix}{n}.bias", dtype, device) for n in names])
+            )
 
         def norm(name: str) -> nn.Parameter:
             return nn.Parameter(_load(tensors, prefix + name, dtype, device), requires_grad=False)
 
         self.input_norm = norm("input_layernorm.weight")
         self.post_norm = norm("post_attention_layernorm.weight")
-        self.qkv = concat_linears(
-            [linear("self_attn.q_proj"), linear("self_attn.k_proj"), linear("self_attn.v_proj")]
-        )
-        self.o = linear("self_attn.o_proj")
-        self.gate_up = concat_linears([linear("mlp.gate_proj"), linear("mlp.up_proj")])
-        self.down = linear("mlp.down_proj")
+        self.qkv = fused(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), biases.qkv)
+        self.o = fused(("self_attn.o_proj",), biases.o_proj)
+        self.gate_up = fused(("mlp.gate_proj", "mlp.up_proj"), biases.mlp)
+        self.down = fused(("mlp.down_proj",), biases.mlp)
 
 
 class PagedLlama(nn.Module):
@@ -123,7 +149,8 @@ class PagedLlama(nn.Module):
                 f"({spec.vocab_size}, {spec.hidden_size})"
             )
         layers = [
-            DecoderLayer(tensors, f"{PREFIX}layers.{i}.", dtype, self.device) for i in range(spec.num_layers)
+            DecoderLayer(tensors, f"{PREFIX}layers.{i}.", spec.config.biases, dtype, self.device)
+            for i in range(spec.num_layers)
         ]
         self.layers = nn.ModuleList(layers)  # registers their weights with this module
         self.decoder_layers: tuple[DecoderLayer, ...] = tuple(layers)  # the same layers, typed
@@ -160,6 +187,9 @@ class PagedLlama(nn.Module):
             + 2 * s.hidden_size
         )
         n = s.vocab_size * s.hidden_size * (1 if self.lm_head is self.embed else 2)
+        b = s.config.biases
+        per_layer += (self.q_size + 2 * self.kv_size) * b.qkv + s.hidden_size * b.o_proj
+        per_layer += (2 * s.intermediate_size + s.hidden_size) * b.mlp
         return n + s.num_layers * per_layer + s.hidden_size
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -142,52 +143,77 @@ class ModelRunner:
             meta.valid = valid.to(dev)
         return meta
 
+    def _flatten(self, ordered: Sequence[ScheduledItem]) -> tuple[_StepInputs, list[int]]:
+        """The step's tokens as flat lists, and the rows whose logits are sampled: the last row of each
+        item that reaches the end of its request's tokens (a partial prefill chunk samples nothing)."""
+        bs = self.block_size
+        step = _StepInputs([], [], [], [])
+        sampled: list[int] = []
+        for i, it in enumerate(ordered):
+            req, start, n = it.request, it.request.num_computed_tokens, it.num_tokens
+            table = self.blocks.table(req.request_id)
+            step.ids.extend(req.all_token_ids[start : start + n])
+            rng = range(start, start + n)
+            step.pos.extend(rng)
+            step.slots.extend(table[p // bs] * bs + p % bs for p in rng)
+            if start + n == req.num_tokens:
+                step.logits_rows.append(len(step.ids) - 1)
+                sampled.append(i)
+        return step, sampled
+
+    def _lora_batch(
+        self, ordered: Sequence[ScheduledItem], adapters: dict[str, LoraAdapter]
+    ) -> LoraBatch | None:
+        """Rows of each adapter's requests in the flat batch; None when no request uses one."""
+        if not any(it.request.adapter for it in ordered):
+            return None
+        groups: dict[str, list[int]] = {}
+        row = 0
+        for it in ordered:
+            if it.request.adapter:
+                groups.setdefault(it.request.adapter, []).extend(range(row, row + it.num_tokens))
+            row += it.num_tokens
+        dev = self.device
+        return LoraBatch(
+            [(adapters[name], torch.tensor(rows, device=dev)) for name, rows in groups.items()],
+            self.lora_slices,
+        )
+
+    def _graph_decode(self, decodes: Sequence[ScheduledItem], step: _StepInputs) -> torch.Tensor | None:
+        """Replay (capturing on first use) the decode graph for this batch; None when no bucket fits."""
+        tables = self._tables([it.request for it in decodes])
+        b = _bucket(len(decodes), self.graph_batches)
+        w = _bucket(tables.shape[1], self.graph_widths)
+        if b is None or w is None:
+            return None
+        ctx = [it.request.num_computed_tokens + 1 for it in decodes]
+        packed = torch.tensor([step.ids, step.pos, step.slots, ctx], dtype=torch.long)
+        graph = self.graphs.get((b, w))
+        if graph is None:
+            graph = self.graphs[(b, w)] = _DecodeGraph(self, b, w, self.graph_pool, self.capture_graphs)
+        return graph.run(packed, tables)
+
     @torch.inference_mode()
     def execute(
         self, items: Sequence[ScheduledItem], adapters: dict[str, LoraAdapter]
     ) -> tuple[torch.Tensor, list[int]]:
-        """Run the step; returns (logits [n_sampling, V], positions in `items` of the sampling rows)."""
+        """Run the step; returns (logits [n_sampling, V], positions in `items` of the sampling rows).
+
+        A step may have no sampling rows (only partial prefill chunks, e.g. a long prompt alone): the
+        forward still runs for its KV writes and the logits have zero rows."""
         decodes = [it for it in items if it.num_tokens == 1]
         prefills = [it for it in items if it.num_tokens > 1]
         ordered = decodes + prefills
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        logits_rows: list[int] = []
-        sample_items: list[int] = []
+        step, sampled = self._flatten(ordered)
         index_of = {id(it): i for i, it in enumerate(items)}
-        for it in ordered:
-            req, start, n = it.request, it.request.num_computed_tokens, it.num_tokens
-            toks = req.all_token_ids
-            table = self.blocks.table(req.request_id)
-            ids.extend(toks[start : start + n])
-            rng = range(start, start + n)
-            pos.extend(rng)
-            slots.extend(table[p // bs] * bs + p % bs for p in rng)
-            if start + n == req.num_tokens:
-                logits_rows.append(len(ids) - 1)
-                sample_items.append(index_of[id(it)])
-        dev = self.device
-        t_ids = torch.tensor(ids, dtype=torch.long)
-        t_pos = torch.tensor(pos, dtype=torch.long)
-        t_slots = torch.tensor(slots, dtype=torch.long)
+        # `sampled` follows the decode-first order; map it back to positions in the caller's `items`.
+        sample_items = [index_of[id(ordered[i])] for i in sampled]
         uses_lora = any(it.request.adapter for it in items)
-
         if decodes and not prefills and self.use_graphs and not uses_lora:
-            tables = self._tables([it.request for it in decodes])
-            b = _bucket(len(decodes), self.graph_batches)
-            w = _bucket(tables.shape[1], self.graph_widths)
-            if b is not None and w is not None:
-                ctx = [it.request.num_computed_tokens + 1 for it in decodes]
-                packed = torch.tensor([ids, pos, slots, ctx], dtype=torch.long)
-                graph = self.graphs.get((b, w))
-                if graph is None:
-                    graph = self.graphs[(b, w)] = _DecodeGraph(
-                        self, b, w, self.graph_pool, self.capture_graphs
-                    )
-                return graph.run(packed, tables), sample_items
-
+            logits = self._graph_decode(decodes, step)
+            if logits is not None:
+                return logits, sample_items
+        dev = self.device
         decode = None
         if decodes:
             decode = DecodeMeta(
@@ -195,27 +221,26 @@ class ModelRunner:
                 ctx=torch.tensor([it.request.num_computed_tokens + 1 for it in decodes], device=dev),
             )
         prefill = self._prefill_meta(prefills, dev) if prefills else None
-        meta = AttnMeta(t_slots.to(dev, non_blocking=True), len(decodes), decode, prefill)
-        lora = None
-        if uses_lora:
-            groups: dict[str, list[int]] = {}
-            row = 0
-            for it in ordered:
-                if it.request.adapter:
-                    groups.setdefault(it.request.adapter, []).extend(range(row, row + it.num_tokens))
-                row += it.num_tokens
-            lora = LoraBatch(
-                [(adapters[name], torch.tensor(rows, device=dev)) for name, rows in groups.items()],
-                self.lora_slices,
-            )
+        slots = torch.tensor(step.slots, dtype=torch.long).to(dev, non_blocking=True)
+        meta = AttnMeta(slots, len(decodes), decode, prefill)
         logits = self.model(
-            t_ids.to(dev),
-            t_pos.to(dev),
+            torch.tensor(step.ids, dtype=torch.long, device=dev),
+            torch.tensor(step.pos, dtype=torch.long, device=dev),
             meta,
             self.kv_caches,
-            bs,
-            logits_indices=torch.tensor(logits_rows, device=dev),
-            lora=lora,
+            self.block_size,
+            # int64 even when empty: torch.tensor([]) is float32, which is not a valid index.
+            logits_indices=torch.tensor(step.logits_rows, dtype=torch.long, device=dev),
+            lora=self._lora_batch(ordered, adapters),
         )
-        # `sample_items` follows the decode-first order; map back to the caller's item order.
         return logits, sample_items
+
+
+@dataclass
+class _StepInputs:
+    """One step's tokens flattened decode-first: ids, positions, KV slots, and rows to sample."""
+
+    ids: list[int]
+    pos: list[int]
+    slots: list[int]
+    logits_rows: list[int]

@@ -43,9 +43,15 @@ class Tokenizer:
             limits.append(max_tokens * self.max_token_bytes)
         return min(limits, default=None)
 
-    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
-        """Token ids of `text`; INVALID_ARGUMENT, before tokenizing, when it is over
-        `prompt_byte_limit(max_tokens)` (pass the context length as `max_tokens`)."""
+    def encode(
+        self, text: str, max_tokens: int | None = None, *, add_special_tokens: bool = True
+    ) -> list[int]:
+        """Token ids of `text` as HF's tokenizer gives them by default: the tokenizer.json's
+        post-processor adds its special tokens (Llama's BOS; a plain byte-level BPE adds none), so the
+        model sees what it was trained on and outputs match HF and vLLM. Pass
+        `add_special_tokens=False` for text that already carries them (a rendered chat template).
+        INVALID_ARGUMENT, before tokenizing, when `text` is over `prompt_byte_limit(max_tokens)`
+        (pass the context length as `max_tokens`)."""
         limit = self.prompt_byte_limit(max_tokens)
         if limit is not None and len(text) * 4 > limit:  # a character is at most 4 bytes
             size = len(text.encode("utf-8", "surrogatepass"))
@@ -55,7 +61,7 @@ class Tokenizer:
                     f"the prompt is {size} bytes; this model accepts at most {limit} bytes{context} "
                     f"(its longest token is {self.max_token_bytes} bytes): shorten the prompt"
                 )
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)

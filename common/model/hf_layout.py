@@ -1,8 +1,8 @@
 """Export checkpoints to, and import them from, the Hugging Face model layout.
 
-The layout is a directory with ``config.json`` (a ``LlamaConfig``), ``model.safetensors`` (or
+The layout is a directory with ``config.json`` (a Llama, Qwen2 or Mistral config), ``model.safetensors`` (or
 sharded ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) and
-``tokenizer.json``; ``transformers`` loads it as ``LlamaForCausalLM``. Parameter names need no
+``tokenizer.json``; ``transformers`` loads it as e.g. ``LlamaForCausalLM``. Parameter names need no
 mapping: `tokenmill.common.model.transformer` uses HF's names. Weights are read only from safetensors: a directory that
 has only ``pytorch_model.bin`` is refused rather than unpickled.
 """
@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tokenmill.common import errors
+from tokenmill.common.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from tokenmill.common.clients.checkpoint import CheckpointClient
@@ -44,7 +45,7 @@ def hf_config_from_manifest(config: Mapping[str, Any], files: Mapping[str, bytes
         raise errors.FailedPrecondition(
             "checkpoint has no model config and no config.json file; it cannot be exported to the HF layout"
         )
-    if "model_type" in config:
+    if "num_hidden_layers" in config:  # already an HF config.json (ModelConfig says num_layers)
         return dict(config)
     from tokenmill.common.model.transformer import ModelConfig
 
@@ -55,13 +56,42 @@ def hf_config_from_manifest(config: Mapping[str, Any], files: Mapping[str, bytes
 
 
 def model_config_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """The tokenmill model config for an imported HF config (falls back to the HF dict itself)."""
-    try:
-        from tokenmill.common.model.transformer import ModelConfig
+    """The tokenmill model config for an imported HF config; InvalidArgument names the field of
+    anything outside the supported families (never stored as-is to fail or run wrong later)."""
+    from tokenmill.common.model.transformer import ModelConfig
 
-        return ModelConfig.from_hf_config(dict(hf)).to_dict()
-    except (ImportError, KeyError, TypeError, ValueError):
-        return dict(hf)
+    return ModelConfig.from_hf_config(dict(hf)).to_dict()
+
+
+# Buffers some HF checkpoints save that the model recomputes from the config.
+_RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def check_tensors(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    """InvalidArgument unless `tensors` are exactly the model's parameters (names and shapes):
+    a tensor the model would not read means a feature it would silently ignore."""
+    from tokenmill.common.model.transformer import ModelConfig, Transformer
+
+    cfg = ModelConfig.from_dict(dict(config))
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    unused = sorted(k for k in tensors if k not in expected and not k.endswith(_RECOMPUTED_SUFFIXES))
+    if unused:
+        raise InvalidArgument(
+            f"{len(unused)} tensor(s) that a {cfg.model_type} model with this config.json does not use: "
+            f"{unused[:8]}; importing would silently drop them"
+        )
+    missing = sorted(set(expected) - set(tensors) - optional)
+    if missing:
+        raise InvalidArgument(f"{len(missing)} tensor(s) missing from the checkpoint: {missing[:8]}")
+    wrong = [
+        f"{k} {tuple(tensors[k].shape)} != {shape}"
+        for k, shape in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != shape
+    ]
+    if wrong:
+        raise InvalidArgument(f"tensor shapes do not match config.json: {wrong[:8]}")
 
 
 def write_hf_dir(
@@ -148,13 +178,16 @@ def import_hf(
     labels: Mapping[str, str] | None = None,
     idempotency_key: str = "",
 ) -> Any:
-    """Store an HF directory as a new version of `name` (config.json and tokenizer files kept)."""
+    """Store an HF directory as a new version of `name` (config.json and tokenizer files kept).
+    Everything is checked before anything is stored: an unsupported model raises InvalidArgument."""
     tensors, hf, files = read_hf_dir(in_dir)
+    config = model_config_from_hf(hf)
+    check_tensors(config, tensors)
     return client.save(
         name,
         tensors,
         files=files,
-        config=model_config_from_hf(hf),
+        config=config,
         lineage={"parent": f"hf:{Path(in_dir).name}"},
         labels=dict(labels or {}),
         tags=tags,

@@ -1,7 +1,8 @@
 """The Llama-family decoder shared by training, compression and inference.
 
 Readable in the spirit of nanoGPT: one file, plain modules. Parameter names and layouts equal
-Hugging Face ``LlamaForCausalLM`` state_dict keys, so checkpoints move between the two without a
+Hugging Face ``LlamaForCausalLM`` state_dict keys (and Qwen2's and Mistral's, which differ only in
+biases and attention variants: `tokenmill.common.model.families`), so checkpoints move between the two without a
 conversion table and a test can compare logits directly. The pieces an inference engine needs to run
 its own (paged) attention are exposed: :func:`rope_cos_sin`, :func:`apply_rope` and
 :meth:`Attention.project_qkv` / ``o_proj``.
@@ -19,6 +20,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenmill.common.errors import InvalidArgument
+from tokenmill.common.model.families import (
+    Biases,
+    check_sliding_window,
+    family,
+    family_of_hf,
+    hf_rope,
+)
 
 IGNORE_INDEX = -100  # label value excluded from the loss (SFT prompt tokens, padding)
 
@@ -43,7 +53,12 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # as HF gives it: one id or all of them
+    # The family (tokenmill.common.model.families) and which projections add a bias.
+    model_type: str = "llama"
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # carried through, never interpreted
 
     def __post_init__(self) -> None:
@@ -52,6 +67,18 @@ class ModelConfig:
     @property
     def dim_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def biases(self) -> Biases:
+        return Biases(qkv=self.qkv_bias, o_proj=self.o_proj_bias, mlp=self.mlp_bias)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation (HF's eos_token_id may be one id or a list)."""
+        eos = self.eos_token_id
+        if eos is None:
+            return ()
+        return tuple(int(e) for e in eos) if isinstance(eos, list | tuple) else (int(eos),)
 
     def validate(self) -> None:
         """Raise ValueError naming the field when the shapes cannot form a model."""
@@ -74,13 +101,15 @@ class ModelConfig:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind not in ("linear", "llama3", "default"):
                 raise ValueError(f"rope_scaling type {kind!r} unsupported; use 'linear' or 'llama3'")
+        family(self.model_type).check_biases(self.biases)
 
     # -- parameter / FLOP accounting ------------------------------------------------------------
     def num_params(self, *, non_embedding: bool = False) -> int:
         """Exact parameter count of :class:`Transformer` (tied embeddings counted once)."""
         h, d, kv = self.hidden_size, self.dim_head, self.num_kv_heads
         attn = h * self.num_heads * d * 2 + h * kv * d * 2
-        mlp = 3 * h * self.intermediate_size
+        attn += (self.num_heads + 2 * kv) * d * self.qkv_bias + h * self.o_proj_bias
+        mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * self.mlp_bias
         per_layer = attn + mlp + 2 * h
         embed = self.vocab_size * h
         head = 0 if self.tie_embeddings else self.vocab_size * h
@@ -112,7 +141,7 @@ class ModelConfig:
         return ModelConfig.from_dict({**self.to_dict(), **overrides})
 
     def to_hf_config(self) -> dict[str, Any]:
-        """A ``config.json`` dict that ``transformers.LlamaConfig`` reads (old and new rope keys)."""
+        """A ``config.json`` dict that transformers reads as this family (old and new rope keys)."""
         rope_params: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         scaling = None
         if self.rope_scaling is not None:
@@ -120,9 +149,10 @@ class ModelConfig:
             body = {k: v for k, v in self.rope_scaling.items() if k not in ("type", "rope_type")}
             scaling = {"rope_type": kind, "type": kind, **body}
             rope_params = {"rope_theta": self.rope_theta, "rope_type": kind, **body}
+        fam = family(self.model_type)
         cfg: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [fam.architecture],
+            "model_type": fam.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -137,8 +167,8 @@ class ModelConfig:
             "rope_parameters": rope_params,
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
+            **fam.hf_bias_fields(self.biases),
+            **({"sliding_window": None, "use_sliding_window": False} if fam.has_sliding_window else {}),
             "initializer_range": self.init_std,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
@@ -148,42 +178,45 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """Read a Llama ``config.json`` (transformers 4.x ``rope_scaling`` or 5.x ``rope_parameters``)."""
+        """Read a ``config.json`` of a supported family (transformers 4.x ``rope_scaling`` or 5.x
+        ``rope_parameters``). InvalidArgument names the field of anything this code cannot run."""
+        fam = family_of_hf(cfg)
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} unsupported; only SwiGLU ('silu')")
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ValueError("attention_bias/mlp_bias are not supported by this model family")
-        params = cfg.get("rope_parameters") or {}
-        theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        scaling = cfg.get("rope_scaling") or None
-        if scaling is None and params.get("rope_type", "default") != "default":
-            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            body = {k: v for k, v in scaling.items() if k not in ("type", "rope_type", "rope_theta")}
-            scaling = None if kind in (None, "default") else {"type": kind, **body}
-        heads = int(cfg["num_attention_heads"])
-        head_dim = cfg.get("head_dim")
-        if head_dim is not None and int(head_dim) * heads == int(cfg["hidden_size"]):
-            head_dim = None  # the default; keep configs canonical so round trips compare equal
-        eos = cfg.get("eos_token_id")
-        return cls(
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=None if head_dim is None else int(head_dim),
-            max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            init_std=float(cfg.get("initializer_range", 0.02)),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=eos if not isinstance(eos, list) else (eos[0] if eos else None),
-        )
+            raise InvalidArgument(f"hidden_act={cfg.get('hidden_act')!r} is not supported; only 'silu'")
+        try:
+            heads = int(cfg["num_attention_heads"])
+            head_dim = cfg.get("head_dim")
+            if head_dim is not None and int(head_dim) * heads == int(cfg["hidden_size"]):
+                head_dim = None  # the default; keep configs canonical so round trips compare equal
+            context = int(cfg.get("max_position_embeddings", 2048))
+            check_sliding_window(fam, cfg, context)
+            biases = fam.biases(cfg)
+            theta, scaling = hf_rope(cfg)
+            return cls(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=int(cfg["hidden_size"]),
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=None if head_dim is None else int(head_dim),
+                max_seq_len=context,
+                rope_theta=theta,
+                rope_scaling=scaling,
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                init_std=float(cfg.get("initializer_range", 0.02)),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_id=cfg.get("eos_token_id"),
+                model_type=fam.model_type,
+                qkv_bias=biases.qkv,
+                o_proj_bias=biases.o_proj,
+                mlp_bias=biases.mlp,
+            )
+        except KeyError as exc:
+            raise InvalidArgument(f"config.json lacks the field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"config.json is not a valid {fam.model_type} config: {exc}") from None
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -309,10 +342,11 @@ class Attention(nn.Module):
             config.dim_head,
         )
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        qkv, o = config.qkv_bias, config.o_proj_bias
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=qkv)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=o)
 
     def project_qkv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -342,9 +376,10 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -393,11 +428,13 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """nanoGPT/GPT-2 init: N(0, std), residual projections scaled by 1/sqrt(2L), norms 1."""
+        """nanoGPT/GPT-2 init: N(0, std), residual projections scaled by 1/sqrt(2L), norms 1, biases 0."""
         std = self.config.init_std
         resid_std = std / math.sqrt(2 * self.config.num_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=resid_std)

@@ -16,6 +16,7 @@ import torch
 
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tokenmill.common.inference import LoraAdapter, Tokenizer
+from tokenmill.common.inference.config import parse_eos_token_ids
 from tokenmill.common.runtime.proto_struct import struct_to_dict
 from tokenmill.services.inference.dispatch.selector import Served
 
@@ -55,12 +56,13 @@ def load_model(client, ref: str, *, max_prompt_bytes: int | None = None) -> Load
         raise FailedPrecondition(f"checkpoint {version.ref} has no model config; it cannot be served")
     tensors = client.load(version.ref)
     tensors = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "optimizer."))}
-    files = {f.name for f in version.manifest.files}
+    names = {f.name for f in version.manifest.files} & {"tokenizer.json", "generation_config.json"}
+    files = client.load_files(version.ref, sorted(names)) if names else {}
+    if "generation_config.json" in files:
+        config = with_generation_eos(config, files["generation_config.json"])
     tokenizer = None
     if "tokenizer.json" in files:
-        tokenizer = Tokenizer.from_json(
-            client.load_files(version.ref, ["tokenizer.json"])["tokenizer.json"], max_prompt_bytes
-        )
+        tokenizer = Tokenizer.from_json(files["tokenizer.json"], max_prompt_bytes)
     else:
         log.warning(
             "checkpoint %s has no tokenizer.json: only prompt_token_ids requests will work", version.ref
@@ -68,6 +70,20 @@ def load_model(client, ref: str, *, max_prompt_bytes: int | None = None) -> Load
     return LoadedModel(
         version.ref, version.name, tensors, config, tokenizer, resolved_tags(ref, version.tags)
     )
+
+
+def with_generation_eos(config: dict[str, Any], generation_config: bytes) -> dict[str, Any]:
+    """`config` whose `eos_token_id` also lists the generation config's: HF `generate` stops on the
+    generation_config.json ids (Llama 3 Instruct lists end-of-turn there), so the engine must too."""
+    try:
+        extra = parse_eos_token_ids(json.loads(generation_config).get("eos_token_id"))
+    except (ValueError, AttributeError, InvalidArgument) as exc:
+        log.warning("generation_config.json ignored: %s", exc)
+        return config
+    if not extra:
+        return config
+    ids = parse_eos_token_ids(config.get("eos_token_id")) + extra
+    return {**config, "eos_token_id": list(dict.fromkeys(ids))}
 
 
 def resolved_tags(ref: str, stored_tags: Iterable[str]) -> tuple[str, ...]:

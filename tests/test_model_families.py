@@ -1,0 +1,199 @@
+"""Model families, explicitly: Llama (with biases), Qwen2 (tied or not) and Mistral built and saved by
+transformers, imported through the HF layout, equal HF's logits in both our training model and the
+engine's paged prefill, and greedy ids through the engine; anything unsupported is refused at import
+with INVALID_ARGUMENT naming the field, and nothing is stored."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tokenmill.common import errors
+from tokenmill.common.inference import EngineConfig, SamplingParams, build_engine
+from tokenmill.common.inference.config import ModelSpec
+from tokenmill.common.inference.model import AttnMeta, PagedLlama, PrefillMeta
+from tokenmill.common.model.transformer import ModelConfig, Transformer
+from tokenmill.common.runtime.proto_struct import struct_to_dict
+
+transformers = pytest.importorskip("transformers")
+
+CONTEXT = 64
+BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=CONTEXT,
+    bos_token_id=1,
+    eos_token_id=[2, 3],
+)
+CASES = {
+    "llama-attention-mlp-bias": ("Llama", dict(attention_bias=True, mlp_bias=True)),
+    "qwen2-untied": ("Qwen2", dict(tie_word_embeddings=False)),
+    "qwen2-tied": ("Qwen2", dict(tie_word_embeddings=True)),
+    "mistral-no-window": ("Mistral", dict(sliding_window=None)),
+    "mistral-window-at-context": ("Mistral", dict(sliding_window=CONTEXT)),
+}
+
+
+def hf_model(family: str, **overrides):
+    """A random HF model with spread-out weights and non-zero biases (HF initialises biases to 0)."""
+    cfg = getattr(transformers, f"{family}Config")(**{**BASE, **overrides})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            elif p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    return model
+
+
+def engine_prefill_logits(config: dict, tensors: dict[str, torch.Tensor], ids: list[int]) -> torch.Tensor:
+    """The paged model's logits for one prompt prefilled in one chunk (block size 4)."""
+    model = PagedLlama(ModelSpec.from_dict(config), tensors, dtype=torch.float32, device="cpu")
+    n, block = len(ids), 4
+    nblocks = -(-n // block)
+    caches = model.allocate_kv_cache(nblocks, block)
+    ctx = torch.tensor([n])
+    meta = AttnMeta(torch.arange(n), 0, None, PrefillMeta(torch.arange(nblocks)[None], ctx, ctx))
+    with torch.inference_mode():
+        return model(torch.tensor(ids), torch.arange(n), meta, caches, block)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_family_imports_and_equals_hf(ckpt, tmp_path, case):
+    family, overrides = CASES[case]
+    hf = hf_model(family, **overrides)
+    hf.save_pretrained(tmp_path / "hf")
+    ckpt.client.import_hf(tmp_path / "hf", case)
+    stored = ckpt.client.get(case, include_manifest=True)
+    config = struct_to_dict(stored.manifest.config)
+    assert config["model_type"] == family.lower() and config["eos_token_id"] == [2, 3]
+    tensors = ckpt.client.load(stored.ref)
+
+    ids = torch.randint(0, BASE["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits[0]
+    ours = Transformer(ModelConfig.from_dict(config)).eval()
+    missing, unexpected = ours.load_state_dict(tensors, strict=False)
+    assert not unexpected and missing == (["lm_head.weight"] if config["tie_embeddings"] else [])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        engine_prefill_logits(config, tensors, ids[0].tolist()), want, atol=1e-4, rtol=1e-4
+    )
+
+    engine = build_engine(
+        tensors, config, EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=16)
+    )
+    prompts = [ids[0, :n].tolist() for n in (1, 7, 23)]
+    done = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    for prompt, req in zip(prompts, done, strict=True):
+        with torch.no_grad():
+            g = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None)
+        assert req.output_token_ids == g[0, len(prompt) :].tolist()
+
+
+def _saved(tmp_path, family: str, **overrides):
+    src = tmp_path / "hf"
+    hf_model(family, **overrides).save_pretrained(src)
+    return src
+
+
+def _edit_config(src, **changes) -> None:
+    path = src / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _yarn(src) -> None:
+    rope = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0, "original_max_position_embeddings": 32}
+    _edit_config(src, rope_parameters=rope, rope_scaling=rope)
+
+
+def _dynamic(src) -> None:
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    _edit_config(src, rope_parameters=rope, rope_scaling=rope)
+
+
+def _stray_tensor(src) -> None:
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+
+
+REJECTED = {
+    "unknown-architecture": (
+        "Llama",
+        {},
+        lambda src: _edit_config(src, architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox"),
+        "architectures",
+    ),
+    "yarn-rope": ("Llama", {}, _yarn, "rope_type='yarn'"),
+    "dynamic-rope": ("Llama", {}, _dynamic, "rope_type='dynamic'"),
+    "mistral-sliding-window": ("Mistral", dict(sliding_window=16), None, "sliding_window=16"),
+    "qwen2-sliding-window": (
+        "Qwen2",
+        dict(use_sliding_window=True, sliding_window=16, max_window_layers=0),
+        None,
+        "sliding_window=16",
+    ),
+    "qwen2-saved-as-llama": (
+        "Qwen2",
+        {},
+        lambda src: _edit_config(src, architectures=["LlamaForCausalLM"], model_type="llama"),
+        "q_proj.bias",
+    ),
+    "unused-tensor": ("Llama", {}, _stray_tensor, "model.layers.0.self_attn.q_proj.bias"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REJECTED))
+def test_unsupported_config_is_refused_at_import_and_nothing_stored(ckpt, tmp_path, case):
+    family, overrides, edit, field = REJECTED[case]
+    src = _saved(tmp_path, family, **overrides)
+    if edit is not None:
+        edit(src)
+    with pytest.raises(errors.InvalidArgument, match=field.replace("[", r"\[")):
+        ckpt.client.import_hf(src, case)
+    with pytest.raises(errors.NotFound):
+        ckpt.client.get(case)
+    assert ckpt.client.stats().chunks == 0
+
+
+def test_cli_import_prints_the_reason_and_exits_non_zero(ckpt, tmp_path):
+    from click.testing import CliRunner
+
+    from tests.fixtures.checkpoint import TEST_TOKEN
+    from tokenmill.common.cli.main import cli
+
+    src = _saved(tmp_path, "Mistral", sliding_window=16)
+    cfg = tmp_path / "cli.yaml"
+    cfg.write_text(
+        f"data_dir: {tmp_path}\nauth:\n  tokens: ['{TEST_TOKEN}']\n"
+        f"services:\n  checkpoint:\n    port: {ckpt.app.port}\n"
+    )
+    result = CliRunner().invoke(cli, ["--config", str(cfg), "ckpt", "import", str(src), "windowed"])
+    assert result.exit_code != 0
+    assert "INVALID_ARGUMENT" in result.output and "sliding_window=16" in result.output
+    with pytest.raises(errors.NotFound):
+        ckpt.client.get("windowed")
+
+
+def test_config_round_trip_keeps_family_biases_and_all_eos_ids():
+    for family, overrides in CASES.values():
+        hf_cfg = getattr(transformers, f"{family}Config")(**{**BASE, **overrides}).to_dict()
+        ours = ModelConfig.from_hf_config(hf_cfg)
+        assert ours.eos_token_ids == (2, 3) and ours.eos_token_id == [2, 3]
+        again = ModelConfig.from_hf_config(ours.to_hf_config())
+        assert again == ours, family
+        rebuilt = getattr(transformers, f"{family}Config")(**ours.to_hf_config())
+        assert ModelConfig.from_hf_config(rebuilt.to_dict()) == ours, family
