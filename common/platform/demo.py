@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,8 +22,17 @@ TOKENMILL = str(Path(sys.executable).parent / "tokenmill")
 
 class Demo:
     def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
         self.env = {**os.environ, "TOKENMILL_DATA_DIR": str(data_dir)}
         self.timings: list[tuple[str, float]] = []
+
+    def reset(self) -> None:
+        """Start from nothing: a platform a previous run left up (--keep-up) goes down, its state goes."""
+        if self.data_dir.exists():
+            subprocess.call(
+                [TOKENMILL, "down"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            shutil.rmtree(self.data_dir)
 
     def run(self, title: str, *args: str) -> None:
         """Run one CLI verb with its output shown live; stop the demo if it fails."""
@@ -47,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps")
     args = parser.parse_args(argv)
     demo = Demo(Path(args.data_dir))
+    demo.reset()
     stdlib = sysconfig.get_paths()["stdlib"]
     try:
         demo.run("platform up (embedded Redis + 5 services)", "up")
