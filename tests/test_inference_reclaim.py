@@ -15,16 +15,11 @@ from dataclasses import asdict
 
 import pytest
 
-from tests.fixtures.grpc import TEST_TOKEN, make_test_config
-from tests.fixtures.inference import reference_greedy, replica_process
+from tests.fixtures.grpc import TEST_TOKEN
+from tests.fixtures.inference import greedy, reference_greedy, replica_process, wait_for
 from tokenmill.common import errors, failpoints
 from tokenmill.common.clients.base import NO_DEADLINE
-from tokenmill.common.clients.inference import InferenceClient
-from tokenmill.common.redis_conn import connect_url
-from tokenmill.common.runtime import ServiceApp
-from tokenmill.services.inference.convert import SERVICE_NAME, add_inference_servicer
 from tokenmill.services.inference.dispatch import puller as puller_mod
-from tokenmill.services.inference.dispatch.failover import RouterDispatcher
 from tokenmill.services.inference.dispatch.protocol import (
     GROUP,
     REPLICAS,
@@ -36,49 +31,14 @@ from tokenmill.services.inference.dispatch.protocol import (
     reply_key,
 )
 from tokenmill.services.inference.dispatch.selector import Selector, Served
-from tokenmill.services.inference.http_api import HttpFront
-from tokenmill.services.inference.router import RouterServicer
 
 FAST_RECLAIM = {"dead_after_s": 1.0, "reclaim_every_s": 0.2}
 
 
 @pytest.fixture
-def router(redis_url, redis_client, tmp_path):
+def router(start_router, redis_client):
     """A router whose requests without a deadline get 2 s, judging replicas dead after 1 s."""
-    dispatcher = RouterDispatcher(
-        connect_url(redis_url),
-        dead_after_s=1.0,
-        no_replica_timeout_s=30.0,
-        poll_s=0.1,
-        default_deadline_s=2.0,
-    )
-    config = make_test_config(tmp_path)
-    app = ServiceApp("inference", config, port=0, metrics=False)
-    app.add(
-        add_inference_servicer, RouterServicer(dispatcher, client_kwargs={"token": TEST_TOKEN}), SERVICE_NAME
-    )
-    app.start()
-    app.set_serving()
-    client = InferenceClient(f"127.0.0.1:{app.port}", token=TEST_TOKEN)
-    front = HttpFront(dispatcher, config, "127.0.0.1", 0)
-    front.start()
-    yield client, dispatcher, front
-    front.stop()
-    client.close()
-    app.stop(0)
-
-
-def wait_for(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def greedy(**kw):
-    return {"temperature": 0.0, "ignore_eos": True, **kw}
+    return start_router(no_replica_timeout_s=30.0, default_deadline_s=2.0)
 
 
 def fake_heartbeat(redis_client, replica_id: str, *, model: str = "tiny:1", tags=("latest",)) -> None:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,52 +15,19 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.grpc import TEST_TOKEN, make_test_config
-from tests.fixtures.inference import reference_greedy, replica_process
+from tests.fixtures.inference import greedy, reference_greedy, replica_process, wait_for
 from tokenmill.common import errors
 from tokenmill.common.clients.inference import InferenceClient
-from tokenmill.common.redis_conn import connect_url
 from tokenmill.common.runtime import ServiceApp
-from tokenmill.services.inference.convert import SERVICE_NAME, add_inference_servicer
-from tokenmill.services.inference.dispatch.failover import RouterDispatcher
+from tokenmill.services.inference.convert import SERVICE_NAME
 from tokenmill.services.inference.dispatch.protocol import REPLICAS
-from tokenmill.services.inference.http_api import HttpFront
-from tokenmill.services.inference.router import RouterServicer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def router(redis_url, redis_client, tmp_path):
-    dispatcher = RouterDispatcher(
-        connect_url(redis_url), dead_after_s=1.0, no_replica_timeout_s=2.0, poll_s=0.1
-    )
-    config = make_test_config(tmp_path)
-    app = ServiceApp("inference", config, port=0, metrics=False)
-    app.add(
-        add_inference_servicer, RouterServicer(dispatcher, client_kwargs={"token": TEST_TOKEN}), SERVICE_NAME
-    )
-    app.start()
-    app.set_serving()
-    client = InferenceClient(f"127.0.0.1:{app.port}", token=TEST_TOKEN)
-    front = HttpFront(dispatcher, config, "127.0.0.1", 0)
-    front.start()
-    yield client, dispatcher, front
-    front.stop()
-    client.close()
-    app.stop(0)
-
-
-def wait_for(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def greedy(**kw):
-    return {"temperature": 0.0, "ignore_eos": True, **kw}
+def router(start_router, redis_client):
+    return start_router()
 
 
 def test_routes_to_replicas_and_balances(router, start_replica, redis_url, tiny_ckpt):
