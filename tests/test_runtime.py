@@ -464,9 +464,10 @@ def test_custom_codec_adders_serve_every_rpc_of_the_proto(service, adder, servic
 
 
 def test_custom_codecs_replace_only_the_named_rpcs():
+    from tokenmill.common.config import RequestLimitsConfig
     from tokenmill.common.runtime.codec import method_handlers
+    from tokenmill.common.runtime.requests import Rejected, checked_deserializer
     from tokenmill.services.checkpoint import server as checkpoint_server
-    from tokenmill.services.inference.convert import add_inference_servicer, check_parsed
     from tokenmill.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 
     server = _RecordingServer()
@@ -478,13 +479,12 @@ def test_custom_codecs_replace_only_the_named_rpcs():
     assert begin.request_deserializer == checkpoint_pb2.BeginUploadRequest.FromString
     assert begin.response_serializer == checkpoint_pb2.UploadSession.SerializeToString
 
-    # Inference: every request parses tolerantly; undecodable bytes reach the handler's check.
-    server = _RecordingServer()
-    add_inference_servicer(inference_pb2_grpc.InferenceServiceServicer(), server)
-    parse = server.registered["tokenmill.v1.InferenceService"]["Tokenize"].request_deserializer
+    # Every other service's requests (inference's included) go through the runtime's decoding layer:
+    # undecodable bytes become a refusal that names the problem, never an exception in gRPC.
+    parse = checked_deserializer(inference_pb2.TokenizeRequest.FromString, RequestLimitsConfig())
     assert parse(inference_pb2.TokenizeRequest(text="hi").SerializeToString()).text == "hi"
-    with pytest.raises(errors.InvalidArgument, match="valid UTF-8"):
-        check_parsed(parse(b"\x0a\x02\xff\xfe"))  # field 1 (text) holding invalid UTF-8
+    rejected = parse(b"\x0a\x02\xff\xfe")  # field 1 (text) holding invalid UTF-8
+    assert isinstance(rejected, Rejected) and "valid UTF-8" in rejected.reason
 
     service = checkpoint_pb2.DESCRIPTOR.services_by_name["CheckpointService"]
     with pytest.raises(ValueError, match="does not declare"):

@@ -1,8 +1,8 @@
 """Servicer adders built from a proto's service descriptor, for services with a custom codec.
 
 The generated `add_XServicer_to_server` fixes every RPC's (de)serializers. Services that need raw
-bytes for some RPCs (the checkpoint store's zero-copy chunks; the inference service's tolerant
-request parsing) used to copy that table by hand, which silently misses an RPC added to the proto.
+bytes for some RPCs (the checkpoint store's zero-copy chunks) used to copy that table by hand,
+which silently misses an RPC added to the proto.
 `servicer_adder` derives the table from the descriptor instead: every RPC the proto declares is
 registered, with its streaming kind and message classes, and only the codecs named here differ.
 """
@@ -15,13 +15,11 @@ from typing import Any
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 Deserializer = Callable[[bytes], Any]
 Serializer = Callable[[Any], bytes]
 Adder = Callable[[Any, grpc.Server], None]
-RequestParser = Callable[[type[Message]], Deserializer]
 
 
 @dataclass(frozen=True)
@@ -56,23 +54,19 @@ def method_handlers(
     servicer: Any,
     *,
     codecs: Mapping[str, RawCodec] | None = None,
-    request_parser: RequestParser | None = None,
 ) -> dict[str, grpc.RpcMethodHandler]:
     """One handler per RPC of `service`, keyed by method name (the generated adder's table).
 
-    `codecs`: per-RPC overrides by method name; a name the service does not declare is an error.
-    `request_parser(request_class)`: the request deserializer for every RPC `codecs` does not
-    override (default: the class's `FromString`)."""
+    `codecs`: per-RPC overrides by method name; a name the service does not declare is an error."""
     codecs = _checked(service, codecs)
     handlers = {}
     for method in service.methods:
         request_cls = GetMessageClass(method.input_type)
         response_cls = GetMessageClass(method.output_type)
         codec = codecs.get(method.name, RawCodec())
-        default_parser = request_parser(request_cls) if request_parser else request_cls.FromString
         handlers[method.name] = _handler_factory(method)(
             getattr(servicer, method.name),
-            request_deserializer=codec.request_deserializer or default_parser,
+            request_deserializer=codec.request_deserializer or request_cls.FromString,
             response_serializer=codec.response_serializer or response_cls.SerializeToString,
         )
     return handlers
@@ -82,13 +76,12 @@ def servicer_adder(
     service: ServiceDescriptor,
     *,
     codecs: Mapping[str, RawCodec] | None = None,
-    request_parser: RequestParser | None = None,
 ) -> Adder:
     """An `app.add` adder like the generated one, with the codecs of `method_handlers`."""
     _checked(service, codecs)  # a typo fails at import, not at the first start
 
     def add(servicer: Any, server: grpc.Server) -> None:
-        handlers = method_handlers(service, servicer, codecs=codecs, request_parser=request_parser)
+        handlers = method_handlers(service, servicer, codecs=codecs)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
         server.add_registered_method_handlers(service.full_name, handlers)
 

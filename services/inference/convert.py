@@ -1,17 +1,13 @@
 """Proto <-> engine conversions shared by the replica, the router and the HTTP front, and the
-InferenceService's registration (its requests parse tolerantly so bad UTF-8 is INVALID_ARGUMENT)."""
+InferenceService's registration (undecodable requests are INVALID_ARGUMENT through the runtime's
+decoding layer, common/runtime/requests.py, like every service's)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from google.protobuf.message import DecodeError, Message
-
-from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.inference import RequestOutput, SamplingParams, Usage
-from tokenmill.common.runtime.codec import servicer_adder
-from tokenmill.v1 import inference_pb2
+from tokenmill.v1 import inference_pb2, inference_pb2_grpc
 
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
 SERVICE_NAME = SERVICE.full_name
@@ -92,31 +88,4 @@ class ResponseBuilder:
         return self.resp
 
 
-class _BadRequest:
-    """Stands in for a request whose bytes did not parse (e.g. a stop string that is not UTF-8)."""
-
-    def __init__(self, error: str):
-        self.error = error
-
-
-def _tolerant_parser(cls: type[Message]) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return cls.FromString(data)
-        except DecodeError as exc:
-            return _BadRequest(str(exc))
-
-    return parse
-
-
-def check_parsed(request: Any) -> None:
-    if isinstance(request, _BadRequest):
-        raise InvalidArgument(
-            f"the request could not be decoded ({request.error}); every string field (prompt, stop "
-            "strings, model, adapter) must be valid UTF-8"
-        )
-
-
-# Like the generated adder (every RPC of the proto), but a request that fails to parse reaches the
-# handler, which answers INVALID_ARGUMENT with the reason, instead of gRPC's opaque INTERNAL.
-add_inference_servicer = servicer_adder(SERVICE, request_parser=_tolerant_parser)
+add_inference_servicer = inference_pb2_grpc.add_InferenceServiceServicer_to_server

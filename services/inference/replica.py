@@ -19,7 +19,6 @@ from tokenmill.common.inference.async_engine import AsyncEngine, RequestStream
 from tokenmill.common.telemetry import gpu_stats
 from tokenmill.services.inference.convert import (
     ResponseBuilder,
-    check_parsed,
     chunk_from_output,
     submit_kwargs,
 )
@@ -112,7 +111,6 @@ class Replica:
 
     def prepare(self, request: inference_pb2.GenerateRequest) -> None:
         """Everything before the engine takes `request`: checks, and loading its adapter (slow once)."""
-        check_parsed(request)
         if not self.ready.is_set():
             raise Unavailable("the replica is still warming up; retry in a moment")
         self.check_model(request.model)
@@ -194,7 +192,6 @@ class ReplicaServicer(inference_pb2_grpc.InferenceServiceServicer):
         yield from self._stream(request, context)
 
     def Tokenize(self, request, context):
-        check_parsed(request)
         self.replica.check_model(request.model)
         tok = self.replica.engine.tokenizer
         if tok is None:
@@ -205,11 +202,9 @@ class ReplicaServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.TokenizeResponse(token_ids=ids, tokens=tok.tokens(ids))
 
     def ModelInfo(self, request, context):
-        check_parsed(request)
         return self.replica.model_info()
 
     def GetStats(self, request, context):
-        check_parsed(request)
         return self.replica.stats()
 
 

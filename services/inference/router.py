@@ -11,7 +11,7 @@ import random
 
 from tokenmill.common.clients.inference import InferenceClient
 from tokenmill.common.errors import InvalidArgument
-from tokenmill.services.inference.convert import ResponseBuilder, check_parsed
+from tokenmill.services.inference.convert import ResponseBuilder
 from tokenmill.services.inference.dispatch.failover import RouterDispatcher
 from tokenmill.v1 import inference_pb2, inference_pb2_grpc
 
@@ -30,7 +30,6 @@ class RouterServicer(inference_pb2_grpc.InferenceServiceServicer):
         return client
 
     def _chunks(self, request, context):
-        check_parsed(request)
         if not request.prompt and not request.prompt_token_ids:
             raise InvalidArgument("the prompt is empty: give prompt text or prompt_token_ids")
         yield from self.dispatcher.stream(request, context.is_active, context.time_remaining())
@@ -45,15 +44,12 @@ class RouterServicer(inference_pb2_grpc.InferenceServiceServicer):
         yield from self._chunks(request, context)
 
     def Tokenize(self, request, context):
-        check_parsed(request)
         return self._client(request.model).tokenize(request.text, model=request.model, timeout=30)
 
     def ModelInfo(self, request, context):
-        check_parsed(request)
         return self._client().model_info(timeout=30)
 
     def GetStats(self, request, context):
-        check_parsed(request)
         replicas = self.dispatcher.replicas()
         total = sum(r.total_blocks for r in replicas)
         free = sum(r.free_blocks for r in replicas)
