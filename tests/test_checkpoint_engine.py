@@ -15,7 +15,8 @@ from tokenmill.common import errors, failpoints
 from tokenmill.common.checkpoint import CheckpointStore, FileEntry, Manifest, TensorEntry
 from tokenmill.common.checkpoint.chunks import chunk_key
 from tokenmill.common.checkpoint.format import digest_of
-from tokenmill.common.checkpoint.names import parse_ref, validate_file_name, validate_name, validate_tag
+from tokenmill.common.checkpoint.names import parse_ref
+from tokenmill.common.names import validate_file_name, validate_name, validate_tag
 
 CS = 64 << 10
 

@@ -20,7 +20,7 @@ import json
 
 from tokenmill.common import failpoints
 from tokenmill.common.checkpoint.damage import PARSE_ERRORS, describe, log, object_location, set_aside
-from tokenmill.common.checkpoint.names import Ref, parse_ref, validate_name, validate_tag
+from tokenmill.common.checkpoint.names import Ref, parse_ref
 from tokenmill.common.checkpoint.records import (
     MANIFESTS,
     TagsDoc,
@@ -31,6 +31,7 @@ from tokenmill.common.checkpoint.records import (
 )
 from tokenmill.common.checkpoint.state import StoreState
 from tokenmill.common.errors import DataLoss, NotFound
+from tokenmill.common.names import validate_name, validate_tag
 
 
 def _manifest_temp_written() -> None:

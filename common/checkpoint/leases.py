@@ -13,10 +13,10 @@ import time
 import uuid
 
 from tokenmill.common.checkpoint.catalog import Catalog
-from tokenmill.common.checkpoint.names import validate_name
 from tokenmill.common.checkpoint.records import Lease, dumps, leases_prefix
 from tokenmill.common.checkpoint.state import StoreState
 from tokenmill.common.errors import InvalidArgument, NotFound
+from tokenmill.common.names import validate_name
 
 MAX_TTL = 7 * 24 * 3600
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from tokenmill.common.checkpoint.format import DTYPE_SIZES, parse_digest
-from tokenmill.common.checkpoint.names import validate_entry_name, validate_file_name
+from tokenmill.common.checkpoint.names import validate_entry_name
 from tokenmill.common.errors import InvalidArgument
+from tokenmill.common.names import validate_file_name
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 MIN_CHUNK_SIZE = 64 << 10

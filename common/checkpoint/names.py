@@ -1,9 +1,7 @@
-"""Validation of everything a client names: models, tags, refs, tensor and file entries.
+"""What only the store names: refs (`name[:version|tag]`) and tensor entries.
 
-Model names and tags become storage key components, and file entries become paths when a
-checkpoint is exported, so they are checked against a strict allow-list (no path traversal, no
-absolute paths, bounded lengths) before anything touches the backend. Names, tags and file entries
-share `tokenmill.common.names` with the other services, so what they accept at submit the store accepts too.
+Model names, tags and file entries are checked by `tokenmill.common.names`, shared with the other
+services, so what they accept at submit the store accepts too.
 """
 
 from __future__ import annotations
@@ -11,31 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenmill.common.errors import InvalidArgument
-from tokenmill.common.names import (
-    MAX_FILE,
-    MAX_NAME,
-    MAX_TAG,
-    RESERVED_TAGS,
-    validate_file_name,
-    validate_name,
-    validate_tag,
-)
+from tokenmill.common.names import validate_name, validate_tag
 
 MAX_ENTRY = 512
-
-__all__ = [
-    "MAX_ENTRY",
-    "MAX_FILE",
-    "MAX_NAME",
-    "MAX_TAG",
-    "RESERVED_TAGS",
-    "Ref",
-    "parse_ref",
-    "validate_entry_name",
-    "validate_file_name",
-    "validate_name",
-    "validate_tag",
-]
 
 
 def validate_entry_name(name: str) -> str:

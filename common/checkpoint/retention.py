@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from tokenmill.common.checkpoint.catalog import Catalog
 from tokenmill.common.checkpoint.leases import Leases
-from tokenmill.common.checkpoint.names import parse_ref, validate_name
+from tokenmill.common.checkpoint.names import parse_ref
 from tokenmill.common.checkpoint.staging import StagingArea
 from tokenmill.common.checkpoint.state import StoreState
 from tokenmill.common.checkpoint.uploads import Uploads
 from tokenmill.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from tokenmill.common.names import validate_name
 
 
 class Retention:

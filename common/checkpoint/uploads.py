@@ -23,7 +23,6 @@ from tokenmill.common.checkpoint.manifest import (
     check_digest,
     chunk_lengths,
 )
-from tokenmill.common.checkpoint.names import validate_name, validate_tag
 from tokenmill.common.checkpoint.records import (
     UPLOADS,
     UploadState,
@@ -37,6 +36,7 @@ from tokenmill.common.checkpoint.records import (
 from tokenmill.common.checkpoint.staging import StagingArea
 from tokenmill.common.checkpoint.state import StoreState
 from tokenmill.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from tokenmill.common.names import validate_name, validate_tag
 
 RECENT_COMMITS = 10_000  # upload ids remembered in memory; older retries fall back to a manifest scan
 
