@@ -9,8 +9,10 @@ attempt, which resumes from the run's last checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +75,22 @@ def _worker_entry(
     except BaseException as exc:
         q.put(("error", {"rank": rank, **error_to_wire(exc)}))
         raise
+    _exit_reported(q)
+
+
+def _exit_reported(q: Any) -> None:
+    """Leave a worker that finished and reported, without interpreter finalization.
+
+    Gloo's C++ threads can still hold tensors at exit even after destroy_process_group; tearing them
+    down while the interpreter shuts down aborts the process now and then (SIGABRT, "terminate called
+    without an active exception"), which the launcher would rightly read as a crashed worker. Every
+    event and the result are flushed to the parent first."""
+    q.close()
+    q.join_thread()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_local(
