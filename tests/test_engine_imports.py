@@ -29,11 +29,14 @@ ENGINE_PACKAGES = (
     "tokenmill.common.ingest",
     "tokenmill.common.trainer",
     "tokenmill.common.inference",
+    "tokenmill.common.eval",
+    "tokenmill.common.compress",
 )
 # Imported at runtime in a fresh interpreter: the modules a GPU benchmark or a worker process starts from.
 ENGINE_ENTRY_POINTS = (
     "tokenmill.common.model.transformer",
     "tokenmill.common.model.quant",
+    "tokenmill.common.compress",
     "tokenmill.common.data.dataset",
     "tokenmill.common.trainer.worker",
     "tokenmill.common.trainer.backends.local",

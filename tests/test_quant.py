@@ -10,11 +10,14 @@ from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.inference import EngineConfig, SamplingParams, build_engine
 from tokenmill.common.model.quant import (
     DenseLinear,
+    InputScaledLinear,
     Int4Linear,
     Int8Linear,
+    LowRankLinear,
     concat_linears,
     dequantize_int4,
     dequantize_int8,
+    dequantize_state_dict,
     make_linear,
     quantize_int4,
     quantize_int8,
@@ -78,6 +81,36 @@ def test_make_linear_picks_the_format_and_rejects_bad_tensors():
         quantize_state_dict({}, "int3")
 
 
+def test_low_rank_factors_run_as_two_matmuls():
+    torch.manual_seed(1)
+    u, v, x = torch.randn(32, 4), torch.randn(4, 64), torch.randn(5, 64)
+    layer = make_linear({"a.svd_u": u, "a.svd_v": v}, "a", dtype=torch.float32, device="cpu")
+    assert isinstance(layer, LowRankLinear) and (layer.in_features, layer.out_features) == (64, 32)
+    assert layer.weight_bytes() == (32 * 4 + 4 * 64) * 4  # the factors, never the dense [32, 64]
+    torch.testing.assert_close(layer(x), x @ (u @ v).t(), rtol=1e-5, atol=1e-5)
+    fused = concat_linears([layer, layer])
+    torch.testing.assert_close(fused(x), torch.cat([layer(x), layer(x)], dim=-1))
+    with pytest.raises(InvalidArgument, match="needs both"):
+        make_linear({"a.svd_u": u}, "a", dtype=torch.float32, device="cpu")
+    with pytest.raises(InvalidArgument, match="svd_u"):
+        LowRankLinear(u, torch.randn(5, 64), torch.float32)
+
+
+def test_input_scale_divides_the_input_and_dequantizes_to_the_effective_weight():
+    torch.manual_seed(2)
+    w, x, s = torch.randn(16, 32), torch.randn(3, 32), torch.rand(32) + 0.5
+    q, sc, z = quantize_int4(w * s[None, :], 16)
+    tensors = {"a.qweight": q, "a.scales": sc, "a.zeros": z, "a.input_scale": s, "norm.weight": torch.ones(4)}
+    layer = make_linear(tensors, "a", dtype=torch.float32, device="cpu")
+    assert isinstance(layer, InputScaledLinear)
+    dense = dequantize_state_dict(tensors)
+    assert set(dense) == {"a.weight", "norm.weight"}
+    torch.testing.assert_close(dense["a.weight"], dequantize_int4(q, sc, z) / s[None, :])
+    torch.testing.assert_close(layer(x), x @ dense["a.weight"].t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidArgument, match="input_scale must be"):
+        make_linear({**tensors, "a.input_scale": torch.ones(3)}, "a", dtype=torch.float32, device="cpu")
+
+
 @pytest.mark.parametrize(("method", "tol"), [("int8", 0.03), ("int4", 0.3)])
 def test_quantized_model_is_close_to_dense(tiny_ckpt, method, tol):
     sd = quantize_state_dict(tiny_ckpt.tensors, method, group_size=32)
@@ -104,6 +137,6 @@ def _last_logits(engine, prompt):
     """Last-position logits of `prompt` through the engine's paged forward."""
     req = engine.add_request(prompt_token_ids=prompt, params=SamplingParams(max_tokens=1, temperature=0.0))
     sched = engine.scheduler.schedule()
-    logits, _ = engine.runner.execute(sched.items, engine.adapters)
+    logits = engine.runner.execute(sched.items, engine.adapters)[0]
     engine.abort(req.request_id)
     return logits[0]

@@ -1,0 +1,127 @@
+"""Everything that can be known wrong before any work starts, each with a message a person can act on."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from tokenmill.common.compress.spec import LINEAR_SUFFIXES, MethodSpec
+from tokenmill.common.errors import FailedPrecondition, InvalidArgument
+
+MIN_CALIBRATION_TOKENS = 128
+# What a step leaves behind -> the methods that may follow it, and why the others may not.
+_AFTER_PRUNE = ("int8", "int4-rtn", "prune-magnitude", "prune-wanda", "prune-sparsegpt")
+
+
+def target_linears(tensors: Mapping[str, torch.Tensor], keep_dense: Sequence[str]) -> list[str]:
+    """Base names (without `.weight`) of the decoder linears a step compresses, in checkpoint order."""
+    bases = [
+        n[: -len(".weight")] for n in tensors if n.endswith(tuple(s + ".weight" for s in LINEAR_SUFFIXES))
+    ]
+    return [b for b in bases if not any(fnmatch.fnmatchcase(b, p) for p in keep_dense)]
+
+
+def prior_state(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """("quant" | "lowrank" | "prune", an example tensor) when the checkpoint was compressed before."""
+    for name, t in tensors.items():
+        if name.endswith(".qweight"):
+            return "quant", f"{'int8' if t.dtype == torch.int8 else 'int4'} weights ({name})"
+        if name.endswith(".svd_u"):
+            return "lowrank", f"SVD factors ({name})"
+    for name in tensors:
+        if name.endswith(".nm_index"):
+            return "prune", f"2:4 pruned weights ({name})"
+    return None
+
+
+def check_composition(steps: Sequence[MethodSpec], tensors: Mapping[str, torch.Tensor]) -> None:
+    """InvalidArgument for a step that cannot follow what came before it (in this call or the source)."""
+    if not steps:
+        raise InvalidArgument("no compression method given")
+    prior = prior_state(tensors)
+    for step in steps:
+        if prior is not None:
+            _check_follows(step, *prior)
+        prior = (step.family, f"the output of {step.method}")
+
+
+def _check_follows(step: MethodSpec, family: str, what: str) -> None:
+    if family == "quant":
+        raise InvalidArgument(
+            f"{step.method} cannot be applied to {what}: the weights are already quantized and "
+            "re-quantizing compounds the error; compress the dense parent checkpoint instead"
+        )
+    if family == "lowrank":
+        raise InvalidArgument(
+            f"{step.method} cannot be applied to {what}: SVD factors are not a dense weight "
+            "(no format stores quantized or pruned factors); compress the dense parent instead"
+        )
+    if family == "prune" and step.method not in _AFTER_PRUNE:
+        raise InvalidArgument(
+            f"{step.method} cannot be applied to {what}: it would refill the pruned weights; after "
+            f"pruning use one of {list(_AFTER_PRUNE)} (e.g. prune-wanda 2:4 then int8)"
+        )
+
+
+def check_shapes(step: MethodSpec, tensors: Mapping[str, torch.Tensor], targets: Sequence[str]) -> None:
+    """InvalidArgument naming the first layer whose shape the step cannot handle."""
+    for base in targets:
+        out_f, in_f = tensors[f"{base}.weight"].shape
+        if step.method.startswith("int4") and in_f % step.group_size:
+            raise InvalidArgument(
+                f"{step.method}: group_size {step.group_size} does not divide in_features {in_f} of "
+                f"{base}; pick a group size that divides {in_f}"
+            )
+        if step.family == "prune" and step.pattern == "2:4" and in_f % 4:
+            raise InvalidArgument(
+                f"{step.method} 2:4: in_features {in_f} of {base} is not divisible by 4; use "
+                "pattern 'unstructured' or keep the layer dense (keep_dense)"
+            )
+        if step.method == "svd" and step.rank is not None and step.rank > min(out_f, in_f):
+            raise InvalidArgument(
+                f"svd rank {step.rank} exceeds the rank bound min({out_f}, {in_f}) = {min(out_f, in_f)} "
+                f"of {base}; use a rank <= {min(out_f, in_f)} or rank_fraction"
+            )
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+    """FailedPrecondition when any floating tensor holds NaN/Inf: the checkpoint itself is broken."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FailedPrecondition(
+                f"tensor {name} has NaN/Inf values; the checkpoint is corrupt, compress a healthy version"
+            )
+
+
+def check_calibration(
+    batches: Sequence[torch.Tensor] | None, *, vocab_size: int, max_seq_len: int, method: str, min_tokens: int
+) -> list[torch.Tensor]:
+    """The calibration batches as [B, T] int64, or InvalidArgument saying what is wrong with them."""
+    if not batches:
+        raise InvalidArgument(f"{method} needs calibration data (token id batches); none was given")
+    out = []
+    for i, b in enumerate(batches):
+        if b.is_floating_point() or b.is_complex() or b.dtype == torch.bool:
+            raise InvalidArgument(f"calibration batch {i} must hold integer token ids, got {b.dtype}")
+        b = b.long().reshape(1, -1) if b.dim() == 1 else b.long()
+        if b.dim() != 2 or b.numel() == 0:
+            raise InvalidArgument(
+                f"calibration batch {i} must be [batch, seq] non-empty, got {tuple(b.shape)}"
+            )
+        if b.shape[1] > max_seq_len:
+            raise InvalidArgument(
+                f"calibration batch {i} has {b.shape[1]} tokens per row; the model allows {max_seq_len}"
+            )
+        lo, hi = int(b.min()), int(b.max())
+        if lo < 0 or hi >= vocab_size:
+            raise InvalidArgument(
+                f"calibration batch {i} has token id {hi if hi >= vocab_size else lo} outside the model's "
+                f"vocabulary [0, {vocab_size}); was it tokenized with another tokenizer?"
+            )
+        out.append(b)
+    total = sum(b.numel() for b in out)
+    if total < min_tokens:
+        raise InvalidArgument(f"calibration data has {total} tokens; {method} needs at least {min_tokens}")
+    return out

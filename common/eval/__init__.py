@@ -1,0 +1,1 @@
+"""Model evaluation: perplexity, lm-eval-harness-format tasks, sandboxed code execution for pass@k."""
