@@ -272,6 +272,68 @@ def test_code_license_only():
     assert run(f, "# just a comment\n") is None  # no licence text: not this filter's business
 
 
+def _real_python_files() -> list[str]:
+    """The source of installed, real codebases (click, flask, requests: dependencies of the repo)."""
+    import importlib.util
+    from pathlib import Path
+
+    texts = []
+    for pkg in ("click", "flask", "requests"):
+        spec = importlib.util.find_spec(pkg)
+        if spec is not None and spec.origin:
+            texts += [p.read_text(encoding="utf-8") for p in sorted(Path(spec.origin).parent.rglob("*.py"))]
+    return [t for t in texts if len(t) >= 32]
+
+
+def test_code_repetition_keeps_real_code():
+    files = _real_python_files()
+    if len(files) < 20:
+        pytest.skip("no installed Python codebase to measure on")
+    f = fc.RepetitionFilter()
+    dropped = [t[:80] for t in files if run(f, t) is not None]
+    assert not dropped, dropped
+
+
+def test_code_repetition_drops_repeated_lines_and_blocks():
+    f = fc.RepetitionFilter()
+    assert run(f, "print('hello world')\n" * 200) == "dup_line_fraction"
+    assert run(f, "x = 1\n" + "x += 1\n" * 9) == "dup_line_fraction"  # 8 of 10 lines repeat
+    block = "\n".join(
+        f"def handler_{i}(request):\n    return render(request, 'page_{i}.html')" for i in range(8)
+    )
+    assert run(f, block) is None
+    assert run(f, block + "\n" + block) == "dup_block_fraction"  # a file pasted twice
+    assert run(f, block + "\n" + block + "\n" + block) in ("dup_block_fraction", "dup_line_fraction")
+    long_dup = "value = compute_the_really_long_expression(alpha, beta, gamma, delta)\n"
+    text = "".join(f"n{i} = {i}\n" for i in range(10)) + long_dup * 10  # 9/20 lines, 83 % of chars
+    assert run(f, text) == "dup_line_char_fraction"
+    assert run(f, "one line only") is None
+
+
+def test_code_repetition_in_preset_and_overrides():
+    spec = IngestSpec(name="d", sources=["x"], preset="code")
+    assert build_filters(spec)[-1].name == "repetition"
+    spec.filter_overrides = {"repetition": {"max_dup_block_fraction": 0.9, "block_lines": 8.0}}
+    f = build_filters(spec)[-1]
+    assert f.max_dup_block_fraction == 0.9 and f.block_lines == 8 and isinstance(f.block_lines, int)
+    for params, match in [
+        (
+            {"max_dup_line_fraction": 1.5},
+            r"filter_overrides\['repetition'\]: max_dup_line_fraction 1.5 must lie in \[0, 1\]",
+        ),
+        ({"block_lines": 1}, "block_lines 1 must be at least 2"),
+        ({"block_lines": 2.5}, r"filter_overrides\['repetition'\].block_lines must be an integer, got 2.5"),
+        (
+            {"max_dup_line_fraction": "high"},
+            r"filter_overrides\['repetition'\].max_dup_line_fraction must be a number",
+        ),
+        ({"max_dup_line_fraction": True}, "must be a number, got True"),
+    ]:
+        spec.filter_overrides = {"repetition": params}
+        with pytest.raises(InvalidArgument, match=match):
+            build_filters(spec)
+
+
 # ----------------------------------------------------------------------------------- presets
 
 

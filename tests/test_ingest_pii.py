@@ -76,3 +76,77 @@ def test_public_ip_option():
 def test_luhn():
     assert luhn_ok("4111111111111111") and luhn_ok("79927398713")
     assert not luhn_ok("4111111111111112")
+
+
+CODE = PiiScrubber(code=True)
+
+
+@pytest.mark.parametrize("scrubber", [S, CODE], ids=["prose", "code"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "`@app.route` registers a view",  # a decorator quoted in a docstring
+        "@app.route('/x')\n@functools.wraps(f)\ndef g(): ...",
+        "y = x@self.weight",  # matrix product with attribute access
+        "att = q@k.transpose(0, 1)",
+        "z = a@b.weights[0]",
+        "s = cls@cls.basis",
+        "url = f'https://{user}:{password}@{host}/db'",  # a template, not a credential
+        "svn+http://blahblah@rev#egg=Foo",  # a URL at a revision
+        "masked ****@example.com",
+    ],
+)
+def test_code_is_left_alone(scrubber, text):
+    assert scrubber.scrub(text) == (text, {})
+
+
+@pytest.mark.parametrize(
+    "text", ["w = x@np.linalg.inv", "r = w@x.T.conj", "p = a@model.weight", "q = h@head.proj"]
+)
+def test_code_mode_needs_a_delegated_tld(text):
+    assert CODE.scrub(text)[0] == text
+    assert S.scrub(text)[0] != text  # prose mode accepts any alphabetic TLD shape
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("http://user@example.com/x", "http://<CREDENTIALS>@example.com/x"),
+        (
+            "https://user:pass@host.example.com:8443/p?q=1",
+            "https://<CREDENTIALS>@host.example.com:8443/p?q=1",
+        ),
+        ("postgres://app:Zx9!kq2@w@db:5432/app", "postgres://<CREDENTIALS>@db:5432/app"),
+        ("redis://:s3cret@cache.example.com/0", "redis://<CREDENTIALS>@cache.example.com/0"),
+        ("`bob@example.org`", "`<EMAIL>`"),
+        ("EMAIL=bob@example.com", "EMAIL=<EMAIL>"),
+        ("mailto:bob@example.com?cc=ann@example.com", "mailto:<EMAIL>?cc=<EMAIL>"),
+        ("__email__ = 'ada.park@example.com'", "__email__ = '<EMAIL>'"),
+        ("amex 3782 822463 10005", "amex <CREDIT_CARD>"),
+    ],
+)
+def test_credentials_and_addresses_in_code(text, expected):
+    assert CODE.scrub(text)[0] == expected
+    assert S.scrub(text)[0] == expected
+
+
+def test_credentials_are_counted_as_credentials():
+    out, counts = CODE.scrub("proxy http://u:p@proxy.example.com:3128 and ops@example.com")
+    assert counts == {"credential": 1, "email": 1}
+    assert out == "proxy http://<CREDENTIALS>@proxy.example.com:3128 and <EMAIL>"
+
+
+def test_find_reports_spans_of_the_original_text():
+    text = "ip 8.8.8.8, mail a@b.example"
+    found = S.find(text)
+    assert [(text[f.start : f.end], f.kind) for f in found] == [
+        ("8.8.8.8", "ip_address"),
+        ("a@b.example", "email"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "text", ["see RFC 9110 section 8.4.1.3", "foo==1.0.0.0", "rfc7692#section-7.2.3.1", "1.2.3.4.nip.io"]
+)
+def test_more_numbers_that_are_not_addresses(text):
+    assert CODE.scrub(text)[0] == text

@@ -97,7 +97,11 @@ def test_code_tree_with_pool_workers_round_trip(tmp_path):
         (root / rel).write_text(text)
     (root / "pkg" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")  # excluded by name
     (root / "pkg" / "table.dat").write_bytes(b"\x00\x01\x02\x03" * 64)  # detected as binary
-    (root / "pkg" / "bad.py").write_bytes(b"x = '\xff\xfe'\n" + b"y = 1\n" * 10)
+    (root / "pkg" / "bad.py").write_bytes(
+        b"x = '\xff\xfe'\n" + b"".join(b"y%d = %d\n" % (i, i) for i in range(10))
+    )
+    (root / "pkg" / "junk.py").write_text("print('hello world')\n" * 50)  # one repeated line
+    (root / "pkg" / "twice.py").write_text(files["pkg/m1.py"] + "\n" + files["pkg/m1.py"])  # a pasted block
     (root / "pkg" / "LICENSE.py").write_text(
         "# Copyright (c) 2024 Example\n# Licensed under the MIT License.\n"
     )
@@ -106,12 +110,13 @@ def test_code_tree_with_pool_workers_round_trip(tmp_path):
     assert stage(m, "normalize")["reasons"]["encoding_errors"] == 1
     assert stage(m, "license_only")["reasons"] == {"license_header_only": 1}
     assert stage(m, "exact_dedup")["reasons"] == {"duplicate": 1}
+    assert stage(m, "repetition")["reasons"] == {"dup_block_fraction": 1, "dup_line_fraction": 1}
     assert stage(m, "pii")["reasons"]["email"] == 13  # PII runs before exact dedup: the copy counts too
     assert m["stats"]["workers"] == 2
     texts = decoded(tmp_path / "datasets" / "code")
     assert len(texts) == 13  # 12 modules + bad.py
     assert all("@example.org" not in t for t in texts)
-    assert "x = '\ufffd\ufffd'\n" + "y = 1\n" * 9 + "y = 1" in texts
+    assert "x = '\ufffd\ufffd'\n" + "".join(f"y{i} = {i}\n" for i in range(9)) + "y9 = 9" in texts
 
 
 def test_sampler_reads_an_ingested_dataset(tmp_path, web_corpus):

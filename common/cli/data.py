@@ -152,6 +152,33 @@ def data() -> None:
     "--language-threshold", default=0.0, type=click.FloatRange(0, 1), help="web: min language score."
 )
 @click.option("--max-documents", default=0, type=click.IntRange(0), help="Stop after N documents (0: all).")
+@click.option("--minhash-bands", type=click.IntRange(1), help="Near-dedup LSH bands (default 20).")
+@click.option("--minhash-rows", type=click.IntRange(1), help="Rows per band (default 13).")
+@click.option(
+    "--shingle-size",
+    "minhash_ngram",
+    type=click.IntRange(1),
+    help="MinHash shingle size in words (default 5).",
+)
+@click.option(
+    "--hash-family",
+    "minhash_hash_family",
+    type=click.Choice(["crc-ms", "datatrove-sha1"]),
+    help="MinHash hashing; datatrove-sha1 gives datatrove's signatures bit for bit (default crc-ms).",
+)
+@click.option(
+    "--word-split",
+    "minhash_word_split",
+    type=click.Choice(["whitespace", "spacy-like"]),
+    help="Words for shingles; spacy-like approximates datatrove's spaCy split (default whitespace).",
+)
+@click.option(
+    "--dedup-backend", type=click.Choice(["local", "ray"]), help="Where near-dedup runs (default local)."
+)
+@click.option("--no-pii", "skip_pii", is_flag=True, default=None, help="Keep PII (default: scrub it).")
+@click.option("--batch-size", type=click.IntRange(1), help="Documents per worker batch (default 256).")
+@click.option("--max-doc-bytes", type=click.IntRange(1), help="Skip larger documents (default 32 MiB).")
+@click.option("--max-tokens-per-shard", type=click.IntRange(1), help="Tokens per shard (default 128 Mi).")
 @click.option("--detach", is_flag=True, help="Print the job id and return without following it.")
 @click.pass_obj
 def ingest(obj, sources: tuple[str, ...], name: str, overrides: tuple[str, ...], disabled: tuple[str, ...],
@@ -159,6 +186,7 @@ def ingest(obj, sources: tuple[str, ...], name: str, overrides: tuple[str, ...],
     """Ingest SOURCES (files, directories or s3:// URLs) into dataset --name."""
     resolved = [s if "://" in s else os.path.abspath(s) for s in sources]
     filter_overrides = _parse_set(overrides, disabled)
+    fields = {k: v for k, v in fields.items() if v is not None}  # unset engine options: its defaults
     try:
         with _client(obj) as client:
             job = client.submit(

@@ -30,7 +30,10 @@ class IngestClient(JobsClientMixin, BaseClient):
     ) -> common_pb2.Job:
         """Submit an ingest job. `options` are the other SubmitIngestRequest fields (text_field,
         include_globs, exclude_globs, vocab_size, tokenizer, val_fraction, seed, skip_near_dedup,
-        near_dup_threshold, num_workers, language_threshold, max_documents)."""
+        near_dup_threshold, num_workers, language_threshold, max_documents, minhash_bands,
+        minhash_rows, minhash_ngram, minhash_hash_family, minhash_word_split, dedup_backend,
+        skip_pii, batch_size, max_doc_bytes, max_tokens_per_shard); filter thresholds go in
+        `filter_overrides` ({"repetition": {"max_dup_line_fraction": 0.5}})."""
         if isinstance(sources, str):
             sources = [sources]
         try:

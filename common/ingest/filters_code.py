@@ -13,6 +13,16 @@ Thresholds and their sources:
 * minified files: very long lines with almost no whitespace (a JS/CSS bundle on one line).
 * license-header-only files: what remains after removing comments and blank lines is empty, and
   the comments are a licence.
+* repetition: Gopher's duplicate-line and duplicate-line-character fractions (Rae et al. 2021,
+  arXiv:2112.11446, table A1: 0.3 and 0.2 for web text) plus a duplicate-block fraction (repeated
+  windows of 5 consecutive non-blank lines). Code repeats far more than prose (``return None``,
+  ``)``, argument lists), so the thresholds come from real code: over the 817 non-trivial ``*.py``
+  files of flask, requests, click, werkzeug, jinja2, urllib3, pip, aiohttp, datatrove and anyio the
+  99th percentiles are 0.38 / 0.27 / 0.07 and the maxima 0.66 / 0.71 / 0.28 (pip's vendored
+  platformdirs: one docstring-and-call pattern per function). Thresholds 0.7 / 0.8 / 0.35 keep all
+  817, and 1,736 of the 1,737 files of the Python 3.11 standard library (the one dropped,
+  ``test/test_exception_variations.py``, is the same try/except body pasted 16 times); they remove
+  a file of one repeated line or of a block pasted twice or more.
 """
 
 from __future__ import annotations
@@ -119,3 +129,63 @@ class LicenseOnlyFilter:
         code = _LINE_COMMENT.sub("", _BLOCK_COMMENTS.sub("", text))
         remaining = "".join(code.split())
         return "license_header_only" if len(remaining) <= self.max_code_chars else None
+
+
+@dataclass
+class RepetitionFilter:
+    """Drops files made of repeated lines or repeated blocks (see the module docstring)."""
+
+    max_dup_line_fraction: float = 0.7
+    max_dup_line_char_fraction: float = 0.8
+    max_dup_block_fraction: float = 0.35
+    block_lines: int = 5
+    name: str = "repetition"
+
+    def __post_init__(self) -> None:
+        for key in ("max_dup_line_fraction", "max_dup_line_char_fraction", "max_dup_block_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key} {getattr(self, key)} must lie in [0, 1]")
+        if self.block_lines < 2:
+            raise ValueError(f"block_lines {self.block_lines} must be at least 2")
+
+    def __call__(self, doc: Doc) -> str | None:
+        lines = [stripped for line in doc.text.split("\n") if (stripped := line.strip())]
+        if len(lines) < 2:
+            return None
+        dup_lines, dup_chars = duplicate_lines(lines)
+        if dup_lines / len(lines) > self.max_dup_line_fraction:
+            return "dup_line_fraction"
+        if dup_chars / sum(map(len, lines)) > self.max_dup_line_char_fraction:
+            return "dup_line_char_fraction"
+        if duplicate_block_fraction(lines, self.block_lines) > self.max_dup_block_fraction:
+            return "dup_block_fraction"
+        return None
+
+
+def duplicate_lines(lines: list[str]) -> tuple[int, int]:
+    """How many lines (and their characters) repeat an earlier line."""
+    seen: set[str] = set()
+    count = chars = 0
+    for line in lines:
+        if line in seen:
+            count += 1
+            chars += len(line)
+        else:
+            seen.add(line)
+    return count, chars
+
+
+def duplicate_block_fraction(lines: list[str], block: int) -> float:
+    """Fraction of ``block``-line windows that repeat an earlier window (0 for shorter files)."""
+    windows = len(lines) - block + 1
+    if windows < 2:
+        return 0.0
+    seen: set[tuple[str, ...]] = set()
+    dups = 0
+    for i in range(windows):
+        key = tuple(lines[i : i + block])
+        if key in seen:
+            dups += 1
+        else:
+            seen.add(key)
+    return dups / windows

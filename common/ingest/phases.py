@@ -212,6 +212,8 @@ def _minhash_doc(cfg: MinHashConfig) -> dict[str, Any]:
     """The manifest's description of the MinHash settings (and what they catch)."""
     return {
         "shingles": f"word {cfg.ngram}-grams",
+        "hash_family": cfg.hash_family,
+        "word_split": cfg.word_split,
         "bands": cfg.bands,
         "rows": cfg.rows,
         "num_perm": cfg.num_perm,

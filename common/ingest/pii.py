@@ -1,21 +1,28 @@
 """PII scrubbing to typed placeholders, tuned for precision as much as recall.
 
-Placeholders: ``<EMAIL>``, ``<PHONE>``, ``<IP_ADDRESS>``, ``<CREDIT_CARD>``, ``<SECRET>``.
-Precision rules (each has a test):
+Placeholders: ``<EMAIL>``, ``<PHONE>``, ``<IP_ADDRESS>``, ``<CREDIT_CARD>``, ``<SECRET>``,
+``<CREDENTIALS>``. ``PiiScrubber.find`` reports spans of the original text (the evaluation set in
+``tests/fixtures/pii_eval`` scores them); ``scrub`` replaces them. Precision rules (each has a test):
 
-* IPv4: four dotted octets 0-255, not part of a longer dotted/numbered run (``1.2.3.4.5`` and
-  ``version 1.2.3.4`` are versions); only public (``is_global``) addresses are replaced, as
+* IPv4: four dotted octets 0-255, not part of a longer dotted run (``1.2.3.4.5`` and
+  ``version 1.2.3.4``, ``section 8.4.1.3``, ``==1.0.0.0`` are not addresses, ``1.2.3.4.nip.io`` is a host name); only public (``is_global``) addresses are replaced, as
   datatrove's ``PIIFormatter`` does (``only_remove_public_ips``), so ``127.0.0.1`` and ``10.0.0.1``
   in code stay. IPv6 goes through ``ipaddress`` validation and needs at least one ``::`` or all eight
   groups, so ``12:30:45`` times are not addresses.
 * phone: North-American and E.164 shapes with separators; a bare run of digits is not a phone, and
   dates (``2023-01-15``, ``15/01/2023``) never match because the grouping is 3-3-4 (or a ``+``
   country code). As in Dolma's tagger, a match next to ``isbn``/``doi`` is left alone.
-* credit cards: 13-19 digits in 4-4-4-x groups (or contiguous with a payment word such as "card" in
+* credit cards: 13-19 digits in 4-4-4-x groups or Amex's 4-6-5 (or contiguous with a payment word such as "card" in
   the 40 characters before), Luhn-valid, with a known issuer prefix.
 * secrets: PEM private-key blocks, AWS access key ids, GitHub/GitLab/Slack/Stripe/OpenAI-style and
   Google API keys, and JWTs: fixed, high-entropy formats with no plausible innocent use.
-* e-mail: the RFC 5322 "dot-atom" subset with a dotted domain whose TLD is alphabetic.
+* e-mail: a local part of the characters real mailboxes use (letters, digits, ``._%+-``, at least
+  one letter or digit; no backtick or ``/``, so a quoted ``@app.route`` is not an address), a dotted
+  domain whose TLD is alphabetic in one case, neither a receiver (``x@self.weight``) nor
+  called/indexed (``q@k.transpose(0, 1)``). In code mode the TLD must also be delegated:
+  decorators, matrix products and attribute access stay code.
+* credentials: the userinfo of ``scheme://user[:password]@host`` becomes ``<CREDENTIALS>`` and the
+  rest of the URL stays; template placeholders (``{user}:{password}``, ``$USER``) are left alone.
 """
 
 from __future__ import annotations
@@ -23,13 +30,17 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+from tokenmill.common.ingest.tlds import TLDS
 
 EMAIL = "<EMAIL>"
 PHONE = "<PHONE>"
 IP = "<IP_ADDRESS>"
 CARD = "<CREDIT_CARD>"
 SECRET = "<SECRET>"
+CREDENTIALS = "<CREDENTIALS>"
 
 _SECRET = re.compile(
     r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
@@ -44,16 +55,33 @@ _SECRET = re.compile(
     r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b",
     re.DOTALL,
 )
+# Local part: dot-separated runs of the characters real mailboxes use (no backtick, ``/`` or quote),
+# with at least one letter or digit, not continuing a URL's authority (``://user:pass@``, which is a
+# credential, see below); the domain ends in an alphabetic TLD of one case (or an
+# IDN ``xn--`` label) and is not followed by more name characters.
 _EMAIL = re.compile(
-    r"(?<![\w.+-])[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])"
+    r"(?:(?<=mailto:)|(?<![\w.%+/:-]))(?=[\w.%+-]*[A-Za-z0-9])[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*"
+    r"@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+)([a-z]{2,24}|[A-Z]{2,24}|xn--[a-z0-9-]{1,59})"
+    r"(?![\w-]|\.[A-Za-z0-9])",
+    re.ASCII,
 )
+# ``scheme://userinfo@host``: the userinfo (a user, or user:password) is a credential; group 2 is
+# the span replaced, so the URL keeps its scheme and host. Greedy up to the authority's last ``@``;
+# the host must be dotted, bracketed or carry a port (``svn+http://url@rev`` is a revision).
+_URL_CREDENTIALS = re.compile(
+    r"\b([A-Za-z][A-Za-z0-9+.-]{1,15}://)([^\s/?#\"'<>`\\]+)@(?=\[|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+|[A-Za-z0-9-]+:\d)"
+)
+# Template placeholders (``{user}:{password}``, ``$USER``, ``%(user)s``) are code, not credentials.
+_TEMPLATE = re.compile(r"[{}$<>]|%\(|%s")
+_CODE_RECEIVERS = frozenset({"self", "cls", "this"})
 _IPV4 = re.compile(
-    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w]|\.\d)"
+    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?!\w|\.\w)"
 )
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 _VERSION_CONTEXT = re.compile(
-    r"(?:version|ver\.?|release|python|build)\w*\s*[=:]?\s*['\"(]?\s*$", re.IGNORECASE
+    r"(?:(?:version|ver\.?|release|python|build|section|sec\.|§|chapter|step)\w*\s*[-=:]?|[=<>!~]=)"
+    r"\s*['\"(]?\s*$",
+    re.IGNORECASE,
 )
 _PHONE = re.compile(
     r"(?<![\w+.-])(?:"
@@ -63,7 +91,9 @@ _PHONE = re.compile(
     r")(?![\w-]|\.\d)"
 )
 _PHONE_CONTEXT = re.compile(r"isbn|doi|issn", re.IGNORECASE)
-_CARD = re.compile(r"(?<![\w-])(?:\d{4}[ -]){3}\d{1,7}(?![\w-])|(?<![\w.-])\d{13,19}(?![\w-]|\.\d)")
+_CARD = re.compile(
+    r"(?<![\w-])(?:(?:\d{4}[ -]){3}\d{1,7}|\d{4}([ -])\d{6}\1\d{5})(?![\w-])|(?<![\w.-])\d{13,19}(?![\w-]|\.\d)"
+)
 # A bare run of 13-19 digits is far more often a constant, id or timestamp than a card; it counts
 # only with a payment word nearby. Grouped 4-4-4-x numbers count on their own.
 _CARD_CONTEXT = re.compile(
@@ -84,89 +114,133 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One detected span of the original text and its type (a key of ``PLACEHOLDERS``)."""
+
+    start: int
+    end: int
+    kind: str
+
+
+PLACEHOLDERS = {
+    "secret": SECRET,
+    "credential": CREDENTIALS,
+    "email": EMAIL,
+    "credit_card": CARD,
+    "ip_address": IP,
+    "phone": PHONE,
+}
+
+
 @dataclass
 class PiiScrubber:
+    """An e-mail domain never starts with a receiver (``self.``, ``cls.``, ``this.``) nor is called
+    or indexed, so ``x@self.weight`` and ``q@k.transpose(0, 1)`` stay code; ``code=True`` (the
+    ``code`` preset) also requires a delegated TLD (``tlds.TLDS``), so ``a@b.weight`` does too."""
+
     emails: bool = True
     phones: bool = True
     ips: bool = True
     credit_cards: bool = True
     secrets: bool = True
+    credentials: bool = True
     only_public_ips: bool = True
+    code: bool = False
     name: str = "pii"
+
+    def find(self, text: str) -> list[Finding]:
+        """Non-overlapping findings in text order; earlier detectors (secrets first) win overlaps."""
+        found: list[Finding] = []
+        for kind, spans in self._detectors(text):
+            for start, end in spans:
+                if not any(start < f.end and f.start < end for f in found):
+                    found.append(Finding(start, end, kind))
+        return sorted(found, key=lambda f: f.start)
 
     def scrub(self, text: str) -> tuple[str, Counter]:
         """Return the scrubbed text and counts per placeholder type."""
         counts: Counter = Counter()
+        parts: list[str] = []
+        pos = 0
+        for f in self.find(text):
+            parts += [text[pos : f.start], PLACEHOLDERS[f.kind]]
+            pos = f.end
+            counts[f.kind] += 1
+        if not counts:
+            return text, counts
+        parts.append(text[pos:])
+        return "".join(parts), counts
+
+    def _detectors(self, text: str) -> Iterator[tuple[str, Iterator[tuple[int, int]]]]:
         if self.secrets and ("-----BEGIN" in text or _maybe_secret(text)):
-            text = self._sub(_SECRET, text, lambda m: SECRET, counts, "secret")
+            yield "secret", _spans(_SECRET, text, lambda m: True)
+        if self.credentials and "://" in text:
+            yield "credential", _spans(_URL_CREDENTIALS, text, _credential, group=2)
         if self.emails and "@" in text:
-            text = self._sub(_EMAIL, text, lambda m: EMAIL, counts, "email")
+            yield "email", _spans(_EMAIL, text, self._email)
         if self.credit_cards:
-            text = self._sub(_CARD, text, self._card, counts, "credit_card")
+            yield "credit_card", _spans(_CARD, text, _card)
         if self.ips:
-            text = self._sub(_IPV4, text, self._ipv4, counts, "ip_address")
+            yield "ip_address", _spans(_IPV4, text, self._ipv4)
             if "::" in text or text.count(":") >= 7:
-                text = self._sub(_IPV6, text, self._ipv6, counts, "ip_address")
+                yield "ip_address", _spans(_IPV6, text, self._ipv6)
         if self.phones:
-            text = self._sub(_PHONE, text, self._phone, counts, "phone")
-        return text, counts
+            yield "phone", _spans(_PHONE, text, _phone)
 
-    @staticmethod
-    def _sub(pattern: re.Pattern, text: str, repl, counts: Counter, kind: str) -> str:
-        def wrapped(m: re.Match) -> str:
-            out = repl(m)
-            if out != m.group(0):
-                counts[kind] += 1
-            return out
+    def _email(self, m: re.Match) -> bool:
+        domain, tld = m.group(1), m.group(2)
+        if domain.split(".", 1)[0] in _CODE_RECEIVERS or m.string[m.end() : m.end() + 1] in ("(", "["):
+            return False
+        return not self.code or tld.lower() in TLDS
 
-        return pattern.sub(wrapped, text)
-
-    @staticmethod
-    def _card(m: re.Match) -> str:
-        digits = re.sub(r"[ -]", "", m.group(0))
-        if digits == m.group(0) and not _CARD_CONTEXT.search(m.string[max(0, m.start() - 40) : m.start()]):
-            return m.group(0)
-        if (
-            13 <= len(digits) <= 19
-            and _CARD_PREFIX.match(digits)
-            and luhn_ok(digits)
-            and len(set(digits)) > 1
-        ):
-            return CARD
-        return m.group(0)
-
-    def _ipv4(self, m: re.Match) -> str:
+    def _ipv4(self, m: re.Match) -> bool:
         before = m.string[max(0, m.start() - 24) : m.start()]
         if _VERSION_CONTEXT.search(before):
-            return m.group(0)
+            return False
         addr = ipaddress.IPv4Address(m.group(0))
-        if self.only_public_ips and not addr.is_global:
-            return m.group(0)
-        return IP
+        return addr.is_global or not self.only_public_ips
 
-    def _ipv6(self, m: re.Match) -> str:
+    def _ipv6(self, m: re.Match) -> bool:
         s = m.group(0)
         if "::" not in s and s.count(":") != 7:
-            return s
+            return False
         if sum(1 for g in s.split(":") if g) < 3:  # "a::b", "std::vector": too short to be an address
-            return s
+            return False
         try:
             addr = ipaddress.IPv6Address(s)
         except ValueError:
-            return s
-        if self.only_public_ips and not addr.is_global:
-            return s
-        return IP
+            return False
+        return addr.is_global or not self.only_public_ips
 
-    @staticmethod
-    def _phone(m: re.Match) -> str:
-        window = m.string[max(0, m.start() - 20) : m.start()]
-        if _PHONE_CONTEXT.search(window):
-            return m.group(0)
-        digits = sum(c.isdigit() for c in m.group(0))
-        if not 7 <= digits <= 15:
-            return m.group(0)
-        return PHONE
+
+def _spans(
+    pattern: re.Pattern, text: str, accept: Callable[[re.Match], bool], group: int = 0
+) -> Iterator[tuple[int, int]]:
+    return (m.span(group) for m in pattern.finditer(text) if accept(m))
+
+
+def _credential(m: re.Match) -> bool:
+    return not _TEMPLATE.search(m.group(2))
+
+
+def _card(m: re.Match) -> bool:
+    digits = re.sub(r"[ -]", "", m.group(0))
+    if digits == m.group(0) and not _CARD_CONTEXT.search(m.string[max(0, m.start() - 40) : m.start()]):
+        return False
+    return (
+        13 <= len(digits) <= 19
+        and bool(_CARD_PREFIX.match(digits))
+        and luhn_ok(digits)
+        and len(set(digits)) > 1
+    )
+
+
+def _phone(m: re.Match) -> bool:
+    window = m.string[max(0, m.start() - 20) : m.start()]
+    if _PHONE_CONTEXT.search(window):
+        return False
+    return 7 <= sum(c.isdigit() for c in m.group(0)) <= 15
 
 
 _SECRET_HINTS = (

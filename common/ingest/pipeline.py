@@ -7,6 +7,7 @@ directory that is published atomically or removed (``tokenmill.common.ingest.wor
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import uuid
@@ -15,7 +16,7 @@ from typing import Any
 
 from tokenmill.common import failpoints
 from tokenmill.common.data.dataset import MANIFEST
-from tokenmill.common.errors import AlreadyExists
+from tokenmill.common.errors import AlreadyExists, FailedPrecondition
 from tokenmill.common.ingest import phases, workspace
 from tokenmill.common.ingest.run_state import Progress, ProgressFn, RunState
 from tokenmill.common.ingest.sources import validate_sources
@@ -38,6 +39,11 @@ def preflight(spec: IngestSpec, data_dir: str | os.PathLike[str], input_roots: S
 
     `input_roots` (config.input_roots) limits where sources and a tokenizer file may be read from."""
     spec.validate()
+    if spec.dedup_backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise FailedPrecondition(
+            "dedup_backend 'ray' needs Ray on the ingest service (pip install 'tokenmill[ray]'); "
+            "use dedup_backend 'local' or install it"
+        )
     validate_sources(spec.sources, input_roots)
     root = workspace.datasets_dir(data_dir)
     if (root / spec.name / MANIFEST).is_file():

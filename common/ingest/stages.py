@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenmill.common.ingest.dedup import MinHashConfig, MinHasher, content_hash
+from tokenmill.common.ingest.dedup import MinHasher, content_hash
 from tokenmill.common.ingest.doc import Doc
 from tokenmill.common.ingest.normalize import normalize_text
 from tokenmill.common.ingest.pii import PiiScrubber
@@ -73,16 +73,8 @@ class DocumentChain:
     def __init__(self, spec: IngestSpec):
         self.spec = spec
         self.filters = build_filters(spec)
-        self.scrubber = PiiScrubber() if spec.pii else None
-        self.hasher = (
-            None
-            if spec.skip_near_dedup
-            else MinHasher(
-                MinHashConfig(
-                    bands=spec.minhash_bands, rows=spec.minhash_rows, threshold=spec.near_dup_threshold
-                )
-            )
-        )
+        self.scrubber = PiiScrubber(code=spec.preset == "code") if spec.pii else None
+        self.hasher = None if spec.skip_near_dedup else MinHasher(spec.minhash_config())
         self.stage_names = ["normalize", *(f.name for f in self.filters)] + (["pii"] if self.scrubber else [])
 
     def new_counts(self) -> dict[str, StageCount]:

@@ -31,36 +31,50 @@ log = logging.getLogger("tokenmill.ingest")
 JOB_TYPE = "ingest"
 SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
 MAX_IDEMPOTENCY_KEY = 256
-DEFAULTS = {
-    "preset": "web",
-    "text_field": "text",
-    "vocab_size": 8192,
-    "val_fraction": 0.01,
-    "near_dup_threshold": 0.8,
-}
 
 
 def request_to_spec(request: ingest_pb2.SubmitIngestRequest) -> dict[str, Any]:
-    """The request as an IngestSpec dict: proto3 zero values mean "default"."""
+    """The request as an IngestSpec dict: a proto3 zero value means "the engine's default", so only
+    set fields are passed on (``IngestSpec`` holds the defaults and validates every value)."""
     spec: dict[str, Any] = {
         "name": request.name,
         "sources": list(request.sources),
-        "preset": request.preset or DEFAULTS["preset"],
-        "text_field": request.text_field or DEFAULTS["text_field"],
         "include_globs": list(request.include_globs),
         "exclude_globs": list(request.exclude_globs),
-        "vocab_size": request.vocab_size or DEFAULTS["vocab_size"],
         "tokenizer": request.tokenizer,
-        "val_fraction": request.val_fraction or DEFAULTS["val_fraction"],
         "seed": int(request.seed),
         "filter_overrides": struct_to_dict(request.filter_overrides),
         "skip_near_dedup": request.skip_near_dedup,
-        "near_dup_threshold": request.near_dup_threshold or DEFAULTS["near_dup_threshold"],
-        "num_workers": request.num_workers,
+        "pii": not request.skip_pii,
         "language_threshold": request.language_threshold,
+        "num_workers": request.num_workers,
         "max_documents": int(request.max_documents),
     }
+    if request.HasField("val_fraction"):
+        spec["val_fraction"] = request.val_fraction
+    for key in _DEFAULT_WHEN_ZERO:
+        value = getattr(request, key)
+        if value:
+            spec[key] = int(value) if isinstance(value, int) else value
     return spec
+
+
+# Fields whose zero value (0 or "") cannot be a valid setting, so it means "default".
+_DEFAULT_WHEN_ZERO = (
+    "preset",
+    "text_field",
+    "vocab_size",
+    "near_dup_threshold",
+    "minhash_bands",
+    "minhash_rows",
+    "minhash_ngram",
+    "minhash_hash_family",
+    "minhash_word_split",
+    "dedup_backend",
+    "batch_size",
+    "max_doc_bytes",
+    "max_tokens_per_shard",
+)
 
 
 def dataset_to_proto(manifest: dict[str, Any], path: Path) -> ingest_pb2.Dataset:

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tokenmill.v1 import common_pb2 as tokenmill_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenmill/v1/ingest.proto\x12\x0ctokenmill.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19tokenmill/v1/common.proto\"\x9a\x03\n\x13SubmitIngestRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07sources\x18\x03 \x03(\t\x12\x0e\n\x06preset\x18\x04 \x01(\t\x12\x12\n\ntext_field\x18\x05 \x01(\t\x12\x15\n\rinclude_globs\x18\x06 \x03(\t\x12\x15\n\rexclude_globs\x18\x07 \x03(\t\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x11\n\ttokenizer\x18\t \x01(\t\x12\x14\n\x0cval_fraction\x18\n \x01(\x01\x12\x0c\n\x04seed\x18\x0b \x01(\x04\x12\x31\n\x10\x66ilter_overrides\x18\x0c \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fskip_near_dedup\x18\r \x01(\x08\x12\x1a\n\x12near_dup_threshold\x18\x0e \x01(\x01\x12\x13\n\x0bnum_workers\x18\x0f \x01(\r\x12\x1a\n\x12language_threshold\x18\x10 \x01(\x01\x12\x15\n\rmax_documents\x18\x11 \x01(\x04\"\xcb\x01\n\nStageCount\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07\x64ocs_in\x18\x02 \x01(\x04\x12\x10\n\x08\x64ocs_out\x18\x03 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x04 \x01(\x04\x12\x11\n\tbytes_out\x18\x05 \x01(\x04\x12\x36\n\x07reasons\x18\x06 \x03(\x0b\x32%.tokenmill.v1.StageCount.ReasonsEntry\x1a.\n\x0cReasonsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x9f\x02\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tdocuments\x18\x03 \x01(\x04\x12\x14\n\x0ctrain_tokens\x18\x04 \x01(\x04\x12\x12\n\nval_tokens\x18\x05 \x01(\x04\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x13\n\x0btoken_dtype\x18\x07 \x01(\t\x12(\n\x06stages\x18\x08 \x03(\x0b\x32\x18.tokenmill.v1.StageCount\x12)\n\x08manifest\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0b\n\x03uri\x18\n \x01(\t\x12\x0e\n\x06job_id\x18\x0b \x01(\t\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.tokenmill.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"(\n\x15\x44\x65leteDatasetResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xd6\x04\n\rIngestService\x12\x44\n\x0cSubmitIngest\x12!.tokenmill.v1.SubmitIngestRequest\x1a\x11.tokenmill.v1.Job\x12\x38\n\x06GetJob\x12\x1b.tokenmill.v1.GetJobRequest\x1a\x11.tokenmill.v1.Job\x12I\n\x08ListJobs\x12\x1d.tokenmill.v1.ListJobsRequest\x1a\x1e.tokenmill.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.tokenmill.v1.CancelJobRequest\x1a\x11.tokenmill.v1.Job\x12\x43\n\x08WatchJob\x12\x1d.tokenmill.v1.WatchJobRequest\x1a\x16.tokenmill.v1.JobEvent0\x01\x12U\n\x0cListDatasets\x12!.tokenmill.v1.ListDatasetsRequest\x1a\".tokenmill.v1.ListDatasetsResponse\x12\x44\n\nGetDataset\x12\x1f.tokenmill.v1.GetDatasetRequest\x1a\x15.tokenmill.v1.Dataset\x12X\n\rDeleteDataset\x12\".tokenmill.v1.DeleteDatasetRequest\x1a#.tokenmill.v1.DeleteDatasetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenmill/v1/ingest.proto\x12\x0ctokenmill.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19tokenmill/v1/common.proto\"\x9f\x05\n\x13SubmitIngestRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07sources\x18\x03 \x03(\t\x12\x0e\n\x06preset\x18\x04 \x01(\t\x12\x12\n\ntext_field\x18\x05 \x01(\t\x12\x15\n\rinclude_globs\x18\x06 \x03(\t\x12\x15\n\rexclude_globs\x18\x07 \x03(\t\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x11\n\ttokenizer\x18\t \x01(\t\x12\x19\n\x0cval_fraction\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x0b \x01(\x04\x12\x31\n\x10\x66ilter_overrides\x18\x0c \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fskip_near_dedup\x18\r \x01(\x08\x12\x1a\n\x12near_dup_threshold\x18\x0e \x01(\x01\x12\x13\n\x0bnum_workers\x18\x0f \x01(\r\x12\x1a\n\x12language_threshold\x18\x10 \x01(\x01\x12\x15\n\rmax_documents\x18\x11 \x01(\x04\x12\x15\n\rminhash_bands\x18\x12 \x01(\r\x12\x14\n\x0cminhash_rows\x18\x13 \x01(\r\x12\x15\n\rminhash_ngram\x18\x14 \x01(\r\x12\x1b\n\x13minhash_hash_family\x18\x15 \x01(\t\x12\x1a\n\x12minhash_word_split\x18\x16 \x01(\t\x12\x15\n\rdedup_backend\x18\x17 \x01(\t\x12\x10\n\x08skip_pii\x18\x18 \x01(\x08\x12\x12\n\nbatch_size\x18\x19 \x01(\r\x12\x15\n\rmax_doc_bytes\x18\x1a \x01(\x04\x12\x1c\n\x14max_tokens_per_shard\x18\x1b \x01(\x04\x42\x0f\n\r_val_fraction\"\xcb\x01\n\nStageCount\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07\x64ocs_in\x18\x02 \x01(\x04\x12\x10\n\x08\x64ocs_out\x18\x03 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x04 \x01(\x04\x12\x11\n\tbytes_out\x18\x05 \x01(\x04\x12\x36\n\x07reasons\x18\x06 \x03(\x0b\x32%.tokenmill.v1.StageCount.ReasonsEntry\x1a.\n\x0cReasonsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x9f\x02\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tdocuments\x18\x03 \x01(\x04\x12\x14\n\x0ctrain_tokens\x18\x04 \x01(\x04\x12\x12\n\nval_tokens\x18\x05 \x01(\x04\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x13\n\x0btoken_dtype\x18\x07 \x01(\t\x12(\n\x06stages\x18\x08 \x03(\x0b\x32\x18.tokenmill.v1.StageCount\x12)\n\x08manifest\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0b\n\x03uri\x18\n \x01(\t\x12\x0e\n\x06job_id\x18\x0b \x01(\t\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.tokenmill.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"(\n\x15\x44\x65leteDatasetResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xd6\x04\n\rIngestService\x12\x44\n\x0cSubmitIngest\x12!.tokenmill.v1.SubmitIngestRequest\x1a\x11.tokenmill.v1.Job\x12\x38\n\x06GetJob\x12\x1b.tokenmill.v1.GetJobRequest\x1a\x11.tokenmill.v1.Job\x12I\n\x08ListJobs\x12\x1d.tokenmill.v1.ListJobsRequest\x1a\x1e.tokenmill.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.tokenmill.v1.CancelJobRequest\x1a\x11.tokenmill.v1.Job\x12\x43\n\x08WatchJob\x12\x1d.tokenmill.v1.WatchJobRequest\x1a\x16.tokenmill.v1.JobEvent0\x01\x12U\n\x0cListDatasets\x12!.tokenmill.v1.ListDatasetsRequest\x1a\".tokenmill.v1.ListDatasetsResponse\x12\x44\n\nGetDataset\x12\x1f.tokenmill.v1.GetDatasetRequest\x1a\x15.tokenmill.v1.Dataset\x12X\n\rDeleteDataset\x12\".tokenmill.v1.DeleteDatasetRequest\x1a#.tokenmill.v1.DeleteDatasetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,23 +37,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGECOUNT_REASONSENTRY']._loaded_options = None
   _globals['_STAGECOUNT_REASONSENTRY']._serialized_options = b'8\001'
   _globals['_SUBMITINGESTREQUEST']._serialized_start=134
-  _globals['_SUBMITINGESTREQUEST']._serialized_end=544
-  _globals['_STAGECOUNT']._serialized_start=547
-  _globals['_STAGECOUNT']._serialized_end=750
-  _globals['_STAGECOUNT_REASONSENTRY']._serialized_start=704
-  _globals['_STAGECOUNT_REASONSENTRY']._serialized_end=750
-  _globals['_DATASET']._serialized_start=753
-  _globals['_DATASET']._serialized_end=1040
-  _globals['_LISTDATASETSREQUEST']._serialized_start=1042
-  _globals['_LISTDATASETSREQUEST']._serialized_end=1102
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=1104
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=1192
-  _globals['_GETDATASETREQUEST']._serialized_start=1194
-  _globals['_GETDATASETREQUEST']._serialized_end=1227
-  _globals['_DELETEDATASETREQUEST']._serialized_start=1229
-  _globals['_DELETEDATASETREQUEST']._serialized_end=1265
-  _globals['_DELETEDATASETRESPONSE']._serialized_start=1267
-  _globals['_DELETEDATASETRESPONSE']._serialized_end=1307
-  _globals['_INGESTSERVICE']._serialized_start=1310
-  _globals['_INGESTSERVICE']._serialized_end=1908
+  _globals['_SUBMITINGESTREQUEST']._serialized_end=805
+  _globals['_STAGECOUNT']._serialized_start=808
+  _globals['_STAGECOUNT']._serialized_end=1011
+  _globals['_STAGECOUNT_REASONSENTRY']._serialized_start=965
+  _globals['_STAGECOUNT_REASONSENTRY']._serialized_end=1011
+  _globals['_DATASET']._serialized_start=1014
+  _globals['_DATASET']._serialized_end=1301
+  _globals['_LISTDATASETSREQUEST']._serialized_start=1303
+  _globals['_LISTDATASETSREQUEST']._serialized_end=1363
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=1365
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=1453
+  _globals['_GETDATASETREQUEST']._serialized_start=1455
+  _globals['_GETDATASETREQUEST']._serialized_end=1488
+  _globals['_DELETEDATASETREQUEST']._serialized_start=1490
+  _globals['_DELETEDATASETREQUEST']._serialized_end=1526
+  _globals['_DELETEDATASETRESPONSE']._serialized_start=1528
+  _globals['_DELETEDATASETRESPONSE']._serialized_end=1568
+  _globals['_INGESTSERVICE']._serialized_start=1571
+  _globals['_INGESTSERVICE']._serialized_end=2169
 # @@protoc_insertion_point(module_scope)

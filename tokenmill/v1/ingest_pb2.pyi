@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitIngestRequest(_message.Message):
-    __slots__ = ("idempotency_key", "name", "sources", "preset", "text_field", "include_globs", "exclude_globs", "vocab_size", "tokenizer", "val_fraction", "seed", "filter_overrides", "skip_near_dedup", "near_dup_threshold", "num_workers", "language_threshold", "max_documents")
+    __slots__ = ("idempotency_key", "name", "sources", "preset", "text_field", "include_globs", "exclude_globs", "vocab_size", "tokenizer", "val_fraction", "seed", "filter_overrides", "skip_near_dedup", "near_dup_threshold", "num_workers", "language_threshold", "max_documents", "minhash_bands", "minhash_rows", "minhash_ngram", "minhash_hash_family", "minhash_word_split", "dedup_backend", "skip_pii", "batch_size", "max_doc_bytes", "max_tokens_per_shard")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,16 @@ class SubmitIngestRequest(_message.Message):
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    MINHASH_BANDS_FIELD_NUMBER: _ClassVar[int]
+    MINHASH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MINHASH_NGRAM_FIELD_NUMBER: _ClassVar[int]
+    MINHASH_HASH_FAMILY_FIELD_NUMBER: _ClassVar[int]
+    MINHASH_WORD_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    DEDUP_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    SKIP_PII_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOC_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     name: str
     sources: _containers.RepeatedScalarFieldContainer[str]
@@ -47,7 +57,17 @@ class SubmitIngestRequest(_message.Message):
     num_workers: int
     language_threshold: float
     max_documents: int
-    def __init__(self, idempotency_key: _Optional[str] = ..., name: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., preset: _Optional[str] = ..., text_field: _Optional[str] = ..., include_globs: _Optional[_Iterable[str]] = ..., exclude_globs: _Optional[_Iterable[str]] = ..., vocab_size: _Optional[int] = ..., tokenizer: _Optional[str] = ..., val_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., filter_overrides: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., skip_near_dedup: _Optional[bool] = ..., near_dup_threshold: _Optional[float] = ..., num_workers: _Optional[int] = ..., language_threshold: _Optional[float] = ..., max_documents: _Optional[int] = ...) -> None: ...
+    minhash_bands: int
+    minhash_rows: int
+    minhash_ngram: int
+    minhash_hash_family: str
+    minhash_word_split: str
+    dedup_backend: str
+    skip_pii: bool
+    batch_size: int
+    max_doc_bytes: int
+    max_tokens_per_shard: int
+    def __init__(self, idempotency_key: _Optional[str] = ..., name: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., preset: _Optional[str] = ..., text_field: _Optional[str] = ..., include_globs: _Optional[_Iterable[str]] = ..., exclude_globs: _Optional[_Iterable[str]] = ..., vocab_size: _Optional[int] = ..., tokenizer: _Optional[str] = ..., val_fraction: _Optional[float] = ..., seed: _Optional[int] = ..., filter_overrides: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., skip_near_dedup: _Optional[bool] = ..., near_dup_threshold: _Optional[float] = ..., num_workers: _Optional[int] = ..., language_threshold: _Optional[float] = ..., max_documents: _Optional[int] = ..., minhash_bands: _Optional[int] = ..., minhash_rows: _Optional[int] = ..., minhash_ngram: _Optional[int] = ..., minhash_hash_family: _Optional[str] = ..., minhash_word_split: _Optional[str] = ..., dedup_backend: _Optional[str] = ..., skip_pii: _Optional[bool] = ..., batch_size: _Optional[int] = ..., max_doc_bytes: _Optional[int] = ..., max_tokens_per_shard: _Optional[int] = ...) -> None: ...
 
 class StageCount(_message.Message):
     __slots__ = ("stage", "docs_in", "docs_out", "bytes_in", "bytes_out", "reasons")
