@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 PROBE_IN_IMAGE = "/usr/local/lib/tokenmill/grpc_probe.py"
 GPU_SERVICES = {"trainer", "inference"}
+ONE_SHOT = "model"  # imports the model the inference replica serves, then exits
 CPU_DOCKERFILE = ROOT / "services" / "Dockerfile"  # parameterised: --build-arg SERVICE=<name>
 DOCKERFILES = [CPU_DOCKERFILE, *(ROOT / "services" / name / "Dockerfile" for name in sorted(GPU_SERVICES))]
 
@@ -83,7 +84,7 @@ def test_every_service_is_defined_with_its_default_port(compose):
     for profile in ("gpu", "cpu"):
         active = [s for s in services.values() if profile in s.get("profiles", [profile])]
         host_ports = [p.rsplit(":", 2)[1] for s in active for p in s.get("ports", [])]
-        assert len(host_ports) == len(set(host_ports)) == 6, profile  # 5 services + router
+        assert len(host_ports) == len(set(host_ports)) == 7, profile  # 5 services + router gRPC and HTTP
 
 
 def test_redis_has_aof_and_everyone_waits_for_it_healthy(compose):
@@ -99,8 +100,10 @@ def test_redis_has_aof_and_everyone_waits_for_it_healthy(compose):
             continue
         assert service["depends_on"]["redis"] == {"condition": "service_healthy"}, name
         assert service["environment"]["REDIS_URL"] == "redis://redis:6379/0"
-        for dependency in service["depends_on"].values():
-            assert dependency["condition"] == "service_healthy"
+        for dependency, condition in service["depends_on"].items():
+            # the one-shot model import must have finished; every long-running peer must be healthy
+            expected = "service_completed_successfully" if dependency == ONE_SHOT else "service_healthy"
+            assert condition["condition"] == expected, (name, dependency)
         assert all(dep in services for dep in service["depends_on"]), name
         assert "data:/var/lib/tokenmill" in service["volumes"], f"{name} must share the data volume"
         assert service["read_only"] is True and "/tmp" in service["tmpfs"]
@@ -115,7 +118,7 @@ def test_gpu_profiles(compose):
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
         assert "deploy" not in cpu
         assert cpu["networks"]["default"]["aliases"] == [name]  # peers dial the same name either way
-    for name in ("redis", "ingest", "checkpoint", "compress", "router"):
+    for name in ("redis", "ingest", "checkpoint", "compress", "router", ONE_SHOT):
         assert "profiles" not in compose["services"][name], f"{name} must start in every profile"
 
 
@@ -126,7 +129,7 @@ def test_inline_config_loads_as_each_container_sees_it(compose, tmp_path, monkey
     for key in [k for k in os.environ if k.startswith("TOKENMILL_") or k == "REDIS_URL"]:
         monkeypatch.delenv(key)
     for name, service in compose["services"].items():
-        if name == "redis":
+        if name in ("redis", ONE_SHOT):
             continue
         target = [c["target"] for c in service["configs"]]
         assert target == ["/etc/tokenmill/config.yaml"]
@@ -144,6 +147,44 @@ def test_inline_config_loads_as_each_container_sees_it(compose, tmp_path, monkey
             expected = "router" if other == "inference" else other
             assert config.services[other].address == f"{expected}:{DEFAULT_PORTS[other]}"
     assert "${TOKENMILL_TOKEN:?" in compose["services"]["ingest"]["environment"]["TOKENMILL_AUTH__TOKENS"]
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's `${NAME:-default}` interpolation (the forms this file uses)."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m[1]) or m[2], value)
+
+
+def test_compose_serves_a_model_behind_the_router(compose):
+    """The replica serves the model the one-shot service imported; the router is a separate service."""
+    services = compose["services"]
+    model = services[ONE_SHOT]
+    assert model["restart"] == "no" and model["entrypoint"] == ["tokenmill"]
+    assert model["depends_on"]["checkpoint"] == {"condition": "service_healthy"}
+    assert model["image"] == services["checkpoint"]["image"]
+    command = model["command"]
+    assert command[:2] == ["--config", "/etc/tokenmill/config.yaml"]
+    assert command[2:5] == ["ckpt", "import", "/import"]
+    (source,) = [v.rsplit(":", 2)[0] for v in model["volumes"] if ":/import" in v]
+    for env in ({}, {"TOKENMILL_MODEL": "m2", "TOKENMILL_MODEL_DIR": "/srv/m2"}):
+        imported = _interpolate(command[5], env)
+        assert _interpolate(source, env) == env.get("TOKENMILL_MODEL_DIR", "./models/demo-model")
+        for _, replica in _variants(compose, "inference"):
+            # TOKENMILL_SERVE_MODEL turns `python -m tokenmill.services.inference` into a replica of it
+            assert _interpolate(replica["environment"]["TOKENMILL_SERVE_MODEL"], env) == imported
+            assert replica["depends_on"][ONE_SHOT] == {"condition": "service_completed_successfully"}
+        assert imported == env.get("TOKENMILL_MODEL", "demo-model")
+    router = services["router"]
+    assert "TOKENMILL_SERVE_MODEL" not in router["environment"]
+    # the HTTP front: an explicit port (the server's default rule is gRPC port + 2000), published
+    http_port = DEFAULT_PORTS["inference"] + 2000
+    assert router["command"] == [
+        "--config",
+        "/etc/tokenmill/config.yaml",
+        "router",
+        "--http-port",
+        str(http_port),
+    ]
+    assert f"${{TOKENMILL_BIND:-127.0.0.1}}:{http_port}:{http_port}" in router["ports"]
 
 
 # --- Dockerfiles -----------------------------------------------------------------------------------------
@@ -244,13 +285,11 @@ def test_dockerfile_conventions(name):
     for image in base_args.values():
         repository, _, tag = image.partition(":")
         assert tag and tag != "latest" and re.search(r"\d", tag), f"unpinned base image {image}"
-    if name in GPU_SERVICES:
-        assert re.match(
-            r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime$", base_args["BASE_IMAGE"]
-        )
-    else:
-        assert base_args["PYTHON_IMAGE"].startswith("python:3.11") and "slim" in base_args["PYTHON_IMAGE"]
-        assert "download.pytorch.org/whl/cpu" in text  # CPU torch wheel, never the CUDA build
+    assert base_args["PYTHON_IMAGE"].startswith("python:3.11") and "slim" in base_args["PYTHON_IMAGE"]
+    # GPU images: PyTorch's CUDA wheel (it brings CUDA/cuDNN/NCCL); CPU images: never the CUDA build
+    index = "download.pytorch.org/whl/cu" if name in GPU_SERVICES else "download.pytorch.org/whl/cpu"
+    assert re.search(rf"^ARG TORCH_INDEX_URL=https://{index}", text, re.M)
+    assert re.search(r'pip install --index-url "\$\{TORCH_INDEX_URL\}" "torch==\$\{TORCH_VERSION\}"', text)
     for arg, default in re.findall(r'^ARG (\w+)="?([^"\n]*)"?$', text, re.M):
         assert not re.search(r"[<>|;&$`]", default), f"ARG {arg} default would be mangled by the shell"
     froms = re.findall(r"^FROM (\S+)(?: AS (\w+))?$", text, re.M)
@@ -286,6 +325,23 @@ def test_dockerfile_conventions(name):
     assert image.run_argv(entrypoint, json.loads(cmd)) == [
         "python", "-m", f"tokenmill.services.{name}", "--config", "/etc/tokenmill/config.yaml"
     ]  # fmt: skip
+
+
+def torch_pin(text: str, pattern: str) -> str:
+    (version,) = re.findall(pattern, text, re.M)
+    return version
+
+
+def test_one_torch_pin_for_every_image_ci_and_the_package():
+    """The GPU images carry the same torch as the CPU image and CI (`make venv`), and the package allows it."""
+    pins = {
+        str(p.relative_to(ROOT)): torch_pin(p.read_text(), r"^ARG TORCH_VERSION=(\S+)$") for p in DOCKERFILES
+    }
+    pins["Makefile"] = torch_pin((ROOT / "Makefile").read_text(), r"pip install -q torch==(\S+) ")
+    pins["pyproject.toml upper bound"] = torch_pin(
+        (ROOT / "pyproject.toml").read_text(), r'"torch>=[\d.]+,<=([\d.]+)"'
+    )
+    assert len(set(pins.values())) == 1, pins
 
 
 def test_one_dockerfile_for_the_cpu_services():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import shutil
 import socket
@@ -27,6 +28,8 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tokenmill.common.config import DEFAULT_PORTS, load_config
+from tokenmill.common.jobs.keys import JobKeys
+from tokenmill.services.trainer.server import JOB_TYPE as TRAIN_JOB_TYPE
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "tokenmill"
@@ -84,16 +87,28 @@ def helm() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def render(helm: str, *sets: str, expect_error: bool = False) -> list[dict] | str:
+def render_text(helm: str, *sets: str, api_versions: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`helm template` with `--set` items; `api_versions` are APIs the simulated cluster serves."""
     cmd = [helm, "template", RELEASE, str(CHART), "--namespace", "ml", "--kube-version", KUBE_VERSION]
+    for api in api_versions:
+        cmd += ["--api-versions", api]
     for item in sets:
         cmd += ["--set", item]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def render(
+    helm: str, *sets: str, expect_error: bool = False, api_versions: tuple[str, ...] = ()
+) -> list[dict] | str:
+    out = render_text(helm, *sets, api_versions=api_versions)
     if expect_error:
         assert out.returncode != 0, f"expected helm template to fail for {sets}"
         return out.stderr
     assert out.returncode == 0, out.stderr
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+KEDA_API = ("keda.sh/v1alpha1",)
 
 
 def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
@@ -158,13 +173,23 @@ def check_crd(doc: dict) -> None:
         raise AssertionError(kind)
 
 
+def hook_generated_secrets(docs: list[dict]) -> dict[str, str]:
+    """Secret name -> key that the pre-install hook creates (its NAME=KEY arguments)."""
+    hook = by_kind(docs, "Job").get(f"{FULL}-secrets-hook")
+    if hook is None:
+        return {}
+    command = pod_spec(hook)["containers"][0]["command"]
+    assert command[:2] == ["python", "/hook/ensure_secrets.py"]
+    return dict(arg.split("=", 1) for arg in command[2:])
+
+
 def check_wiring(docs: list[dict], external: frozenset[str] = frozenset()) -> None:
     """Selectors match pods, probes hit the gRPC port, and every reference points at a rendered object
     (or at one of the `external` objects the values name as pre-existing)."""
     deployments = by_kind(docs, "Deployment") | by_kind(docs, "StatefulSet")
     services = by_kind(docs, "Service")
     configmaps = by_kind(docs, "ConfigMap")
-    secrets = by_kind(docs, "Secret")
+    secrets = by_kind(docs, "Secret") | dict.fromkeys(hook_generated_secrets(docs))
     pvcs = by_kind(docs, "PersistentVolumeClaim")
     pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in deployments.values()]
 
@@ -193,17 +218,21 @@ def check_wiring(docs: list[dict], external: frozenset[str] = frozenset()) -> No
         if dep["kind"] == "StatefulSet":
             continue
         (container,) = spec["containers"]
-        grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
-        metrics_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
-        assert metrics_port == grpc_port + 1000  # tokenmill.common.config: metrics_port default = port + 1000
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        grpc_port = ports["grpc"]
+        assert (
+            ports["metrics"] == grpc_port + 1000
+        )  # tokenmill.common.config: metrics_port default = port + 1000
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             action = container[probe]
             if "grpc" in action:
                 assert action["grpc"]["port"] == grpc_port
+            elif "httpGet" in action:
+                assert action["httpGet"]["port"] == "http" and "http" in ports
             else:
                 assert f"--port={grpc_port}" in action["exec"]["command"]
         assert container["command"][:3] == ["python", "-m", container["command"][2]]
-        assert container["command"][3:] == ["--config", "/etc/tokenmill/config.yaml"]
+        assert container["command"][3:5] == ["--config", "/etc/tokenmill/config.yaml"]
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert spec["securityContext"]["runAsNonRoot"] is True
 
@@ -272,11 +301,18 @@ def test_schema_rejects_bad_values(helm, setting, message):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (["autoscaling.hpa.enabled=true"], "mutually exclusive"),
+        (["autoscaling.hpa.enabled=true", "autoscaling.keda.enabled=true"], "mutually exclusive"),
         (["tls.enabled=true"], "tls.existingSecret"),
         (["tls.enabled=true", "tls.cert=x", "tls.key=y", "tls.mutual=true"], "tls.mutual needs tls.ca"),
         (["redis.internal.enabled=false"], "redis.external.url"),
-        (["redis.internal.enabled=false", "redis.external.existingSecret=r"], "redis.external.address"),
+        (
+            [
+                "autoscaling.keda.enabled=true",
+                "redis.internal.enabled=false",
+                "redis.external.existingSecret=r",
+            ],
+            "redis.external.address",
+        ),
     ],
 )
 def test_inconsistent_values_fail_with_a_reason(helm, settings, message):
@@ -309,8 +345,9 @@ def test_default_render_is_valid_and_wired(helm, tmp_path, monkeypatch):
         assert gpu_limit(deployments[f"{FULL}-{name}"]) == 0
         assert "tolerations" not in pod_spec(deployments[f"{FULL}-{name}"])
     assert deployments[f"{FULL}-trainer"]["spec"]["strategy"] == {"type": "Recreate"}
-    # KEDA owns the inference replica count; the router is the public endpoint and runs the inference image
-    assert "replicas" not in deployments[f"{FULL}-inference"]["spec"]
+    # no KEDA API in a bare cluster: no KEDA objects (auto), the inference Deployment keeps its count
+    assert deployments[f"{FULL}-inference"]["spec"]["replicas"] == 1
+    assert not by_kind(docs, "ScaledObject") and not by_kind(docs, "TriggerAuthentication")
     router = pod_spec(deployments[f"{FULL}-router"])["containers"][0]
     # `python -m tokenmill.services.inference` without TOKENMILL_SERVE_MODEL is the router (router.py has no __main__)
     assert (
@@ -325,18 +362,12 @@ def test_default_render_is_valid_and_wired(helm, tmp_path, monkeypatch):
     assert "appendonly yes" in redis_conf and "appendfsync everysec" in redis_conf
     assert "maxmemory-policy noeviction" in redis_conf
     env = env_of(router)
-    assert env["REDIS_URL"]["value"] == f"redis://{FULL}-redis:6379/0"
-    # KEDA on the consumer-group lag of the router->replica stream (docs/contracts.md)
-    (scaled,) = by_kind(docs, "ScaledObject").values()
-    assert scaled["spec"]["scaleTargetRef"]["name"] == f"{FULL}-inference"
-    meta = scaled["spec"]["triggers"][0]["metadata"]
-    assert meta["stream"] == "tokenmill:inference:requests" and meta["consumerGroup"] == "replicas"
-    assert meta["address"] == f"{FULL}-redis.ml.svc:6379" and meta["lagCount"] == "8"
-    assert "authenticationRef" not in scaled["spec"]["triggers"][0]
+    assert env["REDIS_URL"]["value"] == f"redis://:$(REDIS_PASSWORD)@{FULL}-redis:6379/0"
     assert not by_kind(docs, "HorizontalPodAutoscaler") and not by_kind(docs, "RayCluster")
-    # auth on by default: a generated token in a Secret, mounted as the config's token_file
-    auth = by_kind(docs, "Secret")[f"{FULL}-auth"]
-    assert len(auth["stringData"]["tokens"].strip()) == 40
+    # auth on by default: the token Secret is generated once by the pre-install hook, not rendered
+    assert f"{FULL}-auth" not in by_kind(docs, "Secret")
+    hook = by_kind(docs, "Job")[f"{FULL}-secrets-hook"]
+    assert f"{FULL}-auth=tokens" in pod_spec(hook)["containers"][0]["command"]
     # the rendered config loads with the real loader, as each pod sees it
     config = load_rendered_config(
         rendered_config(docs), tmp_path, monkeypatch, {"TOKENMILL_SERVICES__CHECKPOINT__HOST": "0.0.0.0"}
@@ -376,6 +407,7 @@ def test_gpu_variant(helm):
 def test_keda_with_redis_password_variant(helm, tmp_path, monkeypatch):
     docs = render(
         helm,
+        "autoscaling.keda.enabled=true",
         "redis.auth.password=s3cret-Pass_word",
         "autoscaling.keda.minReplicaCount=0",
         "autoscaling.keda.maxReplicaCount=16",
@@ -384,7 +416,7 @@ def test_keda_with_redis_password_variant(helm, tmp_path, monkeypatch):
     )
     validate_all(docs)
     check_wiring(docs)
-    (scaled,) = by_kind(docs, "ScaledObject").values()
+    scaled = by_kind(docs, "ScaledObject")[f"{FULL}-inference"]
     assert scaled["spec"]["minReplicaCount"] == 0 and scaled["spec"]["maxReplicaCount"] == 16
     trigger = scaled["spec"]["triggers"][0]
     (trigger_auth,) = by_kind(docs, "TriggerAuthentication").values()
@@ -426,6 +458,7 @@ def test_tls_variant(helm, tmp_path, monkeypatch):
 def test_external_redis_variant(helm, tmp_path, monkeypatch):
     docs = render(
         helm,
+        "autoscaling.keda.enabled=true",
         "redis.internal.enabled=false",
         "redis.external.url=rediss://:pw@redis.example.com:6380/0",
         "redis.external.tls=true",
@@ -444,6 +477,7 @@ def test_external_redis_variant(helm, tmp_path, monkeypatch):
     # an existing Secret with the URL: KEDA needs the address spelled out
     docs = render(
         helm,
+        "autoscaling.keda.enabled=true",
         "redis.internal.enabled=false",
         "redis.external.existingSecret=prod-redis",
         "redis.external.address=10.0.0.5:6379",
@@ -472,7 +506,10 @@ def test_hpa_s3_ray_variant(helm, tmp_path, monkeypatch):
     check_wiring(docs, external=frozenset({"shared-nfs", "prod-tokens"}))
     (hpa,) = by_kind(docs, "HorizontalPodAutoscaler").values()
     assert hpa["spec"]["scaleTargetRef"]["name"] == f"{FULL}-inference"
-    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "tokenmill_num_requests_waiting"
+    # the router's Redis backlog, an External metric (prometheus-adapter externalRules; docs/deploy.md)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "External" and metric["external"]["metric"]["name"] == "tokenmill_router_backlog"
+    assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "4"}
     assert not by_kind(docs, "ScaledObject")
     assert "replicas" not in by_kind(docs, "Deployment")[f"{FULL}-inference"]["spec"]
     assert not by_kind(docs, "PersistentVolumeClaim")  # existing claim used instead
@@ -503,6 +540,280 @@ def test_auth_disabled_and_persistence_off_variant(helm, tmp_path, monkeypatch):
     assert "volumeClaimTemplates" not in by_kind(docs, "StatefulSet")[f"{FULL}-redis"]["spec"]
     config = load_rendered_config(rendered_config(docs), tmp_path, monkeypatch)
     assert config.auth.disabled
+
+
+# --- cluster readiness: KEDA modes, stable secrets, Redis auth, network policy, HTTP front, RBAC ---------
+
+
+@pytest.mark.parametrize(
+    ("settings", "api_versions", "keda"),
+    [
+        (["autoscaling.keda.enabled=false"], KEDA_API, False),
+        (["autoscaling.keda.enabled=true"], (), True),
+        ([], (), False),  # auto on a bare cluster
+        ([], KEDA_API, True),  # auto where KEDA's API is served
+    ],
+    ids=["off", "on", "auto-without-keda", "auto-with-keda"],
+)
+def test_keda_off_on_and_auto_render_valid(helm, settings, api_versions, keda):
+    docs = render(helm, *settings, api_versions=api_versions)
+    validate_all(docs)
+    check_wiring(docs)
+    scaled = by_kind(docs, "ScaledObject")
+    inference = by_kind(docs, "Deployment")[f"{FULL}-inference"]["spec"]
+    trainer = by_kind(docs, "Deployment")[f"{FULL}-trainer"]["spec"]
+    if not keda:
+        assert not scaled and not by_kind(docs, "TriggerAuthentication")
+        assert inference["replicas"] == 1 and trainer["replicas"] == 1
+        return
+    assert "replicas" not in inference and "replicas" not in trainer  # KEDA owns both counts
+    # inference on the router->replica stream, the trainer on the train job stream (common/jobs/keys.py)
+    streams = {
+        name: scaled[f"{FULL}-{name}"]["spec"]["triggers"][0]["metadata"] for name in ("inference", "trainer")
+    }
+    assert (streams["inference"]["stream"], streams["inference"]["consumerGroup"]) == (
+        "tokenmill:inference:requests",
+        "replicas",
+    )
+    keys = JobKeys()
+    assert (streams["trainer"]["stream"], streams["trainer"]["consumerGroup"]) == (
+        keys.stream(TRAIN_JOB_TYPE),
+        keys.group(TRAIN_JOB_TYPE),
+    )
+    # the bundled Redis has a password: KEDA reads it from the Secret through a TriggerAuthentication
+    (trigger_auth,) = by_kind(docs, "TriggerAuthentication").values()
+    (ref,) = trigger_auth["spec"]["secretTargetRef"]
+    assert hook_generated_secrets(docs)[ref["name"]] == ref["key"] == "redis-password"
+    for obj in scaled.values():
+        (trigger,) = obj["spec"]["triggers"]
+        assert trigger["authenticationRef"]["name"] == trigger_auth["metadata"]["name"]
+        assert not {"password", "passwordFromEnv"} & set(trigger["metadata"])
+
+
+def test_scale_from_zero_is_allowed(helm):
+    docs = render(helm, "autoscaling.keda.minReplicaCount=0", api_versions=KEDA_API)
+    validate_all(docs)
+    assert by_kind(docs, "ScaledObject")[f"{FULL}-inference"]["spec"]["minReplicaCount"] == 0
+
+
+def test_render_twice_gives_the_same_manifests(helm):
+    """No random or looked-up value in the manifests: GitOps syncs do not rotate the token/password."""
+    first, second = render_text(helm), render_text(helm)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    docs = [doc for doc in yaml.safe_load_all(first.stdout) if doc]
+    assert hook_generated_secrets(docs) == {f"{FULL}-auth": "tokens", f"{FULL}-redis-auth": "redis-password"}
+    hook = by_kind(docs, "Job")[f"{FULL}-secrets-hook"]
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    (rules,) = [r["rules"] for n, r in by_kind(docs, "Role").items() if n == f"{FULL}-secrets-hook"]
+    assert rules[0]["resourceNames"] == [f"{FULL}-auth", f"{FULL}-redis-auth"]
+    # inline values: plain Secrets kept on uninstall; nothing to generate, so no hook
+    docs = render(helm, f"auth.tokens[0]={TOKEN}", "redis.auth.password=pw-0123456789")
+    assert not hook_generated_secrets(docs)
+    for name in (f"{FULL}-auth", f"{FULL}-redis-auth"):
+        assert by_kind(docs, "Secret")[name]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_bundled_redis_requires_a_password_every_component_gets(helm):
+    docs = render(helm, "ray.enabled=true", "trainer.gpus=0", api_versions=("ray.io/v1",))
+    redis_conf = by_kind(docs, "ConfigMap")[f"{FULL}-redis"]["data"]["redis.conf"]
+    assert "protected-mode no" not in redis_conf
+    (redis,) = by_kind(docs, "StatefulSet").values()
+    (server,) = pod_spec(redis)["containers"]
+    assert '--requirepass "$REDIS_PASSWORD"' in server["command"][-1]
+    secret = env_of(server)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert secret == {"name": f"{FULL}-redis-auth", "key": "redis-password"}
+    containers = [pod_spec(d)["containers"][0] for d in by_kind(docs, "Deployment").values()]
+    (ray,) = by_kind(docs, "RayCluster").values()
+    containers += [g["template"]["spec"]["containers"][0] for g in ray["spec"]["workerGroupSpecs"]]
+    for container in containers:
+        env = env_of(container)
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret, container["name"]
+        assert env["REDIS_URL"]["value"] == f"redis://:$(REDIS_PASSWORD)@{FULL}-redis:6379/0"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def test_network_policy_admits_only_tokenmill_pods(helm):
+    docs = render(helm, api_versions=KEDA_API)
+    validate_all(docs)
+    policies = by_kind(docs, "NetworkPolicy")
+    assert set(policies) == {f"{FULL}-internal", f"{FULL}-metrics", f"{FULL}-redis-keda"}
+    internal = policies[f"{FULL}-internal"]["spec"]
+    (rule,) = internal["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"} and "ports" not in rule
+    workloads = by_kind(docs, "Deployment") | by_kind(docs, "StatefulSet")
+    for name, workload in workloads.items():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert _selects(internal["podSelector"], labels) and _selects(peer["podSelector"], labels), name
+    # metrics open to Prometheus on the metrics port only; Redis to the KEDA operator on 6379 only
+    assert policies[f"{FULL}-metrics"]["spec"]["ingress"][0]["ports"] == [
+        {"port": "metrics", "protocol": "TCP"}
+    ]
+    keda = policies[f"{FULL}-redis-keda"]["spec"]
+    assert _selects(keda["podSelector"], workloads[f"{FULL}-redis"]["spec"]["template"]["metadata"]["labels"])
+    assert not _selects(
+        keda["podSelector"], workloads[f"{FULL}-router"]["spec"]["template"]["metadata"]["labels"]
+    )
+    assert keda["ingress"][0]["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    # the router from a configurable selector, on its gRPC and HTTP ports
+    docs = render(helm, "networkPolicy.routerIngressFrom[0].namespaceSelector.matchLabels.team=web")
+    validate_all(docs)
+    router = by_kind(docs, "NetworkPolicy")[f"{FULL}-router-ingress"]["spec"]
+    assert router["ingress"][0]["from"] == [{"namespaceSelector": {"matchLabels": {"team": "web"}}}]
+    assert [p["port"] for p in router["ingress"][0]["ports"]] == ["grpc", "http"]
+    assert not by_kind(render(helm, "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+def test_router_http_front_is_a_named_port_with_health_probes(helm):
+    docs = render(helm, "metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.httpFront=true")
+    validate_all(docs)
+    router = pod_spec(by_kind(docs, "Deployment")[f"{FULL}-router"])["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in router["ports"]}
+    # services/inference/server.py: the HTTP front defaults to the gRPC port + 2000; the chart passes it
+    assert ports["http"] == DEFAULT_PORTS["inference"] + 2000 == 52055
+    assert router["command"][5:] == ["router", "--http-port", "52055"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert router[probe]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTP"}
+    service = by_kind(docs, "Service")[f"{FULL}-router"]["spec"]
+    assert {
+        "name": "http",
+        "port": 52055,
+        "targetPort": "http",
+        "protocol": "TCP",
+        "appProtocol": "http",
+    } in (service["ports"])
+    (monitor,) = by_kind(docs, "ServiceMonitor").values()
+    assert {"port": "http", "path": "/metrics", "interval": "30s"} in monitor["spec"]["endpoints"]
+    # with mutual TLS kubelet has no client certificate: the gRPC exec probe is used instead
+    docs = render(helm, "tls.enabled=true", "tls.mutual=true", "tls.cert=C", "tls.key=K", "tls.ca=A")
+    router = pod_spec(by_kind(docs, "Deployment")[f"{FULL}-router"])["containers"][0]
+    assert "exec" in router["readinessProbe"] and "exec" in router["livenessProbe"]
+    docs = render(helm, "tls.enabled=true", "tls.cert=C", "tls.key=K")
+    router = pod_spec(by_kind(docs, "Deployment")[f"{FULL}-router"])["containers"][0]
+    assert router["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+
+
+def test_pods_advertise_their_pod_ip(helm, tmp_path, monkeypatch):
+    docs = render(helm)
+    for name, dep in by_kind(docs, "Deployment").items():
+        (container,) = pod_spec(dep)["containers"]
+        names = [e["name"] for e in container["env"]]
+        env = env_of(container)
+        assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        key = "INFERENCE" if name.endswith("router") else name.rsplit("-", 1)[1].upper()
+        advertise = f"TOKENMILL_SERVICES__{key}__ADVERTISE_HOST"
+        assert env[advertise]["value"] == "$(POD_IP)" and names.index("POD_IP") < names.index(advertise)
+    config = load_rendered_config(
+        rendered_config(docs),
+        tmp_path,
+        monkeypatch,
+        {
+            "TOKENMILL_SERVICES__INFERENCE__HOST": "0.0.0.0",
+            "TOKENMILL_SERVICES__INFERENCE__ADVERTISE_HOST": "10.1.2.3",
+        },
+    )
+    assert config.services["inference"].advertise_host == "10.1.2.3"
+
+
+KUBERNETES_BACKEND_RULES = [
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "get", "delete"]},
+]
+
+
+def test_kubernetes_trainer_backend_rbac_and_gpu_placement(helm, tmp_path, monkeypatch):
+    assert f"{FULL}-trainer" not in by_kind(render(helm), "Role")  # only with the backend
+    docs = render(helm, "trainer.backend=kubernetes", "trainer.gpus=0", "trainer.kubernetes.gpusPerWorker=2")
+    validate_all(docs)
+    check_wiring(docs)
+    role = by_kind(docs, "Role")[f"{FULL}-trainer"]
+    assert role["rules"] == KUBERNETES_BACKEND_RULES
+    binding = by_kind(docs, "RoleBinding")[f"{FULL}-trainer"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{FULL}-trainer", "namespace": "ml"}]
+    trainer = pod_spec(by_kind(docs, "Deployment")[f"{FULL}-trainer"])
+    assert trainer["serviceAccountName"] == f"{FULL}-trainer" and trainer["automountServiceAccountToken"]
+    for name, dep in by_kind(docs, "Deployment").items():  # nobody else gets an API token
+        if name != f"{FULL}-trainer":
+            assert pod_spec(dep)["serviceAccountName"] == FULL and not pod_spec(dep).get(
+                "automountServiceAccountToken"
+            )
+    # worker pods get the same GPU placement as inference pods (config.yaml trainer.kubernetes)
+    inference = pod_spec(by_kind(docs, "Deployment")[f"{FULL}-inference"])
+    config = load_rendered_config(rendered_config(docs), tmp_path, monkeypatch)
+    workers = config.trainer.kubernetes
+    assert workers.node_selector == inference["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert workers.tolerations == inference["tolerations"]
+    assert workers.gpus_per_worker == 2 and workers.gpu_resource == GPU
+    assert workers.image == "tokenmill-trainer:0.1.0" and workers.data_claim == f"{FULL}-data"
+    assert workers.token_secret == f"{FULL}-auth"
+
+
+# --- the secrets hook script against a simulated Kubernetes API server -----------------------------------
+
+
+class _FakeSecretsApi(http.server.BaseHTTPRequestHandler):
+    """Just enough of the core/v1 Secrets API: GET one, POST one; records what was created."""
+
+    secrets: dict[str, dict] = {}
+    auth: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.auth.append(self.headers["Authorization"])
+        name = self.path.rsplit("/", 1)[1]
+        self._reply(200 if name in self.secrets else 404)
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.secrets[body["metadata"]["name"]] = body
+        self._reply(201)
+
+    def _reply(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_secrets_hook_creates_missing_secrets_once_with_simulated_api_server(tmp_path):
+    (tmp_path / "token").write_text("sa-token\n")
+    _FakeSecretsApi.secrets = {"kept": {"stringData": {"tokens": "old"}}}
+    _FakeSecretsApi.auth = []
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeSecretsApi) as api:
+        threading.Thread(target=api.serve_forever, daemon=True).start()
+        env = {
+            **os.environ,
+            "KUBERNETES_API_URL": f"http://127.0.0.1:{api.server_address[1]}",
+            "SA_DIR": str(tmp_path),
+            "POD_NAMESPACE": "ml",
+            "SECRET_LABELS": '{"app.kubernetes.io/instance": "tm"}',
+        }
+        script = str(CHART / "files" / "ensure_secrets.py")
+        args = [sys.executable, script, "kept=tokens", "new=redis-password"]
+        try:
+            first = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+            created = dict(_FakeSecretsApi.secrets["new"])
+            second = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+        finally:
+            api.shutdown()
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == ["Secret ml/kept: kept", "Secret ml/new: created"]
+    assert second.stdout.splitlines() == ["Secret ml/kept: kept", "Secret ml/new: kept"]
+    assert _FakeSecretsApi.secrets["kept"] == {"stringData": {"tokens": "old"}}  # never rewritten
+    assert _FakeSecretsApi.secrets["new"] == created
+    assert created["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert created["metadata"]["labels"] == {"app.kubernetes.io/instance": "tm"}
+    assert len(created["stringData"]["redis-password"]) >= 40
+    assert set(_FakeSecretsApi.auth) == {"Bearer sa-token"}
 
 
 # --- the probe script against a real gRPC health server ------------------------------------------------------
@@ -590,12 +901,15 @@ def test_probe_script_mutual_tls(tls_dir):
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
-        ([], ["tm-tokenmill-router.ml.svc:50055", "get secret tm-tokenmill-auth", "KEDA scales"]),
-        (["auth.disabled=true", "autoscaling.keda.enabled=false"], ["Auth is DISABLED", "Autoscaling is off"]),
+        ([], ["tm-tokenmill-router.ml.svc:50055", "get secret tm-tokenmill-auth", "HTTP on\nport 52055",
+              "Autoscaling is off (KEDA's API (keda.sh/v1alpha1) is not installed"]),
+        (["autoscaling.keda.enabled=true"], ["KEDA scales"]),
+        (["auth.disabled=true", "autoscaling.keda.enabled=false"],
+         ["Auth is DISABLED", "Autoscaling is off (autoscaling.keda.enabled=false)"]),
         (
             ["ray.enabled=true", "persistence.accessModes[0]=ReadWriteOnce", "autoscaling.keda.enabled=false",
              "autoscaling.hpa.enabled=true"],
-            ["set trainer.gpus=0", "not ReadWriteMany", "HPA on tokenmill_num_requests_waiting"],
+            ["set trainer.gpus=0", "not ReadWriteMany", "HPA on the external metric tokenmill_router_backlog"],
         ),
     ],
 )  # fmt: skip

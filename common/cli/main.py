@@ -17,6 +17,8 @@ COMMANDS = {
     "tokenmill.common.cli.train": ["train"],
     "tokenmill.common.cli.ckpt": ["ckpt"],
     "tokenmill.common.cli.serve": ["serve", "generate", "bench"],
+    "tokenmill.common.cli.images": ["images"],
+    "tokenmill.common.cli.cluster": ["cluster"],
 }
 
 

@@ -85,8 +85,52 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (include "tokenmill.componentName" (dict "root" . "component" "redis-auth")) .Values.redis.auth.existingSecret -}}
 {{- end -}}
 
+{{/* The bundled Redis always requires a password (given, from existingSecret, or generated once by the
+     secrets hook); an external Redis has one for KEDA only when the values name it. */}}
 {{- define "tokenmill.redisHasPassword" -}}
-{{- if or .Values.redis.auth.password .Values.redis.auth.existingSecret -}}true{{- end -}}
+{{- if or .Values.redis.internal.enabled .Values.redis.auth.password .Values.redis.auth.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{/* Secrets the pre-install hook generates once (random, kept across upgrades): "name key" lines. */}}
+{{- define "tokenmill.generatedSecrets" -}}
+{{- if and (not .Values.auth.disabled) (not .Values.auth.existingSecret) (not .Values.auth.tokens) }}
+{{ include "tokenmill.authSecretName" . }} {{ .Values.auth.existingSecretKey }}
+{{- end }}
+{{- if and .Values.redis.internal.enabled (not .Values.redis.auth.password) (not .Values.redis.auth.existingSecret) }}
+{{ include "tokenmill.redisPasswordSecretName" . }} {{ .Values.redis.auth.existingSecretKey }}
+{{- end }}
+{{- end -}}
+
+{{/* Autoscaling switches ----------------------------------------------------------------------------- */}}
+
+{{/* "true" when KEDA objects render: enabled=true, or enabled=auto (the default) and the cluster serves
+     keda.sh/v1alpha1 and no HPA was asked for. A bare cluster thus installs without KEDA's CRDs. */}}
+{{- define "tokenmill.kedaOn" -}}
+{{- $e := .Values.autoscaling.keda.enabled -}}
+{{- if kindIs "bool" $e -}}
+{{- if $e }}true{{ end -}}
+{{- else if and (not .Values.autoscaling.hpa.enabled) (.Capabilities.APIVersions.Has "keda.sh/v1alpha1") -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Why KEDA is off (for NOTES.txt); empty when it is on. */}}
+{{- define "tokenmill.kedaOffReason" -}}
+{{- if not (include "tokenmill.kedaOn" .) -}}
+{{- $e := .Values.autoscaling.keda.enabled -}}
+{{- if kindIs "bool" $e -}}
+autoscaling.keda.enabled=false
+{{- else if .Values.autoscaling.hpa.enabled -}}
+autoscaling.hpa.enabled=true (KEDA stays off)
+{{- else -}}
+KEDA's API (keda.sh/v1alpha1) is not installed in this cluster (autoscaling.keda.enabled=auto); install KEDA and run helm upgrade to turn it on
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The trainer's scaling: KEDA on the train queue, when KEDA is on and the trainer's trigger is enabled. */}}
+{{- define "tokenmill.trainerKedaOn" -}}
+{{- if and (include "tokenmill.kedaOn" .) .Values.autoscaling.keda.trainer.enabled .Values.trainer.enabled -}}true{{- end -}}
 {{- end -}}
 
 {{- define "tokenmill.redisUrlSecretName" -}}
@@ -127,7 +171,7 @@ app.kubernetes.io/component: {{ .component }}
 - name: POD_NAMESPACE
   valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
 {{- if .Values.redis.internal.enabled }}
-{{- if include "tokenmill.redisHasPassword" . }}
+{{- /* kubelet expands $(REDIS_PASSWORD) in REDIS_URL because it is defined first */}}
 - name: REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
@@ -135,10 +179,6 @@ app.kubernetes.io/component: {{ .component }}
       key: {{ .Values.redis.auth.existingSecretKey }}
 - name: REDIS_URL
   value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:6379/%d" (include "tokenmill.redisHost" .) (int .Values.redis.databaseIndex) | quote }}
-{{- else }}
-- name: REDIS_URL
-  value: {{ printf "redis://%s:6379/%d" (include "tokenmill.redisHost" .) (int .Values.redis.databaseIndex) | quote }}
-{{- end }}
 {{- else }}
 - name: REDIS_URL
   valueFrom:
@@ -240,14 +280,28 @@ grpc:
 {{- end -}}
 {{- end -}}
 
+{{/* The HTTP front's /health (kubelet's httpGet; HTTPS when TLS is on, where kubelet does not verify the
+     certificate). With mutual TLS kubelet cannot present a client certificate: the gRPC probe is used. */}}
+{{- define "tokenmill.httpProbeAction" -}}
+httpGet:
+  path: /health
+  port: http
+  scheme: {{ if .root.Values.tls.enabled }}HTTPS{{ else }}HTTP{{ end }}
+{{- end -}}
+
+{{/* readiness/liveness/startup; dict root port component startup [http: the HTTP front's port] */}}
 {{- define "tokenmill.probes" -}}
+{{- $live := include "tokenmill.grpcProbeAction" . -}}
+{{- if and .http (not .root.Values.tls.mutual) -}}
+{{- $live = include "tokenmill.httpProbeAction" . -}}
+{{- end -}}
 readinessProbe:
-  {{- include "tokenmill.grpcProbeAction" . | nindent 2 }}
+  {{- $live | nindent 2 }}
   periodSeconds: 5
   timeoutSeconds: 5
   failureThreshold: 3
 livenessProbe:
-  {{- include "tokenmill.grpcProbeAction" . | nindent 2 }}
+  {{- $live | nindent 2 }}
   periodSeconds: 20
   timeoutSeconds: 5
   failureThreshold: 3

@@ -8,6 +8,10 @@ One tokenmill service as a Deployment. Arguments (dict):
   configKey  its entry under config `services` (the router serves the inference API)
   gpus       GPUs per pod
   replicas   replica count, or nil when an autoscaler owns it
+  args       extra command-line arguments after --config (optional)
+  serviceAccount  a ServiceAccount of its own, with its API token mounted (optional; default: the
+                  shared one, without a token)
+The component's `httpPort` (router) adds the named `http` port; its readiness/liveness then ask /health.
 */}}
 {{- define "tokenmill.deployment" -}}
 {{- $root := .root -}}
@@ -38,7 +42,12 @@ spec:
       annotations:
         {{- include "tokenmill.podAnnotations" (dict "root" $root "port" $c.port "c" $c) | nindent 8 }}
     spec:
+      {{- if .serviceAccount }}
+      serviceAccountName: {{ .serviceAccount }}
+      automountServiceAccountToken: true
+      {{- else }}
       serviceAccountName: {{ include "tokenmill.serviceAccountName" $root }}
+      {{- end }}
       {{- with $root.Values.imagePullSecrets }}
       imagePullSecrets:
         {{- toYaml . | nindent 8 }}
@@ -51,12 +60,15 @@ spec:
         - name: {{ .component }}
           image: {{ include "tokenmill.image" (dict "root" $root "image" .image) }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-          command: ["python", "-m", "{{ .module }}", "--config", "/etc/tokenmill/config.yaml"]
+          command: {{ concat (list "python" "-m" .module "--config" "/etc/tokenmill/config.yaml") (.args | default list) | toJson }}
           env:
             {{- include "tokenmill.commonEnv" $root | nindent 12 }}
             # bind all interfaces in this pod; other pods dial the Service name from config.yaml
             - name: TOKENMILL_SERVICES__{{ upper .configKey }}__HOST
               value: "0.0.0.0"
+            # the routable address it publishes (replica heartbeats): the pod IP, never the 0.0.0.0 it binds
+            - name: TOKENMILL_SERVICES__{{ upper .configKey }}__ADVERTISE_HOST
+              value: $(POD_IP)
             - name: TOKENMILL_SERVICES__{{ upper .configKey }}__WORKERS
               value: {{ $c.workers | quote }}
             {{- if and (eq .component "trainer") $root.Values.ray.enabled }}
@@ -73,7 +85,12 @@ spec:
             - name: metrics
               containerPort: {{ add $c.port 1000 }}
               protocol: TCP
-          {{- include "tokenmill.probes" (dict "root" $root "port" $c.port "component" .component "startup" ($c.startupProbe | default dict)) | nindent 10 }}
+            {{- if $c.httpPort }}
+            - name: http
+              containerPort: {{ $c.httpPort }}
+              protocol: TCP
+            {{- end }}
+          {{- include "tokenmill.probes" (dict "root" $root "port" $c.port "component" .component "startup" ($c.startupProbe | default dict) "http" $c.httpPort) | nindent 10 }}
           resources:
             {{- include "tokenmill.resources" (dict "root" $root "c" $c "gpus" .gpus) | nindent 12 }}
           securityContext:
@@ -84,6 +101,7 @@ spec:
             - name: dshm
               mountPath: /dev/shm
             {{- end }}
+
       volumes:
         {{- include "tokenmill.volumes" $root | nindent 8 }}
         {{- if $c.shmSize }}
@@ -129,6 +147,13 @@ spec:
       targetPort: metrics
       protocol: TCP
       appProtocol: http
+    {{- if .c.httpPort }}
+    - name: http
+      port: {{ .c.httpPort }}
+      targetPort: http
+      protocol: TCP
+      appProtocol: {{ if .root.Values.tls.enabled }}https{{ else }}http{{ end }}
+    {{- end }}
 {{- end -}}
 
 {{/* PodDisruptionBudget for a component (policy/v1). dict root component c */}}
