@@ -19,7 +19,7 @@ from tokenmill.common.eval.harness import encode_pair, evaluate_task
 from tokenmill.common.eval.lm import GenerationOptions, LocalLM
 from tokenmill.common.eval.perplexity import perplexity
 from tokenmill.common.eval.sandbox import MEMORY, PASSED, REFUSED, TIMEOUT, SandboxLimits, run_python
-from tokenmill.common.eval.tasks import load_task
+from tokenmill.common.eval.tasks import load_suite, load_task
 from tokenmill.common.inference.config import EngineConfig
 from tokenmill.common.inference.llm_engine import build_engine
 from tokenmill.common.inference.tokenizer import Tokenizer
@@ -214,3 +214,18 @@ def test_sandbox_stops_runaway_time_and_memory() -> None:
 def test_sandbox_failing_asserts_are_failures_not_errors_of_ours() -> None:
     result = run_python("assert 1 + 1 == 3")
     assert result.status == "failed" and "AssertionError" in result.stderr
+
+
+# ------------------------------------------------------------------------------ shipped suite
+def test_the_shipped_python_suite_loads_and_scores(lm: LocalLM) -> None:
+    tasks = {t.name: t for t in load_suite("python")}
+    assert set(tasks) == {"python_next_line", "python_functions"}
+    next_line = evaluate_task(tasks["python_next_line"], lm, limit=8)
+    assert set(next_line.metrics) == {"acc", "acc_norm"} and next_line.documents == 8
+    functions = evaluate_task(tasks["python_functions"], lm, limit=2)
+    assert 0.0 <= functions.metrics["pass@1"] <= 1.0
+
+
+def test_an_unknown_suite_names_the_shipped_ones() -> None:
+    with pytest.raises(InvalidArgument, match="python"):
+        load_suite("no-such-suite")

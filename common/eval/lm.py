@@ -7,16 +7,19 @@ continuous batching). Anything with these methods (e.g. a client of the served e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from tokenmill.common.inference.llm_engine import LLMEngine
+from tokenmill.common.inference.config import EngineConfig
+from tokenmill.common.inference.llm_engine import LLMEngine, build_engine
 from tokenmill.common.inference.request import SamplingParams
-from tokenmill.common.model.transformer import Transformer
+from tokenmill.common.inference.tokenizer import Tokenizer
+from tokenmill.common.model.quant import dequantize_state_dict
+from tokenmill.common.model.transformer import ModelConfig, Transformer
 
 Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
@@ -56,6 +59,27 @@ class LocalLM:
         eos = model.config.eos_token_ids
         self.prefix_token_id = eos[0] if eos else 0
         self.tokens_scored = 0
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        model_config: dict,
+        tokenizer_json: str | bytes,
+        *,
+        batch_size: int = 16,
+        engine_config: EngineConfig | None = None,
+    ) -> LocalLM:
+        """Any stored format: the engine serves it as stored, the scorer reads its dequantized weights."""
+        model = Transformer(ModelConfig.from_dict(model_config))
+        dense = dequantize_state_dict(tensors)
+        if model.config.tie_embeddings:
+            dense.pop("lm_head.weight", None)
+            dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
+        model.load_state_dict(dense, strict=True)
+        tokenizer = Tokenizer.from_json(tokenizer_json)
+        engine = build_engine(tensors, model_config, engine_config or EngineConfig(), tokenizer)
+        return cls(model, engine, batch_size=batch_size)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=self.add_bos)

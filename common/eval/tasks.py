@@ -176,9 +176,18 @@ def load_task(path: str | Path) -> Task:
     return task
 
 
-def load_suite(directory: str | Path) -> list[Task]:
-    """Every task file in a folder, sorted by name (a suite)."""
-    files = sorted(p for p in Path(directory).iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+SUITES = Path(__file__).resolve().parent / "suites"
+
+
+def load_suite(name_or_dir: str | Path) -> list[Task]:
+    """A suite: every task file in a folder, sorted by name. A bare name is a suite shipped here."""
+    directory = Path(name_or_dir)
+    if not directory.is_dir():
+        directory = SUITES / str(name_or_dir)
+        if not directory.is_dir():
+            shipped = sorted(p.name for p in SUITES.iterdir() if p.is_dir())
+            raise InvalidArgument(f"no suite {str(name_or_dir)!r}: give a folder of task files or one of {shipped}")
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
     if not files:
         raise InvalidArgument(f"suite folder {directory} holds no task files (*.yaml)")
     return [load_task(p) for p in files]
