@@ -87,6 +87,20 @@ def test_every_service_is_defined_with_its_default_port(compose):
         assert len(host_ports) == len(set(host_ports)) == 7, profile  # 5 services + router gRPC and HTTP
 
 
+REDIS_URL = (
+    "redis://:${TOKENMILL_REDIS_PASSWORD:?set TOKENMILL_REDIS_PASSWORD to a random string}@redis:6379/0"
+)
+
+
+def test_redis_requires_the_password_every_client_sends(compose):
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    password = command[command.index("--requirepass") + 1]
+    assert password.startswith("${TOKENMILL_REDIS_PASSWORD:?")  # compose refuses to start without one
+    assert redis["environment"]["REDISCLI_AUTH"] == password  # the healthcheck authenticates too
+    assert "protected-mode" not in command
+
+
 def test_redis_has_aof_and_everyone_waits_for_it_healthy(compose):
     services = compose["services"]
     redis = services["redis"]
@@ -99,7 +113,7 @@ def test_redis_has_aof_and_everyone_waits_for_it_healthy(compose):
         if name == "redis":
             continue
         assert service["depends_on"]["redis"] == {"condition": "service_healthy"}, name
-        assert service["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+        assert service["environment"]["REDIS_URL"] == REDIS_URL, name
         for dependency, condition in service["depends_on"].items():
             # the one-shot model import must have finished; every long-running peer must be healthy
             expected = "service_completed_successfully" if dependency == ONE_SHOT else "service_healthy"
@@ -135,11 +149,14 @@ def test_inline_config_loads_as_each_container_sees_it(compose, tmp_path, monkey
         assert target == ["/etc/tokenmill/config.yaml"]
         env = {k: str(v) for k, v in service["environment"].items() if k not in ("HOME", "XDG_CACHE_HOME")}
         env["TOKENMILL_AUTH__TOKENS"] = '["compose-test-token-0123456789"]'  # what ${TOKENMILL_TOKEN} becomes
+        env["REDIS_URL"] = (
+            "redis://:compose-redis-password@redis:6379/0"  # ... and ${TOKENMILL_REDIS_PASSWORD}
+        )
         with monkeypatch.context() as patch:
             for key, value in env.items():
                 patch.setenv(key, value)
             config = load_config(config_file)
-        assert config.redis_url == "redis://redis:6379/0"
+        assert config.redis_url == "redis://:compose-redis-password@redis:6379/0"
         assert config.auth.tokens == ["compose-test-token-0123456789"]
         own = name.removesuffix("-cpu") if name != "router" else "inference"
         assert config.services[own].host == "0.0.0.0"

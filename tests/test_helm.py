@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tokenmill.common.config import DEFAULT_PORTS, load_config
 from tokenmill.common.jobs.keys import JobKeys
+from tokenmill.common.trainer.backends.k8s_manifests import RBAC_RULES
 from tokenmill.services.trainer.server import JOB_TYPE as TRAIN_JOB_TYPE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -719,25 +720,19 @@ def test_pods_advertise_their_pod_ip(helm, tmp_path, monkeypatch):
     assert config.services["inference"].advertise_host == "10.1.2.3"
 
 
-KUBERNETES_BACKEND_RULES = [
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "get", "delete"]},
-]
-
-
 def test_kubernetes_trainer_backend_rbac_and_gpu_placement(helm, tmp_path, monkeypatch):
     assert f"{FULL}-trainer" not in by_kind(render(helm), "Role")  # only with the backend
     docs = render(helm, "trainer.backend=kubernetes", "trainer.gpus=0", "trainer.kubernetes.gpusPerWorker=2")
     validate_all(docs)
     check_wiring(docs)
     role = by_kind(docs, "Role")[f"{FULL}-trainer"]
-    assert role["rules"] == KUBERNETES_BACKEND_RULES
+    assert role["rules"] == RBAC_RULES  # exactly what the backend calls (tests/test_trainer_kubernetes.py)
     binding = by_kind(docs, "RoleBinding")[f"{FULL}-trainer"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{FULL}-trainer", "namespace": "ml"}]
     trainer = pod_spec(by_kind(docs, "Deployment")[f"{FULL}-trainer"])
+    env = {e["name"]: e for e in trainer["containers"][0]["env"]}
+    assert env["POD_UID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.uid"}}  # owner references
     assert trainer["serviceAccountName"] == f"{FULL}-trainer" and trainer["automountServiceAccountToken"]
     for name, dep in by_kind(docs, "Deployment").items():  # nobody else gets an API token
         if name != f"{FULL}-trainer":

@@ -166,6 +166,9 @@ KEDA's API (keda.sh/v1alpha1) is not installed in this cluster (autoscaling.keda
   value: /tmp/.cache
 - name: POD_NAME
   valueFrom: {fieldRef: {fieldPath: metadata.name}}
+# the kubernetes trainer backend makes its worker Jobs owned by this pod (cleaned up with it)
+- name: POD_UID
+  valueFrom: {fieldRef: {fieldPath: metadata.uid}}
 - name: POD_IP
   valueFrom: {fieldRef: {fieldPath: status.podIP}}
 - name: POD_NAMESPACE
