@@ -113,7 +113,10 @@ def test_family_bias_combinations_are_checked():
         ({"num_heads": 5}, "does not divide hidden_size"),
         ({"num_kv_heads": 3}, "must divide num_heads"),
         ({"vocab_size": 0}, "vocab_size must be positive"),
-        ({"rope_scaling": {"type": "yarn"}}, "unsupported"),
+        ({"rope_scaling": {"type": "longrope"}}, "unsupported"),
+        ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "original_max_position_embeddings"),
+        ({"sliding_window": 8}, "no sliding-window attention"),
+        ({"model_type": "mistral", "sliding_window": 8, "layer_types": ["full_attention"] * 2}, "qwen2"),
     ],
 )
 def test_invalid_configs_name_the_field(bad, match):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tokenmill.common import errors
 from tokenmill.common.inference import EngineConfig, SamplingParams, build_engine
 from tokenmill.common.inference.config import ModelSpec
-from tokenmill.common.inference.model import AttnMeta, PagedLlama, PrefillMeta
+from tokenmill.common.inference.model import AttnMeta, DecodeMeta, PagedLlama, PrefillMeta
 from tokenmill.common.model.transformer import ModelConfig, Transformer
 from tokenmill.common.runtime.proto_struct import struct_to_dict
 
@@ -57,16 +57,39 @@ def hf_model(family: str, **overrides):
     return model
 
 
-def engine_prefill_logits(config: dict, tensors: dict[str, torch.Tensor], ids: list[int]) -> torch.Tensor:
-    """The paged model's logits for one prompt prefilled in one chunk (block size 4)."""
+def engine_prefill_logits(
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    ids: list[int],
+    chunks: list[int] | None = None,
+    block: int = 4,
+) -> torch.Tensor:
+    """The paged model's logits at every position of one sequence fed in `chunks` (default: one
+    prefill chunk): chunks of 1 run as decode steps, longer ones as prefill chunks over the cache.
+    Blocks are laid out in reverse order so a table is never the identity. For dynamic rope, each
+    token's rope length is what the runner passes: the prompt (all of `ids`) for every position."""
     model = PagedLlama(ModelSpec.from_dict(config), tensors, dtype=torch.float32, device="cpu")
-    n, block = len(ids), 4
+    n = len(ids)
     nblocks = -(-n // block)
-    caches = model.allocate_kv_cache(nblocks, block)
-    ctx = torch.tensor([n])
-    meta = AttnMeta(torch.arange(n), 0, None, PrefillMeta(torch.arange(nblocks)[None], ctx, ctx))
-    with torch.inference_mode():
-        return model(torch.tensor(ids), torch.arange(n), meta, caches, block)
+    caches = model.allocate_kv_cache(nblocks + 1, block)
+    table = torch.arange(nblocks, 0, -1)[None]
+    out, start = [], 0
+    for size in chunks or [n]:
+        pos = torch.arange(start, start + size)
+        slots = table[0, pos // block] * block + pos % block
+        ctx = torch.tensor([start + size])
+        if size == 1:
+            meta = AttnMeta(slots, 1, DecodeMeta(table, ctx), None)
+        else:
+            meta = AttnMeta(slots, 0, None, PrefillMeta(table, ctx, torch.tensor([size])))
+        with torch.inference_mode():
+            lens = torch.full((size,), n)
+            out.append(
+                model(torch.tensor(ids[start : start + size]), pos, meta, caches, block, rope_lens=lens)
+            )
+        start += size
+    assert start == n
+    return torch.cat(out)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -114,14 +137,11 @@ def _edit_config(src, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def _yarn(src) -> None:
-    rope = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0, "original_max_position_embeddings": 32}
-    _edit_config(src, rope_parameters=rope, rope_scaling=rope)
+def _rope(**rope):
+    def edit(src) -> None:
+        _edit_config(src, rope_parameters=rope, rope_scaling=rope)
 
-
-def _dynamic(src) -> None:
-    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-    _edit_config(src, rope_parameters=rope, rope_scaling=rope)
+    return edit
 
 
 def _stray_tensor(src) -> None:
@@ -137,14 +157,25 @@ REJECTED = {
         lambda src: _edit_config(src, architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox"),
         "architectures",
     ),
-    "yarn-rope": ("Llama", {}, _yarn, "rope_type='yarn'"),
-    "dynamic-rope": ("Llama", {}, _dynamic, "rope_type='dynamic'"),
-    "mistral-sliding-window": ("Mistral", dict(sliding_window=16), None, "sliding_window=16"),
-    "qwen2-sliding-window": (
+    "longrope": ("Llama", {}, _rope(rope_type="longrope", factor=2.0), "rope_type='longrope'"),
+    "dynamic-without-factor": ("Llama", {}, _rope(rope_type="dynamic"), "rope_scaling.factor"),
+    "partial-rotary": (
+        "Llama",
+        {},
+        lambda src: _edit_config(src, partial_rotary_factor=0.5),
+        "partial_rotary",
+    ),
+    "qwen2-sliding-layers-without-window": (
         "Qwen2",
-        dict(use_sliding_window=True, sliding_window=16, max_window_layers=0),
-        None,
-        "sliding_window=16",
+        {},
+        lambda src: _edit_config(src, layer_types=["sliding_attention"] * 2),
+        "layer_types has sliding_attention",
+    ),
+    "mistral-window-zero": (
+        "Mistral",
+        {},
+        lambda src: _edit_config(src, sliding_window=0),
+        "sliding_window=0",
     ),
     "qwen2-saved-as-llama": (
         "Qwen2",
@@ -175,7 +206,8 @@ def test_cli_import_prints_the_reason_and_exits_non_zero(ckpt, tmp_path):
     from tests.fixtures.checkpoint import TEST_TOKEN
     from tokenmill.common.cli.main import cli
 
-    src = _saved(tmp_path, "Mistral", sliding_window=16)
+    src = _saved(tmp_path, "Llama")
+    _rope(rope_type="longrope", factor=2.0)(src)
     cfg = tmp_path / "cli.yaml"
     cfg.write_text(
         f"data_dir: {tmp_path}\nauth:\n  tokens: ['{TEST_TOKEN}']\n"
@@ -183,7 +215,7 @@ def test_cli_import_prints_the_reason_and_exits_non_zero(ckpt, tmp_path):
     )
     result = CliRunner().invoke(cli, ["--config", str(cfg), "ckpt", "import", str(src), "windowed"])
     assert result.exit_code != 0
-    assert "INVALID_ARGUMENT" in result.output and "sliding_window=16" in result.output
+    assert "INVALID_ARGUMENT" in result.output and "rope_type='longrope'" in result.output
     with pytest.raises(errors.NotFound):
         ckpt.client.get("windowed")
 

@@ -124,7 +124,8 @@ def _read_docs(task_dir: Path, cfg: dict[str, Any], name: str) -> list[dict[str,
 
 def _metrics(cfg: dict[str, Any], output_type: str, name: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     entries = cfg.get("metric_list") or [{"metric": m} for m in sorted(METRICS[output_type])[:1]]
-    names, ks = [], (1,)
+    names: list[str] = []
+    ks: tuple[int, ...] = (1,)
     for entry in entries:
         metric = entry.get("metric") if isinstance(entry, dict) else None
         if metric not in METRICS[output_type]:

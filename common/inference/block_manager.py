@@ -6,6 +6,8 @@ A full block is keyed by a hash of its whole token prefix (parent block's hash +
 the LoRA adapter), so equal keys mean equal KV. Freed cached blocks stay in an LRU list and are
 reused by later requests until the pool needs them back (vLLM's automatic prefix caching).
 Block 0 is reserved as a scratch slot for padded rows (CUDA graphs) and never handed out.
+With dynamic NTK rope a key's rotation depends on its sequence's length once that passes the
+model's context, so such sequences neither match nor register blocks (`limit_prefix_cache`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ class BlockManager:
         self.seqs: dict[str, SeqBlocks] = {}
         self.prefix_queries = 0  # tokens looked up (vLLM counts tokens)
         self.prefix_hits = 0
+        self.max_cached_seq_len: int | None = None  # see limit_prefix_cache
+
+    def limit_prefix_cache(self, max_seq_len: int | None) -> None:
+        """Share blocks only among sequences of at most `max_seq_len` tokens: beyond it the KV of
+        every position depends on the sequence length (dynamic NTK rope), not on the tokens alone."""
+        self.max_cached_seq_len = max_seq_len
+
+    def _cacheable(self, tokens: Sequence[int]) -> bool:
+        return self.enable_prefix_caching and (
+            self.max_cached_seq_len is None or len(tokens) <= self.max_cached_seq_len
+        )
 
     # ------------------------------------------------------------------ capacity
 
@@ -109,7 +122,7 @@ class BlockManager:
         sb = self.seqs.setdefault(seq_id, SeqBlocks())
         if sb.table:
             raise RuntimeError(f"sequence {seq_id} already has blocks")
-        if not self.enable_prefix_caching:
+        if not self._cacheable(tokens):
             return 0
         n_full = (len(tokens) - 1) // self.block_size
         hashes = self._hashes(tokens, n_full, salt, [])
@@ -149,7 +162,7 @@ class BlockManager:
 
     def commit(self, seq_id: str, tokens: Sequence[int], num_computed: int, salt: str) -> None:
         """Register newly completed full blocks in the prefix cache (their KV is now written)."""
-        if not self.enable_prefix_caching:
+        if not self._cacheable(tokens):
             return
         sb = self.seqs[seq_id]
         n_full = num_computed // self.block_size

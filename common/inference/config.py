@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tokenmill.common.errors import InvalidArgument
+from tokenmill.common.model.rope import rope_context_length
 from tokenmill.common.model.transformer import ModelConfig
 
 _NON_MODEL_KEYS = ("quantization", "lora", "tokenizer", "torch_dtype", "dtype")
@@ -54,7 +55,7 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    max_position_embeddings: int
+    max_position_embeddings: int  # positions served: HF's, extended by dynamic / yarn rope scaling
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
@@ -82,7 +83,7 @@ class ModelSpec:
             num_kv_heads=mc.num_kv_heads,
             head_dim=mc.dim_head,
             rms_norm_eps=mc.rms_norm_eps,
-            max_position_embeddings=mc.max_seq_len,
+            max_position_embeddings=rope_context_length(mc),
             tie_word_embeddings=mc.tie_embeddings,
             eos_token_ids=tuple(eos_token_ids),
             bos_token_id=mc.bos_token_id,

@@ -4,7 +4,9 @@ Parameter names are Hugging Face `LlamaForCausalLM`'s (what `tokenmill.common.mo
 dense or weight-only quantized (`tokenmill.common.model.quant`), q/k/v and gate/up are fused into one matmul each.
 Attention reads K/V from the paged cache through per-sequence block tables: the new tokens' K/V
 are scattered into their slots first, then each sequence gathers its context and attends with a
-causal mask. GQA is computed without expanding K/V (queries are grouped per KV head).
+causal mask, narrowed to the last `sliding_window` keys on sliding layers (Mistral, Qwen2); the
+masks are built once per step for each distinct window. GQA is computed without expanding K/V
+(queries are grouped per KV head).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from tokenmill.common.inference.config import ModelSpec
 from tokenmill.common.inference.lora import LoraBatch
 from tokenmill.common.model.families import Biases
 from tokenmill.common.model.quant import QuantLinear, concat_linears, make_linear
-from tokenmill.common.model.transformer import rope_inv_freq
+from tokenmill.common.model.rope import dynamic_inv_freq, rope_attention_scaling, rope_inv_freq, rope_kind
+from tokenmill.common.model.transformer import rope_cos_sin
 
 PREFIX = "model."
 
@@ -159,12 +162,14 @@ class PagedLlama(nn.Module):
             self.lm_head = nn.Parameter(t("lm_head.weight"), requires_grad=False)
         else:
             self.lm_head = self.embed
-        inv = rope_inv_freq(spec.config).to(self.device)
-        pos = torch.arange(spec.max_position_embeddings, device=self.device, dtype=torch.float32)
-        freqs = torch.outer(pos, inv)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        pos = torch.arange(spec.max_position_embeddings, device=self.device)
+        scaling = rope_attention_scaling(spec.config)
+        cos, sin = rope_cos_sin(rope_inv_freq(spec.config, self.device), pos, dtype, scaling)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        # Dynamic NTK: a token's rotation depends on its sequence's length (see rope_cos_sin_at).
+        self.dynamic_rope = rope_kind(spec.config.rope_scaling) == "dynamic"
+        self.windows = tuple(spec.config.layer_window(i) for i in range(spec.num_layers))
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
         self.scale = 1.0 / math.sqrt(spec.head_dim)
@@ -226,32 +231,65 @@ class PagedLlama(nn.Module):
         out = out.view(hkv, b, g, nq, d).permute(1, 3, 0, 2, 4)  # [B, Q, Hkv, G, D]
         return out.reshape(b, nq, self.q_size)
 
+    def _masks(
+        self, meta: AttnMeta, block_size: int, window: int | None, num_tokens: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(decode mask [Bd, 1, L], prefill mask [Bp, Q, L]), True = attend: causal, within the
+        context, and with a window only the keys at most window-1 positions before the query."""
+        dmask = pmask = None
+        if meta.decode is not None:
+            tables, ctx = meta.decode.tables, meta.decode.ctx
+            kpos = torch.arange(tables.shape[1] * block_size, device=tables.device)[None, :]
+            dmask = kpos < ctx[:, None]
+            if window is not None:
+                dmask &= kpos >= (ctx - window)[:, None]
+            dmask = dmask[:, None, :]
+        if meta.prefill is not None:
+            pre = meta.prefill
+            # queries per row: all prefill tokens for one sequence, else the padded width
+            nq = num_tokens - meta.num_decodes if pre.pad_idx is None else pre.pad_idx.shape[1]
+            start = (pre.ctx - pre.qlen)[:, None]  # absolute position of query 0
+            qpos = (start + torch.arange(nq, device=start.device)[None, :])[:, :, None]  # [Bp, Q, 1]
+            kpos = torch.arange(pre.tables.shape[1] * block_size, device=start.device)[None, None, :]
+            pmask = (kpos <= qpos) & (kpos < pre.ctx[:, None, None])
+            if window is not None:
+                pmask &= kpos > qpos - window
+        return dmask, pmask
+
     def _attention(
-        self, q: torch.Tensor, cache: torch.Tensor, meta: AttnMeta, block_size: int
+        self,
+        q: torch.Tensor,
+        cache: torch.Tensor,
+        meta: AttnMeta,
+        block_size: int,
+        masks: tuple[torch.Tensor | None, torch.Tensor | None],
     ) -> torch.Tensor:
         s = self.spec
         q = q.view(-1, s.num_heads, s.head_dim)
         outs = []
         nd = meta.num_decodes
-        if meta.decode is not None:
-            tables = meta.decode.tables
-            length = tables.shape[1] * block_size
-            mask = torch.arange(length, device=q.device)[None, :] < meta.decode.ctx[:, None]
-            outs.append(self._gather_attend(q[:nd, None], cache, tables, mask[:, None, :], block_size)[:, 0])
-        if meta.prefill is not None:
+        dmask, pmask = masks
+        if meta.decode is not None and dmask is not None:
+            outs.append(self._gather_attend(q[:nd, None], cache, meta.decode.tables, dmask, block_size)[:, 0])
+        if meta.prefill is not None and pmask is not None:
             pre = meta.prefill
             qp = q[nd:]
             # One sequence needs no padding.
             qpad = qp[None] if pre.pad_idx is None else qp[pre.pad_idx]
-            length = pre.tables.shape[1] * block_size
-            nq = qpad.shape[1]
-            start = (pre.ctx - pre.qlen)[:, None]  # absolute position of query 0
-            qpos = start + torch.arange(nq, device=q.device)[None, :]  # [Bp, Q]
-            kpos = torch.arange(length, device=q.device)
-            mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < pre.ctx[:, None, None])
-            out = self._gather_attend(qpad, cache, pre.tables, mask, block_size)
+            out = self._gather_attend(qpad, cache, pre.tables, pmask, block_size)
             outs.append(out[0] if pre.valid is None else out[pre.valid])
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def rope_cos_sin_at(
+        self, positions: torch.Tensor, rope_lens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin per token. Dynamic NTK rotates a token with the frequencies of the sequence length
+        HF had when it computed that token: the prompt length for prompt tokens, position + 1 for
+        generated ones (`rope_lens`, given by the runner); the table for everything else."""
+        if not self.dynamic_rope or rope_lens is None:
+            return self.cos[positions], self.sin[positions]
+        inv = dynamic_inv_freq(self.spec.config, rope_lens)
+        return rope_cos_sin(inv, positions, self.dtype)
 
     # ------------------------------------------------------------------ forward
 
@@ -264,11 +302,14 @@ class PagedLlama(nn.Module):
         block_size: int,
         logits_indices: torch.Tensor | None = None,
         lora: LoraBatch | None = None,
+        rope_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the new tokens through the model; returns float32 logits at `logits_indices` (or all)."""
+        """Run the new tokens through the model; returns float32 logits at `logits_indices` (or all).
+        `rope_lens` [T]: each token's sequence length for dynamic NTK rope (ignored otherwise)."""
         s = self.spec
         h = F.embedding(input_ids, self.embed)
-        cos, sin = self.cos[positions], self.sin[positions]
+        cos, sin = self.rope_cos_sin_at(positions, rope_lens)
+        masks = {w: self._masks(meta, block_size, w, len(input_ids)) for w in set(self.windows)}
         for i, layer in enumerate(self.decoder_layers):
             x = rms_norm(h, layer.input_norm, s.rms_norm_eps)
             qkv = layer.qkv(x)
@@ -280,7 +321,7 @@ class PagedLlama(nn.Module):
             cache = kv_caches[i]
             cache[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
             cache[1].index_copy_(1, meta.slot_mapping, v.view(-1, s.num_kv_heads, s.head_dim).transpose(0, 1))
-            attn = self._attention(q, cache, meta, block_size)
+            attn = self._attention(q, cache, meta, block_size, masks[self.windows[i]])
             o = layer.o(attn)
             if lora is not None:
                 lora.apply(o, attn, i, ("o_proj",))

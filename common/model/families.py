@@ -1,10 +1,10 @@
 """The model families tokenmill runs, keyed by Hugging Face ``architectures`` / ``model_type``.
 
 Every family here is the same pre-norm SwiGLU decoder with rotary attention; they differ only in
-which projections carry biases and in attention variants. A config that needs anything this code
-does not compute (another architecture, a rope type without an implementation, a sliding window
-that binds inside the context) is refused with InvalidArgument naming the field, so a checkpoint is
-never stored and then served wrong. Engines import this module: torch-free, no grpc/redis/ray.
+which projections carry biases and in sliding-window attention (Mistral on every layer, Qwen2 on
+the layers its config names). A config that needs anything this code does not compute (another
+architecture, a rope type without an implementation, partial rotary embeddings) is refused with
+InvalidArgument naming the field, so a checkpoint is never stored and then served wrong. Engines import this module: torch-free, no grpc/redis/ray.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from typing import Any
 
 from tokenmill.common.errors import InvalidArgument
 
-# rope_type values the shared rope code (transformer.rope_inv_freq) implements exactly as HF does
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# rope_type values the shared rope code (tokenmill.common.model.rope) implements exactly as HF does
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+# transformers' per-layer attention kinds, indexed by "does this layer slide"
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,25 @@ class Family:
         if self.model_type == "llama":
             return {"attention_bias": biases.qkv, "mlp_bias": biases.mlp}
         return {}
+
+    def check_window(self, window: int | None, layer_types: list[str] | None, num_layers: int) -> None:
+        """ValueError when this family cannot slide this window over these layers."""
+        if window is None:
+            if layer_types is not None:
+                raise ValueError("layer_types needs a sliding_window; leave it None without one")
+            return
+        if not self.has_sliding_window:
+            raise ValueError(
+                f"{self.model_type} models have no sliding-window attention; use mistral or qwen2"
+            )
+        if int(window) < 1:
+            raise ValueError(f"sliding_window must be positive, got {window}")
+        if layer_types is None:
+            return
+        if self.model_type == "mistral":
+            raise ValueError("mistral slides every layer; per-layer layer_types need qwen2")
+        if len(layer_types) != num_layers or set(layer_types) - set(LAYER_TYPES):
+            raise ValueError(f"layer_types must name {num_layers} layers, each one of {LAYER_TYPES}")
 
     def check_biases(self, biases: Biases) -> None:
         """ValueError when this family cannot have these biases (e.g. Qwen2 without q/k/v bias)."""
@@ -106,20 +127,70 @@ def check_rope_type(kind: Any, field: str) -> None:
         )
 
 
-def check_sliding_window(fam: Family, cfg: Mapping[str, Any], context: int) -> None:
-    """Refuse a sliding window narrower than the context: full attention would differ past it."""
-    window = cfg.get("sliding_window")
-    layer_types = cfg.get("layer_types") or []
-    if fam.model_type == "qwen2":
-        active = bool(cfg.get("use_sliding_window", False)) or "sliding_attention" in layer_types
-    else:
-        active = fam.has_sliding_window and (window is not None or "sliding_attention" in layer_types)
-    if active and (window is None or int(window) < context):
+def hf_sliding_window(
+    fam: Family, cfg: Mapping[str, Any], num_layers: int
+) -> tuple[int | None, list[str] | None]:
+    """(window, layer_types) as transformers applies them: Mistral slides every layer when
+    ``sliding_window`` is set (``layer_types`` is ignored); Qwen2 only with ``use_sliding_window``,
+    on the layers ``layer_types`` names, by default those from ``max_window_layers`` on. layer_types
+    None means every layer uses the window."""
+    if not fam.has_sliding_window:
+        return None, None
+    if fam.model_type == "mistral":
+        window = cfg.get("sliding_window")
+        return (None if window is None else _window(window)), None
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
+    types = cfg.get("layer_types")
+    if types is None:
+        first = int(cfg.get("max_window_layers", 28))
+        types = [LAYER_TYPES[window is not None and i >= first] for i in range(num_layers)]
+    types = list(types)
+    if len(types) != num_layers or any(t not in LAYER_TYPES for t in types):
         raise InvalidArgument(
-            f"sliding_window={window!r} is smaller than the context max_position_embeddings={context} "
-            f"({fam.model_type}); sliding-window attention is not supported, only windows that "
-            "never bind (None or >= the context)"
+            f"layer_types={types!r} must name {num_layers} layers, each one of {list(LAYER_TYPES)}"
         )
+    if "sliding_attention" not in types:
+        return None, None
+    if window is None:
+        raise InvalidArgument(
+            f"layer_types has sliding_attention layers but sliding_window={cfg.get('sliding_window')!r} "
+            f"with use_sliding_window={cfg.get('use_sliding_window')!r}; transformers cannot run it either"
+        )
+    return _window(window), None if "full_attention" not in types else types
+
+
+def _window(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(f"sliding_window={value!r} must be a positive number of tokens or null")
+    return value
+
+
+def hf_window_fields(
+    fam: Family, window: int | None, layer_types: list[str] | None, n: int
+) -> dict[str, Any]:
+    """The config.json fields that make transformers apply this window on these layers."""
+    if not fam.has_sliding_window:
+        return {}
+    if fam.model_type == "mistral":
+        return {"sliding_window": window}
+    types = layer_types or [LAYER_TYPES[window is not None]] * n
+    first = next((i for i, t in enumerate(types) if t == "sliding_attention"), n)
+    return {
+        "use_sliding_window": window is not None,
+        "sliding_window": window,
+        "max_window_layers": first,
+        "layer_types": types,
+    }
+
+
+# The rope parameters each type cannot do without (HF's rope init functions read them).
+ROPE_REQUIRED: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "original_max_position_embeddings"),
+    "yarn": ("original_max_position_embeddings",),
+}
 
 
 def hf_rope(cfg: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -131,9 +202,23 @@ def hf_rope(cfg: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
         field = "rope_parameters"
+    partial = (scaling or params).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise InvalidArgument(f"partial_rotary_factor={partial!r} is not supported; only 1.0")
     if scaling is None:
         return theta, None
     kind = scaling.get("rope_type", scaling.get("type"))
     check_rope_type(kind, field)
     body = {k: v for k, v in scaling.items() if k not in ("type", "rope_type", "rope_theta")}
-    return theta, None if kind in (None, "default") else {"type": kind, **body}
+    body.pop("partial_rotary_factor", None)
+    if kind in (None, "default"):
+        return theta, None
+    if kind in ("llama3", "yarn"):  # transformers' standardize_rope_params default
+        original = cfg.get("original_max_position_embeddings")
+        if original is not None:
+            body["original_max_position_embeddings"] = original
+        body.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 2048))
+    for key in ROPE_REQUIRED[kind]:
+        if body.get(key) is None:
+            raise InvalidArgument(f"{field}.{key} is required for rope_type={kind!r}")
+    return theta, {"type": kind, **body}

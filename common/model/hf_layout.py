@@ -33,6 +33,7 @@ SIDE_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",  # transformers >= 4.5x saves the chat template here, not in tokenizer_config
 )
 
 

@@ -23,11 +23,20 @@ from torch import nn
 
 from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.model.families import (
+    ROPE_REQUIRED,
+    SUPPORTED_ROPE_TYPES,
     Biases,
-    check_sliding_window,
     family,
     family_of_hf,
     hf_rope,
+    hf_sliding_window,
+    hf_window_fields,
+)
+from tokenmill.common.model.rope import (
+    dynamic_inv_freq,
+    rope_attention_scaling,
+    rope_inv_freq,
+    rope_kind,
 )
 
 IGNORE_INDEX = -100  # label value excluded from the loss (SFT prompt tokens, padding)
@@ -46,8 +55,8 @@ class ModelConfig:
     head_dim: int | None = None  # None: hidden_size // num_heads
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
-    # None, {"type": "linear", "factor": f} or {"type": "llama3", "factor", "low_freq_factor",
-    # "high_freq_factor", "original_max_position_embeddings"} (HF rope_scaling semantics).
+    # None or {"type": one of families.SUPPORTED_ROPE_TYPES, **that type's HF parameters}, e.g.
+    # {"type": "yarn", "factor", "original_max_position_embeddings", "beta_fast", ...}.
     rope_scaling: dict[str, Any] | None = None
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -59,6 +68,10 @@ class ModelConfig:
     qkv_bias: bool = False
     o_proj_bias: bool = False
     mlp_bias: bool = False
+    # Sliding-window attention: a query attends to itself and the window-1 keys before it, on the
+    # layers layer_types marks "sliding_attention" (None: every layer), as transformers masks it.
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # carried through, never interpreted
 
     def __post_init__(self) -> None:
@@ -71,6 +84,12 @@ class ModelConfig:
     @property
     def biases(self) -> Biases:
         return Biases(qkv=self.qkv_bias, o_proj=self.o_proj_bias, mlp=self.mlp_bias)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: full causal attention)."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -97,11 +116,17 @@ class ModelConfig:
             )
         if self.dim_head % 2:
             raise ValueError(f"head_dim={self.dim_head} must be even for rotary embeddings")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            if kind not in ("linear", "llama3", "default"):
-                raise ValueError(f"rope_scaling type {kind!r} unsupported; use 'linear' or 'llama3'")
-        family(self.model_type).check_biases(self.biases)
+        kind = rope_kind(self.rope_scaling)
+        if kind not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope_scaling type {kind!r} unsupported; use one of {list(SUPPORTED_ROPE_TYPES)}"
+            )
+        missing = [k for k in ROPE_REQUIRED[kind] if (self.rope_scaling or {}).get(k) is None]
+        if missing:
+            raise ValueError(f"rope_scaling of type {kind!r} needs {missing}")
+        fam = family(self.model_type)
+        fam.check_biases(self.biases)
+        fam.check_window(self.sliding_window, self.layer_types, self.num_layers)
 
     # -- parameter / FLOP accounting ------------------------------------------------------------
     def num_params(self, *, non_embedding: bool = False) -> int:
@@ -168,7 +193,7 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",
             **fam.hf_bias_fields(self.biases),
-            **({"sliding_window": None, "use_sliding_window": False} if fam.has_sliding_window else {}),
+            **hf_window_fields(fam, self.sliding_window, self.layer_types, self.num_layers),
             "initializer_range": self.init_std,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
@@ -189,7 +214,7 @@ class ModelConfig:
             if head_dim is not None and int(head_dim) * heads == int(cfg["hidden_size"]):
                 head_dim = None  # the default; keep configs canonical so round trips compare equal
             context = int(cfg.get("max_position_embeddings", 2048))
-            check_sliding_window(fam, cfg, context)
+            window, layer_types = hf_sliding_window(fam, cfg, int(cfg["num_hidden_layers"]))
             biases = fam.biases(cfg)
             theta, scaling = hf_rope(cfg)
             return cls(
@@ -212,6 +237,8 @@ class ModelConfig:
                 qkv_bias=biases.qkv,
                 o_proj_bias=biases.o_proj,
                 mlp_bias=biases.mlp,
+                sliding_window=window,
+                layer_types=layer_types,
             )
         except KeyError as exc:
             raise InvalidArgument(f"config.json lacks the field {exc.args[0]!r}") from None
@@ -272,38 +299,18 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 # -- rotary embeddings ------------------------------------------------------------------------------
-def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2] with the configured scaling (HF's linear / llama3 rules)."""
-    d = config.dim_head
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
-    s = config.rope_scaling
-    if not s:
-        return inv
-    kind = s.get("type", s.get("rope_type"))
-    factor = float(s.get("factor", 1.0))
-    if kind == "linear":
-        return inv / factor
-    if kind == "llama3":
-        low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
-        old_ctx = float(s.get("original_max_position_embeddings", 8192))
-        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return torch.where(medium, smoothed, scaled)
-    return inv
-
-
 def rope_cos_sin(
-    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype = torch.float32
+    inv_freq: torch.Tensor,
+    positions: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    scaling: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [*positions.shape, head_dim] for any position tensor (e.g. per-token
-    positions of a ragged paged batch). Computed in fp32, then cast."""
+    positions of a ragged paged batch); inv_freq is [head_dim/2] or per position [..., head_dim/2]
+    (dynamic NTK). Computed in fp32, times yarn's attention scaling, then cast (as HF does)."""
     freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -332,10 +339,11 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention with rotary embeddings."""
+    """Grouped-query causal self-attention with rotary embeddings, optionally in a sliding window."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
+        self.window = config.layer_window(layer)
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_heads,
             config.num_kv_heads,
@@ -367,8 +375,18 @@ class Attention(nn.Module):
             rep = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.window is None or self.window >= t:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(t, self.window, x.device))
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+def window_mask(t: int, window: int, device: torch.device) -> torch.Tensor:
+    """[t, t] bool, True where query i may attend key j: j <= i and j > i - window (HF's mask)."""
+    i = torch.arange(t, device=device)
+    rel = i[:, None] - i[None, :]
+    return (rel >= 0) & (rel < window)
 
 
 class MLP(nn.Module):
@@ -388,10 +406,10 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block; the unit FSDP2 shards and activation checkpointing wraps."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -406,7 +424,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -443,6 +461,16 @@ class Transformer(nn.Module):
         with torch.no_grad():
             self.rope_inv_freq.copy_(rope_inv_freq(self.config, self.rope_inv_freq.device))
 
+    def _inv_freq(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The frequencies for this forward: dynamic NTK stretches them to the longest position, as
+        HF's rotary embedding does for a sequence past max_position_embeddings."""
+        if rope_kind(self.config.rope_scaling) != "dynamic":
+            return self.rope_inv_freq
+        seq_len = position_ids.max() + 1
+        if int(seq_len) <= self.config.max_seq_len:
+            return self.rope_inv_freq
+        return dynamic_inv_freq(self.config, seq_len).to(self.rope_inv_freq.device)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -454,7 +482,9 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)
+        cos, sin = rope_cos_sin(
+            self._inv_freq(position_ids), position_ids, x.dtype, rope_attention_scaling(self.config)
+        )
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
