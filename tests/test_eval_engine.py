@@ -94,6 +94,19 @@ def test_batched_loglikelihoods_equal_one_forward_each(lm: LocalLM, tiny_ckpt: T
         assert isinstance(greedy, bool)
 
 
+def test_shared_and_cut_contexts_score_as_one_pair_at_a_time(lm: LocalLM, tiny_ckpt: TinyCheckpoint) -> None:
+    """Continuations of one context share a tree-masked sequence; a context over the model's length is
+    cut from the left per pair, as lm-eval cuts it."""
+    short = lm.encode("The quick brown")
+    long = (lm.encode("Once upon a time there was a small model. ") * 40)[:300]  # > max_seq_len 256
+    conts = [lm.encode(" fox"), lm.encode(" dog jumps over"), lm.encode(" a")]
+    pairs = [(ctx, c) for ctx in (short, long) for c in conts]
+    for (ll, _), (ctx, cont) in zip(lm.loglikelihood(pairs), pairs, strict=True):
+        whole = (ctx + cont)[-(lm.max_length + 1) :]
+        ref = _reference_ll(tiny_ckpt.model, whole[: len(whole) - len(cont)], cont)
+        assert ll == pytest.approx(ref, abs=1e-4)
+
+
 def test_multiple_choice_accuracy_equals_the_hand_computed_answer(
     lm: LocalLM,
     tiny_ckpt: TinyCheckpoint,

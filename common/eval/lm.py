@@ -86,36 +86,61 @@ class LocalLM:
 
     @torch.no_grad()
     def loglikelihood(self, pairs: Sequence[Pair]) -> list[tuple[float, bool]]:
-        """Sum of log p(continuation | context) and whether greedy decoding would produce it."""
-        rows = [self._row(ctx, cont) for ctx, cont in pairs]
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths pad least
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            for i, scored in zip(chunk, self._score([rows[i] for i in chunk]), strict=True):
-                results[i] = scored
+        """Sum of log p(continuation | context) and whether greedy decoding would produce it.
+
+        Continuations of one context share a sequence: the context once, then each continuation
+        attending to the context and to itself only (a tree mask), so a 4-way multiple-choice
+        question costs one context, not four; the vocabulary projection runs only on scored rows.
+        """
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, cont) in enumerate(pairs):
+            if not ctx or not cont:
+                raise ValueError("context and continuation need at least one token each")
+            groups.setdefault(tuple(ctx), []).append(i)
+        packs = [p for ctx, members in groups.items() for p in self._packs(list(ctx), members, pairs)]
+        packs.sort(key=lambda p: -len(p.tokens))  # similar lengths pad least
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+        for start in range(0, len(packs), self.batch_size):
+            for index, scored in self._score(packs[start : start + self.batch_size]):
+                results[index] = scored
         return results
 
-    def _row(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
-        if not continuation:
-            raise ValueError("a continuation must have at least one token")
-        whole = (context + continuation)[-(self.max_length + 1) :]
-        return whole[:-1], continuation
-
-    def _score(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        width = max(len(inp) for inp, _ in rows)
-        device = next(self.model.parameters()).device
-        batch = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        for r, (inp, _) in enumerate(rows):
-            batch[r, : len(inp)] = torch.tensor(inp)
-        logits = self.model(batch)
+    def _packs(self, ctx: list[int], members: list[int], pairs: Sequence[Pair]) -> list[_Pack]:
+        """One pack per context, or one per pair when the context must be cut (lm-eval's left cut)."""
+        longest = max(len(pairs[i][1]) for i in members)
+        if len(ctx) + longest <= self.max_length + 1:
+            return [_Pack.build(ctx, [(i, pairs[i][1]) for i in members])]
         out = []
-        for r, (inp, cont) in enumerate(rows):
-            self.tokens_scored += len(inp)
-            span = logits[r, len(inp) - len(cont) : len(inp)].float()
-            target = torch.tensor(cont, device=device)
-            logp = F.log_softmax(span, dim=-1).gather(1, target[:, None]).squeeze(1)
-            out.append((float(logp.sum()), bool(torch.equal(span.argmax(-1), target))))
+        for i in members:
+            cont = pairs[i][1]
+            whole = (ctx + cont)[-(self.max_length + 1) :]
+            out.append(_Pack.build(whole[: len(whole) - len(cont)], [(i, cont)]))
+        return out
+
+    def _score(self, packs: list[_Pack]) -> list[tuple[int, tuple[float, bool]]]:
+        device = next(self.model.parameters()).device
+        width = max(len(p.tokens) for p in packs)
+        tokens = torch.zeros(len(packs), width, dtype=torch.long)
+        positions = torch.zeros(len(packs), width, dtype=torch.long)
+        segments = torch.full((len(packs), width), -1, dtype=torch.long)
+        for b, pack in enumerate(packs):
+            n = len(pack.tokens)
+            tokens[b, :n], positions[b, :n], segments[b, :n] = (
+                torch.tensor(pack.tokens),
+                torch.tensor(pack.positions),
+                torch.tensor(pack.segments),
+            )
+        hidden = self.model.hidden_states(
+            tokens.to(device), positions.to(device), _tree_mask(positions, segments).to(device)
+        )
+        out = []
+        for b, pack in enumerate(packs):
+            self.tokens_scored += len(pack.tokens)
+            for index, rows, target in pack.scored:
+                logits = self.model.lm_head(hidden[b, rows]).float()
+                want = torch.tensor(target, device=device)
+                logp = F.log_softmax(logits, dim=-1).gather(1, want[:, None]).squeeze(1)
+                out.append((index, (float(logp.sum()), bool(torch.equal(logits.argmax(-1), want)))))
         return out
 
     def generate(self, contexts: Sequence[list[int]], options: GenerationOptions) -> list[list[str]]:
@@ -131,6 +156,40 @@ class LocalLM:
         texts = [self.tokenizer.decode(list(req.output_token_ids)) for req in done]
         texts = [_cut(t, options.until) for t in texts]
         return [texts[i : i + options.samples] for i in range(0, len(texts), options.samples)]
+
+
+@dataclass
+class _Pack:
+    """A context followed by its continuations, laid out for one tree-masked forward."""
+
+    tokens: list[int]
+    positions: list[int]
+    segments: list[int]  # 0: context; k: the k-th continuation
+    scored: list[tuple[int, list[int], list[int]]]  # (pair index, rows predicting it, its tokens)
+
+    @classmethod
+    def build(cls, ctx: list[int], continuations: list[tuple[int, list[int]]]) -> _Pack:
+        n = len(ctx)
+        pack = cls(list(ctx), list(range(n)), [0] * n, [])
+        for k, (index, cont) in enumerate(continuations, start=1):
+            start = len(pack.tokens)
+            # token j of the continuation is predicted by the row before it: the context's last
+            # token for j = 0, else the continuation's token j - 1 (laid out from `start`).
+            rows = [n - 1] + list(range(start, start + len(cont) - 1))
+            pack.tokens += cont
+            pack.positions += range(n, n + len(cont))
+            pack.segments += [k] * len(cont)
+            pack.scored.append((index, rows, list(cont)))
+        return pack
+
+
+def _tree_mask(positions: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T]: a query sees earlier positions of the context and of its own continuation."""
+    earlier = positions[:, None, :] <= positions[:, :, None]
+    visible = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
+    real = (segments[:, :, None] >= 0) & (segments[:, None, :] >= 0)
+    eye = torch.eye(positions.size(1), dtype=torch.bool)[None]  # padding rows see themselves
+    return ((earlier & visible & real) | eye)[:, None]
 
 
 def _cut(text: str, until: Sequence[str]) -> str:

@@ -187,7 +187,9 @@ def load_suite(name_or_dir: str | Path) -> list[Task]:
         directory = SUITES / str(name_or_dir)
         if not directory.is_dir():
             shipped = sorted(p.name for p in SUITES.iterdir() if p.is_dir())
-            raise InvalidArgument(f"no suite {str(name_or_dir)!r}: give a folder of task files or one of {shipped}")
+            raise InvalidArgument(
+                f"no suite {str(name_or_dir)!r}: give a folder of task files or one of {shipped}"
+            )
     files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
     if not files:
         raise InvalidArgument(f"suite folder {directory} holds no task files (*.yaml)")

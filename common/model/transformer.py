@@ -367,7 +367,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``mask`` [B, 1, T, T] bool (True: may attend) replaces the causal mask, e.g. for scoring
+        several continuations of one context in one sequence; it is not combined with a window."""
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x, cos, sin)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, heads, T, D]
@@ -375,7 +379,9 @@ class Attention(nn.Module):
             rep = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        if self.window is None or self.window >= t:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.window is None or self.window >= t:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(t, self.window, x.device))
@@ -413,8 +419,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -471,13 +479,14 @@ class Transformer(nn.Module):
             return self.rope_inv_freq
         return dynamic_inv_freq(self.config, seq_len).to(self.rope_inv_freq.device)
 
-    def forward(
+    def hidden_states(
         self,
         input_ids: torch.Tensor,
-        targets: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """logits [B, T, V]; with ``targets`` also the mean cross-entropy over labels != -100."""
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The normed trunk output [B, T, C]: callers that need logits at a few positions only
+        (scoring) apply ``lm_head`` to those rows and skip the rest of the vocabulary projection."""
         _, t = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device)
@@ -487,10 +496,19 @@ class Transformer(nn.Module):
         )
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
-        logits = self.lm_head(self.model.norm(x))
+                x = layer(x, cos, sin, mask)
+        return self.model.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, T, V]; with ``targets`` also the mean cross-entropy over labels != -100."""
+        logits = self.lm_head(self.hidden_states(input_ids, position_ids))
         if targets is None:
             return logits
         loss = F.cross_entropy(
