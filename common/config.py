@@ -101,6 +101,9 @@ class ServiceConfig(BaseModel):
     port: int = Field(ge=1, le=65535)
     metrics_port: int = Field(default=0, ge=0, le=65535)  # 0 = port + 1000
     workers: int = Field(default=8, ge=1, le=256)  # gRPC handler threads
+    # The host others dial to reach this service (inference replicas put it in their heartbeat);
+    # "" = $POD_IP, else `host`, else (bound to all interfaces) a non-loopback address of this host.
+    advertise_host: str = ""
 
     @property
     def address(self) -> str:
@@ -136,6 +139,39 @@ class JobsConfig(BaseModel):
         return self
 
 
+class TrainerKubernetesConfig(BaseModel):
+    """Where the `kubernetes` trainer backend runs a job's workers: one Indexed Job of GPU pods per
+    attempt. Defaults match the chart's GPU placement, so pending pods let a cluster autoscaler add
+    GPU nodes."""
+
+    namespace: str = ""  # "" = the trainer pod's namespace ($POD_NAMESPACE)
+    image: str = ""  # "" = the trainer pod's own image
+    gpus_per_worker: int = Field(default=1, ge=0, le=64)
+    gpu_resource: str = "nvidia.com/gpu"
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+    service_account: str = ""  # "" = the namespace's default
+    data_claim: str = ""  # PVC mounted at data_dir in every worker (datasets, tokenizers); "" = none
+    token_secret: str = ""  # Secret with the API token(s) workers present to the checkpoint service
+    token_secret_key: str = "tokens"
+    master_port: int = Field(default=29500, ge=1, le=65535)
+    unschedulable_timeout_seconds: float = Field(default=900.0, gt=0)  # Pending unschedulable -> retry
+    image_pull_timeout_seconds: float = Field(default=300.0, gt=0)
+    termination_grace_seconds: int = Field(default=120, ge=1, le=3600)  # cancel checkpoint time
+
+
+class TrainerConfig(BaseModel):
+    """Trainer service limits: the most workers one job may ask for, and how its own Ray start
+    (backend "ray"; RAY_ADDRESS or a local instance) is bounded before the job fails clearly."""
+
+    max_workers: int = Field(default=64, ge=1, le=4096)
+    ray_start_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)  # all attempts together
+    ray_start_attempts: int = Field(default=3, ge=1, le=20)
+    kubernetes: TrainerKubernetesConfig = Field(default_factory=TrainerKubernetesConfig)
+
+
 class InferenceLimitsConfig(BaseModel):
     """Limits on an inference request: sizes checked before any work is spent on it, so one
     oversized request cannot stall or exhaust a replica (HTTP front, router and replicas enforce
@@ -144,6 +180,9 @@ class InferenceLimitsConfig(BaseModel):
     # The deadline of requests that come without one (gRPC without a deadline, HTTP): past it a
     # request ends DEADLINE_EXCEEDED (HTTP 504) and is cancelled on its replica.
     deadline_seconds: float = Field(default=600.0, gt=0, le=7 * 86400)
+    # How long the router holds a request for a model with no live replica (queued in Redis, where
+    # KEDA/HPA see the backlog and scale from zero) before answering UNAVAILABLE.
+    no_replica_wait_seconds: float = Field(default=120.0, ge=0, le=86400)
     # An HTTP request body; a larger one is answered 413 before it is read in full.
     max_http_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     max_json_depth: int = Field(default=32, ge=2, le=512)
@@ -167,6 +206,7 @@ class Config(BaseSettings):
     services: dict[str, ServiceConfig] = Field(default_factory=_default_services)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     inference_limits: InferenceLimitsConfig = Field(default_factory=InferenceLimitsConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -294,11 +295,12 @@ def test_router_registers_through_the_runtime_with_health_per_service(redis_url,
 def test_router_process_starts_and_answers(redis_url, tmp_path):
     from tests.fixtures.grpc import free_port
 
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     cfg = tmp_path / "router.yaml"
     cfg.write_text(
         f"data_dir: {tmp_path}\nredis_url: {redis_url}\nauth:\n  tokens: ['{TEST_TOKEN}']\nlog_format: text\n"
-        f"services:\n  inference:\n    port: {grpc_port}\n    metrics_port: {free_port()}\n"
+        f"services:\n  inference:\n    port: {grpc_port}\n    metrics_port: {metrics_port}\n"
+        "inference_limits:\n  no_replica_wait_seconds: 1\n"  # queued for scale from zero, then UNAVAILABLE
     )
     env = {**os.environ}
     env.pop("TOKENMILL_CONFIG", None)
@@ -330,11 +332,17 @@ def test_router_process_starts_and_answers(redis_url, tmp_path):
 
         wait_for(lambda: proc.poll() is not None or serving(), 60, "router SERVING")
         assert proc.poll() is None, log.read_text()[-3000:]
-        with pytest.raises(errors.Unavailable, match="no inference replica"):
+        with pytest.raises(errors.Unavailable, match="no inference replica .* within 1 s"):
             client.generate("hi", max_tokens=2)
         req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/models")
         req.add_header("Authorization", f"Bearer {TEST_TOKEN}")
         assert json.loads(urllib.request.urlopen(req, timeout=10).read()) == {"object": "list", "data": []}
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        )
+        # The client's own retries of UNAVAILABLE count as requests too.
+        assert re.search(r'^tokenmill:router_requests_total\{model=""\} [1-9]', metrics, re.M), metrics
+        assert "tokenmill:router_queue_length 0.0" in metrics  # the expired request was cancelled
         client.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

@@ -179,3 +179,44 @@ def test_failed_redis_restart_leaves_the_services_up(platform_env: dict[str, str
             os.kill(redis_pid, signal.SIGKILL)
         down = _cli(platform_env, "down")
     assert down.returncode == 0, down.stderr
+
+
+def test_up_names_a_port_already_in_use(platform_env: dict[str, str], tmp_path: Path) -> None:
+    port = int(platform_env["TOKENMILL_SERVICES__CHECKPOINT__PORT"])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        start = time.monotonic()
+        result = _cli(platform_env, "up", "--timeout", "60")
+        if result.returncode == 0:  # never leave a platform behind, even when the assertion fails
+            _cli(platform_env, "down")
+    assert result.returncode != 0
+    assert f"checkpoint gRPC port 127.0.0.1:{port}" in result.stderr and "already in use" in result.stderr
+    assert time.monotonic() - start < 30  # at once, not after the health timeout
+    assert not (tmp_path / "data" / "run" / "supervisor.pid").exists()
+
+
+def test_supervisor_restarts_a_live_child_whose_spec_changed(tmp_path: Path) -> None:
+    """`tokenmill serve B` over A rewrites a replica's spec: the running child must be replaced."""
+    from tokenmill.common.config import Config
+    from tokenmill.common.platform.launcher import ProcessSpec, RunDir, Supervisor
+
+    config = Config(data_dir=tmp_path, redis_url="redis://127.0.0.1:1/0", auth={"disabled": True})
+    run_dir = RunDir(tmp_path)
+    run_dir.ensure()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    run_dir.write_processes([ProcessSpec("child", [*sleeper, "model-a"])])
+    supervisor = Supervisor(config, run_dir)
+    env = supervisor._base_env()
+    try:
+        supervisor._converge(env)
+        first = supervisor.children["child"]
+        supervisor._converge(env)
+        assert supervisor.children["child"] is first  # unchanged spec: left alone
+        run_dir.write_processes([ProcessSpec("child", [*sleeper, "model-b"])])
+        supervisor._converge(env)
+        second = supervisor.children["child"]
+        assert first.poll() is not None and second.poll() is None
+        assert second.args[-1] == "model-b"
+    finally:
+        supervisor._stop_all()

@@ -49,7 +49,7 @@ def up(obj, timeout: float) -> None:
     config = obj.config
     try:
         addresses = launcher.up(config, obj.path, timeout=timeout)
-    except TimeoutError as exc:
+    except (TimeoutError, launcher.PortInUseError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"tokenmill is up (data dir {config.data_dir})")
     for name, address in addresses.items():

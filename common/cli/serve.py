@@ -1,8 +1,8 @@
 """`tokenmill serve MODEL[:TAG] --replicas N`, `tokenmill generate "prompt" --stream`, `tokenmill bench serve`.
 
-`serve` adds N replica processes to the running platform (`tokenmill up`) and waits until each
-answers SERVING (a real forward pass succeeded); the router (the platform's inference service)
-then routes to them. `generate` talks to the router. `bench serve` is a load generator in the
+`serve` adds N replica processes of a model to the running platform (`tokenmill up`), beside the
+other served models, and waits until each answers SERVING (a real forward pass succeeded) or
+reports through the router why it cannot load; the router then routes to them by model. `generate` talks to the router. `bench serve` is a load generator in the
 spirit of `vllm bench serve`: concurrent streams, throughput, TTFT and inter-token latency.
 """
 
@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from tokenmill.common import errors
 
-REPLICA_PREFIX = "inference-replica-"
+if TYPE_CHECKING:
+    from tokenmill.common.platform.replicas import ReplicaOptions
+
+POLL_S = 0.5
 
 
 def _fail(exc: errors.TokenmillError) -> click.ClickException:
@@ -27,8 +29,10 @@ def _fail(exc: errors.TokenmillError) -> click.ClickException:
 
 
 @click.command()
-@click.argument("model")
+@click.argument("model", required=False, default="")
 @click.option("--replicas", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--remove", is_flag=True, help="stop serving MODEL (every version of it)")
+@click.option("--list", "list_models", is_flag=True, help="list the served models and their replicas")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto")
 @click.option(
     "--kv-cache-mb", type=float, default=256.0, show_default=True, help="KV-cache budget per replica"
@@ -47,6 +51,8 @@ def serve(
     obj: Any,
     model: str,
     replicas: int,
+    remove: bool,
+    list_models: bool,
     device: str,
     kv_cache_mb: float,
     gpu_memory_utilization: float,
@@ -54,15 +60,53 @@ def serve(
     adapters: tuple[str, ...],
     timeout: float,
 ) -> None:
-    """Serve MODEL[:TAG] from the checkpoint store on N replicas behind the router."""
+    """Serve MODEL[:VERSION|TAG] from the checkpoint store on N replicas behind the router.
+
+    Other served models keep running. Serving a model that is already served replaces its replicas
+    without dropping a request: the new ones start, and the old ones drain once the new are SERVING.
+    `--remove MODEL` stops serving it; `--list` shows what is served."""
+    from tokenmill.common.platform.replicas import ReplicaOptions
+
+    if list_models:
+        _list_served(obj.config)
+        return
+    if not model:
+        raise click.UsageError("give MODEL (or --list)")
+    if remove:
+        _remove(obj.config, model)
+        return
+    options = ReplicaOptions(device, kv_cache_mb, gpu_memory_utilization, max_num_seqs, adapters)
+    _serve(obj, model, replicas, options, timeout)
+
+
+def _list_served(config: Any) -> None:
+    from tokenmill.common.platform.launcher import RunDir, health_status
+    from tokenmill.common.platform.replicas import is_replica, served_model
+
+    rows = [s for s in RunDir(config.data_dir).read_processes() if is_replica(s)]
+    if not rows:
+        click.echo("no model is served; serve one with 'tokenmill serve MODEL'")
+        return
+    for spec in sorted(rows, key=lambda s: s.name):
+        health = health_status(config, spec.health_address)
+        click.echo(f"{served_model(spec):<32} {spec.name:<40} {spec.health_address:<22} {health}")
+
+
+def _remove(config: Any, model: str) -> None:
+    from tokenmill.common.platform.launcher import RunDir, remove_processes
+    from tokenmill.common.platform.replicas import model_name, replicas_of
+
+    old = replicas_of(RunDir(config.data_dir).read_processes(), model_name(model))
+    if not old:
+        raise click.ClickException(f"{model} is not served; see 'tokenmill serve --list'")
+    remove_processes(config, [s.name for s in old])
+    click.echo(f"stopped serving {model_name(model)} ({len(old)} replica(s) draining)")
+
+
+def _serve(obj: Any, model: str, replicas: int, options: ReplicaOptions, timeout: float) -> None:
     from tokenmill.common.clients.checkpoint import CheckpointClient
-    from tokenmill.common.platform.launcher import (
-        ProcessSpec,
-        RunDir,
-        add_processes,
-        health_status,
-        remove_processes,
-    )
+    from tokenmill.common.platform.launcher import RunDir, add_processes, remove_processes
+    from tokenmill.common.platform.replicas import model_name, replica_specs, replicas_of
 
     config = obj.config
     try:  # fail fast on a typo rather than starting replicas that can never load
@@ -73,64 +117,57 @@ def serve(
     click.echo(f"{model} resolves to {resolved}")
     svc = config.service("inference")
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(svc.host, svc.host)
-    specs = []
-    for i in range(replicas):
-        port, metrics_port = svc.port + 100 + i, svc.port + 1100 + i
-        argv = [sys.executable, "-m", "tokenmill.services.inference"]
-        if obj.path:
-            argv += ["--config", obj.path]
-        argv += [
-            "replica",
-            "--model",
-            model,
-            "--replica-id",
-            f"{REPLICA_PREFIX}{i}",
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics_port),
-            "--device",
-            device,
-            "--kv-cache-mb",
-            str(kv_cache_mb),
-            "--max-num-seqs",
-            str(max_num_seqs),
-            "--gpu-memory-utilization",
-            str(gpu_memory_utilization),
-        ]
-        for a in adapters:
-            argv += ["--adapter", a]
-        specs.append(ProcessSpec(name=f"{REPLICA_PREFIX}{i}", argv=argv, health_address=f"{host}:{port}"))
+    table = RunDir(config.data_dir).read_processes()
+    old = replicas_of(table, model_name(model))
+    specs = replica_specs(
+        model, replicas, table, host=host, base_port=svc.port, options=options, config_path=obj.path
+    )
     try:
-        stale = [
-            s.name
-            for s in RunDir(config.data_dir).read_processes()
-            if s.name.startswith(REPLICA_PREFIX) and int(s.name[len(REPLICA_PREFIX) :]) >= replicas
-        ]
-        if stale:
-            remove_processes(config, stale)
         add_processes(config, specs)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"starting {replicas} replica(s) of {model} ...")
-    deadline = time.monotonic() + timeout
-    pending = {s.name: s.health_address for s in specs}
-    while pending:
-        for name, address in list(pending.items()):
-            if health_status(config, address, timeout=1.0) == "SERVING":
-                click.echo(f"  {name} SERVING on {address}")
-                del pending[name]
-        if pending and time.monotonic() > deadline:
-            logs = config.data_dir / "logs"
-            raise click.ClickException(
-                f"replica(s) {sorted(pending)} not SERVING after {timeout:.0f}s; see their logs in {logs}"
-            )
-        if pending:
-            time.sleep(0.5)
+    try:
+        _wait_serving(config, {s.name: s.health_address for s in specs}, resolved, timeout)
+    except click.ClickException:
+        remove_processes(config, [s.name for s in specs])  # the old replicas (if any) keep serving
+        raise
+    if old:
+        remove_processes(config, [s.name for s in old])
+        click.echo(f"replaced {len(old)} replica(s) of {model_name(model)}; they drain and stop")
     click.echo(
         f"serving {model} on {replicas} replica(s) behind {svc.host}:{svc.port} "
         f"(OpenAI HTTP on port {svc.port + 2000})"
     )
+
+
+def _wait_serving(config: Any, pending: dict[str, str], resolved: str, timeout: float) -> None:
+    """Until every replica in `pending` (name -> address) is SERVING; a load error the replicas
+    report through the router fails at once with its reason."""
+    from tokenmill.common.clients.inference import InferenceClient
+    from tokenmill.common.platform.launcher import health_status
+
+    deadline = time.monotonic() + timeout
+    with InferenceClient.from_config(config) as router:
+        while pending:
+            for name, address in list(pending.items()):
+                if health_status(config, address, timeout=1.0) == "SERVING":
+                    click.echo(f"  {name} SERVING on {address}")
+                    del pending[name]
+            if not pending:
+                return
+            try:
+                router.model_info(model=resolved, timeout=5)
+            except errors.FailedPrecondition as exc:
+                raise click.ClickException(f"{resolved} cannot be served: {exc.message}") from None
+            except errors.TokenmillError:
+                pass  # no replica of it live yet (or the router is busy): keep waiting
+            if time.monotonic() > deadline:
+                logs = config.data_dir / "logs"
+                raise click.ClickException(
+                    f"replica(s) {sorted(pending)} not SERVING after {timeout:.0f}s; see their logs in {logs}"
+                )
+            time.sleep(POLL_S)
 
 
 @click.command()

@@ -84,8 +84,10 @@ class InferenceClient(BaseClient):
             self.stub.Tokenize, inference_pb2.TokenizeRequest(model=model, text=text), timeout=timeout
         )
 
-    def model_info(self, *, timeout: float | None = None) -> inference_pb2.ModelInfoResponse:
-        return self._unary(self.stub.ModelInfo, inference_pb2.ModelInfoRequest(), timeout=timeout)
+    def model_info(self, *, model: str = "", timeout: float | None = None) -> inference_pb2.ModelInfoResponse:
+        """What serves `model` ("" = any served model): through the router, FAILED_PRECONDITION with
+        the reason when its replicas could not load it."""
+        return self._unary(self.stub.ModelInfo, inference_pb2.ModelInfoRequest(model=model), timeout=timeout)
 
     def stats(self, *, timeout: float | None = None) -> inference_pb2.ReplicaStats:
         return self._unary(self.stub.GetStats, inference_pb2.GetStatsRequest(), timeout=timeout)

@@ -23,7 +23,7 @@ from tokenmill.common.inference.lora import LoraAdapter
 from tokenmill.common.inference.model import PagedLlama
 from tokenmill.common.inference.request import Request, SamplingParams, Status
 from tokenmill.common.inference.runner import ModelRunner
-from tokenmill.common.inference.sampler import Sampler
+from tokenmill.common.inference.sampler import Sampler, TopLogprobs, token_logprobs
 from tokenmill.common.inference.scheduler import Scheduler
 from tokenmill.common.inference.stats import EngineStats
 from tokenmill.common.inference.tokenizer import Tokenizer, detokenize_incrementally, flush_detokenizer
@@ -40,6 +40,22 @@ class Usage:
     total_time_s: float
 
 
+# A position's most likely tokens: (token id, logprob, token text), most likely first.
+NamedLogprobs = list[tuple[int, float, str]]
+
+
+@dataclass
+class PromptScores:
+    """The prompt as the model saw it (echo): its tokens and, when logprobs were asked for, each
+    token's logprob given the ones before (None for the first, as in OpenAI) and alternatives."""
+
+    token_ids: list[int]
+    tokens: list[str]
+    text: str
+    logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[NamedLogprobs | None] = field(default_factory=list)
+
+
 @dataclass
 class RequestOutput:
     """What one step produced for one request (a delta; `usage` only on the final output)."""
@@ -51,6 +67,9 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str = ""  # "stop" | "length" | "abort"
     usage: Usage | None = None
+    top_logprobs: list[NamedLogprobs] = field(default_factory=list)  # per token, when asked for
+    tokens: list[str] = field(default_factory=list)  # each token's text, when logprobs are asked for
+    prompt: PromptScores | None = None  # on the first output, when echo is set
 
 
 class EngineObserver(Protocol):
@@ -118,10 +137,18 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str = "",
         adapter: str = "",
+        messages: list[dict[str, str]] | None = None,
     ) -> Request:
-        """Validate and build a Request without touching engine state (safe from any thread)."""
+        """Validate and build a Request without touching engine state (safe from any thread).
+        `messages` (a chat) are rendered with the model's chat template and tokenized as HF's
+        `apply_chat_template` does (no special tokens added beyond the template's own)."""
         params = params or SamplingParams()
         ids = list(prompt_token_ids or [])
+        if messages:
+            if self.tokenizer is None:
+                raise InvalidArgument("this model has no tokenizer, so it cannot render a chat")
+            text = self.tokenizer.render_chat(messages)
+            ids = self.tokenizer.encode(text, max_tokens=self.max_model_len, add_special_tokens=False)
         if not ids:
             if not prompt:
                 raise InvalidArgument("the prompt is empty: give prompt text or prompt_token_ids")
@@ -137,23 +164,25 @@ class LLMEngine:
             raise InvalidArgument(
                 f"prompt token id {bad[0]} is outside the vocabulary [0, {self.spec.vocab_size})"
             )
-        if len(ids) >= self.max_model_len:
+        if params.prompt_only and len(ids) <= self.max_model_len:
+            pass  # scoring only: the whole context may be prompt
+        elif len(ids) >= self.max_model_len:
             raise InvalidArgument(
                 f"the prompt has {len(ids)} tokens but the context is {self.max_model_len}; "
                 "shorten it to leave room for at least one new token"
             )
         room = self.max_model_len - len(ids)
-        if params.max_tokens == 0:
+        if params.prompt_only:
+            params.max_tokens = 0
+        elif params.max_tokens == 0:
             params.max_tokens = min(self.config.default_max_tokens, room)
         params.validate()
+        params.check_vocab(self.spec.vocab_size)
         if params.max_tokens > room:
             raise InvalidArgument(
                 f"max_tokens={params.max_tokens} plus the {len(ids)}-token prompt exceeds the context of "
                 f"{self.max_model_len}; use max_tokens <= {room}"
             )
-        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.spec.vocab_size]
-        if bad_stop:
-            raise InvalidArgument(f"stop token id {bad_stop[0]} is outside the vocabulary")
         if adapter and adapter not in self.adapters:
             raise NotFound(
                 f"LoRA adapter {adapter!r} is not loaded on this replica; loaded: {sorted(self.adapters)}"
@@ -202,39 +231,105 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.items:
             return []
-        logits, sample_idx = self.runner.execute(sched.items, self.adapters)
+        logits, sample_idx, prompt_rows = self.runner.execute(sched.items, self.adapters)
         self.steps += 1
         for it in sched.items:
             req = it.request
             req.num_computed_tokens += it.num_tokens
             self.blocks.commit(req.request_id, req.all_token_ids, req.num_computed_tokens, req.adapter)
+        if prompt_rows:
+            self._score_prompt(
+                logits[len(sample_idx) :], [sched.items[i].request for i, _, _ in prompt_rows], prompt_rows
+            )
         if not sample_idx:
             return []
-        sampling_reqs = [sched.items[i].request for i in sample_idx]
-        tokens, logprobs = self.sampler(logits, sampling_reqs)
         now = time.monotonic()
-        outputs = []
+        outputs: list[RequestOutput] = []
+        sampling_reqs: list[Request] = []
+        rows: list[int] = []
+        for j, i in enumerate(sample_idx):
+            req = sched.items[i].request
+            if req.params.prompt_only:
+                outputs.append(self._finish_scored(req, now))
+            else:
+                sampling_reqs.append(req)
+                rows.append(j)
+        if not sampling_reqs:
+            return outputs
+        sample_logits = logits[: len(sample_idx)]
+        if len(rows) != len(sample_idx):
+            sample_logits = sample_logits[torch.tensor(rows, device=sample_logits.device)]
+        tokens, logprobs, alts = self.sampler(sample_logits, sampling_reqs)
         for j, (req, tok) in enumerate(zip(sampling_reqs, tokens, strict=True)):
-            outputs.append(self._append_token(req, tok, None if logprobs is None else logprobs[j], now))
+            lp = None if logprobs is None else logprobs[j]
+            outputs.append(self._append_token(req, tok, lp, None if alts is None else alts[j], now))
         return outputs
 
-    def _append_token(self, req: Request, tok: int, logprob: float | None, now: float) -> RequestOutput:
+    def _score_prompt(
+        self, logits: torch.Tensor, reqs: list[Request], spans: list[tuple[int, int, int]]
+    ) -> None:
+        """Record prompt-token logprobs: row k of a span starting at position p scores token p+k+1."""
+        targets = [
+            t
+            for req, (_, first, n) in zip(reqs, spans, strict=True)
+            for t in req.prompt_token_ids[first + 1 : first + 1 + n]
+        ]
+        top = max(r.params.top_logprobs for r in reqs)
+        chosen, alts = token_logprobs(logits, torch.tensor(targets, dtype=torch.long), top)
+        row = 0
+        for req, (_, first, n) in zip(reqs, spans, strict=True):
+            if first == len(req.prompt_logprobs):  # rows past what is scored (recompute after preemption)
+                req.prompt_logprobs.extend(chosen[row : row + n])
+                if req.params.top_logprobs:
+                    k = req.params.top_logprobs
+                    req.prompt_top_logprobs.extend(a[:k] for a in (alts or [])[row : row + n])
+            row += n
+
+    def _prompt_scores(self, req: Request) -> PromptScores:
+        ids = req.prompt_token_ids
+        tok = self.tokenizer
+        scores = PromptScores(list(ids), tok.token_texts(ids) if tok else [], tok.decode(ids) if tok else "")
+        if req.params.scores_prompt:
+            scores.logprobs = [None, *req.prompt_logprobs]
+            if req.params.top_logprobs:
+                scores.top_logprobs = [None, *(self._named(a) for a in req.prompt_top_logprobs)]
+        return scores
+
+    def _named(self, alts: TopLogprobs) -> NamedLogprobs:
+        texts = self.tokenizer.token_texts([t for t, _ in alts]) if self.tokenizer else [""] * len(alts)
+        return [(t, lp, s) for (t, lp), s in zip(alts, texts, strict=True)]
+
+    def _finish_scored(self, req: Request, now: float) -> RequestOutput:
+        """A prompt-only request (echo, max_tokens 0): its prompt is scored, nothing is generated."""
+        req.first_token_time = req.last_token_time = now
+        self.prompt_tokens_total += len(req.prompt_token_ids)
+        out = RequestOutput(req.request_id, prompt=self._prompt_scores(req))
+        self._finish(req, "length", out)
+        return out
+
+    def _append_token(
+        self, req: Request, tok: int, logprob: float | None, alts: TopLogprobs | None, now: float
+    ) -> RequestOutput:
         req.output_token_ids.append(tok)
         self.generation_tokens_total += 1
-        if req.params.logprobs and logprob is not None:
-            req.output_logprobs.append(logprob)
         if self.observer is not None:
             if req.last_token_time is None:  # no token yet: set with first_token_time below
                 self.observer.on_first_token(now - req.arrival_time)
             else:
                 self.observer.on_token(now - req.last_token_time)
+        out = RequestOutput(req.request_id, token_ids=[tok])
         if req.first_token_time is None:
             req.first_token_time = now
             self.prompt_tokens_total += len(req.prompt_token_ids)
+            if req.params.echo:
+                out.prompt = self._prompt_scores(req)
         req.last_token_time = now
-        out = RequestOutput(req.request_id, token_ids=[tok])
-        if req.params.logprobs and logprob is not None:
+        if req.params.wants_logprobs and logprob is not None:
+            req.output_logprobs.append(logprob)
             out.logprobs = [logprob]
+            out.tokens = self.tokenizer.token_texts([tok]) if self.tokenizer else []
+            if req.params.top_logprobs and alts is not None:
+                out.top_logprobs = [self._named(alts[: req.params.top_logprobs])]
         p = req.params
         reason = ""
         if tok in p.stop_token_ids or tok in req.eos_token_ids:

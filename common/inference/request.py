@@ -16,6 +16,8 @@ from tokenmill.common.errors import InvalidArgument
 MAX_STOP_SEQUENCES = 64
 MAX_STOP_BYTES = 4096
 MAX_STOP_TOKEN_IDS = 4096
+MAX_TOP_LOGPROBS = 20  # OpenAI's ceiling
+MAX_LOGIT_BIAS = 1024  # entries; each costs a scatter per step
 
 
 @dataclass
@@ -32,10 +34,25 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     ignore_eos: bool = False
+    top_logprobs: int = 0  # alternatives returned per token (implies logprobs)
+    frequency_penalty: float = 0.0  # OpenAI semantics: over generated tokens, times their count
+    presence_penalty: float = 0.0  # ... once per distinct generated token
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    echo: bool = False  # return the prompt's tokens, scored when logprobs are asked for
+    prompt_only: bool = False  # with echo: score the prompt and generate nothing (OpenAI max_tokens=0)
 
     def validate(self) -> None:
-        if self.max_tokens <= 0:
+        if self.prompt_only and not self.echo:
+            raise InvalidArgument("max_tokens=0 only makes sense with echo=true (scoring the prompt)")
+        if self.max_tokens <= 0 and not self.prompt_only:
             raise InvalidArgument(f"max_tokens must be > 0, got {self.max_tokens}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+                raise InvalidArgument(f"{name} must be in [-2, 2], got {value}")
+        self._validate_logit_bias()
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
@@ -45,6 +62,41 @@ class SamplingParams:
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise InvalidArgument(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         self._validate_stops()
+
+    def _validate_logit_bias(self) -> None:
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidArgument(
+                f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are allowed"
+            )
+        for token, bias in self.logit_bias.items():
+            if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
+                raise InvalidArgument(f"logit_bias[{token}] must be in [-100, 100], got {bias}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids the request names (stop ids, logit_bias keys) must be in [0, vocab_size)."""
+        for what, ids in (("stop token id", self.stop_token_ids), ("logit_bias token id", self.logit_bias)):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise InvalidArgument(f"{what} {bad[0]} is outside the vocabulary [0, {vocab_size})")
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
+
+    @property
+    def scores_prompt(self) -> bool:
+        """The prompt's own logprobs are computed (echo with logprobs: lm-eval's loglikelihood)."""
+        return self.echo and self.wants_logprobs
+
+    @property
+    def plain(self) -> bool:
+        """No logits processing (penalties, bias): the sampler's fast path applies."""
+        return (
+            self.repetition_penalty == 1.0
+            and self.frequency_penalty == 0.0
+            and self.presence_penalty == 0.0
+            and not self.logit_bias
+        )
 
     def _validate_stops(self) -> None:
         if len(self.stop) > MAX_STOP_SEQUENCES:
@@ -86,6 +138,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    # Logprob of prompt token i+1 at index i, and its alternatives (echo with logprobs).
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache (first admission)
@@ -94,12 +149,18 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     generator: torch.Generator | None = None
+    plain_greedy: bool = field(init=False, default=False)  # set from params in __post_init__
     admitted: bool = False
     # Incremental detokenizer and stop-string state (owned by the engine).
     text: str = ""
     emitted_text_len: int = 0
     detok_prefix_offset: int = 0
     detok_read_offset: int = 0
+
+    def __post_init__(self) -> None:
+        p = self.params
+        # Greedy, unprocessed, no logprobs: the sampler's one-kernel fast path (checked every step).
+        self.plain_greedy = p.greedy and p.plain and not p.wants_logprobs
 
     @property
     def all_token_ids(self) -> list[int]:

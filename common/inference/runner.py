@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -91,7 +91,10 @@ class ModelRunner:
         self.block_size = blocks.block_size
         self.device = model.device
         self.kv_caches = model.allocate_kv_cache(blocks.num_blocks, blocks.block_size)
-        self.use_graphs = use_cuda_graphs and self.device.type == "cuda"
+        if model.dynamic_rope:  # past the context a key's rotation depends on its sequence's length
+            blocks.limit_prefix_cache(model.spec.config.max_seq_len)
+        # Graphs replay table-lookup rope; dynamic NTK computes it per token (eager).
+        self.use_graphs = use_cuda_graphs and self.device.type == "cuda" and not model.dynamic_rope
         self.capture_graphs = self.device.type == "cuda"  # False: static-buffer path run eagerly (tests)
         self.graph_batches = [
             b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b <= cuda_graph_max_batch
@@ -152,6 +155,8 @@ class ModelRunner:
         for i, it in enumerate(ordered):
             req, start, n = it.request, it.request.num_computed_tokens, it.num_tokens
             table = self.blocks.table(req.request_id)
+            if req.params.scores_prompt:
+                _prompt_rows(step, i, req, start, n)
             step.ids.extend(req.all_token_ids[start : start + n])
             rng = range(start, start + n)
             step.pos.extend(rng)
@@ -196,11 +201,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, items: Sequence[ScheduledItem], adapters: dict[str, LoraAdapter]
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Run the step; returns (logits [n_sampling, V], positions in `items` of the sampling rows).
+    ) -> tuple[torch.Tensor, list[int], list[tuple[int, int, int]]]:
+        """Run the step; returns (logits [n_sampling + n_prompt, V], positions in `items` of the
+        sampling rows, prompt-scoring spans (position in `items`, first position, count)).
 
         A step may have no sampling rows (only partial prefill chunks, e.g. a long prompt alone): the
-        forward still runs for its KV writes and the logits have zero rows."""
+        forward still runs for its KV writes and the logits have zero rows. Requests that score their
+        prompt (echo with logprobs) add a row per prompt position after the sampling rows."""
         decodes = [it for it in items if it.num_tokens == 1]
         prefills = [it for it in items if it.num_tokens > 1]
         ordered = decodes + prefills
@@ -208,11 +215,12 @@ class ModelRunner:
         index_of = {id(it): i for i, it in enumerate(items)}
         # `sampled` follows the decode-first order; map it back to positions in the caller's `items`.
         sample_items = [index_of[id(ordered[i])] for i in sampled]
+        prompt_spans = [(index_of[id(ordered[i])], first, n) for i, first, n in step.prompt_spans]
         uses_lora = any(it.request.adapter for it in items)
-        if decodes and not prefills and self.use_graphs and not uses_lora:
+        if decodes and not prefills and self.use_graphs and not uses_lora and not prompt_spans:
             logits = self._graph_decode(decodes, step)
             if logits is not None:
-                return logits, sample_items
+                return logits, sample_items, prompt_spans
         dev = self.device
         decode = None
         if decodes:
@@ -230,10 +238,22 @@ class ModelRunner:
             self.kv_caches,
             self.block_size,
             # int64 even when empty: torch.tensor([]) is float32, which is not a valid index.
-            logits_indices=torch.tensor(step.logits_rows, dtype=torch.long, device=dev),
+            logits_indices=torch.tensor(step.logits_rows + step.prompt_rows, dtype=torch.long, device=dev),
             lora=self._lora_batch(ordered, adapters),
+            rope_lens=_rope_lens(ordered, dev) if self.model.dynamic_rope else None,
         )
-        return logits, sample_items
+        return logits, sample_items, prompt_spans
+
+
+def _prompt_rows(step: _StepInputs, i: int, req, start: int, n: int) -> None:
+    """Rows whose logits score the next prompt token: positions in [start, start + n) below the last
+    prompt position, from the first not yet scored (a recompute after preemption scores nothing twice)."""
+    first = max(start, len(req.prompt_logprobs))
+    last = min(start + n, len(req.prompt_token_ids) - 1)
+    if last > first:
+        base = len(step.ids) - start  # row of position p in the flat batch is base + p
+        step.prompt_rows.extend(range(base + first, base + last))
+        step.prompt_spans.append((i, first, last - first))
 
 
 @dataclass
@@ -244,3 +264,15 @@ class _StepInputs:
     pos: list[int]
     slots: list[int]
     logits_rows: list[int]
+    prompt_rows: list[int] = field(default_factory=list)  # rows scoring prompt tokens (echo)
+    prompt_spans: list[tuple[int, int, int]] = field(default_factory=list)  # (item, first pos, count)
+
+
+def _rope_lens(ordered: Sequence[ScheduledItem], dev: torch.device) -> torch.Tensor:
+    """Per token, the sequence length HF's dynamic NTK rope rotated it with: the prompt length for
+    prompt tokens (HF prefills the prompt in one forward), position + 1 for generated tokens."""
+    lens: list[int] = []
+    for it in ordered:
+        start, prompt = it.request.num_computed_tokens, len(it.request.prompt_token_ids)
+        lens.extend(max(p + 1, prompt) for p in range(start, start + it.num_tokens))
+    return torch.tensor(lens, dtype=torch.long, device=dev)

@@ -1,9 +1,11 @@
 """Turn one step's last-position logits into next tokens, per request.
 
-Order (as in vLLM/HF): repetition penalty on the raw logits, then greedy argmax, or temperature,
-top-k, top-p and a draw from the request's own seeded generator (so a seeded request gives the
-same tokens whatever it is batched with). The logprob returned is the chosen token's under the
-model's raw distribution (log-softmax of the unprocessed logits), like vLLM's default.
+Order (as in vLLM/HF): repetition penalty on the raw logits, OpenAI frequency/presence penalties
+(over generated tokens), logit_bias, then greedy argmax, or temperature, top-k, top-p and a draw
+from the request's own seeded generator (so a seeded request gives the same tokens whatever it is
+batched with). The logprobs returned (chosen token and top alternatives) are under the model's raw
+distribution (log-softmax of the unprocessed logits), like vLLM's default. Processing costs only
+when a request in the batch asks for it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,48 @@ def apply_repetition_penalty(logits: torch.Tensor, requests: Sequence[Request]) 
         p = req.params.repetition_penalty
         logits[i, seen] = torch.where(vals > 0, vals / p, vals * p)
     return logits
+
+
+def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """OpenAI's `logits - frequency_penalty * count - presence_penalty * (count > 0)` over the
+    tokens generated so far, and `logit_bias` added to its tokens; rows without them are untouched."""
+    rows = [
+        i
+        for i, r in enumerate(requests)
+        if r.params.frequency_penalty or r.params.presence_penalty or r.params.logit_bias
+    ]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i in rows:
+        p = requests[i].params
+        if (p.frequency_penalty or p.presence_penalty) and requests[i].output_token_ids:
+            out = torch.tensor(requests[i].output_token_ids, device=logits.device, dtype=torch.long)
+            counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device, dtype=torch.long)
+            bias = torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+            logits[i].index_add_(0, ids, bias)
+    return logits
+
+
+TopLogprobs = list[tuple[int, float]]
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, top: int
+) -> tuple[list[float], list[TopLogprobs] | None]:
+    """Raw-distribution logprobs of `tokens` [R] under `logits` [R, V], and the `top` most likely
+    (token, logprob) per row (None when `top` is 0)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, tokens[:, None].to(lp.device))[:, 0].tolist()
+    if not top:
+        return chosen, None
+    values, ids = torch.topk(lp, min(top, lp.shape[-1]), dim=-1)
+    alts = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return chosen, alts
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -60,15 +104,14 @@ class Sampler:
 
     def __call__(
         self, logits: torch.Tensor, requests: Sequence[Request]
-    ) -> tuple[list[int], list[float] | None]:
-        """logits [B, V] float32 -> (token ids, chosen-token logprobs or None when nobody asked)."""
-        want_logprobs = any(r.params.logprobs for r in requests)
-        if not want_logprobs and all(
-            r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests
-        ):
-            return logits.argmax(dim=-1).tolist(), None  # the common serving case: one kernel, one sync
+    ) -> tuple[list[int], list[float] | None, list[TopLogprobs] | None]:
+        """logits [B, V] float32 -> (token ids, chosen-token logprobs or None when nobody asked, the
+        top alternatives per row or None when nobody asked)."""
+        if all(r.plain_greedy for r in requests):
+            return logits.argmax(dim=-1).tolist(), None, None  # the common case: one kernel, one sync
+        want_logprobs = any(r.params.wants_logprobs for r in requests)
         raw = logits
-        logits = apply_repetition_penalty(logits, requests)
+        logits = apply_penalties(apply_repetition_penalty(logits, requests), requests)
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
         tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         if greedy:
@@ -81,8 +124,8 @@ class Sampler:
             row = _top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
             probs = torch.softmax(row, dim=-1)
             tokens[i] = torch.multinomial(probs, 1, generator=self.generator_for(req))[0]
-        logprobs = None
-        if want_logprobs:
-            lp = torch.log_softmax(raw, dim=-1).gather(1, tokens[:, None])[:, 0]
-            logprobs = lp.tolist()
-        return tokens.tolist(), logprobs
+        if not want_logprobs:
+            return tokens.tolist(), None, None
+        top = max(r.params.top_logprobs for r in requests)
+        logprobs, alts = token_logprobs(raw, tokens, top)
+        return tokens.tolist(), logprobs, alts

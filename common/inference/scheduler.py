@@ -106,7 +106,9 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 req = self.waiting[0]
-                hit = self.blocks.match_prefix(req.request_id, req.all_token_ids, req.adapter)
+                # A request scoring its prompt (echo + logprobs) needs every position's logits.
+                scores = req.params.scores_prompt
+                hit = 0 if scores else self.blocks.match_prefix(req.request_id, req.all_token_ids, req.adapter)
                 req.num_computed_tokens = hit
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
                 reserve = self.watermark_blocks if self.running else 0

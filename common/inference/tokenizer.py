@@ -7,10 +7,91 @@ the newest tokens decode to complete characters, and decodes a short window, not
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
+from typing import Any
+
 from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.inference.request import Request
 
 MIN_TOKEN_BYTES = 4  # one UTF-8 character: no token bound is tighter than this
+# The named special tokens HF passes to a chat template (PreTrainedTokenizerBase.special_tokens_map).
+SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+class ChatTemplate:
+    """A model's chat template (tokenizer_config.json `chat_template`, or chat_template.jinja),
+    rendered as transformers' `apply_chat_template` renders it: jinja2's immutable sandbox with
+    trim_blocks/lstrip_blocks, loop controls, HF's `tojson`, `raise_exception` and `strftime_now`,
+    and the named special tokens as variables. jinja2 is imported here, not by the engine."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str]):
+        import jinja2
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+            return json.dumps(
+                x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+            )
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.errors = (jinja2.exceptions.TemplateError,)
+        try:
+            self.template = env.from_string(source)
+        except jinja2.exceptions.TemplateError as exc:
+            raise InvalidArgument(f"the model's chat template does not compile: {exc}") from None
+        self.special_tokens = special_tokens
+
+    @classmethod
+    def from_files(cls, tokenizer_config: bytes | None, template_file: bytes | None) -> ChatTemplate | None:
+        """The template from chat_template.jinja or tokenizer_config.json; None when neither has one."""
+        config = json.loads(tokenizer_config) if tokenizer_config else {}
+        source = template_file.decode("utf-8") if template_file else config.get("chat_template")
+        if isinstance(source, list):  # named templates: HF uses "default"
+            source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+        if not isinstance(source, str) or not source:
+            return None
+        return cls(source, special_token_strings(config))
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation as the prompt text; a template's own refusal is INVALID_ARGUMENT."""
+        try:
+            return self.template.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+            )
+        except self.errors as exc:
+            raise InvalidArgument(f"the model's chat template refused these messages: {exc}") from None
+
+
+def special_token_strings(config: dict[str, Any]) -> dict[str, str]:
+    """tokenizer_config.json's named special tokens as strings (AddedToken dicts give `content`)."""
+    out = {}
+    for name in SPECIAL_TOKEN_NAMES:
+        value = config.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            out[name] = value
+    return out
 
 
 class Tokenizer:
@@ -19,8 +100,9 @@ class Tokenizer:
     `max_input_bytes` (None = no fixed cap) bounds every text `encode` accepts, checked before any
     tokenization so an oversized prompt costs microseconds, not seconds and gigabytes."""
 
-    def __init__(self, tok, max_input_bytes: int | None = None):
+    def __init__(self, tok, max_input_bytes: int | None = None, chat_template: ChatTemplate | None = None):
         self.tok = tok
+        self.chat_template = chat_template
         self.vocab_size = tok.get_vocab_size()
         self.max_input_bytes = max_input_bytes
         self.max_token_bytes = longest_token_bytes(tok)
@@ -34,6 +116,21 @@ class Tokenizer:
             return cls(HFTokenizer.from_str(text), max_input_bytes)
         except Exception as exc:  # tokenizers raises plain Exception subclasses
             raise InvalidArgument(f"tokenizer.json could not be parsed: {exc}") from None
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], max_input_bytes: int | None = None) -> Tokenizer:
+        """From a checkpoint's files: tokenizer.json, and the chat template HF saves beside it
+        (tokenizer_config.json's `chat_template`, or chat_template.jinja)."""
+        tok = cls.from_json(files["tokenizer.json"], max_input_bytes)
+        try:
+            tok.chat_template = ChatTemplate.from_files(
+                files.get("tokenizer_config.json"), files.get("chat_template.jinja")
+            )
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(
+                f"tokenizer_config.json / chat_template.jinja cannot be read: {exc}"
+            ) from None
+        return tok
 
     def prompt_byte_limit(self, max_tokens: int | None = None) -> int | None:
         """The most UTF-8 bytes a text may have: `max_input_bytes`, and, given `max_tokens`, the
@@ -68,6 +165,19 @@ class Tokenizer:
 
     def tokens(self, ids: list[int]) -> list[str]:
         return [self.tok.id_to_token(i) or "" for i in ids]
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token decoded on its own, special tokens kept (OpenAI logprobs' `tokens`)."""
+        return [self.tok.decode([i], skip_special_tokens=False) for i in ids]
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The chat prompt for `messages` (generation prompt added, as OpenAI chat does)."""
+        if self.chat_template is None:
+            raise InvalidArgument(
+                "this model has no chat template (no chat_template in tokenizer_config.json and no "
+                "chat_template.jinja): use /v1/completions with a prompt, or import a model that has one"
+            )
+        return self.chat_template.render(messages)
 
 
 def longest_token_bytes(tok) -> int:

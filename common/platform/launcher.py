@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -191,6 +192,7 @@ class Supervisor:
         self.config = config
         self.run_dir = run_dir
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.running: dict[str, ProcessSpec] = {}  # the spec each child was started from
         self.state: dict[str, ChildState] = {}
         self.next_start: dict[str, float] = {}
         self.stopping = False
@@ -246,6 +248,11 @@ class Supervisor:
                 self._terminate([name])
                 self.children.pop(name)
                 self.state.pop(name, None)
+            elif self.running.get(name) != desired[name]:  # e.g. `tokenmill serve` changed its model
+                log.info("supervisor: %s changed; restarting it with its new spec", name)
+                self._terminate([name])
+                self.children.pop(name)
+                self.next_start.pop(name, None)
         now = time.time()
         for name, spec in desired.items():
             child = self.children.get(name)
@@ -286,6 +293,7 @@ class Supervisor:
         last_exit = previous.last_exit if previous else None
         self.state[spec.name] = ChildState(child.pid, time.time(), restarts, last_exit)
         self.children[spec.name] = child
+        self.running[spec.name] = spec
         (self.run_dir.path / f"{spec.name}.pid").write_text(str(child.pid))
 
     def _terminate(self, names: Iterable[str]) -> None:
@@ -316,10 +324,44 @@ def _kill_group(pid: int) -> None:
 # --- what the CLI calls -------------------------------------------------------------------------
 
 
+class PortInUseError(RuntimeError):
+    """A port a service needs is held by another process: the real cause of an UNREACHABLE service."""
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether a listener already holds `host:port` (SO_REUSEADDR: a TIME_WAIT leftover does not count)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check_ports_free(config: Config) -> None:
+    """PortInUseError naming every service port (gRPC or metrics) another process holds."""
+    taken = []
+    for name in SERVICE_NAMES:
+        svc = config.service(name)
+        for kind, port in (("gRPC", svc.port), ("metrics", svc.effective_metrics_port)):
+            if port_taken(svc.host, port):
+                taken.append(f"{name} {kind} port {svc.host}:{port}")
+    if taken:
+        raise PortInUseError(
+            f"already in use by another process: {', '.join(taken)}; stop that process or set "
+            "services.<name>.port / metrics_port in the config"
+        )
+
+
 def up(config: Config, config_path: str | None, timeout: float = 60.0) -> dict[str, str]:
-    """Start (or join) the local platform and wait until every service is SERVING."""
+    """Start (or join) the local platform and wait until every service is SERVING. A fresh start
+    first checks the service ports: one taken by another process fails at once, naming it."""
     run_dir = RunDir(config.data_dir)
     run_dir.ensure()
+    if run_dir.supervisor_running() is None:
+        check_ports_free(config)
     existing = {s.name: s for s in run_dir.read_processes() if s.name not in SERVICE_NAMES}
     run_dir.write_processes([*service_specs(config, config_path), *existing.values()])
     if run_dir.supervisor_running() is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenmill.common.inference import RequestOutput, SamplingParams, Usage
+from tokenmill.common.inference.llm_engine import NamedLogprobs, PromptScores
 from tokenmill.v1 import inference_pb2, inference_pb2_grpc
 
 SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
@@ -25,6 +26,12 @@ def sampling_from_proto(sp: inference_pb2.SamplingParams) -> SamplingParams:
         stop=tuple(sp.stop),
         logprobs=bool(sp.logprobs),
         ignore_eos=bool(sp.ignore_eos),
+        top_logprobs=int(sp.top_logprobs),
+        frequency_penalty=sp.frequency_penalty if sp.HasField("frequency_penalty") else 0.0,
+        presence_penalty=sp.presence_penalty if sp.HasField("presence_penalty") else 0.0,
+        logit_bias={int(k): float(v) for k, v in sp.logit_bias.items()},
+        echo=bool(sp.echo),
+        prompt_only=bool(sp.prompt_only),
     )
 
 
@@ -36,6 +43,7 @@ def submit_kwargs(request: inference_pb2.GenerateRequest) -> dict[str, Any]:
         "params": sampling_from_proto(request.sampling),
         "request_id": request.request_id,
         "adapter": request.adapter,
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages] or None,
     }
 
 
@@ -49,6 +57,20 @@ def usage_to_proto(u: Usage) -> inference_pb2.Usage:
     )
 
 
+def top_to_proto(alts: NamedLogprobs | None) -> inference_pb2.TokenLogprobs:
+    """One position's alternatives, most likely first."""
+    entries = [inference_pb2.TokenLogprob(token_id=t, token=s, logprob=lp) for t, lp, s in alts or []]
+    return inference_pb2.TokenLogprobs(entries=entries)
+
+
+def prompt_to_proto(p: PromptScores) -> inference_pb2.PromptScores:
+    """The echoed prompt; its first logprob (there is none) travels as NaN."""
+    msg = inference_pb2.PromptScores(token_ids=p.token_ids, tokens=p.tokens, text=p.text)
+    msg.logprobs.extend(float("nan") if lp is None else lp for lp in p.logprobs)
+    msg.top_logprobs.extend(top_to_proto(alts) for alts in p.top_logprobs)
+    return msg
+
+
 def chunk_from_output(out: RequestOutput, replica: str) -> inference_pb2.GenerateChunk:
     chunk = inference_pb2.GenerateChunk(
         request_id=out.request_id,
@@ -57,7 +79,11 @@ def chunk_from_output(out: RequestOutput, replica: str) -> inference_pb2.Generat
         logprobs=out.logprobs,
         finish_reason=out.finish_reason,
         replica=replica,
+        tokens=out.tokens,
+        top_logprobs=[top_to_proto(alts) for alts in out.top_logprobs],
     )
+    if out.prompt is not None:
+        chunk.prompt.CopyFrom(prompt_to_proto(out.prompt))
     if out.usage is not None:
         chunk.usage.CopyFrom(usage_to_proto(out.usage))
     return chunk
@@ -75,6 +101,10 @@ class ResponseBuilder:
         r.request_id = chunk.request_id or r.request_id
         r.token_ids.extend(chunk.token_ids)
         r.logprobs.extend(chunk.logprobs)
+        r.top_logprobs.extend(chunk.top_logprobs)
+        r.tokens.extend(chunk.tokens)
+        if chunk.HasField("prompt"):
+            r.prompt.CopyFrom(chunk.prompt)
         self.texts.append(chunk.text)
         if chunk.finish_reason:
             r.finish_reason = chunk.finish_reason

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP front on the router: `/v1/completions` (SSE streaming) and `/v1/models`.
+"""OpenAI-compatible HTTP front on the router: `/v1/completions`, `/v1/chat/completions` (both with
+SSE streaming), `/v1/models`, and `/health` and `/metrics` for probes and Prometheus.
 
 Existing tools (the openai SDK, curl, load generators) talk to tokenmill through it. Requests are
 routed exactly like gRPC ones (RouterDispatcher); a client that disconnects mid-stream cancels
@@ -9,20 +10,23 @@ platform's TLS settings (`config.tls`, mutual TLS when `client_ca_file` is set),
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import redis
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tokenmill.common.config import Config, InferenceLimitsConfig
@@ -30,10 +34,18 @@ from tokenmill.common.errors import TokenmillError
 from tokenmill.common.runtime import StartupError
 from tokenmill.services.inference.convert import ResponseBuilder
 from tokenmill.services.inference.dispatch.failover import RouterDispatcher
-from tokenmill.services.inference.openai_request import completion_request, parse_json, read_capped
+from tokenmill.services.inference.openai_request import (
+    chat_request,
+    completion_request,
+    parse_json,
+    read_capped,
+)
+from tokenmill.services.inference.openai_response import ChatFormat, CompletionFormat, usage
 from tokenmill.v1 import inference_pb2
 
 log = logging.getLogger(__name__)
+
+Parse = Callable[[Any, InferenceLimitsConfig], tuple[inference_pb2.GenerateRequest, bool, bool]]
 
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
@@ -66,12 +78,24 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
-def _usage(u: inference_pb2.Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-    }
+def collect(
+    request_id: str, first: inference_pb2.GenerateChunk | None, rest: Iterator[inference_pb2.GenerateChunk]
+) -> inference_pb2.GenerateResponse:
+    """The whole response from the first chunk and the ones after it."""
+    builder = ResponseBuilder(request_id)
+    for chunk in itertools.chain([first] if first is not None else [], rest):
+        builder.add(chunk)
+    return builder.build()
+
+
+def stream_events(
+    chunk: inference_pb2.GenerateChunk, head: dict[str, Any], fmt: Any, include_usage: bool
+) -> list[str]:
+    """The SSE events for one chunk: its choice, and the usage event after the last one if asked."""
+    events = [{**head, "object": fmt.chunk_object, "choices": [fmt.stream_choice(chunk)]}]
+    if chunk.finish_reason and include_usage and chunk.HasField("usage"):
+        events.append({**head, "object": fmt.chunk_object, "choices": [], "usage": usage(chunk.usage)})
+    return [f"data: {json.dumps(e)}\n\n" for e in events]
 
 
 def bearer_checker(tokens: list[str] | None) -> Callable[[Request], bool]:
@@ -99,10 +123,15 @@ def build_app(
     dispatcher: RouterDispatcher,
     tokens: list[str] | None,
     limits: InferenceLimitsConfig | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> Starlette:
     """The Starlette app; `tokens=None` disables auth (see `bearer_checker`); `limits` bound what
-    a request body may hold (`config.inference_limits`), checked before any work is done on it."""
+    a request body may hold (`config.inference_limits`), checked before any work is done on it;
+    `/metrics` serves `registry` (the router process's; default: prometheus_client's global one).
+    `/health` and `/metrics` are open, like the gRPC health service and metrics port: probes and
+    scrapers carry no token, and they reveal only counts."""
     limits = limits or InferenceLimitsConfig()
+    registry = registry or REGISTRY
     authorized = bearer_checker(tokens)
 
     def unauthorized() -> JSONResponse:
@@ -119,91 +148,49 @@ def build_app(
         data = [{"id": n, "object": "model", "created": 0, "owned_by": "tokenmill", "root": n} for n in names]
         return JSONResponse({"object": "list", "data": data})
 
-    async def completions(request: Request):
+    async def serve(request: Request, parse: Parse, make_format: Callable[[Any], Any]) -> Response:
+        """Validate, route and answer one generation request. Everything known before the first
+        token (a bad field, an unknown model, a full queue, a prompt over the context) is an HTTP
+        status, streaming or not; only errors after it arrive as an in-stream error event."""
         if not authorized(request):
             return unauthorized()
         try:
             data = await read_capped(request.headers, request.stream(), limits.max_http_body_bytes)
-            body = parse_json(data, limits.max_json_depth)
-            req, stream, include_usage = completion_request(body, limits)
-        except TokenmillError as exc:
-            return error_response(exc)
-        created = int(time.time())
-        # Routing errors (bad model, no replicas) are HTTP errors, not SSE events.
-        try:
+            req, stream, include_usage = parse(parse_json(data, limits.max_json_depth), limits)
             replicas = await run_in_threadpool(dispatcher.replicas)
             dispatcher.check_model(req.model, replicas)
         except TokenmillError as exc:
             return error_response(exc)
         name = req.model.split(":")[0]
         model = next((r.model for r in replicas if not name or r.name == name), req.model)
+        head = {"id": req.request_id, "created": int(time.time()), "model": model}
+        fmt = make_format(req)
         active = threading.Event()
         active.set()
-
+        chunks = dispatcher.stream(req, active.is_set)
+        try:
+            first = await run_in_threadpool(next, chunks, None)
+        except TokenmillError as exc:
+            active.clear()
+            return error_response(exc)
         if not stream:
-
-            def run() -> inference_pb2.GenerateResponse:
-                builder = ResponseBuilder(req.request_id)
-                for chunk in dispatcher.stream(req, active.is_set):
-                    builder.add(chunk)
-                return builder.build()
-
             try:
-                resp = await run_in_threadpool(run)
+                resp = await run_in_threadpool(collect, req.request_id, first, chunks)
             except TokenmillError as exc:
                 return error_response(exc)
             finally:
                 active.clear()
-            choice = {"index": 0, "text": resp.text, "finish_reason": resp.finish_reason, "logprobs": None}
-            if req.sampling.logprobs:
-                choice["logprobs"] = {
-                    "token_ids": list(resp.token_ids),
-                    "token_logprobs": list(resp.logprobs),
-                }
-            return JSONResponse(
-                {
-                    "id": req.request_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [choice],
-                    "usage": _usage(resp.usage),
-                }
-            )
+            body = {**head, "object": fmt.object, "choices": [fmt.choice(resp)], "usage": usage(resp.usage)}
+            return JSONResponse(body)
 
-        async def events():
-            gen = dispatcher.stream(req, active.is_set)
+        async def events() -> AsyncIterator[str]:
             try:
-                async for chunk in iterate_in_threadpool(gen):
-                    choice = {
-                        "index": 0,
-                        "text": chunk.text,
-                        "finish_reason": chunk.finish_reason or None,
-                        "logprobs": {
-                            "token_ids": list(chunk.token_ids),
-                            "token_logprobs": list(chunk.logprobs),
-                        }
-                        if req.sampling.logprobs
-                        else None,
-                    }
-                    event = {
-                        "id": req.request_id,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": model,
-                        "choices": [choice],
-                    }
-                    yield f"data: {json.dumps(event)}\n\n"
-                    if chunk.finish_reason and include_usage and chunk.HasField("usage"):
-                        usage_event: dict[str, Any] = {
-                            "id": req.request_id,
-                            "object": "text_completion",
-                            "created": created,
-                            "model": model,
-                            "choices": [],
-                            "usage": _usage(chunk.usage),
-                        }
-                        yield f"data: {json.dumps(usage_event)}\n\n"
+                if first is not None:
+                    for event in stream_events(first, head, fmt, include_usage):
+                        yield event
+                async for chunk in iterate_in_threadpool(chunks):
+                    for event in stream_events(chunk, head, fmt, include_usage):
+                        yield event
             except TokenmillError as exc:
                 yield f"data: {json.dumps(error_body(exc.code, exc.message))}\n\n"
             finally:
@@ -214,10 +201,42 @@ def build_app(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
+    async def completions(request: Request) -> Response:
+        return await serve(request, completion_request, CompletionFormat)
+
+    async def chat(request: Request) -> Response:
+        return await serve(request, chat_request, ChatFormat)
+
+    async def health(request: Request) -> JSONResponse:
+        """200 when a live replica can take requests, else 503 (for probes and load balancers)."""
+        try:
+            replicas = await run_in_threadpool(dispatcher.replicas)
+        except (TokenmillError, redis.RedisError) as exc:
+            return JSONResponse(
+                {"status": "unavailable", **error_body("UNAVAILABLE", f"Redis is unreachable: {exc}")}, 503
+            )
+        models = sorted({r.model for r in replicas})
+        body = {
+            "status": "ok" if replicas else "unavailable",
+            "live_replicas": len(replicas),
+            "models": models,
+        }
+        if not replicas:
+            body["error"] = error_body("UNAVAILABLE", "no live inference replica")["error"]
+        return JSONResponse(body, status_code=200 if replicas else 503)
+
+    async def metrics(request: Request) -> Response:
+        """The router process's Prometheus registry, in the text exposition format."""
+        text = await run_in_threadpool(generate_latest, registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
     return Starlette(
         routes=[
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error},
     )
@@ -239,9 +258,16 @@ def tls_options(config: Config) -> dict[str, Any]:
 class HttpFront:
     """uvicorn in a background thread (the router's gRPC server owns the main thread)."""
 
-    def __init__(self, dispatcher: RouterDispatcher, config: Config, host: str, port: int):
+    def __init__(
+        self,
+        dispatcher: RouterDispatcher,
+        config: Config,
+        host: str,
+        port: int,
+        registry: CollectorRegistry | None = None,
+    ):
         tokens = None if config.auth.disabled else list(config.auth.tokens)
-        self.app = build_app(dispatcher, tokens, config.inference_limits)
+        self.app = build_app(dispatcher, tokens, config.inference_limits, registry)
         self.tls = config.tls.enabled
         uv_config = uvicorn.Config(
             self.app,

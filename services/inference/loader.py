@@ -31,20 +31,24 @@ class LoadedModel:
     config: dict[str, Any]
     tokenizer: Tokenizer | None
     tags: tuple[str, ...] = ()  # the tags the served version was resolved through (see dispatch.selector)
+    # Decided at load time: the engine takes the tensors (and `tensors` is emptied) before anyone asks.
+    quantization: str = ""
 
     @property
     def served(self) -> Served:
         return Served(self.ref, self.tags)
 
-    @property
-    def quantization(self) -> str:
-        q = self.config.get("quantization") or {}
-        if isinstance(q, dict) and q.get("method"):
-            return str(q["method"])
-        for name, t in self.tensors.items():
-            if name.endswith(".qweight"):
-                return "int8" if t.dtype == torch.int8 else "int4"
-        return ""
+
+def detect_quantization(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """ "int8", "int4" or "" (dense): the config's `quantization.method`, else the stored tensors'
+    format (common.model.quant: int8 `qweight` is int8, int4 packs two values per uint8)."""
+    q = config.get("quantization") or {}
+    if isinstance(q, dict) and q.get("method"):
+        return str(q["method"])
+    for name, t in tensors.items():
+        if name.endswith(".qweight"):
+            return "int8" if t.dtype == torch.int8 else "int4"
+    return ""
 
 
 def load_model(client, ref: str, *, max_prompt_bytes: int | None = None) -> LoadedModel:
@@ -56,19 +60,26 @@ def load_model(client, ref: str, *, max_prompt_bytes: int | None = None) -> Load
         raise FailedPrecondition(f"checkpoint {version.ref} has no model config; it cannot be served")
     tensors = client.load(version.ref)
     tensors = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "optimizer."))}
-    names = {f.name for f in version.manifest.files} & {"tokenizer.json", "generation_config.json"}
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    names = {f.name for f in version.manifest.files} & (tokenizer_files | {"generation_config.json"})
     files = client.load_files(version.ref, sorted(names)) if names else {}
     if "generation_config.json" in files:
         config = with_generation_eos(config, files["generation_config.json"])
     tokenizer = None
     if "tokenizer.json" in files:
-        tokenizer = Tokenizer.from_json(files["tokenizer.json"], max_prompt_bytes)
+        tokenizer = Tokenizer.from_files(files, max_prompt_bytes)  # with its chat template
     else:
         log.warning(
             "checkpoint %s has no tokenizer.json: only prompt_token_ids requests will work", version.ref
         )
     return LoadedModel(
-        version.ref, version.name, tensors, config, tokenizer, resolved_tags(ref, version.tags)
+        version.ref,
+        version.name,
+        tensors,
+        config,
+        tokenizer,
+        resolved_tags(ref, version.tags),
+        detect_quantization(config, tensors),
     )
 
 
@@ -96,9 +107,10 @@ def resolved_tags(ref: str, stored_tags: Iterable[str]) -> tuple[str, ...]:
 
 def load_adapter(
     client, ref: str, *, dtype: torch.dtype, device, base_shapes: dict[str, tuple[int, int]]
-) -> LoraAdapter:
+) -> tuple[LoraAdapter, Served]:
     """A LoRA adapter saved by the trainer (tensors `*.lora_A.weight`/`*.lora_B.weight` +
-    adapter_config.json)."""
+    adapter_config.json), named `ref` in the engine, and what it serves as a model of its own
+    (requests may name it as `model`, routed to replicas that hold it over their base)."""
     try:
         version = client.get(ref, include_manifest=True)
     except NotFound:
@@ -113,6 +125,7 @@ def load_adapter(
     tensors = client.load(version.ref)
     if not any(".lora_" in k for k in tensors):
         raise InvalidArgument(f"checkpoint {version.ref} is not a LoRA adapter (no lora_A/lora_B tensors)")
-    return LoraAdapter.from_tensors(
+    adapter = LoraAdapter.from_tensors(
         ref, tensors, alpha=alpha, rank=rank, dtype=dtype, device=device, base_shapes=base_shapes
     )
+    return adapter, Served(version.ref, resolved_tags(ref, version.tags))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -99,3 +99,64 @@ class LatencyObserver:
 
     def on_finish(self, e2e_s: float, prompt_tokens: int, completion_tokens: int) -> None:
         self.e2e.observe(e2e_s)
+
+
+QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class RouterMetrics:
+    """The router's own series, fed as requests are routed: the request rate (a counter; PromQL
+    `rate()`) and the time a request waited in the queue until a replica accepted it."""
+
+    def __init__(self, registry: CollectorRegistry | None):
+        self.requests = Counter(
+            "tokenmill:router_requests",
+            "Generate requests routed, by the model name they asked for.",
+            labelnames=["model"],
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "tokenmill:router_queue_wait_seconds",
+            "Time from queueing a request to a replica accepting it (long while scaling from zero).",
+            labelnames=["model"],
+            registry=registry,
+            buckets=QUEUE_WAIT_BUCKETS,
+        )
+
+
+class RouterCollector(Collector):
+    """Read at scrape time from Redis: the backlog autoscalers scale on (stream length, taken but
+    unanswered), live replicas per model, and the replicas' vLLM-named gauges summed per model."""
+
+    def __init__(self, backlog: Callable[[], tuple[int, int]], replicas: Callable[[], list]):
+        self._backlog = backlog
+        self._replicas = replicas
+
+    def collect(self) -> Iterator[Metric]:
+        queued, pending = self._backlog()
+        yield GaugeMetricFamily(
+            "tokenmill:router_queue_length", "Routed requests in the request stream.", value=queued
+        )
+        yield GaugeMetricFamily(
+            "tokenmill:router_queue_pending", "Requests taken by a replica, not yet answered.", value=pending
+        )
+        live = GaugeMetricFamily("tokenmill:router_live_replicas", "Live replicas.", labels=["model_name"])
+        running = GaugeMetricFamily(
+            "tokenmill:num_requests_running",
+            "Requests in the replicas' running batches.",
+            labels=["model_name"],
+        )
+        waiting = GaugeMetricFamily(
+            "tokenmill:num_requests_waiting", "Requests waiting in the replicas.", labels=["model_name"]
+        )
+        per_model: dict[str, list[int]] = {}
+        for info in self._replicas():
+            row = per_model.setdefault(info.model, [0, 0, 0])
+            row[0] += 1
+            row[1] += info.running
+            row[2] += info.waiting
+        for model, (n, run, wait) in sorted(per_model.items()):
+            live.add_metric([model], n)
+            running.add_metric([model], run)
+            waiting.add_metric([model], wait)
+        yield from (live, running, waiting)

@@ -1,4 +1,5 @@
-"""Reading and validating OpenAI completion requests for the HTTP front, bounded before any work.
+"""Reading and validating OpenAI completion and chat requests for the HTTP front, bounded before
+any work.
 
 Every way a body can be wrong ends here as an `InvalidArgument` (HTTP 400), a `BodyTooLarge` (413)
 or a `WrongType` (422), never as an uncaught exception: the body is read with a cap (a declared
@@ -19,7 +20,8 @@ from tokenmill.common.errors import InvalidArgument
 from tokenmill.v1 import inference_pb2
 
 UINT32_MAX = 2**32 - 1
-MAX_LOGPROBS = 20  # the legacy completions API takes an int (how many alternatives); we send one
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs ceiling)
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class BodyTooLarge(InvalidArgument):
@@ -180,13 +182,41 @@ def _prompt(req: inference_pb2.GenerateRequest, prompt: Any, limits: InferenceLi
         raise WrongType(f"'prompt' must be a string or a list of token ids, got {type(prompt).__name__}")
 
 
+def logit_bias(value: Any, limits: InferenceLimitsConfig) -> dict[int, float]:
+    """OpenAI's {"token id": bias} with biases in [-100, 100] (the replica checks ids against its vocab)."""
+    if not isinstance(value, dict):
+        raise WrongType("'logit_bias' must be an object of token id -> bias")
+    if len(value) > limits.max_token_id_list:
+        raise InvalidArgument(
+            f"'logit_bias' has {len(value)} entries; at most {limits.max_token_id_list} are accepted"
+        )
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        if not key.isdigit() or int(key) > UINT32_MAX:
+            raise InvalidArgument(
+                f"'logit_bias' key {key[:40]!r} is not a token id (ids are 0 .. vocab size - 1)"
+            )
+        b = number(bias, f"logit_bias[{key}]")
+        if not -100.0 <= b <= 100.0:
+            raise InvalidArgument(f"'logit_bias[{key}]' must be in [-100, 100], got {bias}")
+        out[int(key)] = b
+    return out
+
+
 def _sampling(sp: inference_pb2.SamplingParams, body: dict[str, Any], limits: InferenceLimitsConfig) -> None:
-    max_tokens = body.get("max_tokens", 16)
-    if max_tokens is not None:  # null: the server's default
-        sp.max_tokens = integer(max_tokens, "max_tokens", 1, UINT32_MAX)
+    """The fields completions and chat share (max_tokens and logprobs are each API's own)."""
     for key in ("temperature", "top_p", "repetition_penalty"):
         if body.get(key) is not None:
             setattr(sp, key, number(body[key], key))
+    for key in ("frequency_penalty", "presence_penalty"):
+        if body.get(key) is not None:
+            value = number(body[key], key)
+            if not -2.0 <= value <= 2.0:
+                raise InvalidArgument(f"'{key}' must be in [-2, 2], got {body[key]}")
+            setattr(sp, key, value)
+    if body.get("logit_bias") is not None:
+        for token, bias in logit_bias(body["logit_bias"], limits).items():
+            sp.logit_bias[token] = bias
     if body.get("top_k") is not None:
         sp.top_k = max(integer(body["top_k"], "top_k", -1, UINT32_MAX), 0)  # vLLM: -1 means off
     if body.get("seed") is not None:
@@ -197,39 +227,127 @@ def _sampling(sp: inference_pb2.SamplingParams, body: dict[str, Any], limits: In
         sp.stop_token_ids.extend(
             token_ids(body["stop_token_ids"], "stop_token_ids", limits.max_token_id_list)
         )
-    logprobs = body.get("logprobs")
-    if isinstance(logprobs, bool) or logprobs is None:
-        sp.logprobs = bool(logprobs)
-    else:  # the legacy API's count of alternatives; we return the chosen token's
-        sp.logprobs = integer(logprobs, "logprobs", 0, MAX_LOGPROBS) > 0
     sp.ignore_eos = flag(body, "ignore_eos")
 
 
-def _unsupported(body: dict[str, Any]) -> None:
+def _max_tokens(sp: inference_pb2.SamplingParams, value: Any, name: str, lo: int) -> None:
+    if value is not None:  # null: the server's default
+        sp.max_tokens = integer(value, name, lo, UINT32_MAX)
+
+
+def _unsupported(body: dict[str, Any], names: tuple[str, ...]) -> None:
+    """400 naming the field for what tokenmill does not do, rather than silently ignoring it."""
     for key in ("n", "best_of"):
         if body.get(key) is not None and integer(body[key], key, 1, UINT32_MAX) != 1:
-            raise InvalidArgument(f"only {key}=1 is supported, got {body[key]}")
-    bias = body.get("logit_bias")
-    if bias is not None and not isinstance(bias, dict):
-        raise WrongType("'logit_bias' must be an object of token id -> bias")
-    if bias:
-        raise InvalidArgument("'logit_bias' is not supported; leave it out or empty")
+            raise InvalidArgument(
+                f"'{key}' = {body[key]} is not supported: only {key}=1; send separate requests"
+            )
+    for key in names:
+        if body.get(key) not in (None, "", [], {}):
+            raise InvalidArgument(f"'{key}' is not supported by this server; leave it out")
+
+
+def _common(body: Any, prefix: str, limits: InferenceLimitsConfig) -> inference_pb2.GenerateRequest:
+    if not isinstance(body, dict):
+        raise WrongType(f"the body must be a JSON object, got {type(body).__name__}")
+    req = inference_pb2.GenerateRequest(request_id=f"{prefix}-{uuid.uuid4().hex}")
+    for key in ("model", "adapter"):
+        if body.get(key) is not None:
+            setattr(req, key, text(body[key], key, limits.max_string_bytes))
+    _sampling(req.sampling, body, limits)
+    return req
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise WrongType(f"'stream_options' must be an object, got {type(opts).__name__}")
+    return flag(body, "stream"), flag(opts, "include_usage", "stream_options.")
 
 
 def completion_request(
     body: Any, limits: InferenceLimitsConfig
 ) -> tuple[inference_pb2.GenerateRequest, bool, bool]:
-    """OpenAI completion JSON -> (GenerateRequest, stream?, include usage in stream?)."""
-    if not isinstance(body, dict):
-        raise WrongType(f"the body must be a JSON object, got {type(body).__name__}")
-    _unsupported(body)
-    req = inference_pb2.GenerateRequest(request_id=f"cmpl-{uuid.uuid4().hex}")
-    for key in ("model", "adapter"):
-        if body.get(key) is not None:
-            setattr(req, key, text(body[key], key, limits.max_string_bytes))
+    """OpenAI completion JSON -> (GenerateRequest, stream?, include usage in stream?).
+
+    `logprobs` is the legacy integer (alternatives per token; true counts as 0); `echo` returns the
+    prompt too, and with `max_tokens: 0` only scores it (lm-evaluation-harness's loglikelihood)."""
+    req = _common(body, "cmpl", limits)
+    _unsupported(body, ("suffix",))
     _prompt(req, body.get("prompt"), limits)
-    _sampling(req.sampling, body, limits)
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise WrongType(f"'stream_options' must be an object, got {type(opts).__name__}")
-    return req, flag(body, "stream"), flag(opts, "include_usage", "stream_options.")
+    sp = req.sampling
+    sp.echo = flag(body, "echo")
+    _max_tokens(sp, body.get("max_tokens", 16), "max_tokens", 0 if sp.echo else 1)
+    sp.prompt_only = sp.echo and body.get("max_tokens") == 0
+    logprobs = body.get("logprobs")
+    if isinstance(logprobs, bool) or logprobs is None:
+        sp.logprobs = bool(logprobs)
+    else:
+        sp.top_logprobs = integer(logprobs, "logprobs", 0, MAX_LOGPROBS)
+        sp.logprobs = True
+    return req, *_stream_flags(body)
+
+
+def chat_request(
+    body: Any, limits: InferenceLimitsConfig
+) -> tuple[inference_pb2.GenerateRequest, bool, bool]:
+    """OpenAI chat completion JSON -> (GenerateRequest with `messages`, stream?, include usage?)."""
+    req = _common(body, "chatcmpl", limits)
+    _unsupported(body, ("tools", "functions", "audio", "prediction"))
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise InvalidArgument('\'response_format\' other than {"type": "text"} is not supported')
+    req.messages.extend(chat_messages(body.get("messages"), limits))
+    sp = req.sampling
+    limit = body.get("max_completion_tokens")
+    _max_tokens(sp, body.get("max_tokens") if limit is None else limit, "max_completion_tokens", 1)
+    sp.logprobs = flag(body, "logprobs")
+    if body.get("top_logprobs") is not None:
+        sp.top_logprobs = integer(body["top_logprobs"], "top_logprobs", 0, MAX_LOGPROBS)
+        if not sp.logprobs:
+            raise InvalidArgument("'top_logprobs' needs 'logprobs': true")
+    return req, *_stream_flags(body)
+
+
+def chat_messages(value: Any, limits: InferenceLimitsConfig) -> list[inference_pb2.ChatMessage]:
+    """`messages`: a non-empty list of {role: system|user|assistant, content: text or text parts},
+    its text bounded like a prompt's."""
+    if not isinstance(value, list):
+        raise WrongType(f"'messages' must be a list of messages, got {type(value).__name__}")
+    if not value:
+        raise InvalidArgument("'messages' is empty: send at least one message")
+    budget = limits.max_prompt_bytes or limits.max_http_body_bytes
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise WrongType(f"'messages[{i}]' must be an object, got {type(m).__name__}")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise InvalidArgument(
+                f"'messages[{i}].role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}"
+            )
+        content = text(_content(m.get("content"), i), f"messages[{i}].content", budget)
+        budget -= len(content.encode("utf-8"))
+        if budget < 0:
+            raise InvalidArgument("the messages are longer than a prompt may be; shorten them")
+        out.append(inference_pb2.ChatMessage(role=role, content=content))
+    return out
+
+
+def _content(content: Any, i: int) -> Any:
+    """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if content is None:
+        return ""
+    if not isinstance(content, list):
+        return content
+    parts: list[str] = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            raise InvalidArgument(
+                f"'messages[{i}].content[{j}]' must be a text part; images and audio are not supported"
+            )
+        value = part.get("text")
+        if not isinstance(value, str):
+            raise WrongType(f"'messages[{i}].content[{j}].text' must be a string")
+        parts.append(value)
+    return "".join(parts)

@@ -22,7 +22,7 @@ from tokenmill.services.inference.convert import (
     chunk_from_output,
     submit_kwargs,
 )
-from tokenmill.services.inference.dispatch.selector import check_served
+from tokenmill.services.inference.dispatch.selector import Selector, Served, check_served
 from tokenmill.services.inference.loader import LoadedModel, load_adapter
 from tokenmill.services.inference.metrics import LatencyObserver
 from tokenmill.v1 import inference_pb2, inference_pb2_grpc
@@ -54,6 +54,7 @@ class Replica:
         self.aengine = AsyncEngine(self.engine, name=f"engine-{replica_id}")
         self.ready = threading.Event()
         self._adapter_lock = threading.Lock()
+        self.adapters: dict[str, Served] = {}  # engine adapter name -> what it serves as a model
         self.labels = labels
 
     # ------------------------------------------------------------------ lifecycle
@@ -82,9 +83,29 @@ class Replica:
 
     # ------------------------------------------------------------------ requests
 
+    def serving(self) -> list[Served]:
+        """The base model, then each loaded LoRA adapter (addressable as a model over the base)."""
+        return [self.loaded.served, *self.adapters.values()]
+
     def check_model(self, model: str) -> None:
-        """NOT_FOUND unless `model` selects exactly what this replica loaded (dispatch.selector)."""
-        check_served(model, [self.loaded.served], where="this replica serves")
+        """NOT_FOUND unless `model` selects exactly what this replica serves (dispatch.selector)."""
+        check_served(model, self.serving(), where="this replica serves")
+
+    def resolve_model(self, request: inference_pb2.GenerateRequest) -> None:
+        """A request whose `model` names a loaded adapter runs on the base with that adapter."""
+        selector = Selector.parse(request.model)
+        if selector is None or selector.matches(self.loaded.served):
+            return
+        key = next((k for k, s in self.adapters.items() if selector.matches(s)), None)
+        if key is None:
+            self.check_model(request.model)  # NOT_FOUND, saying what is served
+            return
+        if request.adapter and request.adapter != key:
+            raise InvalidArgument(
+                f"model {request.model!r} is the LoRA adapter {key!r}; do not also name adapter "
+                f"{request.adapter!r}"
+            )
+        request.adapter = key
 
     def ensure_adapter(self, ref: str) -> None:
         if not ref or ref in self.engine.adapters:
@@ -105,15 +126,16 @@ class Replica:
                 "up_proj": (s.intermediate_size, s.hidden_size),
                 "down_proj": (s.hidden_size, s.intermediate_size),
             }
-            adapter = load_adapter(self.store, ref, dtype=m.dtype, device="cpu", base_shapes=shapes)
+            adapter, served = load_adapter(self.store, ref, dtype=m.dtype, device="cpu", base_shapes=shapes)
             self.aengine.call(lambda e: e.add_adapter(adapter))
+            self.adapters[ref] = served
             log.info("loaded LoRA adapter %s", ref)
 
     def prepare(self, request: inference_pb2.GenerateRequest) -> None:
         """Everything before the engine takes `request`: checks, and loading its adapter (slow once)."""
         if not self.ready.is_set():
             raise Unavailable("the replica is still warming up; retry in a moment")
-        self.check_model(request.model)
+        self.resolve_model(request)
         self.ensure_adapter(request.adapter)
 
     def submit(self, request: inference_pb2.GenerateRequest, sink=None) -> RequestStream:
@@ -202,6 +224,7 @@ class ReplicaServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.TokenizeResponse(token_ids=ids, tokens=tok.tokens(ids))
 
     def ModelInfo(self, request, context):
+        self.replica.check_model(request.model)
         return self.replica.model_info()
 
     def GetStats(self, request, context):

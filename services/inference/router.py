@@ -23,7 +23,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._clients: dict[str, InferenceClient] = {}
 
     def _client(self, model: str = "") -> InferenceClient:
-        info = random.choice(self.dispatcher.check_model(model, self.dispatcher.replicas()))
+        info = random.choice(self.dispatcher.live_for(model))
         client = self._clients.get(info.address)
         if client is None:
             client = self._clients[info.address] = InferenceClient(info.address, **self.client_kwargs)
@@ -47,7 +47,7 @@ class RouterServicer(inference_pb2_grpc.InferenceServiceServicer):
         return self._client(request.model).tokenize(request.text, model=request.model, timeout=30)
 
     def ModelInfo(self, request, context):
-        return self._client().model_info(timeout=30)
+        return self._client(request.model).model_info(model=request.model, timeout=30)
 
     def GetStats(self, request, context):
         replicas = self.dispatcher.replicas()

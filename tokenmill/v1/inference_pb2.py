@@ -24,37 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenmill/v1/inference.proto\x12\x0ctokenmill.v1\"\x9b\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x9f\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.tokenmill.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\"\x8c\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x05 \x01(\x01\"\xa2\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.tokenmill.v1.Usage\x12\x0f\n\x07replica\x18\x07 \x01(\t\"\xa5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.tokenmill.v1.Usage\x12\x0f\n\x07replica\x18\x07 \x01(\t\".\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xaf\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x14\n\x0cquantization\x18\x07 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x08 \x03(\t\"\x11\n\x0fGetStatsRequest\"\x9b\x01\n\x08GpuStats\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0butilization\x18\x03 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x15\n\rtemperature_c\x18\x06 \x01(\x01\x12\x0f\n\x07power_w\x18\x07 \x01(\x01\"\x90\x02\n\x0cReplicaStats\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x18\n\x10requests_running\x18\x02 \x01(\r\x12\x18\n\x10requests_waiting\x18\x03 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x01\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x08 \x01(\x04\x12\x13\n\x0bpreemptions\x18\t \x01(\x04\x12$\n\x04gpus\x18\n \x03(\x0b\x32\x16.tokenmill.v1.GpuStats2\x8d\x03\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.tokenmill.v1.GenerateRequest\x1a\x1e.tokenmill.v1.GenerateResponse\x12N\n\x0eGenerateStream\x12\x1d.tokenmill.v1.GenerateRequest\x1a\x1b.tokenmill.v1.GenerateChunk0\x01\x12I\n\x08Tokenize\x12\x1d.tokenmill.v1.TokenizeRequest\x1a\x1e.tokenmill.v1.TokenizeResponse\x12L\n\tModelInfo\x12\x1e.tokenmill.v1.ModelInfoRequest\x1a\x1f.tokenmill.v1.ModelInfoResponse\x12\x45\n\x08GetStats\x12\x1d.tokenmill.v1.GetStatsRequest\x1a\x1a.tokenmill.v1.ReplicaStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenmill/v1/inference.proto\x12\x0ctokenmill.v1\"\xb1\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\r \x01(\x02H\x05\x88\x01\x01\x12?\n\nlogit_bias\x18\x0e \x03(\x0b\x32+.tokenmill.v1.SamplingParams.LogitBiasEntry\x12\x0c\n\x04\x65\x63ho\x18\x0f \x01(\x08\x12\x13\n\x0bprompt_only\x18\x10 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penalty\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.tokenmill.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12+\n\x08messages\x18\x07 \x03(\x0b\x32\x19.tokenmill.v1.ChatMessage\"\x8c\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x05 \x01(\x01\"\x91\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.tokenmill.v1.Usage\x12\x0f\n\x07replica\x18\x07 \x01(\t\x12\x31\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x1b.tokenmill.v1.TokenLogprobs\x12\x0e\n\x06tokens\x18\t \x03(\t\x12*\n\x06prompt\x18\n \x01(\x0b\x32\x1a.tokenmill.v1.PromptScores\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"<\n\rTokenLogprobs\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.tokenmill.v1.TokenLogprob\"\x84\x01\n\x0cPromptScores\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x31\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1b.tokenmill.v1.TokenLogprobs\x12\x0c\n\x04text\x18\x05 \x01(\t\"\x94\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.tokenmill.v1.Usage\x12\x0f\n\x07replica\x18\x07 \x01(\t\x12\x31\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x1b.tokenmill.v1.TokenLogprobs\x12\x0e\n\x06tokens\x18\t \x03(\t\x12*\n\x06prompt\x18\n \x01(\x0b\x32\x1a.tokenmill.v1.PromptScores\".\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xaf\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x14\n\x0cquantization\x18\x07 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x08 \x03(\t\"\x11\n\x0fGetStatsRequest\"\x9b\x01\n\x08GpuStats\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0butilization\x18\x03 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x15\n\rtemperature_c\x18\x06 \x01(\x01\x12\x0f\n\x07power_w\x18\x07 \x01(\x01\"\x90\x02\n\x0cReplicaStats\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x18\n\x10requests_running\x18\x02 \x01(\r\x12\x18\n\x10requests_waiting\x18\x03 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x01\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x08 \x01(\x04\x12\x13\n\x0bpreemptions\x18\t \x01(\x04\x12$\n\x04gpus\x18\n \x03(\x0b\x32\x16.tokenmill.v1.GpuStats2\x8d\x03\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.tokenmill.v1.GenerateRequest\x1a\x1e.tokenmill.v1.GenerateResponse\x12N\n\x0eGenerateStream\x12\x1d.tokenmill.v1.GenerateRequest\x1a\x1b.tokenmill.v1.GenerateChunk0\x01\x12I\n\x08Tokenize\x12\x1d.tokenmill.v1.TokenizeRequest\x1a\x1e.tokenmill.v1.TokenizeResponse\x12L\n\tModelInfo\x12\x1e.tokenmill.v1.ModelInfoRequest\x1a\x1f.tokenmill.v1.ModelInfoResponse\x12\x45\n\x08GetStats\x12\x1d.tokenmill.v1.GetStatsRequest\x1a\x1a.tokenmill.v1.ReplicaStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenmill.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=47
-  _globals['_SAMPLINGPARAMS']._serialized_end=330
-  _globals['_GENERATEREQUEST']._serialized_start=333
-  _globals['_GENERATEREQUEST']._serialized_end=492
-  _globals['_USAGE']._serialized_start=495
-  _globals['_USAGE']._serialized_end=635
-  _globals['_GENERATECHUNK']._serialized_start=638
-  _globals['_GENERATECHUNK']._serialized_end=800
-  _globals['_GENERATERESPONSE']._serialized_start=803
-  _globals['_GENERATERESPONSE']._serialized_end=968
-  _globals['_TOKENIZEREQUEST']._serialized_start=970
-  _globals['_TOKENIZEREQUEST']._serialized_end=1016
-  _globals['_TOKENIZERESPONSE']._serialized_start=1018
-  _globals['_TOKENIZERESPONSE']._serialized_end=1071
-  _globals['_MODELINFOREQUEST']._serialized_start=1073
-  _globals['_MODELINFOREQUEST']._serialized_end=1091
-  _globals['_MODELINFORESPONSE']._serialized_start=1094
-  _globals['_MODELINFORESPONSE']._serialized_end=1269
-  _globals['_GETSTATSREQUEST']._serialized_start=1271
-  _globals['_GETSTATSREQUEST']._serialized_end=1288
-  _globals['_GPUSTATS']._serialized_start=1291
-  _globals['_GPUSTATS']._serialized_end=1446
-  _globals['_REPLICASTATS']._serialized_start=1449
-  _globals['_REPLICASTATS']._serialized_end=1721
-  _globals['_INFERENCESERVICE']._serialized_start=1724
-  _globals['_INFERENCESERVICE']._serialized_end=2121
+  _globals['_SAMPLINGPARAMS']._serialized_end=608
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=459
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=507
+  _globals['_CHATMESSAGE']._serialized_start=610
+  _globals['_CHATMESSAGE']._serialized_end=654
+  _globals['_GENERATEREQUEST']._serialized_start=657
+  _globals['_GENERATEREQUEST']._serialized_end=861
+  _globals['_USAGE']._serialized_start=864
+  _globals['_USAGE']._serialized_end=1004
+  _globals['_GENERATECHUNK']._serialized_start=1007
+  _globals['_GENERATECHUNK']._serialized_end=1280
+  _globals['_TOKENLOGPROB']._serialized_start=1282
+  _globals['_TOKENLOGPROB']._serialized_end=1346
+  _globals['_TOKENLOGPROBS']._serialized_start=1348
+  _globals['_TOKENLOGPROBS']._serialized_end=1408
+  _globals['_PROMPTSCORES']._serialized_start=1411
+  _globals['_PROMPTSCORES']._serialized_end=1543
+  _globals['_GENERATERESPONSE']._serialized_start=1546
+  _globals['_GENERATERESPONSE']._serialized_end=1822
+  _globals['_TOKENIZEREQUEST']._serialized_start=1824
+  _globals['_TOKENIZEREQUEST']._serialized_end=1870
+  _globals['_TOKENIZERESPONSE']._serialized_start=1872
+  _globals['_TOKENIZERESPONSE']._serialized_end=1925
+  _globals['_MODELINFOREQUEST']._serialized_start=1927
+  _globals['_MODELINFOREQUEST']._serialized_end=1960
+  _globals['_MODELINFORESPONSE']._serialized_start=1963
+  _globals['_MODELINFORESPONSE']._serialized_end=2138
+  _globals['_GETSTATSREQUEST']._serialized_start=2140
+  _globals['_GETSTATSREQUEST']._serialized_end=2157
+  _globals['_GPUSTATS']._serialized_start=2160
+  _globals['_GPUSTATS']._serialized_end=2315
+  _globals['_REPLICASTATS']._serialized_start=2318
+  _globals['_REPLICASTATS']._serialized_end=2590
+  _globals['_INFERENCESERVICE']._serialized_start=2593
+  _globals['_INFERENCESERVICE']._serialized_end=2990
 # @@protoc_insertion_point(module_scope)

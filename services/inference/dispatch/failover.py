@@ -5,7 +5,12 @@ silent truncation. A client that goes away cancels the request on the replica (b
 
 Every request has a deadline (the client's, or `default_deadline_s`): past it the request ends
 DEADLINE_EXCEEDED and is cancelled on the replica, whatever state it is in, so nothing waits forever.
-Requests a dead replica had taken but not accepted are reclaimed by the live replicas (puller)."""
+Requests a dead replica had taken but not accepted are reclaimed by the live replicas (puller).
+
+A request for a model with no live replica is queued all the same (scale from zero: the stream's
+length is what KEDA/HPA watch) and answered UNAVAILABLE when none has taken it after
+`no_replica_timeout_s`; a selector nothing serves or ever served is NOT_FOUND, and a model whose
+replicas report a load error is FAILED_PRECONDITION with that error, at once."""
 
 from __future__ import annotations
 
@@ -14,12 +19,14 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 
-from tokenmill.common.errors import DeadlineExceeded, Unavailable, from_code
+from tokenmill.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_code
 from tokenmill.services.inference.dispatch.protocol import (
     CANCEL_CHANNEL,
+    GROUP,
     REPLY_TTL_S,
     REQUESTS,
     Accepted,
@@ -33,8 +40,12 @@ from tokenmill.services.inference.dispatch.protocol import (
     reply_key,
     request_fields,
 )
-from tokenmill.services.inference.dispatch.selector import check_served
+from tokenmill.services.inference.dispatch.registry import known_models, load_errors
+from tokenmill.services.inference.dispatch.selector import Selector, check_served
 from tokenmill.v1 import inference_pb2
+
+if TYPE_CHECKING:
+    from tokenmill.services.inference.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +64,7 @@ class _Routing:
     streamed: list[int] = field(default_factory=list)  # tokens already yielded, across attempts
     prompt_ids: list[int] | None = None
     finished: bool = False
+    entry_id: str = ""  # the current attempt's entry on the request stream
 
     @classmethod
     def start(cls, request: inference_pb2.GenerateRequest, timeout_s: float) -> _Routing:
@@ -80,8 +92,11 @@ class _Routing:
         current.request_id = self.request_id
         if self.prompt_ids is not None:
             current.prompt = ""
+            del current.messages[:]  # a chat: the first replica rendered it into prompt_ids
             del current.prompt_token_ids[:]
             current.prompt_token_ids.extend(self.prompt_ids + self.streamed)
+            if self.streamed:
+                current.sampling.echo = False  # the prompt went out with the first chunk
             if self.max_tokens:
                 current.sampling.max_tokens = max(1, self.max_tokens - len(self.streamed))
         return current
@@ -115,15 +130,18 @@ class RouterDispatcher:
         poll_s: float = 0.25,
         no_replica_timeout_s: float = 10.0,
         default_deadline_s: float = 600.0,
+        metrics: RouterMetrics | None = None,
     ):
         """`default_deadline_s`: the deadline of requests that come without one (config:
-        `inference_limits.deadline_seconds`)."""
+        `inference_limits.deadline_seconds`); `no_replica_timeout_s`: how long a request waits for
+        a replica of its model (`inference_limits.no_replica_wait_seconds`)."""
         self.r = r
         self.dead_after_s = dead_after_s
         self.max_retries = max_retries
         self.poll_s = poll_s
         self.no_replica_timeout_s = no_replica_timeout_s
         self.default_deadline_s = default_deadline_s
+        self.metrics = metrics
         ensure_group(r)
 
     def replicas(self) -> list[ReplicaInfo]:
@@ -133,15 +151,49 @@ class RouterDispatcher:
         """Routed requests no replica has taken yet."""
         return int(self.r.xlen(REQUESTS))
 
-    def check_model(self, model: str, replicas: list[ReplicaInfo]) -> list[ReplicaInfo]:
-        """The live replicas that serve exactly `model` (dispatch.selector); UNAVAILABLE when none
-        runs, NOT_FOUND (saying what is served) when none serves it, INVALID_ARGUMENT for bad syntax."""
-        if not replicas:
-            raise Unavailable(
-                "no inference replica is running; start some with 'tokenmill serve MODEL --replicas N'"
+    def backlog(self) -> tuple[int, int]:
+        """(entries in the request stream, entries taken by a replica but not yet answered)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xlen(REQUESTS)
+        pipe.xpending(REQUESTS, GROUP)
+        length, pending = pipe.execute()
+        return int(length), int(pending.get("pending", 0) if isinstance(pending, dict) else 0)
+
+    def targets(self, model: str) -> list[ReplicaInfo]:
+        """The live replicas that serve exactly `model` (dispatch.selector), or [] when it is served
+        by none live right now but may be (a request for it queues). FAILED_PRECONDITION when its
+        replicas could not load it, NOT_FOUND (saying what is served) when nothing serves or served
+        it, INVALID_ARGUMENT for bad syntax."""
+        selector = Selector.parse(model)
+        replicas = self.replicas()
+        live = [r for r in replicas if selector is None or any(selector.matches(s) for s in r.serving())]
+        if live:
+            return live
+        failed = [e for e in load_errors(self.r) if e.concerns(selector)]
+        if failed:
+            e = failed[0]
+            raise FailedPrecondition(
+                f"model {model or e.model!r} cannot be served: replica {e.replica_id} could not load "
+                f"{e.model}: {e.message}"
             )
-        chosen = set(check_served(model, [r.served for r in replicas]))
-        return [r for r in replicas if r.served in chosen]
+        known = known_models(self.r) + [s for r in replicas for s in r.serving()]
+        if selector is not None and known:
+            check_served(model, known, where="the platform serves")
+        return []
+
+    def check_model(self, model: str, replicas: list[ReplicaInfo] | None = None) -> list[ReplicaInfo]:
+        """`targets(model)`; the HTTP front calls it with the replicas it listed (now re-read here)."""
+        return self.targets(model)
+
+    def live_for(self, model: str) -> list[ReplicaInfo]:
+        """`targets`, but UNAVAILABLE when no replica of `model` is live (calls that cannot queue)."""
+        live = self.targets(model)
+        if not live:
+            raise Unavailable(
+                f"no inference replica of {model or 'any model'!r} is live; start some with "
+                "'tokenmill serve MODEL --replicas N'"
+            )
+        return live
 
     def timeout_for(self, remaining_s: float | None) -> float:
         """The deadline of a request, in seconds: the client's, or the default when it gave none
@@ -165,8 +217,10 @@ class RouterDispatcher:
     ) -> Iterator[inference_pb2.GenerateChunk]:
         """Route one request and yield its chunks; raises the replica's error, UNAVAILABLE, or
         DEADLINE_EXCEEDED once `timeout_s` (default: `default_deadline_s`) has passed."""
-        self.check_model(request.model, self.replicas())
+        self.targets(request.model)
         routing = _Routing.start(request, self.timeout_for(timeout_s))
+        if self.metrics is not None:
+            self.metrics.requests.labels(model=request.model.partition(":")[0]).inc()
         self._enqueue(routing)
         try:
             while True:
@@ -179,6 +233,8 @@ class RouterDispatcher:
                 self.r.delete(reply_key(routing.request_id))
             else:
                 self.cancel(routing.request_id)
+                # Not taken yet (no replica came): drop it, so the backlog autoscalers read is real demand.
+                self.r.xdel(REQUESTS, routing.entry_id)
 
     def _enqueue(self, routing: _Routing) -> None:
         """Route the current attempt; a request id a client reuses starts with a clean fence."""
@@ -186,7 +242,7 @@ class RouterDispatcher:
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(accepted_key(request.request_id), cancelled_key(request.request_id))
         pipe.xadd(REQUESTS, request_fields(request, time.time() + routing.remaining()))
-        pipe.execute()
+        routing.entry_id = pipe.execute()[-1]
 
     def _follow(
         self, routing: _Routing, is_active: Callable[[], bool]
@@ -201,15 +257,10 @@ class RouterDispatcher:
             block_ms = max(1, int(min(self.poll_s, routing.remaining()) * 1000))
             resp = self.r.xread({key: last_id}, count=256, block=block_ms)
             if not resp:
-                live = {i.replica_id for i in self.replicas()}
-                if replica is not None and replica not in live:
+                if replica is None:
+                    self._check_waiting(routing, time.monotonic() - queued_since)
+                elif replica not in {i.replica_id for i in self.replicas()}:
                     return replica
-                if (
-                    replica is None
-                    and not live
-                    and time.monotonic() - queued_since > self.no_replica_timeout_s
-                ):
-                    raise Unavailable("no inference replica picked up the request; are replicas running?")
                 continue
             for _key, messages in resp:
                 for msg_id, fields in messages:
@@ -217,6 +268,10 @@ class RouterDispatcher:
                     reply = decode_reply(fields)
                     if isinstance(reply, Accepted):
                         replica = reply.replica
+                        if self.metrics is not None and not routing.attempt:
+                            wait = time.monotonic() - queued_since
+                            name = routing.original.model.partition(":")[0]
+                            self.metrics.queue_wait.labels(model=name).observe(wait)
                         routing.accept(reply)
                     elif isinstance(reply, ReplyError):
                         raise from_code(reply.code, reply.message)
@@ -226,6 +281,18 @@ class RouterDispatcher:
                             routing.finished = True
                             return None
         return None
+
+    def _check_waiting(self, routing: _Routing, waited_s: float) -> None:
+        """A queued request nobody took yet: fail it once no replica of its model came up within
+        the wait (or at once when they report a load error); otherwise keep waiting."""
+        model = routing.original.model
+        if self.targets(model) or waited_s <= self.no_replica_timeout_s:
+            return
+        raise Unavailable(
+            f"no inference replica of {model or 'any model'!r} became live within "
+            f"{self.no_replica_timeout_s:g} s (the request was queued for the autoscaler); start one "
+            "with 'tokenmill serve MODEL' or check the autoscaler"
+        )
 
     def _continue_elsewhere(self, routing: _Routing, died: str) -> None:
         """The replica serving the request died: enqueue its continuation, or give up."""
@@ -239,5 +306,5 @@ class RouterDispatcher:
         )
         self.r.delete(reply_key(routing.request_id))
         routing.next_attempt()
-        self.check_model(routing.original.model, self.replicas())
+        self.targets(routing.original.model)
         self._enqueue(routing)

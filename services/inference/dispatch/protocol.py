@@ -192,6 +192,7 @@ class ReplicaInfo:
     prefix_hits: int = 0
     preemptions: int = 0
     tags: list[str] = field(default_factory=list)  # the tags `model` was resolved through
+    adapters: dict[str, list[str]] = field(default_factory=dict)  # LoRA adapter ref -> its tags
 
     @property
     def name(self) -> str:
@@ -201,13 +202,22 @@ class ReplicaInfo:
     def served(self) -> Served:
         return Served(self.model, tuple(self.tags))
 
+    def serving(self) -> list[Served]:
+        """The base model and each LoRA adapter loaded over it (each addressable as a model)."""
+        return [self.served, *(Served(ref, tuple(tags)) for ref, tags in self.adapters.items())]
+
     @classmethod
-    def from_stats(cls, replica_id: str, address: str, served: Served, stats: EngineStats) -> ReplicaInfo:
+    def from_stats(
+        cls, replica_id: str, address: str, serving: list[Served], stats: EngineStats
+    ) -> ReplicaInfo:
+        """`serving`: the base model first, then the adapters (Replica.serving)."""
+        served, adapters = serving[0], serving[1:]
         return cls(
             replica_id=replica_id,
             address=address,
             model=served.ref,
             tags=list(served.tags),
+            adapters={a.ref: list(a.tags) for a in adapters},
             time=time.time(),
             free_blocks=stats.kv_blocks_free,
             total_blocks=stats.kv_blocks_total,

@@ -45,6 +45,7 @@ from tokenmill.services.inference.dispatch.protocol import (
     post_acceptance,
     publish_heartbeat,
 )
+from tokenmill.services.inference.dispatch.registry import register_model
 from tokenmill.services.inference.dispatch.selector import Selector
 
 if TYPE_CHECKING:
@@ -112,6 +113,8 @@ class ReplicaPuller:
 
     def start(self) -> None:
         ensure_group(self.r)
+        for served in self.replica.serving():  # known from now on, even scaled to zero
+            register_model(self.r, served)
         self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)
         self._pubsub.subscribe(CANCEL_CHANNEL)
         if self.replica.ready.is_set():
@@ -251,13 +254,12 @@ class ReplicaPuller:
             self._post(entry.reply, error_fields("INTERNAL", f"replica failed to start it: {exc}"))
 
     def _route_elsewhere(self, request: Any, fields: Fields) -> bool:
-        """Hand back a request for a model another live replica serves and this one does not."""
+        """Hand back a request for a model this replica does not serve: the router checked that it
+        is served, or known and scaling from zero, so a replica of it takes it (or the router gives
+        up after its wait and cancels it)."""
         selector = Selector.parse(request.model)
-        if selector is None or selector.matches(self.replica.loaded.served):
+        if selector is None or any(selector.matches(s) for s in self.replica.serving()):
             return False
-        others = live_replicas(self.r, self.dead_after_s)
-        if not any(selector.matches(info.served) for info in others if info.replica_id != self.consumer):
-            return False  # nobody serves it: prepare() answers NOT_FOUND
         self.r.xadd(REQUESTS, fields)
         self._stop.wait(0.05)  # let a replica that serves it take it
         return True
@@ -350,7 +352,7 @@ class ReplicaPuller:
     def heartbeat(self) -> None:
         stats = self.replica.aengine.stats()
         publish_heartbeat(
-            self.r, ReplicaInfo.from_stats(self.consumer, self.address, self.replica.loaded.served, stats)
+            self.r, ReplicaInfo.from_stats(self.consumer, self.address, self.replica.serving(), stats)
         )
 
     def cancel_expired(self) -> None:
