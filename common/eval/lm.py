@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from tokenmill.common.inference.config import EngineConfig
 from tokenmill.common.inference.llm_engine import LLMEngine, build_engine
@@ -133,14 +132,23 @@ class LocalLM:
         hidden = self.model.hidden_states(
             tokens.to(device), positions.to(device), _tree_mask(positions, segments).to(device)
         )
-        out = []
+        # One vocabulary projection for every scored row of the batch, then split per pair.
+        rows, targets, owners = [], [], []
         for b, pack in enumerate(packs):
             self.tokens_scored += len(pack.tokens)
-            for index, rows, target in pack.scored:
-                logits = self.model.lm_head(hidden[b, rows]).float()
-                want = torch.tensor(target, device=device)
-                logp = F.log_softmax(logits, dim=-1).gather(1, want[:, None]).squeeze(1)
-                out.append((index, (float(logp.sum()), bool(torch.equal(logits.argmax(-1), want)))))
+            for index, pack_rows, target in pack.scored:
+                rows += [b * width + r for r in pack_rows]
+                targets += target
+                owners.append((index, len(target)))
+        flat = hidden.reshape(-1, hidden.size(-1))[torch.tensor(rows, device=device)]
+        logits = self.model.lm_head(flat).float()
+        want = torch.tensor(targets, device=device)
+        logp = (logits.gather(1, want[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)).tolist()
+        hits = (logits.argmax(-1) == want).tolist()
+        out, at = [], 0
+        for index, n in owners:
+            out.append((index, (float(sum(logp[at : at + n])), all(hits[at : at + n]))))
+            at += n
         return out
 
     def generate(self, contexts: Sequence[list[int]], options: GenerationOptions) -> list[list[str]]:
