@@ -1,5 +1,8 @@
 """`tokenmill train NAME ...`: submit a training job, show a live progress bar, write a loss-curve PNG.
 
+`tokenmill train --resume JOB|CHECKPOINT --workers N` continues a run on any worker count; options
+left out keep the resumed run's values (so option defaults are applied by the service, not here).
+
 The PNG goes next to the job's outputs, ``<data_dir>/trainer/<job_id>/loss_curve.png`` (or ``--plot``).
 """
 
@@ -63,7 +66,7 @@ def _terminal(event) -> bool:
     )
 
 
-def _follow(client, job_id: str, steps: int) -> common_pb2.Job:
+def _follow(client, job_id: str, steps: int | None) -> common_pb2.Job:
     """Follow WatchJob until the job is terminal: a live progress bar on a terminal, one line per
     progress event otherwise (logs, CI, `make demo` piped through tee)."""
     live = sys.stdout.isatty()
@@ -75,10 +78,13 @@ def _follow(client, job_id: str, steps: int) -> common_pb2.Job:
                 break
         return client.get_job(job_id)
     last_step = 0
-    with click.progressbar(length=steps, label="training", show_pos=True, item_show_func=lambda s: s) as bar:
+    with click.progressbar(
+        length=steps or 1, label="training", show_pos=True, item_show_func=lambda s: s
+    ) as bar:
         for event in client.watch_job(job_id, follow=True):
             if event.kind == "progress":
                 step = int(event.data["step"])
+                bar.length = int(event.data.get("steps") or bar.length or step)
                 bar.current_item = event.message
                 bar.update(step - last_step)
                 last_step = step
@@ -90,29 +96,35 @@ def _follow(client, job_id: str, steps: int) -> common_pb2.Job:
 
 
 @click.command("train")
-@click.option("--output", "output_name", required=True, help="Checkpoint name the model is saved under.")
+@click.option("--output", "output_name", default="", help="Checkpoint name the model is saved under.")
+@click.option(
+    "--resume",
+    default="",
+    metavar="JOB|CHECKPOINT",
+    help="Continue a train job (its last checkpoint) or a checkpoint, on --workers workers.",
+)
 @click.option("--dataset", default="", help="Ingested dataset name (pretraining; also SFT tokenizer).")
-@click.option("--preset", "model_preset", default="test-1m", show_default=True, help="Model preset.")
+@click.option("--preset", "model_preset", default="", help="Model preset [default: test-1m].")
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Model config override (repeatable)."
 )
-@click.option("--mode", type=click.Choice(["pretrain", "sft", "lora"]), default="pretrain", show_default=True)
+@click.option("--mode", type=click.Choice(["pretrain", "sft", "lora"]), help="[default: pretrain]")
 @click.option("--sft-data", default="", help="prompt/response JSONL (sft, lora).")
 @click.option("--init", "init_checkpoint", default="", help="Checkpoint to start from, name[:version|tag].")
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--steps", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--batch", "micro_batch_size", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(2))
-@click.option("--accum", "grad_accum_steps", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=3e-4, show_default=True, type=float)
-@click.option("--warmup", "warmup_steps", default=10, show_default=True, type=click.IntRange(0))
-@click.option("--eval-every", default=0, type=click.IntRange(0), help="Validate every N steps (0: off).")
-@click.option("--checkpoint-every", default=0, type=click.IntRange(0), help="Checkpoint every N steps.")
-@click.option("--seed", default=0, type=click.IntRange(0))
-@click.option("--activation-checkpointing/--no-activation-checkpointing", default=False)
-@click.option("--compile/--no-compile", default=False, help="torch.compile the blocks (GPU).")
+@click.option("--backend", type=click.Choice(["local", "ray"]), help="[default: local]")
+@click.option("--workers", type=click.IntRange(1), help="[default: 1; resume: the run's]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
+@click.option("--steps", type=click.IntRange(1), help="Total optimizer steps [default: 100].")
+@click.option("--batch", "micro_batch_size", type=click.IntRange(1), help="[default: 8]")
+@click.option("--seq-len", type=click.IntRange(2), help="[default: 128]")
+@click.option("--accum", "grad_accum_steps", type=click.IntRange(1), help="[default: 1]")
+@click.option("--lr", type=float, help="[default: 3e-4]")
+@click.option("--warmup", "warmup_steps", type=click.IntRange(0), help="[default: 10]")
+@click.option("--eval-every", type=click.IntRange(0), help="Validate every N steps (0: off).")
+@click.option("--checkpoint-every", type=click.IntRange(0), help="Checkpoint every N steps.")
+@click.option("--seed", type=click.IntRange(0))
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=None)
+@click.option("--compile/--no-compile", default=None, help="torch.compile the blocks (GPU).")
 @click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--lora-alpha", default=16.0, show_default=True, type=float)
 @click.option("--lora-targets", default="q_proj,v_proj", show_default=True)
@@ -123,9 +135,12 @@ def _follow(client, job_id: str, steps: int) -> common_pb2.Job:
 @click.pass_obj
 def train(obj, output_name: str, overrides: tuple[str, ...], lora_rank: int, lora_alpha: float, lora_targets: str,
           detach: bool, plot_path: str | None, **fields: Any) -> None:  # fmt: skip
-    """Train a model from a dataset, or fine-tune a checkpoint, saving it as --output."""
+    """Train a model from a dataset, or fine-tune a checkpoint, saving it as --output; or continue a
+    run with --resume (any --workers)."""
     from tokenmill.common.clients.trainer import TrainerClient
 
+    if not output_name and not fields["resume"]:
+        raise click.UsageError("--output is required (unless --resume continues a run)")
     config = obj.config
     request: dict[str, Any] = {k: v for k, v in fields.items() if v not in ("", None)}
     request["model_overrides"] = _parse_overrides(overrides)
@@ -148,7 +163,7 @@ def train(obj, output_name: str, overrides: tuple[str, ...], lora_rank: int, lor
     history = MessageToDict(job.result).get("history", [])
     if history:
         path = Path(plot_path) if plot_path else Path(config.data_dir) / "trainer" / job.id / "loss_curve.png"
-        plot_loss_curve(history, path, title=f"{output_name} ({job.id})")
+        plot_loss_curve(history, path, title=f"{output_name or fields['resume']} ({job.id})")
         click.echo(f"loss curve: {path}")
     if job.state != common_pb2.JOB_STATE_SUCCEEDED:
         refs = ", ".join(f"{a.name}:{a.version}" for a in job.artifacts) or "none"

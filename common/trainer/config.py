@@ -15,7 +15,7 @@ from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.model.transformer import ModelConfig, preset
 
 MODES = ("pretrain", "sft", "lora")
-BACKENDS = ("local", "ray")
+BACKENDS = ("local", "ray", "kubernetes")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -39,6 +39,9 @@ class TrainConfig:
     sft_path: str = ""  # prompt/response JSONL (sft, lora)
     tokenizer_path: str = ""  # tokenizer.json for sft (defaults to the dataset's)
     init_checkpoint: str = ""  # checkpoint ref to start from (weights only)
+    # checkpoint ref of another run to continue (full training state, any world size), used until
+    # this run has a checkpoint of its own; set by the service's elastic resume
+    resume_from: str = ""
     output_name: str = "model"
     # how to run
     backend: str = "local"

@@ -143,6 +143,7 @@ class _Run:
         self.step = 0
         self.finished = ""  # the run's committed final checkpoint, when an earlier attempt got that far
         resume = self.io.resolve(f"{cfg.output_name}:{self.run_tag}") if self.run_tag else None
+        resume = resume or cfg.resume_from  # a retried attempt prefers its own, later checkpoint
         if resume:
             self._resume(resume)
         elif cfg.init_checkpoint:
@@ -322,7 +323,9 @@ class _Run:
             x, y = self.train_src.next_batch()
             set_grad_sync(self.model, micro == cfg.grad_accum_steps - 1)
             _, loss = self.model(x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True))
-            if failpoints.hit("trainer.loss", step=self.step + 1, rank=d.rank, attempt=cfg.attempt):
+            if failpoints.hit(
+                "trainer.loss", step=self.step + 1, rank=d.rank, attempt=cfg.attempt, workers=d.world
+            ):
                 loss = loss * float("nan")
             (loss / cfg.grad_accum_steps).backward()
             loss_sum += loss.detach()
@@ -432,7 +435,9 @@ class _Run:
                     break
             else:
                 self._apply()
-            failpoints.hit("trainer.after_step", step=self.step, rank=d.rank, attempt=cfg.attempt)
+            failpoints.hit(
+                "trainer.after_step", step=self.step, rank=d.rank, attempt=cfg.attempt, workers=d.world
+            )
         final_ref = ""
         if status == "completed" and cfg.save_final:
             final_ref = self.save(final=True, reason="final")

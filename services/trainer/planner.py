@@ -75,11 +75,16 @@ class Planner:
     """`input_roots` (config.input_roots) limits where client-named files (sft_data) may be read."""
 
     def __init__(
-        self, data_dir: str | os.PathLike[str], io: CheckpointIO | None, input_roots: Sequence[str] = ()
+        self,
+        data_dir: str | os.PathLike[str],
+        io: CheckpointIO | None,
+        input_roots: Sequence[str] = (),
+        max_workers: int = 64,
     ):
         self.data_dir = Path(data_dir)
         self.io = io
         self.input_roots = list(input_roots)
+        self.max_workers = max_workers
 
     def dataset_path(self, name: str) -> Path:
         validate_name(name, what="dataset", field="dataset")
@@ -110,7 +115,7 @@ class Planner:
             hf = json.loads(self.io.read_files(cfg.init_checkpoint, ["config.json"])["config.json"])
             model = ModelConfig.from_hf_config(hf)
         vocab = self._data_vocab(cfg)
-        warnings = []
+        warnings: list[str] = []
         if vocab and not cfg.init_checkpoint and "vocab_size" not in cfg.model_overrides:
             # From scratch, the tokenizer defines the vocabulary: size the embedding to it (padded to a
             # multiple of 64 for matmul efficiency) unless the request pinned vocab_size explicitly.
@@ -124,6 +129,8 @@ class Planner:
                 f"vocab mismatch: the tokenizer has {vocab} tokens but the model's vocab_size is "
                 f'{model.vocab_size}; set model_overrides {{"vocab_size": {vocab}}} or more'
             )
+        if cfg.resume_from:
+            self._check_resume_shape(cfg.resume_from, model)
         total = model.num_params()
         trainable = total
         if cfg.mode == "lora":
@@ -163,6 +170,36 @@ class Planner:
             cfg, model, total, trainable, estimate, budget, model.flops_per_token(cfg.seq_len), warnings
         )
 
+    def _check_resume_shape(self, ref: str, model: ModelConfig) -> None:
+        """The checkpoint a run continues must hold the model the spec describes, field for field."""
+        if self.io is None or self.io.resolve(ref) is None:
+            raise NotFound(
+                f"checkpoint {ref!r} to resume from not found; list them with 'tokenmill ckpt list'"
+            )
+        saved = ModelConfig.from_hf_config(
+            json.loads(self.io.read_files(ref, ["config.json"])["config.json"])
+        )
+        differ = {k: (v, getattr(model, k)) for k, v in vars(saved).items() if getattr(model, k) != v}
+        if differ:
+            what = ", ".join(f"{k}={a} (requested {b})" for k, (a, b) in sorted(differ.items()))
+            raise InvalidArgument(
+                f"checkpoint {ref} holds a model of another shape: {what}; resume it without "
+                "model_preset/model_overrides, or start a new run"
+            )
+
+    def _check_workers(self, spec: dict[str, Any]) -> None:
+        """An explicitly given worker count lies in [1, trainer.max_workers]."""
+        if "workers" not in spec:
+            return
+        workers = spec["workers"]
+        if isinstance(workers, bool) or not isinstance(workers, (int, str)) or not str(workers).isdigit():
+            raise InvalidArgument(f"workers must be a whole number, got {workers!r}")
+        if not 1 <= int(workers) <= self.max_workers:
+            raise InvalidArgument(
+                f"workers={workers} is outside [1, {self.max_workers}] (this trainer's limit, "
+                "trainer.max_workers)"
+            )
+
     def _data_vocab(self, cfg: TrainConfig) -> int:
         if cfg.dataset_path:
             return int(read_manifest(cfg.dataset_path).get("vocab_size", 0))
@@ -181,6 +218,7 @@ class Planner:
 
     def to_config(self, spec: dict[str, Any]) -> TrainConfig:
         """Spec (SubmitTrainRequest as JSON, proto field names) -> TrainConfig with resolved paths."""
+        self._check_workers(spec)
         values: dict[str, Any] = {}
         for name in DIRECT_FIELDS:
             v = spec.get(name)
@@ -209,8 +247,9 @@ class Planner:
             values["dataset_path"] = str(self.dataset_path(spec["dataset"]))
         if spec.get("sft_data"):
             values["sft_path"] = str(self.sft_path(spec["sft_data"]))
-        if spec.get("init_checkpoint"):
-            values["init_checkpoint"] = spec["init_checkpoint"]
+        for name in ("init_checkpoint", "resume_from"):
+            if spec.get(name):
+                values[name] = spec[name]
         lora = spec.get("lora") or {}
         if lora:
             values["lora"] = LoraSettings(

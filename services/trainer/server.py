@@ -15,12 +15,15 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from tokenmill.common import errors
-from tokenmill.common.config import Config
+from tokenmill.common.config import Config, TrainerConfig, TrainerKubernetesConfig
 from tokenmill.common.jobs import JobCancelled, JobContext, JobQueue, JobWorker
 from tokenmill.common.runtime import ServiceApp, run_service
 from tokenmill.common.runtime.job_rpc import JobRpcMixin, job_to_proto
+from tokenmill.services.trainer.io_factory import DOTTED as IO_FACTORY_PATH
 from tokenmill.services.trainer.io_factory import make_checkpoint_io
+from tokenmill.services.trainer.metrics import TrainerMetrics, register_gpu_metrics
 from tokenmill.services.trainer.planner import Plan, Planner
+from tokenmill.services.trainer.resume import ResumeResolver
 from tokenmill.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 JOB_TYPE = "train"
@@ -41,10 +44,17 @@ class TrainerServicer(JobRpcMixin, trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(self, queue: JobQueue, planner: Planner, *, stopping=None):
         JobRpcMixin.__init__(self, queue, JOB_TYPE, stopping=stopping)
         self.planner = planner
+        self.resumer = ResumeResolver(queue, planner.io, JOB_TYPE)
 
-    def SubmitTrain(self, request: trainer_pb2.SubmitTrainRequest, context) -> common_pb2.Job:
+    def _spec(self, request: trainer_pb2.SubmitTrainRequest) -> tuple[dict[str, Any], list[str]]:
+        """The job spec (a resume expanded into the continued run's spec) and its resume warnings."""
         spec = request_to_spec(request)
         spec.pop("idempotency_key", None)
+        spec.pop("resume_from", None)  # set only by the resolver, never by a client
+        return self.resumer.expand(spec)
+
+    def SubmitTrain(self, request: trainer_pb2.SubmitTrainRequest, context) -> common_pb2.Job:
+        spec, _ = self._spec(request)
         self.planner.plan(spec)  # every INVALID_ARGUMENT / NOT_FOUND before anything is queued
         job = self.job_queue.submit(JOB_TYPE, spec, idempotency_key=request.idempotency_key)
         return job_to_proto(job)
@@ -52,13 +62,14 @@ class TrainerServicer(JobRpcMixin, trainer_pb2_grpc.TrainerServiceServicer):
     def ValidateTrain(
         self, request: trainer_pb2.SubmitTrainRequest, context
     ) -> trainer_pb2.ValidateTrainResponse:
-        plan = self.planner.plan(request_to_spec(request))
+        spec, warnings = self._spec(request)
+        plan = self.planner.plan(spec)
         return trainer_pb2.ValidateTrainResponse(
             ok=True,
             parameters=plan.parameters,
             estimated_bytes_per_worker=plan.estimated_bytes_per_worker,
             flops_per_token=plan.flops_per_token,
-            warnings=plan.warnings,
+            warnings=warnings + plan.warnings,
         )
 
 
@@ -83,12 +94,25 @@ class TrainJobHandler:
     """Runs one attempt of a train job: plan, launch the backend, relay progress, record outputs."""
 
     def __init__(
-        self, planner: Planner, io_spec: dict[str, Any], *, work_dir: str = "", ray_address: str = ""
+        self,
+        planner: Planner,
+        io_spec: dict[str, Any],
+        *,
+        work_dir: str = "",
+        ray_address: str = "",
+        kubernetes: TrainerKubernetesConfig | None = None,
+        data_dir: str = "",
+        ray_start: TrainerConfig | None = None,
+        metrics: TrainerMetrics | None = None,
     ):
         self.planner = planner
         self.io_spec = io_spec
         self.work_dir = work_dir
         self.ray_address = ray_address
+        self.kubernetes = kubernetes or TrainerKubernetesConfig()
+        self.data_dir = data_dir
+        self.ray_start = ray_start or TrainerConfig()  # its ray_start_* bound the service's Ray start
+        self.metrics = metrics
 
     def __call__(self, ctx: JobContext) -> dict[str, Any]:
         plan: Plan = self.planner.plan(dict(ctx.job.spec))
@@ -97,9 +121,14 @@ class TrainJobHandler:
         if ctx.attempt > 1:
             ctx.log(f"attempt {ctx.attempt}: resuming from the last checkpoint of this job, if any")
 
+        if self.metrics is not None:
+            self.metrics.start_job(ctx.job.id)
+
         def on_event(kind: str, data: dict[str, Any]) -> None:
             if kind == "progress":
                 ctx.progress(_progress_message(data), **data)
+                if self.metrics is not None:
+                    self.metrics.observe(ctx.job.id, data)
             elif kind == "checkpoint":
                 ctx.log(f"checkpoint {data['ref']} at step {data['step']} ({data['reason']})")
             elif kind == "start":
@@ -133,11 +162,22 @@ class TrainJobHandler:
         }
 
     def _backend(self, name: str) -> Callable[..., dict[str, Any]]:
+        if name == "kubernetes":
+            from tokenmill.common.trainer.backends.kubernetes import run_kubernetes
+
+            return lambda *a, **kw: run_kubernetes(
+                *a, settings=self.kubernetes, io_factory=IO_FACTORY_PATH, data_dir=self.data_dir, **kw
+            )
         if name == "ray":
             from tokenmill.common.trainer.backends.ray_backend import run_ray
 
             return lambda *a, **kw: run_ray(
-                *a, ray_address=self.ray_address, io_factory=make_checkpoint_io, **kw
+                *a,
+                ray_address=self.ray_address,
+                ray_start_timeout_s=self.ray_start.ray_start_timeout_seconds,
+                ray_start_attempts=self.ray_start.ray_start_attempts,
+                io_factory=make_checkpoint_io,
+                **kw,
             )
         from tokenmill.common.trainer.backends.local import run_local
 
@@ -172,13 +212,24 @@ def build(config: Config, app: ServiceApp, *, redis_client=None, io_spec: dict[s
     redis_client = redis_client or connect(config, client_name="tokenmill-trainer")
     queue = JobQueue.from_config(config, redis_client)
     io_spec = io_spec or store_io_spec(config)
-    planner = Planner(config.data_dir, make_checkpoint_io(io_spec), config.input_roots)
+    planner = Planner(
+        config.data_dir, make_checkpoint_io(io_spec), config.input_roots, config.trainer.max_workers
+    )
     app.add(
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
         TrainerServicer(queue, planner, stopping=app.stopping),
         SERVICE_NAME,
     )
-    handler = TrainJobHandler(planner, io_spec, ray_address=os.environ.get("RAY_ADDRESS", ""))
+    handler = TrainJobHandler(
+        planner,
+        io_spec,
+        ray_address=os.environ.get("RAY_ADDRESS", ""),
+        kubernetes=config.trainer.kubernetes,
+        data_dir=str(config.data_dir),
+        ray_start=config.trainer,
+        metrics=TrainerMetrics(app.registry),
+    )
+    register_gpu_metrics(app.registry)
     worker = JobWorker(queue, JOB_TYPE, handler, heartbeat_seconds=config.jobs.heartbeat_seconds)
     worker.start_in_thread()
     app.on_shutdown(worker.stop)

@@ -20,15 +20,13 @@ import queue
 import tempfile
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from tokenmill.common.trainer.backends.local import WorkerFailed
+from tokenmill.common.trainer.backends.ray_start import start_ray
 from tokenmill.common.trainer.checkpoint_io import IoFactory
 from tokenmill.common.trainer.config import TrainConfig
 from tokenmill.common.trainer.local_io import local_checkpoint_io
-
-REPO_ROOT = str(Path(__file__).resolve().parents[3])
 
 
 class _RayChannel:
@@ -69,17 +67,6 @@ def _train_loop(config: dict[str, Any]) -> None:
         raise
 
 
-def ensure_ray(address: str = "") -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=address or os.environ.get("RAY_ADDRESS") or None,
-            runtime_env={"env_vars": {"PYTHONPATH": REPO_ROOT}},
-            log_to_driver=False,
-        )
-
-
 def run_ray(
     cfg: TrainConfig,
     io_spec: dict[str, Any],
@@ -87,6 +74,8 @@ def run_ray(
     on_event: Callable[[str, dict[str, Any]], None] = lambda kind, data: None,
     should_stop: Callable[[], bool] = lambda: False,
     ray_address: str = "",
+    ray_start_timeout_s: float = 120.0,
+    ray_start_attempts: int = 3,
     storage_path: str = "",
     poll_s: float = 0.2,
     io_factory: IoFactory | str = local_checkpoint_io,
@@ -94,8 +83,9 @@ def run_ray(
     """Run one attempt with ``cfg.workers`` Ray Train workers; returns rank 0's result dict.
 
     ``io_factory`` builds each worker's CheckpointIO (see `run_local`); a callable must be importable
-    by reference on the Ray workers (module-level), which a ``"module:function"`` path always is."""
-    ensure_ray(ray_address)
+    by reference on the Ray workers (module-level), which a ``"module:function"`` path always is.
+    Ray itself is reached or started by `start_ray` (bounded by ``ray_start_timeout_s``)."""
+    start_ray(ray_address, timeout_s=ray_start_timeout_s, attempts=ray_start_attempts)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
