@@ -104,6 +104,7 @@ def test_router_metrics_backlog_rate_live_replicas_and_queue_wait(
     wait_for(lambda: redis_client.xlen(REQUESTS) >= 1, 30, "the request to be queued")
     text = generate_latest(registry).decode()
     assert "tokenmill:router_queue_length 1.0" in text
+    assert "tokenmill:router_backlog 1.0" in text  # the series the chart's HPA scales on
     assert "tokenmill:router_live_replicas{" not in text
     start_replica(redis_url, replica_id="m")
     t.join(120)
@@ -114,6 +115,7 @@ def test_router_metrics_backlog_rate_live_replicas_and_queue_wait(
     assert 'tokenmill:router_live_replicas{model_name="tiny:1"} 1.0' in text
     assert 'tokenmill:num_requests_running{model_name="tiny:1"}' in text
     assert "tokenmill:router_queue_length 0.0" in text and "tokenmill:router_queue_pending 0.0" in text
+    assert "tokenmill:router_backlog 0.0" in text
 
 
 def _save_lora(store, tiny_ckpt, name: str) -> None:

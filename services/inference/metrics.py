@@ -140,6 +140,12 @@ class RouterCollector(Collector):
         yield GaugeMetricFamily(
             "tokenmill:router_queue_pending", "Requests taken by a replica, not yet answered.", value=pending
         )
+        # The one number autoscalers divide by replicas (the chart's HPA external metric, docs/deploy.md).
+        yield GaugeMetricFamily(
+            "tokenmill:router_backlog",
+            "Requests queued or in flight: queue length plus pending.",
+            value=queued + pending,
+        )
         live = GaugeMetricFamily("tokenmill:router_live_replicas", "Live replicas.", labels=["model_name"])
         running = GaugeMetricFamily(
             "tokenmill:num_requests_running",
