@@ -37,6 +37,7 @@ FAILPOINTS: dict[str, str] = {
     "trainer.after_step": "trainer worker: an optimizer step finished (context: step, rank, attempt)",
     "trainer.loss": "trainer worker: a step's loss is computed (trigger = make it NaN; context as above)",
     "ingest.phase_done": "ingest run: a phase finished (context: phase = filter|dedup|pack|publish)",
+    "compress.after_layer": "compress worker: a linear layer is compressed (context: layer, attempt)",
     "inference.routed_taken": "replica: routed requests taken from the stream, not yet accepted (context: replica)",
 }
 

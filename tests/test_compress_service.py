@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 def compress_app(tmp_path, redis_url, redis_client):  # redis_client: a flushed database
     config = make_test_config(tmp_path, redis_url=redis_url)
     app = ServiceApp("compress", config, port=0, metrics=False)
-    ready = build(config, app)
+    ready = build(config, app, run_worker=False)  # the tests drive the queue themselves
     app.start()
     assert ready()
     app.set_serving()
@@ -99,23 +99,25 @@ def test_submit_rejects_bad_fields_with_invalid_argument(client, changes, messag
         client.submit(fields.pop("source"), fields.pop("output_name"), fields.pop("method"), **fields)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"method": "int8", "eval_dataset": "web-val"},
-        {"method": "int4_rtn"},
-        {"method": "int4_gptq", "group_size": 64, "calibration_dataset": "web"},
-        {"method": "prune_2_4"},
-        {"method": "svd", "rank_fraction": 0.25},
-        {"method": "distill", "student_preset": "test-1m", "distill_steps": 100},
-    ],
-)
-def test_valid_submit_is_honestly_unimplemented_and_queues_nothing(client, queue, options):
-    method = options.pop("method")
-    with pytest.raises(errors.TokenmillError, match="compression is not built yet") as info:
-        client.submit("demo-model", "demo-small", method, idempotency_key="k1", **options)
+def test_valid_distill_is_honestly_unimplemented_and_queues_nothing(client, queue):
+    with pytest.raises(errors.TokenmillError, match="distillation is not built yet") as info:
+        client.submit("demo-model", "demo-small", "distill", student_preset="test-1m", distill_steps=100)
     assert info.value.code == "UNIMPLEMENTED"
     assert queue.list(JOB_TYPE)[0] == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"act_order": True}, "act_order does not apply to method 'int8'"),
+        ({"eval_seq_len": 128}, "eval_seq_len is set but eval_dataset is not"),
+        ({"eval_dataset": "v", "eval_seq_len": 10**6}, "eval_seq_len=1000000 is above"),
+        ({"keep_dense": [""]}, "keep_dense patterns must be 1 to 200"),
+    ],
+)
+def test_submit_rejects_new_fields_out_of_range(client, changes, message):
+    with pytest.raises(errors.InvalidArgument, match=message):
+        client.submit("demo", "demo-q", "int8", **changes)
 
 
 def test_client_rejects_unknown_options_locally(client):
@@ -218,7 +220,7 @@ def test_python_m_services_compress_serves_and_stops_on_sigterm(tmp_path, redis_
             with pytest.raises(errors.NotFound):
                 client.get_job("f" * 32)
             with pytest.raises(errors.TokenmillError, match="not built yet"):
-                client.submit("demo", "demo-int8", "int8")
+                client.submit("demo", "demo-tiny", "distill", student_preset="test-1m", distill_steps=1)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -237,7 +239,7 @@ def test_draining_server_ends_follow_streams_and_wait_resumes_on_the_restarted_s
 
     def start_app() -> ServiceApp:
         app = ServiceApp("compress", config, port=port, metrics=False)
-        build(config, app)
+        build(config, app, run_worker=False)
         app.start()
         app.set_serving()
         return app

@@ -131,10 +131,35 @@ def show_cmd(ctx: click.Context, ref: str, tensors: bool) -> None:
     ):
         if value:
             click.echo(f"  {label}: {json.dumps(value, sort_keys=True)}")
+    _show_compression(ctx, v)
     if tensors:
         for t in m.tensors:
             shard = f"  shard of {t.shard.logical_name}" if t.shard.logical_name else ""
             click.echo(f"    {t.name}  {t.dtype}{list(t.shape)}  {human_bytes(t.nbytes)}{shard}")
+
+
+def _show_compression(ctx: click.Context, version) -> None:
+    """Lineage back to the first dense ancestor, and the compression report stored with the version."""
+    from tokenmill.common.cli.compress import report_lines
+
+    if "compression_report.json" not in {f.name for f in version.manifest.files}:
+        return
+    with _client(ctx) as client:
+        chain, parent = [version.ref], version.manifest.lineage.parent
+        while parent and len(chain) < 16:
+            chain.append(parent)
+            try:
+                parent = client.get(parent, include_manifest=True).manifest.lineage.parent
+            except errors.NotFound:
+                chain[-1] += " (deleted)"
+                break
+        report = json.loads(
+            client.load_files(version.ref, ["compression_report.json"])["compression_report.json"]
+        )
+    click.echo(f"  lineage: {' <- '.join(chain)}")
+    click.echo(f"  compression report ({report['method']} of {report['source']}):")
+    for line in report_lines(report):
+        click.echo(f"    {line}")
 
 
 @ckpt.command("tag")

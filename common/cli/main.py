@@ -16,6 +16,7 @@ COMMANDS = {
     "tokenmill.common.cli.data": ["data"],
     "tokenmill.common.cli.train": ["train"],
     "tokenmill.common.cli.ckpt": ["ckpt"],
+    "tokenmill.common.cli.compress": ["compress"],
     "tokenmill.common.cli.serve": ["serve", "generate", "bench"],
     "tokenmill.common.cli.images": ["images"],
     "tokenmill.common.cli.cluster": ["cluster"],

@@ -1,6 +1,7 @@
-"""CompressService: the job RPCs over the "compress" job type, and request validation for
-SubmitCompress. The compression engine does not exist yet, so a valid SubmitCompress answers
-UNIMPLEMENTED and queues nothing (an honest "not yet", never a job that would sit forever).
+"""CompressService: SubmitCompress validates a request, checks it against the store and the
+datasets (plan.preflight), and queues a "compress" job that this service's worker runs (job.py);
+the job RPCs come from the job system. Distillation is a trainer job mode that is not built yet, so
+a valid distill request answers UNIMPLEMENTED and queues nothing.
 
 Run with `python -m tokenmill.services.compress [--config PATH]`.
 """
@@ -9,26 +10,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 
+from tokenmill.common.clients.checkpoint import CheckpointClient
 from tokenmill.common.config import Config
 from tokenmill.common.errors import InvalidArgument
-from tokenmill.common.jobs import JobQueue
+from tokenmill.common.jobs import JobQueue, JobWorker
 from tokenmill.common.names import HINT, validate_name, validate_tag
 from tokenmill.common.redis_conn import connect
 from tokenmill.common.runtime import ServiceApp, run_service
-from tokenmill.common.runtime.job_rpc import JobRpcMixin
-from tokenmill.v1 import compress_pb2, compress_pb2_grpc
+from tokenmill.common.runtime.job_rpc import JobRpcMixin, job_to_proto
+from tokenmill.services.compress.job import CompressJobHandler
+from tokenmill.services.compress.plan import preflight
+from tokenmill.v1 import common_pb2, compress_pb2, compress_pb2_grpc
 
 SERVICE_NAME = compress_pb2.DESCRIPTOR.services_by_name["CompressService"].full_name
 JOB_TYPE = "compress"
 
-METHODS = ("int8", "int4_rtn", "int4_gptq", "prune_magnitude", "prune_wanda", "prune_2_4", "svd", "distill")
-INT4 = {"int4_rtn", "int4_gptq"}
-PRUNE_FRACTION = {"prune_magnitude", "prune_wanda"}
-NEEDS_CALIBRATION = {"int4_gptq", "prune_wanda"}
+METHODS = (
+    "int8", "int4_rtn", "int4_gptq", "int4_awq", "prune_magnitude", "prune_wanda", "prune_sparsegpt",
+    "prune_2_4", "svd", "distill",
+)  # fmt: skip
+INT4 = {"int4_rtn", "int4_gptq", "int4_awq"}
+PRUNE_FRACTION = {"prune_magnitude", "prune_wanda", "prune_sparsegpt"}
+NEEDS_CALIBRATION = {"int4_gptq", "int4_awq", "prune_wanda", "prune_sparsegpt"}
+MAX_EVAL_SEQ_LEN = 4096
 DEFAULT_GROUP_SIZE = 128
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
 DEFAULT_CALIBRATION_SAMPLES = 128
@@ -134,8 +142,25 @@ def validate_submit(request: compress_pb2.SubmitCompressRequest) -> dict[str, An
         if batches > MAX_EVAL_BATCHES:
             raise InvalidArgument(f"eval_batches={batches} is above the limit of {MAX_EVAL_BATCHES}")
         spec.update(eval_dataset=request.eval_dataset, eval_batches=batches)
-    elif request.eval_batches:
-        raise InvalidArgument("eval_batches is set but eval_dataset is not; name the dataset to evaluate on")
+    elif request.eval_batches or request.eval_seq_len:
+        raise InvalidArgument(
+            "eval_batches/eval_seq_len is set but eval_dataset is not; name the dataset to evaluate on"
+        )
+    if request.eval_seq_len:
+        if request.eval_seq_len > MAX_EVAL_SEQ_LEN:
+            raise InvalidArgument(
+                f"eval_seq_len={request.eval_seq_len} is above the limit of {MAX_EVAL_SEQ_LEN}"
+            )
+        spec["eval_seq_len"] = request.eval_seq_len
+    if method == "int4_gptq":
+        spec["act_order"] = request.act_order
+    else:
+        _unused(request, method, ["act_order"])
+    if request.keep_dense:
+        for pattern in request.keep_dense:
+            if not pattern or len(pattern) > 200:
+                raise InvalidArgument("keep_dense patterns must be 1 to 200 characters")
+        spec["keep_dense"] = list(request.keep_dense)
 
     if method == "distill":
         _check_student(request.student_preset)
@@ -163,31 +188,46 @@ def _check_student(preset: str) -> None:
 
 
 class CompressServicer(JobRpcMixin, compress_pb2_grpc.CompressServiceServicer):
-    """GetJob/ListJobs/CancelJob/WatchJob from the job system; SubmitCompress validates, then
-    says plainly that the engine is not built."""
+    """GetJob/ListJobs/CancelJob/WatchJob from the job system; SubmitCompress validates, checks the
+    request against the store and datasets, then queues."""
 
-    # grpc ships no types, so mypy cannot see that context.abort raises: hence the ignore.
-    def SubmitCompress(  # type: ignore[misc]
+    def __init__(self, queue: JobQueue, client: CheckpointClient, data_dir: str, *, stopping=None):
+        JobRpcMixin.__init__(self, queue, JOB_TYPE, stopping=stopping)
+        self.client = client
+        self.data_dir = data_dir
+
+    def SubmitCompress(
         self, request: compress_pb2.SubmitCompressRequest, context: grpc.ServicerContext
-    ) -> NoReturn:
-        """Always aborts with UNIMPLEMENTED, after validating the request."""
+    ) -> common_pb2.Job:
         spec = validate_submit(request)
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            f"compression is not built yet: the request is valid (method '{spec['method']}' on "
-            f"'{spec['source']}'), but this release has no compression engine, so no job was queued",
-        )
+        if spec["method"] == "distill":
+            context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"distillation is not built yet: the request is valid (student '{spec['student_preset']}' "
+                f"from '{spec['source']}'), but no job was queued",
+            )
+        preflight(self.client, self.data_dir, spec)  # NOT_FOUND / INVALID_ARGUMENT / FAILED_PRECONDITION
+        job = self.job_queue.submit(JOB_TYPE, spec, idempotency_key=request.idempotency_key)
+        return job_to_proto(job)
 
 
-def build(config: Config, app: ServiceApp):
-    """Wire the servicer to the job queue; ready once Redis answers."""
+def build(config: Config, app: ServiceApp, *, run_worker: bool = True):
+    """Wire the servicer and (unless `run_worker` is False: a front end only) one job worker to the
+    queue; ready once Redis answers."""
     redis_client = connect(config, client_name="tokenmill-compress")
     queue = JobQueue.from_config(config, redis_client)
+    client = CheckpointClient.from_config(config)
     app.add(
         compress_pb2_grpc.add_CompressServiceServicer_to_server,
-        CompressServicer(queue, JOB_TYPE, stopping=app.stopping),
+        CompressServicer(queue, client, str(config.data_dir), stopping=app.stopping),
         SERVICE_NAME,
     )
+    if run_worker:
+        handler = CompressJobHandler(lambda: CheckpointClient.from_config(config), config.data_dir)
+        worker = JobWorker(queue, JOB_TYPE, handler, heartbeat_seconds=config.jobs.heartbeat_seconds)
+        worker.start_in_thread()
+        app.on_shutdown(worker.stop)
+    app.on_shutdown(client.close)
     app.on_shutdown(redis_client.close)
     return redis_client.ping
 

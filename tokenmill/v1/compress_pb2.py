@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tokenmill.v1 import common_pb2 as tokenmill_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btokenmill/v1/compress.proto\x12\x0ctokenmill.v1\x1a\x19tokenmill/v1/common.proto\"\xb7\x02\n\x15SubmitCompressRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0boutput_name\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x12\n\ngroup_size\x18\x05 \x01(\r\x12\x10\n\x08sparsity\x18\x06 \x01(\x01\x12\x15\n\rrank_fraction\x18\x07 \x01(\x01\x12\x1b\n\x13\x63\x61libration_dataset\x18\x08 \x01(\t\x12\x1b\n\x13\x63\x61libration_samples\x18\t \x01(\r\x12\x14\n\x0c\x65val_dataset\x18\n \x01(\t\x12\x14\n\x0c\x65val_batches\x18\x0b \x01(\r\x12\x16\n\x0estudent_preset\x18\x0c \x01(\t\x12\x15\n\rdistill_steps\x18\r \x01(\r\"\xc5\x01\n\x11\x43ompressionReport\x12\x14\n\x0c\x62ytes_before\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_after\x18\x02 \x01(\x04\x12\r\n\x05ratio\x18\x03 \x01(\x01\x12\x19\n\x11perplexity_before\x18\x04 \x01(\x01\x12\x18\n\x10perplexity_after\x18\x05 \x01(\x01\x12 \n\x18tokens_per_second_before\x18\x06 \x01(\x01\x12\x1f\n\x17tokens_per_second_after\x18\x07 \x01(\x01\x32\xe5\x02\n\x0f\x43ompressService\x12H\n\x0eSubmitCompress\x12#.tokenmill.v1.SubmitCompressRequest\x1a\x11.tokenmill.v1.Job\x12\x38\n\x06GetJob\x12\x1b.tokenmill.v1.GetJobRequest\x1a\x11.tokenmill.v1.Job\x12I\n\x08ListJobs\x12\x1d.tokenmill.v1.ListJobsRequest\x1a\x1e.tokenmill.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.tokenmill.v1.CancelJobRequest\x1a\x11.tokenmill.v1.Job\x12\x43\n\x08WatchJob\x12\x1d.tokenmill.v1.WatchJobRequest\x1a\x16.tokenmill.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btokenmill/v1/compress.proto\x12\x0ctokenmill.v1\x1a\x19tokenmill/v1/common.proto\"\xf4\x02\n\x15SubmitCompressRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x13\n\x0boutput_name\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x12\n\ngroup_size\x18\x05 \x01(\r\x12\x10\n\x08sparsity\x18\x06 \x01(\x01\x12\x15\n\rrank_fraction\x18\x07 \x01(\x01\x12\x1b\n\x13\x63\x61libration_dataset\x18\x08 \x01(\t\x12\x1b\n\x13\x63\x61libration_samples\x18\t \x01(\r\x12\x14\n\x0c\x65val_dataset\x18\n \x01(\t\x12\x14\n\x0c\x65val_batches\x18\x0b \x01(\r\x12\x16\n\x0estudent_preset\x18\x0c \x01(\t\x12\x15\n\rdistill_steps\x18\r \x01(\r\x12\x11\n\tact_order\x18\x0e \x01(\x08\x12\x12\n\nkeep_dense\x18\x0f \x03(\t\x12\x14\n\x0c\x65val_seq_len\x18\x10 \x01(\r\":\n\nLayerError\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\x01\"\x81\x03\n\x11\x43ompressionReport\x12\x14\n\x0c\x62ytes_before\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_after\x18\x02 \x01(\x04\x12\r\n\x05ratio\x18\x03 \x01(\x01\x12\x19\n\x11perplexity_before\x18\x04 \x01(\x01\x12\x18\n\x10perplexity_after\x18\x05 \x01(\x01\x12 \n\x18tokens_per_second_before\x18\x06 \x01(\x01\x12\x1f\n\x17tokens_per_second_after\x18\x07 \x01(\x01\x12\x10\n\x08sparsity\x18\x08 \x01(\x01\x12\x14\n\x0cwall_seconds\x18\t \x01(\x01\x12\x32\n\x10per_layer_errors\x18\n \x03(\x0b\x32\x18.tokenmill.v1.LayerError\x12\x0e\n\x06source\x18\x0b \x01(\t\x12\x0e\n\x06output\x18\x0c \x01(\t\x12\x0e\n\x06method\x18\r \x01(\t\x12\x18\n\x10\x63ompress_seconds\x18\x0e \x01(\x01\x12\x14\n\x0c\x65val_dataset\x18\x0f \x01(\t2\xe5\x02\n\x0f\x43ompressService\x12H\n\x0eSubmitCompress\x12#.tokenmill.v1.SubmitCompressRequest\x1a\x11.tokenmill.v1.Job\x12\x38\n\x06GetJob\x12\x1b.tokenmill.v1.GetJobRequest\x1a\x11.tokenmill.v1.Job\x12I\n\x08ListJobs\x12\x1d.tokenmill.v1.ListJobsRequest\x1a\x1e.tokenmill.v1.ListJobsResponse\x12>\n\tCancelJob\x12\x1e.tokenmill.v1.CancelJobRequest\x1a\x11.tokenmill.v1.Job\x12\x43\n\x08WatchJob\x12\x1d.tokenmill.v1.WatchJobRequest\x1a\x16.tokenmill.v1.JobEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenmill.v1.compress_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITCOMPRESSREQUEST']._serialized_start=73
-  _globals['_SUBMITCOMPRESSREQUEST']._serialized_end=384
-  _globals['_COMPRESSIONREPORT']._serialized_start=387
-  _globals['_COMPRESSIONREPORT']._serialized_end=584
-  _globals['_COMPRESSSERVICE']._serialized_start=587
-  _globals['_COMPRESSSERVICE']._serialized_end=944
+  _globals['_SUBMITCOMPRESSREQUEST']._serialized_end=445
+  _globals['_LAYERERROR']._serialized_start=447
+  _globals['_LAYERERROR']._serialized_end=505
+  _globals['_COMPRESSIONREPORT']._serialized_start=508
+  _globals['_COMPRESSIONREPORT']._serialized_end=893
+  _globals['_COMPRESSSERVICE']._serialized_start=896
+  _globals['_COMPRESSSERVICE']._serialized_end=1253
 # @@protoc_insertion_point(module_scope)

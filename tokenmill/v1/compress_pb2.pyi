@@ -1,12 +1,14 @@
 from tokenmill.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitCompressRequest(_message.Message):
-    __slots__ = ("idempotency_key", "source", "output_name", "method", "group_size", "sparsity", "rank_fraction", "calibration_dataset", "calibration_samples", "eval_dataset", "eval_batches", "student_preset", "distill_steps")
+    __slots__ = ("idempotency_key", "source", "output_name", "method", "group_size", "sparsity", "rank_fraction", "calibration_dataset", "calibration_samples", "eval_dataset", "eval_batches", "student_preset", "distill_steps", "act_order", "keep_dense", "eval_seq_len")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +22,9 @@ class SubmitCompressRequest(_message.Message):
     EVAL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     STUDENT_PRESET_FIELD_NUMBER: _ClassVar[int]
     DISTILL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ACT_ORDER_FIELD_NUMBER: _ClassVar[int]
+    KEEP_DENSE_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     source: str
     output_name: str
@@ -33,10 +38,23 @@ class SubmitCompressRequest(_message.Message):
     eval_batches: int
     student_preset: str
     distill_steps: int
-    def __init__(self, idempotency_key: _Optional[str] = ..., source: _Optional[str] = ..., output_name: _Optional[str] = ..., method: _Optional[str] = ..., group_size: _Optional[int] = ..., sparsity: _Optional[float] = ..., rank_fraction: _Optional[float] = ..., calibration_dataset: _Optional[str] = ..., calibration_samples: _Optional[int] = ..., eval_dataset: _Optional[str] = ..., eval_batches: _Optional[int] = ..., student_preset: _Optional[str] = ..., distill_steps: _Optional[int] = ...) -> None: ...
+    act_order: bool
+    keep_dense: _containers.RepeatedScalarFieldContainer[str]
+    eval_seq_len: int
+    def __init__(self, idempotency_key: _Optional[str] = ..., source: _Optional[str] = ..., output_name: _Optional[str] = ..., method: _Optional[str] = ..., group_size: _Optional[int] = ..., sparsity: _Optional[float] = ..., rank_fraction: _Optional[float] = ..., calibration_dataset: _Optional[str] = ..., calibration_samples: _Optional[int] = ..., eval_dataset: _Optional[str] = ..., eval_batches: _Optional[int] = ..., student_preset: _Optional[str] = ..., distill_steps: _Optional[int] = ..., act_order: _Optional[bool] = ..., keep_dense: _Optional[_Iterable[str]] = ..., eval_seq_len: _Optional[int] = ...) -> None: ...
+
+class LayerError(_message.Message):
+    __slots__ = ("layer", "method", "error")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    method: str
+    error: float
+    def __init__(self, layer: _Optional[str] = ..., method: _Optional[str] = ..., error: _Optional[float] = ...) -> None: ...
 
 class CompressionReport(_message.Message):
-    __slots__ = ("bytes_before", "bytes_after", "ratio", "perplexity_before", "perplexity_after", "tokens_per_second_before", "tokens_per_second_after")
+    __slots__ = ("bytes_before", "bytes_after", "ratio", "perplexity_before", "perplexity_after", "tokens_per_second_before", "tokens_per_second_after", "sparsity", "wall_seconds", "per_layer_errors", "source", "output", "method", "compress_seconds", "eval_dataset")
     BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
     BYTES_AFTER_FIELD_NUMBER: _ClassVar[int]
     RATIO_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +62,14 @@ class CompressionReport(_message.Message):
     PERPLEXITY_AFTER_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_BEFORE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PER_LAYER_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    COMPRESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_DATASET_FIELD_NUMBER: _ClassVar[int]
     bytes_before: int
     bytes_after: int
     ratio: float
@@ -51,4 +77,12 @@ class CompressionReport(_message.Message):
     perplexity_after: float
     tokens_per_second_before: float
     tokens_per_second_after: float
-    def __init__(self, bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., ratio: _Optional[float] = ..., perplexity_before: _Optional[float] = ..., perplexity_after: _Optional[float] = ..., tokens_per_second_before: _Optional[float] = ..., tokens_per_second_after: _Optional[float] = ...) -> None: ...
+    sparsity: float
+    wall_seconds: float
+    per_layer_errors: _containers.RepeatedCompositeFieldContainer[LayerError]
+    source: str
+    output: str
+    method: str
+    compress_seconds: float
+    eval_dataset: str
+    def __init__(self, bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., ratio: _Optional[float] = ..., perplexity_before: _Optional[float] = ..., perplexity_after: _Optional[float] = ..., tokens_per_second_before: _Optional[float] = ..., tokens_per_second_after: _Optional[float] = ..., sparsity: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., per_layer_errors: _Optional[_Iterable[_Union[LayerError, _Mapping]]] = ..., source: _Optional[str] = ..., output: _Optional[str] = ..., method: _Optional[str] = ..., compress_seconds: _Optional[float] = ..., eval_dataset: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,169 @@
+"""CPU benchmark: what each compression method costs in perplexity and buys in bytes, on a model
+tokenmill trained on the demo corpus (the Python standard library, code preset) in this process.
+
+One run: ingest a slice of the stdlib, train test-1m for --steps with the trainer engine, then for
+each method compress with `compress_model` (the service's engine) on the same calibration rows
+(train split), and measure with the service's own measurements (services/compress/measure.py):
+perplexity on the val split over the dequantized weights, greedy decode tokens/s of the inference
+engine on the stored format. Against the field: llm-compressor's GPTQ W4A16 g128 when it can be
+installed next to this torch (see docs/benchmarks.md); otherwise the row says why it is missing.
+
+    python -m bench.compress [--steps 150] [--docs 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench._report import target, write_report
+from tokenmill.common.compress import MethodSpec, compress_model
+from tokenmill.common.data.dataset import read_manifest
+from tokenmill.common.ingest.pipeline import run_ingest
+from tokenmill.common.ingest.spec import IngestSpec
+from tokenmill.common.trainer.checkpoint_io import read_full
+from tokenmill.common.trainer.config import TrainConfig
+from tokenmill.common.trainer.local_io import LocalCheckpointIO
+from tokenmill.common.trainer.parallel import free_port
+from tokenmill.common.trainer.worker import train
+from tokenmill.services.compress.measure import decode_tokens_per_second, eval_perplexity
+from tokenmill.services.compress.model_job import eval_stream, token_batches
+
+SEQ_LEN = 128
+CALIBRATION_ROWS = 64
+EVAL_TOKENS = 32 * SEQ_LEN
+METHODS: dict[str, list[MethodSpec]] = {
+    "int8": [MethodSpec("int8")],
+    "int4-rtn-g128": [MethodSpec("int4-rtn", group_size=128)],
+    "int4-gptq-g128": [MethodSpec("int4-gptq", group_size=128)],
+    "int4-awq-g128": [MethodSpec("int4-awq", group_size=128)],
+    "magnitude-50%": [MethodSpec("prune-magnitude", sparsity=0.5)],
+    "wanda-50%": [MethodSpec("prune-wanda", sparsity=0.5)],
+    "wanda-2:4+int8": [MethodSpec("prune-wanda", pattern="2:4"), MethodSpec("int8")],
+    "svd-r0.5": [MethodSpec("svd", rank_fraction=0.5)],
+}
+
+
+def build_dataset(data_dir: Path, docs: int) -> Path:
+    spec = IngestSpec(
+        name="stdlib", sources=[sysconfig.get_paths()["stdlib"]], preset="code", vocab_size=4096,
+        max_documents=docs, val_fraction=0.05, skip_near_dedup=True, pii=False,
+    )  # fmt: skip
+    run_ingest(spec, data_dir)
+    return data_dir / "datasets" / "stdlib"
+
+
+def train_model(dataset: Path, root: Path, steps: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    vocab = int(read_manifest(dataset)["vocab_size"])
+    cfg = TrainConfig(
+        dataset_path=str(dataset), model_preset="test-1m", model_overrides={"vocab_size": vocab},
+        steps=steps, micro_batch_size=8, seq_len=SEQ_LEN, lr=3e-3, warmup_steps=20, device="cpu",
+        output_name="bench-model",
+    )  # fmt: skip
+    io = LocalCheckpointIO(root)
+    result = train(cfg, io)
+    assert result["status"] == "completed", result
+    tensors = read_full(io, result["checkpoint"])
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "optimizer.", "step"))}
+    return tensors, cfg.model_config().to_dict()
+
+
+def measure(tensors: dict[str, torch.Tensor], config: dict[str, Any], stream) -> dict[str, float]:
+    ppl = eval_perplexity(tensors, config, stream, SEQ_LEN)
+    return {"perplexity": ppl.perplexity, "tokens_per_s": decode_tokens_per_second(tensors, config)}
+
+
+def llmcompressor_row() -> dict[str, Any]:
+    """llm-compressor's GPTQ W4A16 g128 on the same model, or why it could not run here."""
+    try:
+        import llmcompressor  # noqa: F401
+    except ImportError:
+        return {
+            "skipped": "llmcompressor is not installed: `pip install --dry-run llmcompressor` (0.14.0.1) keeps "
+            "torch 2.13 but would downgrade transformers 5.24 -> 5.17 and huggingface_hub 2.4 -> 1.33 in "
+            "the shared venv (see docs/benchmarks.md)"
+        }
+    return {"skipped": "llmcompressor is installed but its HF export path is not wired in this bench"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--docs", type=int, default=600)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
+        began = time.monotonic()
+        dataset = build_dataset(Path(tmp), args.docs)
+        tensors, config = train_model(dataset, Path(tmp) / "store", args.steps)
+        prep_s = time.monotonic() - began
+        calibration = token_batches(dataset, split="train", rows=CALIBRATION_ROWS, seq_len=SEQ_LEN)
+        stream = eval_stream(dataset, split="val", max_tokens=EVAL_TOKENS + 1)
+        model_config = _model_config(config)
+        dense = measure(tensors, config, stream)
+        rows: dict[str, dict[str, Any]] = {
+            "dense": {**dense, "bytes": _bytes(tensors), "ratio": 1.0, "time_s": 0.0}
+        }
+        for name, steps in METHODS.items():
+            t0 = time.monotonic()
+            result = compress_model(tensors, steps, calibration, config=model_config)
+            seconds = time.monotonic() - t0
+            got = measure(result.tensors, {**config, **result.manifest_meta}, stream)
+            rows[name] = {**got, "bytes": result.bytes_after, "ratio": result.ratio, "time_s": seconds}
+        for row in rows.values():
+            row["dppl_pct"] = 100 * (row["perplexity"] / dense["perplexity"] - 1)
+        _print_table(rows)
+    targets = {
+        "int8 dppl % < 0.5": target(rows["int8"]["dppl_pct"], 0.5, higher_is_better=False),
+        "gptq dppl % < rtn dppl %": target(rows["int4-gptq-g128"]["dppl_pct"], rows["int4-rtn-g128"]["dppl_pct"], False),
+        "wanda dppl % < magnitude dppl %": target(rows["wanda-50%"]["dppl_pct"], rows["magnitude-50%"]["dppl_pct"], False),
+    }  # fmt: skip
+    write_report(
+        "compress",
+        {f"{name} {k}": v for name, row in rows.items() for k, v in row.items()},
+        {"llm-compressor gptq w4a16 g128": llmcompressor_row()},
+        {},
+        targets,
+        {
+            "setup": {
+                "steps": args.steps,
+                "docs": args.docs,
+                "seq_len": SEQ_LEN,
+                "calibration_rows": CALIBRATION_ROWS,
+                "eval_tokens": EVAL_TOKENS,
+                "prep_seconds": prep_s,
+            }
+        },  # fmt: skip
+    )
+
+
+def _model_config(config: dict[str, Any]):
+    from tokenmill.common.inference.config import model_config_from_dict
+
+    return model_config_from_dict(config)
+
+
+def _bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _print_table(rows: dict[str, dict[str, Any]]) -> None:
+    print(f"{'method':16}{'bytes':>12}{'ratio':>8}{'ppl':>10}{'Δppl %':>9}{'tok/s':>9}{'time s':>8}")
+    for name, r in rows.items():
+        print(
+            f"{name:16}{r['bytes']:>12,}{r['ratio']:>8.2f}{r['perplexity']:>10.3f}{r['dppl_pct']:>9.2f}"
+            f"{r['tokens_per_s']:>9.1f}{r['time_s']:>8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""`tokenmill compress MODEL[:VERSION|TAG] --method ...`: queue a compress job, follow its layer by
+layer progress, print the report as a table. `report_lines` also renders the report `ckpt show` finds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from google.protobuf.json_format import MessageToDict
+
+from tokenmill.common import errors
+from tokenmill.v1 import common_pb2
+
+METHODS = (
+    "int8", "int4_rtn", "int4_gptq", "int4_awq", "prune_magnitude", "prune_wanda", "prune_sparsegpt",
+    "prune_2_4", "svd",
+)  # fmt: skip
+TERMINAL = (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED)
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}{unit}"
+    return f"{value:,}{unit}" if isinstance(value, int) else str(value)
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """The report as aligned before/after rows, then the worst per-layer errors."""
+    rows = [("bytes", int(report["bytes_before"]), int(report["bytes_after"]))]
+    if report.get("eval_dataset"):
+        rows.append(
+            (
+                f"perplexity ({report['eval_dataset']})",
+                report["perplexity_before"],
+                report["perplexity_after"],
+            )
+        )
+    rows.append(("decode tok/s", report["tokens_per_second_before"], report["tokens_per_second_after"]))
+    lines = [f"{'':24}{'before':>14}{'after':>14}"]
+    lines += [f"{name:24}{_fmt(b):>14}{_fmt(a):>14}" for name, b, a in rows]
+    lines.append(f"{'ratio':24}{_fmt(float(report['ratio']), 'x'):>28}")
+    if report.get("sparsity"):
+        lines.append(f"{'sparsity':24}{_fmt(float(report['sparsity'])):>28}")
+    lines.append(f"{'compress / wall time':24}{_fmt(float(report['compress_seconds']), 's'):>14}"
+                 f"{_fmt(float(report.get('wall_seconds', 0.0)), 's'):>14}")  # fmt: skip
+    worst = sorted(report.get("per_layer_errors", []), key=lambda e: -float(e["error"]))[:5]
+    if worst:
+        lines.append("largest per-layer errors:")
+        lines += [f"  {e['layer']:40} {e['method']:16} {float(e['error']):.4g}" for e in worst]
+    return lines
+
+
+def _follow(client, job_id: str) -> common_pb2.Job:
+    for event in client.watch_job(job_id, follow=True):
+        if event.kind in ("progress", "log"):
+            click.echo(event.message)
+        elif event.kind == "state" and event.state in TERMINAL:
+            break
+    return client.get_job(job_id)
+
+
+@click.command("compress")
+@click.argument("source")
+@click.option("--method", required=True, type=click.Choice(METHODS))
+@click.option(
+    "--calib", "calibration_dataset", default="", help="Calibration dataset (gptq, awq, wanda, sparsegpt)."
+)
+@click.option("--eval", "eval_dataset", default="", help="Dataset whose val split measures perplexity.")
+@click.option("--output", "output_name", default="", help="Checkpoint name [default: SOURCE-METHOD].")
+@click.option("--group-size", type=click.IntRange(1), help="int4 group size [default: 128].")
+@click.option("--sparsity", type=float, help="Pruning: fraction of weights set to zero.")
+@click.option("--rank-fraction", type=float, help="svd: kept rank / full rank.")
+@click.option("--act-order", is_flag=True, default=False, help="int4_gptq: act-order.")
+@click.option("--keep-dense", multiple=True, help="fnmatch pattern of linears left dense (repeatable).")
+@click.option("--detach", is_flag=True, help="Print the job id and return without following it.")
+@click.pass_obj
+def compress(obj, source: str, method: str, output_name: str, detach: bool, keep_dense: tuple[str, ...],
+             **fields: Any) -> None:  # fmt: skip
+    """Compress a stored checkpoint into a new version with a quality/size/speed report."""
+    from tokenmill.common.clients.compress import CompressClient
+
+    options = {k: v for k, v in fields.items() if v not in ("", None, False)}
+    if keep_dense:
+        options["keep_dense"] = list(keep_dense)
+    output_name = output_name or f"{source.partition(':')[0]}-{method.replace('_', '-')}"
+    try:
+        with CompressClient.from_config(obj.config) as client:
+            job = client.submit(source, output_name, method, **options)
+            click.echo(f"job {job.id} queued: {method} of {source} -> {output_name}")
+            if detach:
+                return
+            job = _follow(client, job.id)
+    except errors.TokenmillError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from None
+    if job.state != common_pb2.JOB_STATE_SUCCEEDED:
+        state = common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
+        raise click.ClickException(f"job {job.id} {state}: {job.error}")
+    result = MessageToDict(job.result)
+    click.echo(f"job {job.id} SUCCEEDED: checkpoint {result['checkpoint']}")
+    for line in report_lines(result["report"]):
+        click.echo(line)

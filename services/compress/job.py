@@ -1,0 +1,154 @@
+"""One attempt of a compress job: load, measure, compress layer by layer, store, report.
+
+Idempotent across attempts: the new version is saved with the job id as the store's idempotency
+key, so an attempt that replaces a killed one either finds the committed version or resumes the
+same upload; the store publishes a version only at commit, so no half-written version is visible.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill.common import failpoints
+from tokenmill.common.clients.checkpoint import CheckpointClient
+from tokenmill.common.compress import Progress, compress_model
+from tokenmill.common.compress.checks import check_finite
+from tokenmill.common.inference.config import model_config_from_dict
+from tokenmill.common.jobs import JobContext
+from tokenmill.services.compress.measure import decode_tokens_per_second, eval_perplexity
+from tokenmill.services.compress.model_job import eval_stream, token_batches
+from tokenmill.services.compress.plan import CALIBRATION_SPLIT, EVAL_SPLIT, Plan, preflight
+
+REPORT_FILE = "compression_report.json"
+CARRIED_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"}
+EVAL_ROWS_PER_BATCH = 8
+
+
+class CompressJobHandler:
+    """`JobWorker(queue, "compress", CompressJobHandler(client_factory, data_dir))`."""
+
+    def __init__(self, client_factory: Any, data_dir: str | Path):
+        self.client_factory = client_factory  # () -> CheckpointClient (one per attempt, closed after)
+        self.data_dir = Path(data_dir)
+
+    def __call__(self, ctx: JobContext) -> dict[str, Any]:
+        began = time.monotonic()
+        client: CheckpointClient = self.client_factory()
+        try:
+            spec = dict(ctx.job.spec)
+            plan = preflight(client, self.data_dir, spec)
+            ctx.log(f"compressing {plan.model.ref} with {spec['method']} (attempt {ctx.attempt})")
+            tensors = plan.model.load(client)
+            check_finite(tensors)  # before any work: a broken checkpoint fails, never retried
+            ctx.raise_if_cancelled()
+            before = self._measure(plan, spec, tensors)
+            result, seconds = self._compress(ctx, plan, spec, tensors)
+            after = self._measure(plan, spec, result.tensors)
+            ctx.raise_if_cancelled()
+            report = build_report(plan, spec, result, before, after, seconds)
+            ref = self._store(client, ctx, plan, spec, result, report)
+            report.update(output=ref, wall_seconds=time.monotonic() - began)
+            name, _, version = ref.partition(":")
+            ctx.add_artifact("checkpoint", name, version)
+            return {"checkpoint": ref, "report": report}
+        finally:
+            client.close()
+
+    def _measure(
+        self, plan: Plan, spec: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, float]:
+        out = {"tokens_per_second": decode_tokens_per_second(tensors, plan.model.config)}
+        if plan.eval is not None:
+            rows = int(spec.get("eval_batches") or 1) * EVAL_ROWS_PER_BATCH
+            stream = eval_stream(plan.eval, split=EVAL_SPLIT, max_tokens=rows * plan.eval_seq_len + 1)
+            ppl = eval_perplexity(tensors, plan.model.config, stream, plan.eval_seq_len)
+            out.update(perplexity=ppl.perplexity, loss=ppl.loss)
+        return out
+
+    def _compress(self, ctx: JobContext, plan: Plan, spec: dict[str, Any], tensors: dict[str, torch.Tensor]):
+        calibration = None
+        if plan.calibration is not None:
+            calibration = token_batches(
+                plan.calibration,
+                split=CALIBRATION_SPLIT,
+                rows=int(spec.get("calibration_samples") or 128),
+                seq_len=plan.calibration_seq_len,
+            )
+
+        def on_layer(p: Progress) -> None:
+            ctx.progress(
+                f"layer {p.index}/{p.total} {p.layer} error {p.error:.4g}",
+                layer=p.index,
+                layers=p.total,
+                name=p.layer,
+                error=p.error,
+                method=p.method,
+            )
+            failpoints.hit("compress.after_layer", layer=p.index, attempt=ctx.attempt)
+            ctx.raise_if_cancelled()  # between layers: a cancel stops within one layer's work
+
+        began = time.monotonic()
+        result = compress_model(
+            tensors, plan.step, calibration, on_layer, config=model_config_from_dict(plan.model.config)
+        )
+        return result, time.monotonic() - began
+
+    def _store(
+        self, client: CheckpointClient, ctx: JobContext, plan: Plan, spec: dict[str, Any], result, report
+    ) -> str:
+        config = {**plan.model.config, **result.manifest_meta}
+        if "quantization" not in result.manifest_meta:
+            config.pop("quantization", None)
+        files = plan.model.files(client, CARRIED_FILES)
+        files[REPORT_FILE] = json.dumps(report, indent=2, sort_keys=True).encode()
+        scalars = {k: v for k, v in report.items() if isinstance(v, (int, float, str)) and v != ""}
+        version = client.save(
+            spec["output_name"],
+            result.tensors,
+            files=files,
+            config=config,
+            metrics=scalars,
+            lineage={
+                "parent": plan.model.ref,
+                "job_id": ctx.job.id,
+                "dataset": spec.get("calibration_dataset", ""),
+            },
+            idempotency_key=f"compress-{ctx.job.id}",
+        )
+        return version.ref
+
+
+def build_report(
+    plan: Plan,
+    spec: dict[str, Any],
+    result,
+    before: dict[str, float],
+    after: dict[str, float],
+    seconds: float,
+) -> dict[str, Any]:
+    """The report's fields as compress.proto's CompressionReport names them."""
+    return {
+        "source": plan.model.ref,
+        "method": spec["method"],
+        "settings": plan.step.to_dict(),
+        "bytes_before": result.bytes_before,
+        "bytes_after": result.bytes_after,
+        "ratio": result.ratio,
+        "eval_dataset": spec.get("eval_dataset", ""),
+        "perplexity_before": before.get("perplexity", 0.0),
+        "perplexity_after": after.get("perplexity", 0.0),
+        "tokens_per_second_before": before["tokens_per_second"],
+        "tokens_per_second_after": after["tokens_per_second"],
+        "sparsity": result.sparsity or 0.0,
+        "compress_seconds": seconds,
+        "per_layer_errors": [
+            {"layer": layer, "method": method, "error": err}
+            for layer, by_method in result.per_layer_errors.items()
+            for method, err in by_method.items()
+        ],
+    }

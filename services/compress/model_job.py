@@ -1,0 +1,106 @@
+"""Plumbing shared by the compress service's model jobs (compress now, eval later): find a stored
+checkpoint and a packed dataset, check they fit each other, and read token batches from the dataset.
+
+Everything here fails with a precise status before any model work starts: NOT_FOUND for a missing
+checkpoint or dataset, FAILED_PRECONDITION for an empty or too-small split or a vocabulary mismatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmill.common.checkpoint.format import torch_dtype
+from tokenmill.common.clients.checkpoint import CheckpointClient
+from tokenmill.common.data.dataset import PackedDataset, read_manifest
+from tokenmill.common.errors import FailedPrecondition, NotFound
+from tokenmill.common.names import validate_name
+from tokenmill.common.runtime.proto_struct import struct_to_dict
+from tokenmill.v1 import checkpoint_pb2
+
+
+@dataclass
+class StoredModel:
+    """A checkpoint version's identity and manifest; `tensors` are loaded only by `load`."""
+
+    ref: str  # resolved "name:version"
+    config: dict[str, Any]
+    version: checkpoint_pb2.CheckpointVersion
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.get("vocab_size", 0))
+
+    def meta_tensors(self) -> dict[str, torch.Tensor]:
+        """Shape-and-dtype stand-ins (device 'meta') for checks that need no values."""
+        out = {}
+        for t in self.version.manifest.tensors:
+            dtype = torch_dtype(t.dtype) or torch.float32
+            out[t.name] = torch.empty([int(s) for s in t.shape], dtype=dtype, device="meta")
+        return out
+
+    def load(self, client: CheckpointClient) -> dict[str, torch.Tensor]:
+        tensors = client.load(self.ref)
+        return {k: v for k, v in tensors.items() if not k.startswith(("optim.", "optimizer."))}
+
+    def files(self, client: CheckpointClient, names: set[str]) -> dict[str, bytes]:
+        present = sorted(names & {f.name for f in self.version.manifest.files})
+        return client.load_files(self.ref, present) if present else {}
+
+
+def find_model(client: CheckpointClient, ref: str) -> StoredModel:
+    """The version `ref` names; NOT_FOUND (the store's message) when there is none."""
+    try:
+        version = client.get(ref, include_manifest=True)
+    except NotFound:
+        raise NotFound(f"checkpoint {ref!r} not found; list them with 'tokenmill ckpt list'") from None
+    config = struct_to_dict(version.manifest.config)
+    if not config.get("vocab_size"):
+        raise FailedPrecondition(f"checkpoint {version.ref} has no model config; it cannot be compressed")
+    return StoredModel(version.ref, config, version)
+
+
+def dataset_path(data_dir: str | Path, name: str, field: str) -> Path:
+    """`data_dir/datasets/name` (where ingest publishes), NOT_FOUND when it is not there."""
+    validate_name(name, what="dataset", field=field)
+    path = Path(data_dir) / "datasets" / name
+    if not (path / "manifest.json").is_file():
+        raise NotFound(f"{field} {name!r} not found; list datasets with 'tokenmill data list'")
+    return path
+
+
+def check_dataset(path: Path, model: StoredModel, *, split: str, min_tokens: int, field: str) -> None:
+    """FAILED_PRECONDITION when the split is too small or was tokenized for another vocabulary."""
+    manifest = read_manifest(path)
+    vocab = int(manifest.get("vocab_size", 0))
+    if vocab and vocab > model.vocab_size:
+        raise FailedPrecondition(
+            f"{field} {path.name!r} was tokenized with a {vocab}-token vocabulary but {model.ref} has "
+            f"vocab_size {model.vocab_size}; use a dataset built with the model's tokenizer"
+        )
+    tokens = sum(int(e["tokens"]) for e in manifest["splits"].get(split, []))
+    if tokens < min_tokens:
+        raise FailedPrecondition(
+            f"{field} {path.name!r} has {tokens} tokens in its {split!r} split; at least {min_tokens} "
+            "are needed"
+        )
+
+
+def token_batches(
+    path: Path, *, split: str, rows: int, seq_len: int, batch_rows: int = 8
+) -> list[torch.Tensor]:
+    """`rows` consecutive windows of `seq_len` tokens from the start of the split, as [B, T] batches
+    (deterministic: the same rows for every method and every re-run)."""
+    data = PackedDataset(path, split)
+    rows = min(rows, data.num_tokens // seq_len)
+    flat = torch.from_numpy(data.tokens(0, rows * seq_len)).view(rows, seq_len)
+    return list(flat.split(batch_rows))
+
+
+def eval_stream(path: Path, *, split: str, max_tokens: int) -> Any:
+    """The first `max_tokens` tokens of the split as one numpy stream (for perplexity)."""
+    data = PackedDataset(path, split)
+    return data.tokens(0, min(max_tokens, data.num_tokens))

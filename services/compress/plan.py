@@ -1,0 +1,81 @@
+"""A validated job spec -> what the worker runs: the engine's MethodSpec and the datasets it reads.
+
+`preflight` is every check that needs only the store's manifest and the dataset manifests, so
+SubmitCompress can refuse a job that would fail (NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION)
+before it is queued; the worker runs it again (the store may have changed while the job waited).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenmill.common.clients.checkpoint import CheckpointClient
+from tokenmill.common.compress import MIN_CALIBRATION_TOKENS, MethodSpec
+from tokenmill.common.compress.checks import check_composition, check_shapes, target_linears
+from tokenmill.services.compress.model_job import StoredModel, check_dataset, dataset_path, find_model
+
+# Request method (proto spelling) -> engine settings.
+ENGINE_METHODS: dict[str, dict[str, Any]] = {
+    "int8": {"method": "int8"},
+    "int4_rtn": {"method": "int4-rtn"},
+    "int4_gptq": {"method": "int4-gptq"},
+    "int4_awq": {"method": "int4-awq"},
+    "prune_magnitude": {"method": "prune-magnitude"},
+    "prune_wanda": {"method": "prune-wanda"},
+    "prune_sparsegpt": {"method": "prune-sparsegpt"},
+    "prune_2_4": {"method": "prune-magnitude", "pattern": "2:4"},
+    "svd": {"method": "svd"},
+}
+MAX_EVAL_SEQ_LEN = 512
+EVAL_SPLIT = "val"
+CALIBRATION_SPLIT = "train"
+
+
+@dataclass
+class Plan:
+    model: StoredModel
+    step: MethodSpec
+    calibration: Path | None
+    calibration_seq_len: int
+    eval: Path | None
+    eval_seq_len: int
+
+
+def method_spec(spec: dict[str, Any]) -> MethodSpec:
+    """The engine step a job spec asks for (settings only where the method reads them)."""
+    body = dict(ENGINE_METHODS[spec["method"]])
+    for key in ("group_size", "sparsity", "rank_fraction", "act_order"):
+        if spec.get(key):
+            body[key] = spec[key]
+    if spec.get("keep_dense"):
+        body["keep_dense"] = tuple(spec["keep_dense"])
+    return MethodSpec.from_dict(body)
+
+
+def preflight(client: CheckpointClient, data_dir: str | Path, spec: dict[str, Any]) -> Plan:
+    """Everything knowable from manifests, in the order a person would fix it."""
+    step = method_spec(spec)
+    model = find_model(client, spec["source"])
+    meta = model.meta_tensors()
+    check_composition([step], meta)
+    check_shapes(step, meta, target_linears(meta, step.keep_dense))
+    max_len = int(model.config.get("max_seq_len") or model.config.get("max_position_embeddings") or 0)
+    seq_len = min(max_len or MAX_EVAL_SEQ_LEN, MAX_EVAL_SEQ_LEN)
+    calibration = None
+    if spec.get("calibration_dataset"):
+        calibration = dataset_path(data_dir, spec["calibration_dataset"], "calibration_dataset")
+        check_dataset(
+            calibration,
+            model,
+            split=CALIBRATION_SPLIT,
+            min_tokens=MIN_CALIBRATION_TOKENS,
+            field="calibration_dataset",
+        )
+    evaluation = None
+    eval_seq_len = min(int(spec.get("eval_seq_len") or seq_len), seq_len)
+    if spec.get("eval_dataset"):
+        evaluation = dataset_path(data_dir, spec["eval_dataset"], "eval_dataset")
+        check_dataset(evaluation, model, split=EVAL_SPLIT, min_tokens=eval_seq_len + 1, field="eval_dataset")
+    return Plan(model, step, calibration, seq_len, evaluation, eval_seq_len)

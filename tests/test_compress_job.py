@@ -1,0 +1,235 @@
+"""Compress jobs end to end: a real checkpoint service, real Redis, the compress service with its
+worker; a model saved to the store, packed datasets on disk. Covers the report, lineage, serving
+the result, and every bad input refused before work (NOT_FOUND / INVALID_ARGUMENT / FAILED_PRECONDITION)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from tests.fixtures.grpc import TEST_TOKEN, make_test_config
+from tokenmill.common import errors
+from tokenmill.common.cli.main import cli
+from tokenmill.common.clients import CompressClient
+from tokenmill.common.compress import MethodSpec, compress_model
+from tokenmill.common.data.dataset import MANIFEST, ShardWriter, token_dtype_for, write_json_atomic
+from tokenmill.common.inference.config import EngineConfig
+from tokenmill.common.inference.llm_engine import build_engine
+from tokenmill.common.inference.request import SamplingParams
+from tokenmill.common.jobs import JobQueue, JobState, JobWorker
+from tokenmill.common.model.quant import dequantize_state_dict
+from tokenmill.common.model.transformer import ModelConfig, Transformer
+from tokenmill.common.runtime import ServiceApp
+from tokenmill.services.compress.job import REPORT_FILE, CompressJobHandler
+from tokenmill.services.compress.server import JOB_TYPE, build
+from tokenmill.services.inference.loader import load_model
+from tokenmill.v1 import common_pb2
+
+VOCAB = 256
+CONFIG = ModelConfig(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+    max_seq_len=64, tie_embeddings=True,
+)  # fmt: skip
+
+
+def write_dataset(data_dir: Path, name: str, vocab: int = VOCAB, tokens: int = 4096) -> None:
+    out = data_dir / "datasets" / name
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split in ("train", "val"):
+        with ShardWriter(out, split, vocab_size=vocab, eos_id=0) as w:
+            for _ in range(tokens // 64):
+                w.add(rng.integers(1, vocab, 63))
+            splits[split] = w.close()
+    write_json_atomic(
+        out / MANIFEST,
+        {"name": name, "created_at": 0.0, "token_dtype": token_dtype_for(vocab), "vocab_size": vocab,
+         "eos_id": 0, "splits": splits, "stages": [], "config": {}},
+    )  # fmt: skip
+
+
+def model_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: v.detach().clone() for k, v in Transformer(CONFIG).state_dict().items()}
+
+
+@pytest.fixture
+def env(tmp_path, ckpt, redis_url, redis_client):
+    config = make_test_config(tmp_path, redis_url=redis_url, services={"checkpoint": {"port": ckpt.app.port}})
+    app = ServiceApp("compress", config, port=0, metrics=False)
+    build(config, app)
+    app.start()
+    app.set_serving()
+    ckpt.client.save("base", model_tensors(), config=CONFIG.to_dict())
+    write_dataset(tmp_path, "calib")
+    with CompressClient(f"127.0.0.1:{app.port}", token=TEST_TOKEN, timeout=30) as client:
+        client.cli_yaml = {  # type: ignore[attr-defined]
+            "data_dir": str(tmp_path), "redis_url": redis_url, "auth": {"tokens": [TEST_TOKEN]},
+            "services": {"checkpoint": {"port": ckpt.app.port}, "compress": {"port": app.port}},
+        }  # fmt: skip
+        yield client, ckpt, tmp_path
+    app.stop(0)
+
+
+@pytest.mark.slow
+def test_int8_job_stores_a_child_version_with_report_and_serves_like_its_dequantized_reference(env):
+    client, ckpt, _ = env
+    job = client.submit("base", "base-int8", "int8", eval_dataset="calib", eval_batches=1)
+    done = client.wait(job.id, timeout=120)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
+    report = done.result["report"]
+    assert report["source"] == "base:1" and report["output"] == "base-int8:1"
+    assert report["bytes_after"] < report["bytes_before"] and report["ratio"] > 1.5
+    assert abs(report["perplexity_after"] / report["perplexity_before"] - 1) < 0.05
+    assert report["tokens_per_second_before"] > 0 and report["tokens_per_second_after"] > 0
+    assert len(report["per_layer_errors"]) == 2 * 7 and all(
+        0 < e["error"] < 0.05 for e in report["per_layer_errors"]
+    )
+    progress = [e for e in client.watch_job(job.id, follow=False) if e.kind == "progress"]
+    assert [p.data["layer"] for p in progress] == list(range(1, 15))
+    version = ckpt.client.get("base-int8:1")
+    assert version.manifest.lineage.parent == "base:1" and version.manifest.lineage.job_id == job.id
+    assert REPORT_FILE in {f.name for f in version.manifest.files}
+    loaded = load_model(ckpt.client, "base-int8")  # what `tokenmill serve` runs, no extra flags
+    assert loaded.quantization == "int8"
+    stored = dict(loaded.tensors)
+    engine = build_engine(loaded.tensors, loaded.config, EngineConfig(num_blocks=16))
+    reference = Transformer(CONFIG).float().eval()
+    reference.load_state_dict(dequantize_state_dict(stored), strict=False)
+    prompt = [5, 9, 17, 33]
+    out = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(reference(torch.tensor([ids]))[0, -1].argmax()))
+    assert out.output_token_ids == ids[len(prompt) :]
+
+
+def test_submit_rejects_unknown_checkpoint_with_not_found(env):
+    client, _, _ = env
+    with pytest.raises(errors.NotFound, match="checkpoint 'nope' not found"):
+        client.submit("nope", "out", "int8")
+    with pytest.raises(errors.NotFound, match="not found"):
+        client.submit("base:9", "out", "int8")
+
+
+def test_submit_rejects_methods_that_do_not_apply(env):
+    client, ckpt, _ = env
+    with pytest.raises(errors.InvalidArgument, match="group_size 128 does not divide in_features 64"):
+        client.submit("base", "out", "int4_rtn")
+    odd = ModelConfig(**{**CONFIG.to_dict(), "hidden_size": 66, "num_heads": 3, "num_kv_heads": 3})
+    torch.manual_seed(1)
+    ckpt.client.save("odd", Transformer(odd).state_dict(), config=odd.to_dict())
+    with pytest.raises(errors.InvalidArgument, match="not divisible by 4"):
+        client.submit("odd", "out", "prune_2_4")
+    packed = compress_model(model_tensors(), MethodSpec("int4-rtn", group_size=32), config=CONFIG)
+    ckpt.client.save("q4", packed.tensors, config={**CONFIG.to_dict(), **packed.manifest_meta})
+    with pytest.raises(errors.InvalidArgument, match="already quantized"):
+        client.submit("q4", "out", "int4_rtn", group_size=32)
+
+
+def test_submit_rejects_missing_empty_small_or_foreign_vocabulary_datasets(env):
+    client, _, data_dir = env
+    gptq = {"group_size": 32}
+    with pytest.raises(errors.NotFound, match="calibration_dataset 'ghost' not found"):
+        client.submit("base", "out", "int4_gptq", calibration_dataset="ghost", **gptq)
+    with pytest.raises(errors.NotFound, match="eval_dataset 'ghost' not found"):
+        client.submit("base", "out", "int8", eval_dataset="ghost")
+    write_dataset(data_dir, "tiny", tokens=64)
+    with pytest.raises(errors.FailedPrecondition, match="has 64 tokens in its 'train' split; at least 128"):
+        client.submit("base", "out", "int4_gptq", calibration_dataset="tiny", **gptq)
+    write_dataset(data_dir, "empty", tokens=0)
+    with pytest.raises(errors.FailedPrecondition, match="has 0 tokens in its 'val' split"):
+        client.submit("base", "out", "int8", eval_dataset="empty")
+    write_dataset(data_dir, "wide", vocab=1024)
+    with pytest.raises(
+        errors.FailedPrecondition, match="1024-token vocabulary but base:1 has vocab_size 256"
+    ):
+        client.submit("base", "out", "prune_wanda", sparsity=0.5, calibration_dataset="wide")
+
+
+@pytest.mark.slow
+def test_nan_weights_fail_the_job_before_work_without_retry_or_new_version(env):
+    client, ckpt, _ = env
+    bad = model_tensors()
+    bad["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    ckpt.client.save("broken", bad, config=CONFIG.to_dict())
+    done = client.wait(client.submit("broken", "broken-int8", "int8").id, timeout=60)
+    assert done.state == common_pb2.JOB_STATE_FAILED and done.attempts == 1
+    assert "FAILED_PRECONDITION" in done.error and "up_proj.weight has NaN/Inf" in done.error
+    with pytest.raises(errors.NotFound):
+        ckpt.client.get("broken-int8")
+
+
+@pytest.mark.slow
+def test_cli_compress_follows_progress_prints_the_report_and_ckpt_show_shows_lineage(env, tmp_path):
+    client, _, _ = env
+    config_path = tmp_path / "cli.yaml"
+    config_path.write_text(yaml.safe_dump(client.cli_yaml))
+    runner = CliRunner()
+    out = runner.invoke(
+        cli, ["--config", str(config_path), "compress", "base", "--method", "int8", "--eval", "calib"]
+    )
+    assert out.exit_code == 0, out.output
+    assert "layer 14/14" in out.output and "checkpoint base-int8:1" in out.output
+    assert "perplexity (calib)" in out.output and "ratio" in out.output
+    shown = runner.invoke(cli, ["--config", str(config_path), "ckpt", "show", "base-int8"])
+    assert shown.exit_code == 0, shown.output
+    assert (
+        "lineage: base-int8:1 <- base:1" in shown.output
+        and "compression report (int8 of base:1)" in shown.output
+    )
+    bad = runner.invoke(cli, ["--config", str(config_path), "compress", "ghost", "--method", "int8"])
+    assert bad.exit_code == 1 and "NOT_FOUND: checkpoint 'ghost' not found" in bad.output
+
+
+def test_cancel_between_layers_stops_the_running_job_and_stores_nothing(tmp_path, ckpt, redis_client):
+    """A real queue and worker running the real handler; the cancel lands right after layer 1's
+    progress event (a wrapper requests it there), and the worker stops before layer 2."""
+    ckpt.client.save("base", model_tensors(), config=CONFIG.to_dict())
+    queue = JobQueue(redis_client, lease_seconds=30.0, max_attempts=2)
+    handler = CompressJobHandler(ckpt.new_client, tmp_path)
+
+    def cancel_after_first_layer(ctx):
+        report = ctx.progress
+
+        def progress(message="", **data):
+            report(message, **data)
+            if data.get("layer") == 1:
+                queue.cancel(ctx.job.id, reason="enough")
+
+        ctx.progress = progress
+        return handler(ctx)
+
+    job = queue.submit(JOB_TYPE, {"source": "base", "output_name": "base-int8", "method": "int8"})
+    assert JobWorker(queue, JOB_TYPE, cancel_after_first_layer, heartbeat_seconds=5).run_once(block_seconds=2)
+    final = queue.get(job.id)
+    assert final.state == JobState.CANCELLED
+    layers = [e.data["layer"] for e in queue.events(job.id) if e.kind == "progress"]
+    assert layers == [1]
+    with pytest.raises(errors.NotFound):
+        ckpt.client.get("base-int8")
+
+
+@pytest.mark.slow
+def test_gptq_job_calibrates_on_the_dataset_and_its_output_serves_as_int4(env):
+    client, ckpt, _ = env
+    job = client.submit(
+        "base", "base-gptq", "int4_gptq", group_size=32, calibration_dataset="calib", calibration_samples=16
+    )
+    done = client.wait(job.id, timeout=120)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
+    assert done.result["report"]["settings"]["group_size"] == 32
+    version = ckpt.client.get("base-gptq:1")
+    assert version.manifest.lineage.dataset == "calib"
+    loaded = load_model(ckpt.client, "base-gptq")
+    assert loaded.quantization == "int4" and loaded.config["quantization"]["algorithm"] == "gptq"
+    engine = build_engine(loaded.tensors, loaded.config, EngineConfig(num_blocks=16))
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.output_token_ids) == 4
