@@ -52,8 +52,10 @@ def _task(folder: Path) -> Path:
 
 
 def test_lm_eval_local_completions_agrees_with_tokenmill_eval(
-    served, hf_chat: HfChat, tmp_path: Path
-) -> None:  # noqa: F811
+    served,  # noqa: F811 - the fixture imported above
+    hf_chat: HfChat,
+    tmp_path: Path,
+) -> None:
     from lm_eval import simple_evaluate
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from lm_eval.tasks import TaskManager
