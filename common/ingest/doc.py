@@ -135,6 +135,20 @@ def split_words(text: str) -> list[str]:
     return out
 
 
+def repeated(items: list[str]) -> tuple[int, int]:
+    """(number of repeated elements, characters in them) counting every occurrence after the first:
+    the measure the Gopher repetition filter and the code repetition filter share."""
+    seen: set[str] = set()
+    count = chars = 0
+    for item in items:
+        if item in seen:
+            count += 1
+            chars += len(item)
+        else:
+            seen.add(item)
+    return count, chars
+
+
 class Doc:
     """Mutable text plus a cache of its words; assigning ``text`` invalidates the cache."""
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tokenmill.common.ingest.doc import Doc
+from tokenmill.common.ingest.doc import Doc, repeated
 
 
 @dataclass
@@ -152,7 +152,7 @@ class RepetitionFilter:
         lines = [stripped for line in doc.text.split("\n") if (stripped := line.strip())]
         if len(lines) < 2:
             return None
-        dup_lines, dup_chars = duplicate_lines(lines)
+        dup_lines, dup_chars = repeated(lines)
         if dup_lines / len(lines) > self.max_dup_line_fraction:
             return "dup_line_fraction"
         if dup_chars / sum(map(len, lines)) > self.max_dup_line_char_fraction:
@@ -160,19 +160,6 @@ class RepetitionFilter:
         if duplicate_block_fraction(lines, self.block_lines) > self.max_dup_block_fraction:
             return "dup_block_fraction"
         return None
-
-
-def duplicate_lines(lines: list[str]) -> tuple[int, int]:
-    """How many lines (and their characters) repeat an earlier line."""
-    seen: set[str] = set()
-    count = chars = 0
-    for line in lines:
-        if line in seen:
-            count += 1
-            chars += len(line)
-        else:
-            seen.add(line)
-    return count, chars
 
 
 def duplicate_block_fraction(lines: list[str], block: int) -> float:

@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from tokenmill.common.ingest.doc import Doc, split_words
+from tokenmill.common.ingest.doc import Doc, repeated, split_words
 from tokenmill.common.ingest.punctuation import PUNCTUATION_SET, TERMINAL_PUNCTUATION_TUPLE
 
 GOPHER_STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
@@ -87,19 +87,6 @@ _PARAGRAPH_SPLIT = re.compile(r"\n{2,}")
 _LINE_SPLIT = re.compile("\n+")
 
 
-def _duplicates(items: list[str]) -> tuple[int, int]:
-    """(number of repeated elements, characters in them) counting every occurrence after the first."""
-    seen: set[str] = set()
-    dup_n = dup_chars = 0
-    for item in items:
-        if item in seen:
-            dup_n += 1
-            dup_chars += len(item)
-        else:
-            seen.add(item)
-    return dup_n, dup_chars
-
-
 def _top_ngram_chars(words: list[str], n: int) -> int:
     grams = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
     if not grams:
@@ -148,13 +135,13 @@ class GopherRepetitionFilter:
         if not text:
             return "empty"
         paragraphs = _PARAGRAPH_SPLIT.split(text.strip())
-        n_dup, chars = _duplicates(paragraphs)
+        n_dup, chars = repeated(paragraphs)
         if n_dup / len(paragraphs) > self.dup_para_frac:
             return "dup_para_frac"
         if chars / len(text) > self.dup_para_char_frac:
             return "dup_para_char_frac"
         lines = _LINE_SPLIT.split(text)
-        n_dup, chars = _duplicates(lines)
+        n_dup, chars = repeated(lines)
         if n_dup / len(lines) > self.dup_line_frac:
             return "dup_line_frac"
         if chars / len(text) > self.dup_line_char_frac:
@@ -254,7 +241,7 @@ class FineWebQualityFilter:
         if sum(1 for line in lines if len(line) <= self.short_line_length) / len(lines) > self.short_line_thr:
             return "short_line_ratio"
         flat = len(text) - text.count("\n")
-        if flat and _duplicates(lines)[1] / flat > self.char_duplicates_ratio:
+        if flat and repeated(lines)[1] / flat > self.char_duplicates_ratio:
             return "char_dup_ratio"
         words = doc.words if doc.text is text else split_words(text)
         if words and text.count("\n") / len(words) > self.new_line_ratio:
