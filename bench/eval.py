@@ -24,39 +24,33 @@ from bench._report import target, write_report
 from tokenmill.common.eval.harness import encode_pair, evaluate_task
 from tokenmill.common.eval.lm import LocalLM
 from tokenmill.common.eval.tasks import SUITES, load_task
+from tokenmill.common.ingest.tokenizer import EOS, eos_id, train_tokenizer
+from tokenmill.common.ingest.tokenizer import vocab_size as vocab_size_of
 from tokenmill.common.model.hf_layout import model_config_from_hf, read_hf_dir
 
 TASK = SUITES / "python" / "next_line.yaml"
 
 
 def build_hf_model(out: Path, vocab_size: int, hidden: int, layers: int) -> None:
-    """A tokenizer trained on standard-library source and a random Llama, both saved by HF."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """The ingest service's tokenizer trained on standard-library source and a random Llama, both
+    saved by HF."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:200]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator((f.read_text(errors="replace") for f in files), trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
+    tok = train_tokenizer((f.read_text(errors="replace") for f in files), vocab_size)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS).save_pretrained(out)
+    eos = eos_id(tok)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size_of(tok),
         hidden_size=hidden,
         intermediate_size=hidden * 8 // 3,
         num_hidden_layers=layers,
         num_attention_heads=hidden // 64,
         num_key_value_heads=hidden // 64,
         max_position_embeddings=1024,
-        eos_token_id=0,
-        bos_token_id=0,
+        eos_token_id=eos,
+        bos_token_id=eos,
         tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
@@ -87,7 +81,9 @@ def run_lm_eval(model_dir: Path, batch_size: int) -> tuple[dict[str, float], flo
     manager = TaskManager(include_path=str(TASK.parent))
     with contextlib.chdir(TASK.parent):  # the task's data_files are relative to its folder
         start = time.perf_counter()
-        out = simple_evaluate(model=lm, tasks=["python_next_line"], task_manager=manager, batch_size=batch_size)
+        out = simple_evaluate(
+            model=lm, tasks=["python_next_line"], task_manager=manager, batch_size=batch_size
+        )
         seconds = time.perf_counter() - start
     scores = out["results"]["python_next_line"]
     return {"acc": scores["acc,none"], "acc_norm": scores["acc_norm,none"]}, seconds

@@ -19,7 +19,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -328,26 +327,16 @@ class PortInUseError(RuntimeError):
     """A port a service needs is held by another process: the real cause of an UNREACHABLE service."""
 
 
-def port_taken(host: str, port: int) -> bool:
-    """Whether a listener already holds `host:port` (SO_REUSEADDR: a TIME_WAIT leftover does not count)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def check_ports_free(config: Config) -> None:
-    """PortInUseError naming every service port (gRPC or metrics) another process holds."""
+    """PortInUseError naming every service port (gRPC or metrics) another process holds, and who."""
+    from tokenmill.common.platform.redis_embedded import port_bindable, port_holders
+
     taken = []
     for name in SERVICE_NAMES:
         svc = config.service(name)
         for kind, port in (("gRPC", svc.port), ("metrics", svc.effective_metrics_port)):
-            if port_taken(svc.host, port):
-                taken.append(f"{name} {kind} port {svc.host}:{port}")
+            if not port_bindable(svc.host, port):
+                taken.append(f"{name} {kind} port {svc.host}:{port} (held by {port_holders(port)})")
     if taken:
         raise PortInUseError(
             f"already in use by another process: {', '.join(taken)}; stop that process or set "

@@ -113,10 +113,11 @@ def _free_port(host: str) -> int:
 
 
 def port_bindable(host: str, port: int) -> bool:
-    """True when redis-server could bind `host:port` now. The probe sets SO_REUSEADDR as
-    redis-server does, so only what would really block it counts (a listener, or a socket bound
-    without SO_REUSEADDR), not the old server's connections in TIME_WAIT."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """True when a server could bind `host:port` now. The probe sets SO_REUSEADDR as redis-server
+    and gRPC do, so only what would really block it counts (a listener, or a socket bound without
+    SO_REUSEADDR), not an old server's connections in TIME_WAIT."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
