@@ -12,6 +12,7 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fixtures.train import running_trainer_service
 from tokenmill.services.trainer.metrics import TrainerMetrics, register_gpu_metrics
 from tokenmill.v1 import common_pb2
 
@@ -96,24 +97,10 @@ def test_a_new_job_replaces_the_previous_jobs_series():
 @pytest.fixture
 def trainer_with_metrics(train_data_root, redis_client, start_checkpoint_service, tmp_path):
     """The trainer service in this process with its Prometheus endpoint on (an ephemeral port)."""
-    from tests.fixtures.grpc import TEST_TOKEN, make_test_config
-    from tokenmill.common.clients.trainer import TrainerClient
-    from tokenmill.common.runtime import ServiceApp
-    from tokenmill.services.trainer.server import build
-
-    ckpt = start_checkpoint_service()
-    config = make_test_config(tmp_path, data_dir=train_data_root)
-    app = ServiceApp("trainer", config, port=0)
-    io_spec = {"kind": "store", "address": f"127.0.0.1:{ckpt.app.port}", "token": TEST_TOKEN}
-    build(config, app, redis_client=redis_client, io_spec=io_spec)
-    app.start()
-    app.set_serving()
-    client = TrainerClient(f"127.0.0.1:{app.port}", token=TEST_TOKEN)
-    try:
-        yield app, client
-    finally:
-        client.close()
-        app.stop(5)
+    with running_trainer_service(
+        train_data_root, redis_client, start_checkpoint_service, tmp_path, metrics=True
+    ) as service:
+        yield service.app, service.client
 
 
 @pytest.mark.slow
