@@ -5,27 +5,23 @@ CANCELLED with nothing stored."""
 
 from __future__ import annotations
 
-import os
+import functools
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from tests.fixtures.grpc import TEST_TOKEN, free_port
+from tests.fixtures.processes import SpawnService
 from tests.test_compress_job import CONFIG, model_tensors, write_dataset
 from tokenmill.common import errors
-from tokenmill.common import failpoints as failpoints_env
 from tokenmill.common.clients import CompressClient
 from tokenmill.v1 import common_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -50,40 +46,21 @@ def setup(tmp_path: Path, ckpt, redis_url, redis_client) -> tuple[Path, int]:
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
-    procs: list[subprocess.Popen] = []
-    base = {k: v for k, v in os.environ.items() if not k.startswith("TOKENMILL_") and k != "REDIS_URL"}
-
-    def start(config: Path, port: int, failpoints: dict[str, Any]) -> subprocess.Popen:
-        env = {**base, failpoints_env.ENV: failpoints_env.env_value(failpoints), "PYTHONPATH": str(REPO)}
-        log = open(tmp_path / f"compress-{len(procs)}.log", "wb")  # noqa: SIM115 - the process holds it
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tokenmill.services.compress", "--config", str(config)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        log.close()
-        procs.append(proc)
-        with CompressClient(f"127.0.0.1:{port}", token=TEST_TOKEN) as client:
-            client.wait_until_serving(timeout=60)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
+def spawn(service_process: SpawnService) -> Callable[..., subprocess.Popen]:
+    """`spawn(config, failpoints)` -> the compress service as a real process, serving."""
+    return functools.partial(service_process, "compress")
 
 
 def test_worker_killed_mid_compression_is_reclaimed_and_the_job_finishes_once(setup, spawn, ckpt):
     config, port = setup
     kill_at_5 = {"compress.after_layer": {"action": "kill", "when": {"layer": 5, "attempt": 1}}}
-    first = spawn(config, port, kill_at_5)
+    first = spawn(config, kill_at_5)
     with CompressClient(f"127.0.0.1:{port}", token=TEST_TOKEN, timeout=30) as client:
         job = client.submit("base", "base-int8", "int8", idempotency_key="drill")
         assert first.wait(timeout=120) == -9
     with pytest.raises(errors.NotFound):  # nothing half-written is visible
         ckpt.client.get("base-int8")
-    spawn(config, port, kill_at_5)  # same failpoints: they fire on attempt 1 only
+    spawn(config, kill_at_5)  # same failpoints: they fire on attempt 1 only
     with CompressClient(f"127.0.0.1:{port}", token=TEST_TOKEN, timeout=30) as client:
         done = client.wait(job.id, timeout=120)
         assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
@@ -99,7 +76,7 @@ def test_cancel_while_the_worker_is_stuck_mid_compression_then_killed_ends_cance
     config, port = setup
     marker = tmp_path / "paused"
     pause = {"compress.after_layer": {"action": "pause", "marker": str(marker), "when": {"layer": 2}}}
-    stuck = spawn(config, port, pause)
+    stuck = spawn(config, pause)
     with CompressClient(f"127.0.0.1:{port}", token=TEST_TOKEN, timeout=30) as client:
         job = client.submit("base", "base-int8", "int8")
         deadline = time.monotonic() + 120
@@ -109,7 +86,7 @@ def test_cancel_while_the_worker_is_stuck_mid_compression_then_killed_ends_cance
         client.cancel_job(job.id, reason="too slow")
         stuck.kill()
         stuck.wait(timeout=10)
-    spawn(config, port, {})
+    spawn(config, {})
     with CompressClient(f"127.0.0.1:{port}", token=TEST_TOKEN, timeout=30) as client:
         done = client.wait(job.id, timeout=120)
     assert done.state == common_pb2.JOB_STATE_CANCELLED

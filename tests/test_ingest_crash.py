@@ -7,9 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +17,17 @@ import yaml
 
 from tests.fixtures.grpc import TEST_TOKEN, free_port
 from tests.fixtures.ingest import good_web_text, write_jsonl
-from tokenmill.common import failpoints as failpoints_env
+from tests.fixtures.processes import SpawnService
 from tokenmill.common.clients.ingest import IngestClient
 from tokenmill.v1 import common_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def ingest_process(tmp_path: Path, redis_server) -> Iterator[tuple[Path, Callable[..., subprocess.Popen]]]:
+def ingest_process(
+    tmp_path: Path, redis_server, service_process: SpawnService
+) -> tuple[Path, Callable[..., subprocess.Popen]]:
     """(config path, `spawn(failpoints=None)`): `python -m tokenmill.services.ingest` as a real
     process, serving; `failpoints` arm that process's failpoints only (a restart runs without)."""
     config = tmp_path / "ingest.yaml"
@@ -45,37 +44,11 @@ def ingest_process(tmp_path: Path, redis_server) -> Iterator[tuple[Path, Callabl
             }
         )
     )
-    base = {k: v for k, v in os.environ.items() if not k.startswith("TOKENMILL_") and k != "REDIS_URL"}
-    procs: list[subprocess.Popen] = []
 
     def spawn(failpoints: dict[str, Any] | None = None) -> subprocess.Popen:
-        env = {**base, failpoints_env.ENV: failpoints_env.env_value(failpoints)} if failpoints else base
-        log_path = tmp_path / f"ingest-{len(procs)}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tokenmill.services.ingest", "--config", str(config)],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        procs.append(proc)
-        with IngestClient(_address(config), token=TEST_TOKEN) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                try:
-                    client.wait_until_serving(timeout=1.0)
-                    return proc
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
+        return service_process("ingest", config, failpoints)
 
-    yield config, spawn
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
+    return config, spawn
 
 
 def _address(config: Path) -> str:

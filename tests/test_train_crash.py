@@ -4,22 +4,20 @@ checkpoint holds (weights only or full state)."""
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 import yaml
 
 from tests.fixtures.grpc import TEST_TOKEN, free_port
-from tokenmill.common import failpoints as failpoints_env
+from tests.fixtures.processes import SpawnService
 from tokenmill.common.clients.trainer import TrainerClient
 from tokenmill.common.trainer.backends.local import run_local
 from tokenmill.common.trainer.config import TrainConfig
@@ -28,7 +26,6 @@ from tokenmill.v1 import common_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(workers=2, micro_batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2)
 
 
@@ -51,52 +48,10 @@ def _write_config(tmp_path: Path, data_dir: Path, redis_url: str, ckpt_port: int
 
 
 @pytest.fixture
-def trainer_process(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
+def trainer_process(service_process: SpawnService) -> Callable[..., subprocess.Popen]:
     """`spawn(config, failpoints=None)` -> `python -m tokenmill.services.trainer` as a real process,
     serving; `failpoints` arm the service's (and so its workers') failpoints."""
-    procs: list[subprocess.Popen] = []
-    base = {k: v for k, v in os.environ.items() if not k.startswith("TOKENMILL_") and k != "REDIS_URL"}
-
-    def spawn(config: Path, failpoints: dict[str, Any] | None = None) -> subprocess.Popen:
-        env = {**base, failpoints_env.ENV: failpoints_env.env_value(failpoints)} if failpoints else base
-        log = open(tmp_path / f"trainer-{len(procs)}.log", "wb")  # noqa: SIM115 - the process holds it
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tokenmill.services.trainer", "--config", str(config)],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        procs.append(proc)
-        port = yaml.safe_load(config.read_text())["services"]["trainer"]["port"]
-        with TrainerClient(f"127.0.0.1:{port}", token=TEST_TOKEN) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, (tmp_path / f"trainer-{len(procs) - 1}.log").read_text()[-3000:]
-                try:
-                    client.wait_until_serving(timeout=1.0)
-                    return proc
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-
-    yield spawn
-    for proc in procs:
-        _kill_tree(proc.pid)
-        proc.wait(timeout=10)
-
-
-def _kill_tree(pid: int) -> None:
-    """Teardown: SIGKILL a process and whatever it started that is still alive."""
-    try:
-        root = psutil.Process(pid)
-        family = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
+    return functools.partial(service_process, "trainer")
 
 
 def _running_after(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
