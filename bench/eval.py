@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench._report import target, write_report
-from tokenmill.common.eval.harness import encode_pair, evaluate_task
+from tokenmill.common.eval.harness import encode_pairs, evaluate_task
 from tokenmill.common.eval.lm import LocalLM
 from tokenmill.common.eval.tasks import SUITES, load_task
 from tokenmill.common.ingest.tokenizer import EOS, eos_id, train_tokenizer
@@ -65,7 +65,7 @@ def run_tokenmill(model_dir: Path, batch_size: int) -> tuple[dict[str, float], f
     work = sum(
         len(c) + len(x)
         for inst in task.instances()
-        for c, x in (encode_pair(lm, inst.context, cont) for cont in inst.continuations)
+        for c, x in encode_pairs(lm, inst.context, inst.continuations)
     )
     start = time.perf_counter()
     result = evaluate_task(task, lm)

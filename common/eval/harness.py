@@ -33,16 +33,19 @@ class TaskResult:
         }
 
 
-def encode_pair(lm: LanguageModel, context: str, continuation: str) -> Pair:
-    """lm-eval's split: trailing spaces move to the continuation, which is cut from the whole's ids."""
+def encode_pairs(lm: LanguageModel, context: str, continuations: Sequence[str]) -> list[Pair]:
+    """lm-eval's split: trailing spaces move to the continuation, which is cut from the whole's ids.
+    The context is encoded once for all its continuations."""
     if not context:
-        return [lm.prefix_token_id], lm.encode(continuation)
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = lm.encode(context + continuation)
-    ctx = lm.encode(context)
-    return ctx, whole[len(ctx) :]
+        return [([lm.prefix_token_id], lm.encode(c)) for c in continuations]
+    stripped = context.rstrip()
+    moved = context[len(stripped) :]
+    ctx = lm.encode(stripped)
+    return [(ctx, lm.encode(stripped + moved + c)[len(ctx) :]) for c in continuations]
+
+
+def encode_pair(lm: LanguageModel, context: str, continuation: str) -> Pair:
+    return encode_pairs(lm, context, [continuation])[0]
 
 
 def evaluate_task(
@@ -68,7 +71,7 @@ def evaluate_task(
 
 
 def _multiple_choice(instances: Sequence[Instance], lm: LanguageModel) -> tuple[dict[str, float], list[dict]]:
-    pairs = [encode_pair(lm, inst.context, cont) for inst in instances for cont in inst.continuations]
+    pairs = [pair for inst in instances for pair in encode_pairs(lm, inst.context, inst.continuations)]
     lls = [ll for ll, _ in lm.loglikelihood(pairs)]
     per_doc, samples, at = [], [], 0
     for inst in instances:

@@ -184,9 +184,10 @@ class _Pack:
             # token j of the continuation is predicted by the row before it: the context's last
             # token for j = 0, else the continuation's token j - 1 (laid out from `start`).
             rows = [n - 1] + list(range(start, start + len(cont) - 1))
-            pack.tokens += cont
-            pack.positions += range(n, n + len(cont))
-            pack.segments += [k] * len(cont)
+            body = cont[:-1]  # the last token is only predicted, never an input
+            pack.tokens += body
+            pack.positions += range(n, n + len(body))
+            pack.segments += [k] * len(body)
             pack.scored.append((index, rows, list(cont)))
         return pack
 
