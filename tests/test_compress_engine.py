@@ -229,3 +229,27 @@ def test_compositions_that_do_not_apply_say_why(tiny_ckpt):
         MethodSpec("svd", rank=4, energy=0.9)
     with pytest.raises(InvalidArgument, match="unknown compression setting"):
         MethodSpec.from_dict({"method": "int8", "bits": 3})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
+        {"model_type": "mistral", "sliding_window": 8},
+    ],
+    ids=["yarn", "sliding-window"],
+)
+def test_calibration_feeds_each_block_what_the_model_feeds_it(tiny_ckpt, overrides):
+    """Blocks run one at a time for calibration see the model's own activations: yarn's attention
+    scaling (and every other rope setting) included, not a plain rope rebuilt beside the model."""
+    from tests.fixtures.inference import random_model, tiny_config
+    from tokenmill.common.compress.calibrate import blocks_with_inputs
+
+    model = random_model(tiny_config(tiny_ckpt.config.vocab_size, **overrides))
+    batches = calib(model.config.vocab_size, rows=2, seq=40)
+    *_, (_, _, inputs) = blocks_with_inputs(model, batches)  # the last block's inputs
+    last = model.model.layers[-1]
+    with torch.no_grad():
+        outputs = [model.model.norm(last(x, cos, sin)) for x, cos, sin in inputs]
+        for ids, got in zip(batches, outputs, strict=True):
+            assert torch.allclose(got, model.hidden_states(ids), atol=1e-5)

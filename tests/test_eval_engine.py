@@ -242,3 +242,16 @@ def test_the_shipped_python_suite_loads_and_scores(lm: LocalLM) -> None:
 def test_an_unknown_suite_names_the_shipped_ones() -> None:
     with pytest.raises(InvalidArgument, match="python"):
         load_suite("no-such-suite")
+
+
+def test_scoring_a_sliding_window_model_keeps_its_window(tiny_ckpt: TinyCheckpoint) -> None:
+    """The tree mask is narrowed to each layer's window: scores equal the model's own windowed forward."""
+    from tests.fixtures.inference import random_model, tiny_config
+
+    model = random_model(tiny_config(tiny_ckpt.config.vocab_size, model_type="mistral", sliding_window=8))
+    lm = LocalLM.from_checkpoint(model.state_dict(), model.config.to_dict(), tiny_ckpt.tokenizer_json)
+    ctx = lm.encode("Once upon a time there was a small language model that wanted to be fast.")
+    pairs = [(ctx, lm.encode(c)) for c in (" The quick brown fox", " def add(a, b):")]
+    for (ll, _), (c, cont) in zip(lm.loglikelihood(pairs), pairs, strict=True):
+        assert len(c) + len(cont) > 3 * 8
+        assert ll == pytest.approx(_reference_ll(model, c, cont), abs=1e-4)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tokenmill.common.model.transformer import Transformer, rope_cos_sin
+from tokenmill.common.model.transformer import Transformer
 
 SAMPLE_ROWS = 1024  # input rows kept per linear for AWQ and error measurement
 
@@ -112,7 +112,7 @@ def blocks_with_inputs(
         inputs = []
         for ids in batches:
             x = model.model.embed_tokens(ids)
-            cos, sin = rope_cos_sin(model.rope_inv_freq, torch.arange(ids.shape[1]), x.dtype)
+            cos, sin = model.rope(torch.arange(ids.shape[1]), x.dtype)
             inputs.append((x, cos, sin))
     for i, block in enumerate(model.model.layers):
         yield i, block, inputs

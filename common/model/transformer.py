@@ -371,7 +371,8 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``mask`` [B, 1, T, T] bool (True: may attend) replaces the causal mask, e.g. for scoring
-        several continuations of one context in one sequence; it is not combined with a window."""
+        several continuations of one context in one sequence; ``Transformer.hidden_states`` has
+        already combined it with this layer's window."""
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x, cos, sin)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, heads, T, D]
@@ -479,6 +480,29 @@ class Transformer(nn.Module):
             return self.rope_inv_freq
         return dynamic_inv_freq(self.config, seq_len).to(self.rope_inv_freq.device)
 
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for these positions as every forward uses them (dynamic NTK, yarn's scaling):
+        also for callers that run the blocks themselves (compression's calibration)."""
+        inv_freq = self._inv_freq(position_ids)
+        return rope_cos_sin(inv_freq, position_ids, dtype, rope_attention_scaling(self.config))
+
+    def _layer_masks(
+        self, mask: torch.Tensor | None, position_ids: torch.Tensor
+    ) -> list[torch.Tensor | None]:
+        """A caller's mask, narrowed per sliding-window layer to keys within its window (built once
+        per distinct window)."""
+        if mask is None:
+            return [None] * len(self.model.layers)
+        rel = (position_ids[..., :, None] - position_ids[..., None, :]).unsqueeze(-3)
+        by_window: dict[int | None, torch.Tensor] = {}
+        out: list[torch.Tensor | None] = []
+        for i in range(self.config.num_layers):
+            window = self.config.layer_window(i)
+            if window not in by_window:
+                by_window[window] = mask if window is None else mask & (rel < window)
+            out.append(by_window[window])
+        return out
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,
@@ -491,14 +515,13 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(
-            self._inv_freq(position_ids), position_ids, x.dtype, rope_attention_scaling(self.config)
-        )
-        for layer in self.model.layers:
+        cos, sin = self.rope(position_ids, x.dtype)
+        masks = self._layer_masks(mask, position_ids)
+        for layer, layer_mask in zip(self.model.layers, masks, strict=True):
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, layer_mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, layer_mask)
         return self.model.norm(x)
 
     def forward(
