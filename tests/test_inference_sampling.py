@@ -129,6 +129,18 @@ def test_echo_scores_every_prompt_token_like_hf(hf_chat, engine_kwargs):
     assert outs[0].token_ids == hf_chat.greedy(ids, 1)
 
 
+def test_a_model_without_a_tokenizer_names_every_scored_token(hf_chat):
+    """One token text per logprob ("" without a tokenizer): the HTTP front zips them strictly."""
+    tensors, config, _ = read_hf_dir(hf_chat.path)
+    engine = build_engine(tensors, model_config_from_hf(config), EngineConfig(num_blocks=128, block_size=4))
+    ids = hf_chat.encode(PROMPT)
+    _, outs = run(engine, ids, echo=True, logprobs=True, top_logprobs=2, max_tokens=2, temperature=0.0)
+    assert outs[0].prompt.tokens == [""] * len(ids)
+    for out in outs:
+        assert out.tokens == [""] * len(out.logprobs) and len(out.logprobs) == len(out.token_ids)
+        assert all(text == "" for alts in out.top_logprobs for _, _, text in alts)
+
+
 def test_echo_survives_preemption(hf_chat):
     """A pool too small for two long requests preempts one; its prompt is scored once, correctly."""
     engine = engine_for(hf_chat, num_blocks=24, max_num_batched_tokens=8)

@@ -277,26 +277,31 @@ class LLMEngine:
         top = max(r.params.top_logprobs for r in reqs)
         chosen, alts = token_logprobs(logits, torch.tensor(targets, dtype=torch.long), top)
         row = 0
-        for req, (_, first, n) in zip(reqs, spans, strict=True):
-            if first == len(req.prompt_logprobs):  # rows past what is scored (recompute after preemption)
-                req.prompt_logprobs.extend(chosen[row : row + n])
-                if req.params.top_logprobs:
-                    k = req.params.top_logprobs
-                    req.prompt_top_logprobs.extend(a[:k] for a in (alts or [])[row : row + n])
+        # The runner's spans start where scoring stopped (a recompute after preemption scores
+        # nothing twice) and scored requests never start from a prefix hit: rows append in order.
+        for req, (_, _, n) in zip(reqs, spans, strict=True):
+            req.prompt_logprobs.extend(chosen[row : row + n])
+            if req.params.top_logprobs:
+                k = req.params.top_logprobs
+                req.prompt_top_logprobs.extend(a[:k] for a in (alts or [])[row : row + n])
             row += n
 
     def _prompt_scores(self, req: Request) -> PromptScores:
         ids = req.prompt_token_ids
         tok = self.tokenizer
-        scores = PromptScores(list(ids), tok.token_texts(ids) if tok else [], tok.decode(ids) if tok else "")
+        scores = PromptScores(list(ids), self._token_texts(ids), tok.decode(ids) if tok else "")
         if req.params.scores_prompt:
             scores.logprobs = [None, *req.prompt_logprobs]
             if req.params.top_logprobs:
                 scores.top_logprobs = [None, *(self._named(a) for a in req.prompt_top_logprobs)]
         return scores
 
+    def _token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's text; "" per token for a model without a tokenizer (one entry per logprob)."""
+        return self.tokenizer.token_texts(ids) if self.tokenizer else [""] * len(ids)
+
     def _named(self, alts: TopLogprobs) -> NamedLogprobs:
-        texts = self.tokenizer.token_texts([t for t, _ in alts]) if self.tokenizer else [""] * len(alts)
+        texts = self._token_texts([t for t, _ in alts])
         return [(t, lp, s) for (t, lp), s in zip(alts, texts, strict=True)]
 
     def _finish_scored(self, req: Request, now: float) -> RequestOutput:
@@ -327,7 +332,7 @@ class LLMEngine:
         if req.params.wants_logprobs and logprob is not None:
             req.output_logprobs.append(logprob)
             out.logprobs = [logprob]
-            out.tokens = self.tokenizer.token_texts([tok]) if self.tokenizer else []
+            out.tokens = self._token_texts([tok])
             if req.params.top_logprobs and alts is not None:
                 out.top_logprobs = [self._named(alts[: req.params.top_logprobs])]
         p = req.params
