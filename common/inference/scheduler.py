@@ -118,7 +118,8 @@ class Scheduler:
                     self.blocks.free_seq(req.request_id)
                     req.num_computed_tokens = 0
                     break
-                self.blocks.record_prefix_lookup(req.num_tokens, hit)
+                if not scores:  # a scored prompt never looked the cache up: it is no miss
+                    self.blocks.record_prefix_lookup(req.num_tokens, hit)
                 if not req.admitted:
                     req.num_cached_tokens = hit
                     req.admitted = True
