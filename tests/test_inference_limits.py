@@ -219,6 +219,7 @@ def test_default_limit_refuses_a_16_mib_body(start_front, tmp_path: Path) -> Non
         (b'{"prompt":"hi","stop_token_ids":' + json.dumps([1] * 1025).encode() + b"}", 400, "at most 1024"),
         (b'{"prompt":"hi","logit_bias":{"5":101}}', 400, r"must be in \[-100, 100\]"),
         (b'{"prompt":"hi","logit_bias":{"x":1}}', 400, "is not a token id"),
+        (b'{"prompt":"hi","logit_bias":{"\\u00b2":1}}', 400, "is not a token id"),  # a digit to isdigit()
         (b'{"prompt":"hi","suffix":"x"}', 400, "'suffix' is not supported"),
         (b'{"prompt":{"a":1}}', 422, "'prompt' must be a string or a list"),
         (b'{"prompt":["a","b"]}', 400, "batched prompts are not supported"),

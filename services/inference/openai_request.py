@@ -43,7 +43,7 @@ async def read_capped(headers: Any, chunks: AsyncIterator[bytes], limit: int) ->
     """The body, read no further than `limit` bytes: a larger declared Content-Length is refused
     before a byte is read, and a chunked body as soon as it passes the limit."""
     declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"the request body is {int(declared)} bytes; at most {limit} are accepted")
     parts: list[bytes] = []
     size = 0
@@ -192,7 +192,7 @@ def logit_bias(value: Any, limits: InferenceLimitsConfig) -> dict[int, float]:
         )
     out: dict[int, float] = {}
     for key, bias in value.items():
-        if not key.isdigit() or int(key) > UINT32_MAX:
+        if not (key.isascii() and key.isdigit()) or int(key) > UINT32_MAX:
             raise InvalidArgument(
                 f"'logit_bias' key {key[:40]!r} is not a token id (ids are 0 .. vocab size - 1)"
             )
