@@ -34,6 +34,8 @@ from tokenmill.common.errors import TokenmillError
 from tokenmill.common.runtime import StartupError
 from tokenmill.services.inference.convert import ResponseBuilder
 from tokenmill.services.inference.dispatch.failover import RouterDispatcher
+from tokenmill.services.inference.dispatch.protocol import ReplicaInfo
+from tokenmill.services.inference.dispatch.selector import Selector
 from tokenmill.services.inference.openai_request import (
     chat_request,
     completion_request,
@@ -59,6 +61,14 @@ HTTP_STATUS = {
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
 }
+
+
+def served_as(model: str, live: list[ReplicaInfo]) -> str:
+    """The ref a response names: the one the request's selector matched (an adapter's own, not its
+    base's), or the request's model while no replica is live (it queues)."""
+    selector = Selector.parse(model)
+    matched = (s.ref for r in live for s in r.serving() if selector is None or selector.matches(s))
+    return next(matched, model)
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
@@ -157,12 +167,10 @@ def build_app(
         try:
             data = await read_capped(request.headers, request.stream(), limits.max_http_body_bytes)
             req, stream, include_usage = parse(parse_json(data, limits.max_json_depth), limits)
-            replicas = await run_in_threadpool(dispatcher.replicas)
-            dispatcher.check_model(req.model, replicas)
+            live = await run_in_threadpool(dispatcher.targets, req.model)  # [] while it scales from zero
         except TokenmillError as exc:
             return error_response(exc)
-        name = req.model.split(":")[0]
-        model = next((r.model for r in replicas if not name or r.name == name), req.model)
+        model = served_as(req.model, live)
         head = {"id": req.request_id, "created": int(time.time()), "model": model}
         fmt = make_format(req)
         active = threading.Event()

@@ -181,10 +181,6 @@ class RouterDispatcher:
             check_served(model, known, where="the platform serves")
         return []
 
-    def check_model(self, model: str, replicas: list[ReplicaInfo] | None = None) -> list[ReplicaInfo]:
-        """`targets(model)`; the HTTP front calls it with the replicas it listed (now re-read here)."""
-        return self.targets(model)
-
     def live_for(self, model: str) -> list[ReplicaInfo]:
         """`targets`, but UNAVAILABLE when no replica of `model` is live (calls that cannot queue)."""
         live = self.targets(model)
