@@ -12,6 +12,7 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from tests.fixtures.grpc import free_port
 from tests.fixtures.inference import greedy, reference_greedy, wait_for
 from tokenmill.common import errors
 from tokenmill.services.inference.dispatch.protocol import REQUESTS
@@ -116,6 +117,21 @@ def test_router_metrics_backlog_rate_live_replicas_and_queue_wait(
     assert 'tokenmill:num_requests_running{model_name="tiny:1"}' in text
     assert "tokenmill:router_queue_length 0.0" in text and "tokenmill:router_queue_pending 0.0" in text
     assert "tokenmill:router_backlog 0.0" in text
+
+
+def test_router_metrics_still_render_while_redis_is_unreachable() -> None:
+    """A scrape during a Redis outage keeps the router's own series; the Redis-read ones are left out."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    gone = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))  # no listener
+    registry = CollectorRegistry()
+    RouterMetrics(registry).requests.labels(model="tiny").inc()
+    registry.register(RouterCollector(lambda: (gone.xlen(REQUESTS), 0), list))
+    text = generate_latest(registry).decode()
+    assert 'tokenmill:router_requests_total{model="tiny"} 1.0' in text
+    assert "tokenmill:router_backlog" not in text
 
 
 def _save_lora(store, tiny_ckpt, name: str) -> None:

@@ -6,13 +6,17 @@ histograms are fed by the engine's observer hook as tokens are produced.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
+import redis
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tokenmill.common.inference import EngineStats
+
+log = logging.getLogger(__name__)
 
 TTFT_BUCKETS = (
     0.001,
@@ -133,7 +137,12 @@ class RouterCollector(Collector):
         self._replicas = replicas
 
     def collect(self) -> Iterator[Metric]:
-        queued, pending = self._backlog()
+        try:
+            queued, pending = self._backlog()
+            replicas = self._replicas()
+        except redis.RedisError as exc:  # the rest of /metrics still renders while Redis is away
+            log.warning("router metrics: Redis unreachable, backlog and replica series left out: %s", exc)
+            return
         yield GaugeMetricFamily(
             "tokenmill:router_queue_length", "Routed requests in the request stream.", value=queued
         )
@@ -156,7 +165,7 @@ class RouterCollector(Collector):
             "tokenmill:num_requests_waiting", "Requests waiting in the replicas.", labels=["model_name"]
         )
         per_model: dict[str, list[int]] = {}
-        for info in self._replicas():
+        for info in replicas:
             row = per_model.setdefault(info.model, [0, 0, 0])
             row[0] += 1
             row[1] += info.running
