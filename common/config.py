@@ -32,6 +32,13 @@ DEFAULT_PORTS = {
 }
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port` as gRPC and HTTP clients dial it: an IPv6 host in brackets (`[::1]:50055`)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 class ConfigError(ValueError):
     """Raised for a config that cannot start a service; the message names each bad field."""
 
@@ -107,7 +114,7 @@ class ServiceConfig(BaseModel):
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def effective_metrics_port(self) -> int:

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenmill.common import errors
-from tokenmill.common.config import Config
+from tokenmill.common.config import Config, host_port
 from tokenmill.v1 import common_pb2
 
 T = TypeVar("T")
@@ -215,7 +215,7 @@ class BaseClient:
             raise ValueError(f"{cls.__name__}.from_config needs a service_name")
         service = config.services[name]
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(service.host, service.host)
-        target = f"[{host}]:{service.port}" if ":" in host else f"{host}:{service.port}"
+        target = host_port(host, service.port)
         if not config.auth.disabled and config.auth.tokens:
             kwargs.setdefault("token", config.auth.tokens[0])
         if config.tls.enabled:

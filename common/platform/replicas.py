@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from tokenmill.common.config import host_port
 from tokenmill.common.platform.launcher import ProcessSpec
 
 REPLICA_PREFIX = "inference-replica-"
@@ -96,5 +97,5 @@ def replica_specs(
         argv += ["--gpu-memory-utilization", str(options.gpu_memory_utilization)]
         for a in options.adapters:
             argv += ["--adapter", a]
-        specs.append(ProcessSpec(name=name, argv=argv, health_address=f"{host}:{port}"))
+        specs.append(ProcessSpec(name=name, argv=argv, health_address=host_port(host, port)))
     return specs

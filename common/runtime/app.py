@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tokenmill.common.config import Config
+from tokenmill.common.config import Config, host_port
 from tokenmill.common.runtime.interceptors import AuthInterceptor, ErrorInterceptor, ObserveInterceptor
 from tokenmill.common.runtime.metrics import MetricsServer, RpcMetrics, new_registry
 from tokenmill.common.runtime.requests import DecodeInterceptor
@@ -39,12 +39,6 @@ ReadyCheck = Callable[[], Any]  # returns truthy when ready; falsy or raising = 
 
 class StartupError(RuntimeError):
     """The service cannot start (port taken, unreadable TLS files); the message says what to fix."""
-
-
-def _bind_address(host: str, port: int) -> str:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{port}"
 
 
 class ServiceApp:
@@ -149,7 +143,7 @@ class ServiceApp:
         reflection.enable_server_reflection(
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        address = _bind_address(self.host, self._requested_port)
+        address = host_port(self.host, self._requested_port)
         try:
             credentials = server_credentials(self.config.tls)
             if credentials is None:
@@ -166,7 +160,7 @@ class ServiceApp:
                 self._metrics_server = MetricsServer(self.registry, self.host, self._requested_metrics_port)
             except OSError as exc:
                 raise StartupError(
-                    f"{self.name}: cannot serve metrics on {_bind_address(self.host, self._requested_metrics_port)}: "
+                    f"{self.name}: cannot serve metrics on {host_port(self.host, self._requested_metrics_port)}: "
                     f"{exc.strerror} (set services.{self.name}.metrics_port)"
                 ) from None
             self.metrics_port = self._metrics_server.port
@@ -176,7 +170,7 @@ class ServiceApp:
             "%s listening",
             self.name,
             extra={
-                "address": _bind_address(self.host, self.port),
+                "address": host_port(self.host, self.port),
                 "metrics_port": self.metrics_port,
                 "tls": self.config.tls.enabled,
                 "mtls": self.config.tls.client_ca_file is not None,

@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import redis
 
-from tokenmill.common.config import Config
+from tokenmill.common.config import Config, host_port
 from tokenmill.common.errors import FailedPrecondition, TokenmillError
 from tokenmill.common.inference import EngineConfig
 from tokenmill.common.runtime import ReadyCheck, ServiceApp, config_parser, load_or_exit, serve_service
@@ -74,10 +74,6 @@ def routable_address(*, ipv6: bool = False) -> str:
         "the replica is bound to all interfaces but this host has no non-loopback address to advertise; "
         "set services.inference.advertise_host (or POD_IP)"
     )
-
-
-def dial_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -132,7 +128,7 @@ def build_replica(config: Config, app: ServiceApp, args: argparse.Namespace) -> 
             return True
         if "puller" not in state:
             svc = config.service("inference")
-            address = dial_address(advertised_host(app.host, svc.advertise_host), app.port)
+            address = host_port(advertised_host(app.host, svc.advertise_host), app.port)
             replica = state["replica"]
             clear_load_error(redis_client(), replica_id)
             puller = ReplicaPuller(replica, redis_client(), address)
