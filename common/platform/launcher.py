@@ -246,8 +246,9 @@ class Supervisor:
             if name not in desired:
                 self._terminate([name])
                 self.children.pop(name)
+                self.running.pop(name, None)
                 self.state.pop(name, None)
-            elif self.running.get(name) != desired[name]:  # e.g. `tokenmill serve` changed its model
+            elif self.running.get(name) != desired[name]:  # e.g. `tokenmill up` rewrote a service's spec
                 log.info("supervisor: %s changed; restarting it with its new spec", name)
                 self._terminate([name])
                 self.children.pop(name)
