@@ -326,10 +326,9 @@ def chat_messages(value: Any, limits: InferenceLimitsConfig) -> list[inference_p
             raise InvalidArgument(
                 f"'messages[{i}].role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}"
             )
+        # Each message gets what the ones before left of the prompt's bytes (text() refuses more).
         content = text(_content(m.get("content"), i), f"messages[{i}].content", budget)
         budget -= len(content.encode("utf-8"))
-        if budget < 0:
-            raise InvalidArgument("the messages are longer than a prompt may be; shorten them")
         out.append(inference_pb2.ChatMessage(role=role, content=content))
     return out
 
