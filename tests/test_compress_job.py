@@ -135,7 +135,7 @@ def test_submit_rejects_methods_that_do_not_apply(env):
 
 
 def test_submit_rejects_missing_empty_small_or_foreign_vocabulary_datasets(env):
-    client, _, data_dir = env
+    client, ckpt, data_dir = env
     gptq = {"group_size": 32}
     with pytest.raises(errors.NotFound, match="calibration_dataset 'ghost' not found"):
         client.submit("base", "out", "int4_gptq", calibration_dataset="ghost", **gptq)
@@ -152,6 +152,17 @@ def test_submit_rejects_missing_empty_small_or_foreign_vocabulary_datasets(env):
         errors.FailedPrecondition, match="1024-token vocabulary but base:1 has vocab_size 256"
     ):
         client.submit("base", "out", "prune_wanda", sparsity=0.5, calibration_dataset="wide")
+    # Enough tokens for the engine's minimum but not for one calibration row of a 512-token model.
+    ckpt.client.save("long", model_tensors(), config=CONFIG.replace(max_seq_len=512).to_dict())
+    write_dataset(data_dir, "short", tokens=256)
+    with pytest.raises(errors.FailedPrecondition, match="has 256 tokens in its 'train' split; at least 512"):
+        client.submit("long", "out", "int4_gptq", calibration_dataset="short", **gptq)
+
+
+def test_submit_refuses_an_eval_seq_len_above_what_the_model_is_evaluated_with(env):
+    client, _, _ = env
+    with pytest.raises(errors.InvalidArgument, match="eval_seq_len=128 is above 64, the most this model"):
+        client.submit("base", "out", "int8", eval_dataset="calib", eval_seq_len=128)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from typing import Any
 from tokenmill.common.clients.checkpoint import CheckpointClient
 from tokenmill.common.compress import MIN_CALIBRATION_TOKENS, MethodSpec
 from tokenmill.common.compress.checks import check_composition, check_shapes, target_linears
+from tokenmill.common.errors import InvalidArgument
 from tokenmill.services.compress.model_job import StoredModel, check_dataset, dataset_path, find_model
 
 # Request method (proto spelling) -> engine settings.
@@ -70,11 +71,16 @@ def preflight(client: CheckpointClient, data_dir: str | Path, spec: dict[str, An
             calibration,
             model,
             split=CALIBRATION_SPLIT,
-            min_tokens=MIN_CALIBRATION_TOKENS,
+            min_tokens=max(MIN_CALIBRATION_TOKENS, seq_len),  # at least one calibration row
             field="calibration_dataset",
         )
     evaluation = None
-    eval_seq_len = min(int(spec.get("eval_seq_len") or seq_len), seq_len)
+    eval_seq_len = int(spec.get("eval_seq_len") or seq_len)
+    if eval_seq_len > seq_len:
+        raise InvalidArgument(
+            f"eval_seq_len={eval_seq_len} is above {seq_len}, the most this model is evaluated with "
+            f"(its context, capped at {MAX_EVAL_SEQ_LEN}); use at most {seq_len}"
+        )
     if spec.get("eval_dataset"):
         evaluation = dataset_path(data_dir, spec["eval_dataset"], "eval_dataset")
         check_dataset(evaluation, model, split=EVAL_SPLIT, min_tokens=eval_seq_len + 1, field="eval_dataset")

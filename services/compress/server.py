@@ -23,7 +23,7 @@ from tokenmill.common.redis_conn import connect
 from tokenmill.common.runtime import ServiceApp, run_service
 from tokenmill.common.runtime.job_rpc import JobRpcMixin, job_to_proto
 from tokenmill.services.compress.job import CompressJobHandler
-from tokenmill.services.compress.plan import preflight
+from tokenmill.services.compress.plan import MAX_EVAL_SEQ_LEN, preflight
 from tokenmill.v1 import common_pb2, compress_pb2, compress_pb2_grpc
 
 SERVICE_NAME = compress_pb2.DESCRIPTOR.services_by_name["CompressService"].full_name
@@ -36,7 +36,6 @@ METHODS = (
 INT4 = {"int4_rtn", "int4_gptq", "int4_awq"}
 PRUNE_FRACTION = {"prune_magnitude", "prune_wanda", "prune_sparsegpt"}
 NEEDS_CALIBRATION = {"int4_gptq", "int4_awq", "prune_wanda", "prune_sparsegpt"}
-MAX_EVAL_SEQ_LEN = 4096
 DEFAULT_GROUP_SIZE = 128
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
 DEFAULT_CALIBRATION_SAMPLES = 128
