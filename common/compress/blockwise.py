@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tokenmill.common.compress.awq import search_scales
-from tokenmill.common.compress.calibrate import InputStats, output_error
+from tokenmill.common.compress.calibrate import SHARED_INPUTS, InputStats, output_error
 from tokenmill.common.compress.layers import LinearResult, compress_linear
 from tokenmill.common.compress.spec import MethodSpec
 from tokenmill.common.model.quant import dequantize_int4, quantize_int4
@@ -20,9 +20,9 @@ from tokenmill.common.model.transformer import RMSNorm
 
 # (the RMSNorm feeding the group, the linears reading that same input); None: no norm to fold into.
 AWQ_GROUPS: tuple[tuple[str | None, tuple[str, ...]], ...] = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("input_layernorm", SHARED_INPUTS[0]),
     (None, ("self_attn.o_proj",)),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("post_attention_layernorm", SHARED_INPUTS[1]),
     (None, ("mlp.down_proj",)),
 )
 

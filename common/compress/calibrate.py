@@ -70,6 +70,13 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, sample: torch.Tenso
     return float(diff.norm() / ref.norm().clamp(min=1e-12))
 
 
+# Linears of a block that read the same tensor: their input statistics are one and the same.
+SHARED_INPUTS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("mlp.gate_proj", "mlp.up_proj"),
+)
+
+
 def capture(
     block: nn.Module,
     inputs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -82,6 +89,11 @@ def capture(
     stats: dict[str, InputStats] = {}
     handles = []
     for name in names:
+        group = next((g for g in SHARED_INPUTS if name in g), (name,))
+        shared = next((stats[m] for m in group if m in stats), None)
+        if shared is not None:  # q/k/v (gate/up) read the same input: one Hessian serves them all
+            stats[name] = shared
+            continue
         mod = block.get_submodule(name)
         assert isinstance(mod, nn.Linear)
         stats[name] = InputStats(mod.in_features, with_hessian, rows)
