@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from tokenmill.common.clients.checkpoint import CheckpointClient
+from tokenmill.common.compress.spec import CALIBRATED, PRUNE_METHODS
 from tokenmill.common.config import Config
 from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.jobs import JobQueue, JobWorker
@@ -23,19 +24,21 @@ from tokenmill.common.redis_conn import connect
 from tokenmill.common.runtime import ServiceApp, run_service
 from tokenmill.common.runtime.job_rpc import JobRpcMixin, job_to_proto
 from tokenmill.services.compress.job import CompressJobHandler
-from tokenmill.services.compress.plan import MAX_EVAL_SEQ_LEN, preflight
+from tokenmill.services.compress.plan import ENGINE_METHODS, MAX_EVAL_SEQ_LEN, preflight
 from tokenmill.v1 import common_pb2, compress_pb2, compress_pb2_grpc
 
 SERVICE_NAME = compress_pb2.DESCRIPTOR.services_by_name["CompressService"].full_name
 JOB_TYPE = "compress"
 
-METHODS = (
-    "int8", "int4_rtn", "int4_gptq", "int4_awq", "prune_magnitude", "prune_wanda", "prune_sparsegpt",
-    "prune_2_4", "svd", "distill",
-)  # fmt: skip
-INT4 = {"int4_rtn", "int4_gptq", "int4_awq"}
-PRUNE_FRACTION = {"prune_magnitude", "prune_wanda", "prune_sparsegpt"}
-NEEDS_CALIBRATION = {"int4_gptq", "int4_awq", "prune_wanda", "prune_sparsegpt"}
+# The API's method names, and what each needs, derived from the engine method each one runs.
+METHODS = (*ENGINE_METHODS, "distill")
+INT4 = {m for m, body in ENGINE_METHODS.items() if body["method"].startswith("int4-")}
+PRUNE_FRACTION = {  # 2:4 fixes the sparsity at one half
+    m
+    for m, body in ENGINE_METHODS.items()
+    if body["method"] in PRUNE_METHODS and body.get("pattern") != "2:4"
+}
+NEEDS_CALIBRATION = {m for m, body in ENGINE_METHODS.items() if body["method"] in CALIBRATED}
 DEFAULT_GROUP_SIZE = 128
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
 DEFAULT_CALIBRATION_SAMPLES = 128
