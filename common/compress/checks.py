@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from tokenmill.common.compress.spec import LINEAR_SUFFIXES, MethodSpec
+from tokenmill.common.compress.spec import MethodSpec
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument
+from tokenmill.common.model.quant import QUANTIZABLE_SUFFIXES
 
 MIN_CALIBRATION_TOKENS = 128
 # What a step leaves behind -> the methods that may follow it, and why the others may not.
@@ -16,10 +17,9 @@ _AFTER_PRUNE = ("int8", "int4-rtn", "prune-magnitude", "prune-wanda", "prune-spa
 
 
 def target_linears(tensors: Mapping[str, torch.Tensor], keep_dense: Sequence[str]) -> list[str]:
-    """Base names (without `.weight`) of the decoder linears a step compresses, in checkpoint order."""
-    bases = [
-        n[: -len(".weight")] for n in tensors if n.endswith(tuple(s + ".weight" for s in LINEAR_SUFFIXES))
-    ]
+    """Base names (without `.weight`) of the decoder linears a step compresses, in checkpoint order:
+    the quantizable ones (embeddings, lm_head and norms stay dense)."""
+    bases = [n[: -len(".weight")] for n in tensors if n.endswith(QUANTIZABLE_SUFFIXES)]
     return [b for b in bases if not any(fnmatch.fnmatchcase(b, p) for p in keep_dense)]
 
 

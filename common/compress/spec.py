@@ -21,16 +21,6 @@ LOWRANK_METHODS = ("svd",)
 METHODS = QUANT_METHODS + PRUNE_METHODS + LOWRANK_METHODS
 CALIBRATED = ("int4-gptq", "int4-awq", "prune-wanda", "prune-sparsegpt")
 PATTERNS = ("unstructured", "2:4")
-# Decoder-block linears: the only weights any method touches (embeddings, lm_head, norms stay dense).
-LINEAR_SUFFIXES = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 
 
 @dataclass(frozen=True)
