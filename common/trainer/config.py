@@ -20,6 +20,11 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def run_tag(run_id: str) -> str:
+    """The tag on every checkpoint of the job `run_id`: its retries and resumes find them by it."""
+    return f"run-{run_id}"
+
+
 @dataclass
 class LoraSettings:
     rank: int = 8

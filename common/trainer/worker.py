@@ -29,7 +29,7 @@ from tokenmill.common.model.lora import adapter_config, apply_lora
 from tokenmill.common.model.transformer import ModelConfig, Transformer, count_parameters
 from tokenmill.common.trainer import sharded_state as ss
 from tokenmill.common.trainer.checkpoint_io import CheckpointIO, read_tensor
-from tokenmill.common.trainer.config import TrainConfig
+from tokenmill.common.trainer.config import TrainConfig, run_tag
 from tokenmill.common.trainer.data import make_sources
 from tokenmill.common.trainer.metrics import mfu, peak_flops
 from tokenmill.common.trainer.parallel import (
@@ -95,7 +95,7 @@ class _Run:
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
         self.history: list[dict[str, Any]] = []
         self.last_ckpt = ""
-        self.run_tag = f"run-{cfg.run_id}" if cfg.run_id else ""
+        self.run_tag = run_tag(cfg.run_id) if cfg.run_id else ""
 
     # ------------------------------------------------------------------------------------ build
     def build(self) -> None:

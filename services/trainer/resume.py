@@ -18,24 +18,20 @@ from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFoun
 from tokenmill.common.jobs import JobQueue
 from tokenmill.common.jobs.model import JobState
 from tokenmill.common.trainer.checkpoint_io import CheckpointIO
-from tokenmill.common.trainer.config import TrainConfig
+from tokenmill.common.trainer.config import TrainConfig, run_tag
+from tokenmill.services.trainer.planner import DIRECT_FIELDS
 
 TRAIN_STATE = "train_state.json"
 # Fields that define what the samples and the model are: a continued run must keep them.
 FIXED_FIELDS = ("seq_len", "seed", "mode", "dataset")
 # TrainConfig fields that travel back into a spec under their own name.
-SPEC_FIELDS = (
-    "mode", "model_preset", "model_overrides", "init_checkpoint", "output_name", "backend", "workers",
-    "device", "steps", "micro_batch_size", "seq_len", "grad_accum_steps", "lr", "min_lr", "warmup_steps",
-    "weight_decay", "grad_clip", "eval_every", "eval_batches", "checkpoint_every", "seed",
-    "activation_checkpointing", "compile", "precision", "memory_budget_bytes",
-)  # fmt: skip
-# TrainConfig defaults for the batch fields (a spec leaves them out when the request did).
-BATCH_DEFAULTS = {"workers": 1, "micro_batch_size": 8, "grad_accum_steps": 1}
+SPEC_FIELDS = (*DIRECT_FIELDS, "model_overrides", "init_checkpoint", "output_name")
+DEFAULTS = TrainConfig()
 
 
 def _num(spec: dict[str, Any], name: str) -> int:
-    return int(spec.get(name) or BATCH_DEFAULTS[name])
+    """A batch field of a spec, or TrainConfig's default (a spec leaves it out when the request did)."""
+    return int(spec.get(name) or getattr(DEFAULTS, name))
 
 
 def config_to_spec(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -77,15 +73,14 @@ class ResumeResolver:
         if not target:
             return request, []
         base, ref = self._source(target)
-        defaults = TrainConfig()
         for name in FIXED_FIELDS:
-            was = base.get(name, getattr(defaults, name, None))
+            was = base.get(name, getattr(DEFAULTS, name, None))
             if name in request and str(request[name]) != str(was):
                 raise InvalidArgument(
                     f"{name} cannot change when resuming ({was!r} in the resumed run, {request[name]!r} "
                     "requested): the checkpoint's sampler position counts in its units"
                 )
-        spec = {**base, **{k: v for k, v in request.items() if k != "resume_from"}}
+        spec = {**base, **request}
         if request.get("model_overrides"):  # a shape check follows: name only what changes
             spec["model_overrides"] = {**(base.get("model_overrides") or {}), **request["model_overrides"]}
         spec["resume_from"] = ref
@@ -130,7 +125,7 @@ class ResumeResolver:
             )
         spec = {k: v for k, v in job.spec.items() if k not in ("resume", "resume_from")}
         output = spec.get("output_name", "")
-        ref = self.io.resolve(f"{output}:run-{job.id}") if self.io is not None else None
+        ref = self.io.resolve(f"{output}:{run_tag(job.id)}") if self.io is not None else None
         if ref is None:
             raise FailedPrecondition(
                 f"job {job.id} wrote no checkpoint to resume from; submit it again instead "

@@ -50,7 +50,6 @@ class TrainerServicer(JobRpcMixin, trainer_pb2_grpc.TrainerServiceServicer):
         """The job spec (a resume expanded into the continued run's spec) and its resume warnings."""
         spec = request_to_spec(request)
         spec.pop("idempotency_key", None)
-        spec.pop("resume_from", None)  # set only by the resolver, never by a client
         return self.resumer.expand(spec)
 
     def SubmitTrain(self, request: trainer_pb2.SubmitTrainRequest, context) -> common_pb2.Job:
