@@ -15,7 +15,6 @@ METHODS = (
     "int8", "int4_rtn", "int4_gptq", "int4_awq", "prune_magnitude", "prune_wanda", "prune_sparsegpt",
     "prune_2_4", "svd",
 )  # fmt: skip
-TERMINAL = (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED)
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -51,11 +50,9 @@ def report_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _follow(client, job_id: str) -> common_pb2.Job:
-    for event in client.watch_job(job_id, follow=True):
+    for event in client.watch_job(job_id, follow=True):  # the server ends it at the terminal event
         if event.kind in ("progress", "log"):
             click.echo(event.message)
-        elif event.kind == "state" and event.state in TERMINAL:
-            break
     return client.get_job(job_id)
 
 

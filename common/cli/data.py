@@ -14,8 +14,6 @@ from google.protobuf.json_format import MessageToDict
 from tokenmill.common import errors
 from tokenmill.v1 import common_pb2
 
-_TERMINAL = (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED)
-
 
 def _client(obj):
     from tokenmill.common.clients.ingest import IngestClient
@@ -86,8 +84,6 @@ def follow(client, job_id: str) -> common_pb2.Job:
                 last_plain = time.monotonic()
         elif event.kind == "log":
             click.echo(("\n" if live else "") + event.message, err=True)
-        elif event.kind == "state" and event.state in _TERMINAL:
-            break
     if live:
         click.echo()
     return client.get_job(job_id)

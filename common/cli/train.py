@@ -58,24 +58,15 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path, title: str = "") 
     return path
 
 
-def _terminal(event) -> bool:
-    return event.kind == "state" and event.state in (
-        common_pb2.JOB_STATE_SUCCEEDED,
-        common_pb2.JOB_STATE_FAILED,
-        common_pb2.JOB_STATE_CANCELLED,
-    )
-
-
 def _follow(client, job_id: str, steps: int | None) -> common_pb2.Job:
     """Follow WatchJob until the job is terminal: a live progress bar on a terminal, one line per
-    progress event otherwise (logs, CI, `make demo` piped through tee)."""
+    progress event otherwise (logs, CI, `make demo` piped through tee). The server ends the stream
+    at the job's terminal event."""
     live = sys.stdout.isatty()
     if not live:
         for event in client.watch_job(job_id, follow=True):
             if event.kind in ("progress", "log"):
                 click.echo(event.message)
-            elif _terminal(event):
-                break
         return client.get_job(job_id)
     last_step = 0
     with click.progressbar(
@@ -90,8 +81,6 @@ def _follow(client, job_id: str, steps: int | None) -> common_pb2.Job:
                 last_step = step
             elif event.kind == "log":
                 click.echo(f"\n{event.message}", err=True)
-            elif _terminal(event):
-                break
     return client.get_job(job_id)
 
 
