@@ -29,6 +29,7 @@ from kubernetes.client import (
 from tokenmill.common.cli import cluster
 from tokenmill.common.cli.main import cli
 from tokenmill.common.jobs import JobQueue
+from tokenmill.common.trainer.backends.k8s_manifests import COMPONENT_LABEL
 
 
 def invoke(monkeypatch: pytest.MonkeyPatch, kubeconfig: str) -> tuple[int, list[str]]:
@@ -90,7 +91,7 @@ def pod(
     limits = {"nvidia.com/gpu": str(gpus)} if gpus else None
     return V1Pod(
         metadata=V1ObjectMeta(
-            name=name, labels={"app.kubernetes.io/name": "tokenmill", cluster.COMPONENT: component}
+            name=name, labels={"app.kubernetes.io/name": "tokenmill", COMPONENT_LABEL: component}
         ),
         spec=V1PodSpec(
             node_name=node_name,
@@ -166,7 +167,7 @@ def test_backlog_and_live_replicas_from_redis(redis_client):
     beats = {
         "r1": ("llama:3", now - 1),
         "r2": ("llama:3", now - 2),
-        "r3": ("qwen:1", now - 3),
+        "r3": ("qwen:1", now - 2.5),
         "old": ("qwen:1", now - 600),
     }
     for rid, (model, t) in beats.items():

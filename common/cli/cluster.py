@@ -17,12 +17,12 @@ from typing import Any
 import click
 
 from tokenmill.common.errors import FailedPrecondition
+from tokenmill.common.trainer.backends.k8s_manifests import COMPONENT_LABEL
 
 GPU_RESOURCE = "nvidia.com/gpu"
-COMPONENT = "app.kubernetes.io/component"
 REQUESTS_STREAM = "tokenmill:inference:requests"  # services/inference/dispatch/protocol.py REQUESTS
 REPLICAS_HASH = "tokenmill:inference:replicas"  # ... REPLICAS (a heartbeat per replica)
-REPLICA_DEAD_AFTER_S = 15.0
+REPLICA_DEAD_AFTER_S = 3.0  # the router's rule (RouterDispatcher.dead_after_s): live means routable
 API_TIMEOUT_S = 5
 
 
@@ -70,7 +70,7 @@ def component_pods(core: Any, namespace: str, selector: str) -> dict[str, Compon
     out: dict[str, ComponentPods] = defaultdict(ComponentPods)
     pods = core.list_namespaced_pod(namespace, label_selector=selector, _request_timeout=API_TIMEOUT_S)
     for pod in pods.items:
-        c = out[(pod.metadata.labels or {}).get(COMPONENT, "-")]
+        c = out[(pod.metadata.labels or {}).get(COMPONENT_LABEL, "-")]
         c.total += 1
         c.phases[pod.status.phase or "Unknown"] += 1
         c.ready += any(x.type == "Ready" and x.status == "True" for x in pod.status.conditions or [])
