@@ -103,6 +103,7 @@ def test_no_engine_is_one_clear_line_and_a_failure(dead_docker_host, argv):
     assert "Traceback" not in out.stderr
 
 
-def test_push_needs_a_registry():
-    result = CliRunner().invoke(cli, ["images", "push"])
+@pytest.mark.parametrize("argv", [["push"], ["build", "--push", "ingest"]])
+def test_push_needs_a_registry(argv):
+    result = CliRunner().invoke(cli, ["images", *argv])
     assert result.exit_code != 0 and "--registry is required" in result.output

@@ -25,6 +25,9 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
 
 
+REGISTRY_REQUIRED = "--registry is required to push (e.g. ghcr.io/acme); a bare name would go to Docker Hub"
+
+
 @dataclass(frozen=True)
 class ImageBuild:
     """One `docker build` of one service image."""
@@ -153,6 +156,8 @@ def build_cmd(
     dry_run: bool,
 ) -> None:
     """Build SERVICES (default: all) from the repository's Dockerfiles."""
+    if push_after and not registry:
+        raise click.ClickException(REGISTRY_REQUIRED)
     plan = build_plan(_selected(services), registry, tag or default_tag(), gpu)
     missing = [item.dockerfile for item in plan if not (context / item.dockerfile).is_file()]
     if missing:
@@ -178,7 +183,7 @@ def build_cmd(
 def push_cmd(services: tuple[str, ...], registry: str, tag: str | None) -> None:
     """Push the built images of SERVICES (default: all) to --registry."""
     if not registry:
-        raise click.ClickException("--registry is required to push (e.g. ghcr.io/acme)")
+        raise click.ClickException(REGISTRY_REQUIRED)
     client = docker_client()
     for service in _selected(services):
         ref = image_ref(service, registry, tag or default_tag())
