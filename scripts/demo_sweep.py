@@ -25,6 +25,7 @@ import torch
 from tokenizers import Tokenizer
 
 from tokenmill.common.data.dataset import PackedDataset, TokenSampler, read_manifest
+from tokenmill.common.inference.healing import TokenHealer
 from tokenmill.common.model.transformer import Transformer, preset
 from tokenmill.common.platform.demo import PROMPTS, parses_as_python
 from tokenmill.common.trainer.schedule import lr_at
@@ -102,14 +103,20 @@ class Run:
     @torch.no_grad()
     def complete(self, tok: Tokenizer, prompt: str, temperature: float, top_k: int, n: int = 64) -> str:
         ids = tok.encode(prompt).ids
+        healing = TokenHealer(tok).heal(ids)  # as the demo asks: --token-healing
+        if healing is not None:
+            ids = healing.prompt_token_ids
         out: list[int] = []
         gen = torch.Generator().manual_seed(0)
         for _ in range(n):
             logits = self.model(torch.tensor([ids + out]))[0, -1] / temperature
+            if healing is not None and not out:
+                allowed = torch.tensor(healing.allowed_token_ids)
+                logits = torch.full_like(logits, float("-inf")).index_copy(0, allowed, logits[allowed])
             kth = torch.topk(logits, top_k).values[-1]
             probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
             out.append(int(torch.multinomial(probs, 1, generator=gen)))
-        return tok.decode(out)
+        return tok.decode(ids + out)[len(prompt) :] if healing is not None else tok.decode(out)
 
 
 def evaluate(setting: Setting, dataset: Path, budget_s: float) -> dict[str, object]:

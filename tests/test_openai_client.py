@@ -197,6 +197,33 @@ def test_sampling_controls_through_the_router(served, hf_chat: HfChat):
     assert stopped.choices[0].text == plain[:3] and stopped.choices[0].finish_reason == "stop"
 
 
+def test_token_healing_through_the_router(served, hf_chat: HfChat):
+    """A prompt ending mid-word ('fo'): the first token must extend the removed one, chosen by the
+    model's own logits at the shortened prompt; the text still continues the prompt as sent."""
+    import torch
+
+    from tokenmill.common.inference.healing import TokenHealer
+
+    client, _ = served
+    prompt = "The quick brown fo"
+    healing = TokenHealer(hf_chat.tokenizer.backend_tokenizer).heal(hf_chat.encode(prompt))
+    assert healing is not None
+    with torch.inference_mode():
+        logits = hf_chat.model(torch.tensor([healing.prompt_token_ids])).logits[0, -1]
+    allowed = torch.tensor(healing.allowed_token_ids)
+    first = int(allowed[logits[allowed].argmax()])
+    ids = healing.prompt_token_ids + [first]
+    ids += hf_chat.greedy(ids, 5)
+    out = client.completions.create(
+        model="chat",
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"token_healing": True, "ignore_eos": True},
+    )
+    assert prompt + out.choices[0].text == hf_chat.tokenizer.decode(ids, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "streaming"])
 def test_errors_before_the_first_token_are_http_statuses(served, stream):
     """Each refusal is the client's own exception class, streaming or not (not a generic APIError)."""
@@ -210,6 +237,16 @@ def test_errors_before_the_first_token_are_http_statuses(served, stream):
             "outside the vocabulary",
         ),  # found by the replica
         (openai.BadRequestError, dict(suffix="x"), "'suffix' is not supported"),
+        (
+            openai.UnprocessableEntityError,
+            dict(extra_body={"token_healing": "yes"}),
+            "'token_healing' must be true",
+        ),
+        (
+            openai.BadRequestError,
+            dict(echo=True, extra_body={"token_healing": True}),
+            "token_healing and echo",
+        ),
         (openai.BadRequestError, dict(n=2), "'n' = 2 is not supported"),
         (openai.BadRequestError, dict(best_of=3), "'best_of' = 3 is not supported"),
         (openai.BadRequestError, dict(prompt="fox " * 400), "context|prompt is"),

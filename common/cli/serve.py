@@ -180,6 +180,9 @@ def _wait_serving(config: Any, pending: dict[str, str], resolved: str, timeout: 
 @click.option("--repetition-penalty", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
+@click.option(
+    "--token-healing", is_flag=True, help="let the model choose how the prompt's last token continues"
+)
 @click.option("--model", default="")
 @click.option("--adapter", default="", help="LoRA adapter checkpoint ref")
 @click.option("--json", "as_json", is_flag=True, help="print the full response as JSON")
@@ -195,6 +198,7 @@ def generate(
     repetition_penalty: float | None,
     seed: int | None,
     stop: tuple[str, ...],
+    token_healing: bool,
     model: str,
     adapter: str,
     as_json: bool,
@@ -212,6 +216,7 @@ def generate(
         repetition_penalty=repetition_penalty,
         seed=seed,
         stop=stop,
+        token_healing=token_healing,
         model=model,
         adapter=adapter,
     )

@@ -27,6 +27,7 @@ def build_generate_request(
     stop_token_ids: Sequence[int] = (),
     logprobs: bool = False,
     ignore_eos: bool = False,
+    token_healing: bool = False,
     model: str = "",
     adapter: str = "",
     request_id: str = "",
@@ -40,6 +41,7 @@ def build_generate_request(
         stop_token_ids=list(stop_token_ids),
         logprobs=logprobs,
         ignore_eos=ignore_eos,
+        token_healing=token_healing,
     )
     for name, value in (
         ("temperature", temperature),

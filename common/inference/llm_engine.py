@@ -21,7 +21,7 @@ from tokenmill.common.inference.block_manager import BlockManager
 from tokenmill.common.inference.config import EngineConfig, ModelSpec
 from tokenmill.common.inference.lora import LoraAdapter
 from tokenmill.common.inference.model import PagedLlama
-from tokenmill.common.inference.request import Request, SamplingParams, Status
+from tokenmill.common.inference.request import DETOKENIZE_CONTEXT, Request, SamplingParams, Status
 from tokenmill.common.inference.runner import ModelRunner
 from tokenmill.common.inference.sampler import Sampler, TopLogprobs, token_logprobs
 from tokenmill.common.inference.scheduler import Scheduler
@@ -195,7 +195,25 @@ class LLMEngine:
             )
         rid = request_id or f"req-{next(self._ids)}-{time.monotonic_ns()}"
         eos = () if params.ignore_eos else self.spec.eos_token_ids
-        return Request(rid, ids, params, adapter=adapter, eos_token_ids=eos)
+        req = Request(rid, ids, params, adapter=adapter, eos_token_ids=eos)
+        if params.token_healing:
+            self._heal(req)
+        return req
+
+    def _heal(self, req: Request) -> None:
+        """Token healing (common/inference/healing.py): drop the prompt's last token, constrain the
+        first new token to its extensions, and remember the dropped text to cut from the output."""
+        if self.tokenizer is None:
+            raise InvalidArgument("token_healing needs the model's tokenizer, and this model has none")
+        ids = req.prompt_token_ids
+        healing = self.tokenizer.healer.heal(ids)
+        if healing is None:
+            return
+        tail = healing.prompt_token_ids[-DETOKENIZE_CONTEXT:]
+        req.heal_text = self.tokenizer.decode([*tail, ids[-1]])[len(self.tokenizer.decode(tail)) :]
+        req.heal_token_ids = healing.allowed_token_ids
+        req.prompt_token_ids = healing.prompt_token_ids
+        req.__post_init__()  # detokenizer offsets and the sampler fast path follow the new prompt
 
     def add(self, req: Request) -> None:
         """Queue a validated request (engine thread only)."""
@@ -341,16 +359,23 @@ class LLMEngine:
             reason = "stop"
         elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             reason = "length"
+        if req.heal_token_ids and len(req.output_token_ids) == 1:
+            req.refresh_fast_path()  # healing constrained only this first token
         if self.tokenizer is not None:
             detokenize_incrementally(self.tokenizer, req)
             if reason:
                 flush_detokenizer(self.tokenizer, req)
+            if req.heal_text and (reason or len(req.text) >= len(req.heal_text)):
+                req.text = req.text.removeprefix(req.heal_text)  # the prompt's own text, generated again
+                req.heal_text = ""
             if p.stop:
                 cut = self._find_stop(req)
                 if cut is not None:
                     req.text = req.text[:cut]
                     reason = "stop"
             hold = 0 if reason else (max(len(s) for s in p.stop) - 1 if p.stop else 0)
+            if req.heal_text:  # not yet past the healed prompt text: nothing is the caller's yet
+                hold = len(req.text)
             end = max(req.emitted_text_len, len(req.text) - hold)
             out.text = req.text[req.emitted_text_len : end]
             req.emitted_text_len = end

@@ -18,6 +18,10 @@ MAX_STOP_BYTES = 4096
 MAX_STOP_TOKEN_IDS = 4096
 MAX_TOP_LOGPROBS = 20  # OpenAI's ceiling
 MAX_LOGIT_BIAS = 1024  # entries; each costs a scatter per step
+# Prompt tokens decoded together with the output (vLLM's choice): a SentencePiece (Metaspace) decoder
+# drops the leading space of the first token it sees, so output decoded on its own would lose the
+# space between the prompt and the completion.
+DETOKENIZE_CONTEXT = 5
 
 
 @dataclass
@@ -40,10 +44,16 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     echo: bool = False  # return the prompt's tokens, scored when logprobs are asked for
     prompt_only: bool = False  # with echo: score the prompt and generate nothing (OpenAI max_tokens=0)
+    token_healing: bool = False  # back up over the prompt's last token (common/inference/healing.py)
 
     def validate(self) -> None:
         if self.prompt_only and not self.echo:
             raise InvalidArgument("max_tokens=0 only makes sense with echo=true (scoring the prompt)")
+        if self.token_healing and self.echo:
+            raise InvalidArgument(
+                "token_healing and echo cannot be combined: healing rewrites the prompt's last token, "
+                "so the echoed prompt would not be the one sent"
+            )
         if self.max_tokens <= 0 and not self.prompt_only:
             raise InvalidArgument(f"max_tokens must be > 0, got {self.max_tokens}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -151,16 +161,28 @@ class Request:
     generator: torch.Generator | None = None
     plain_greedy: bool = field(init=False, default=False)  # set from params in __post_init__
     admitted: bool = False
-    # Incremental detokenizer and stop-string state (owned by the engine).
+    # Token healing: the first token must be one of these; its first `heal_text` characters
+    # repeat the prompt's removed last token and are cut from `text`.
+    heal_token_ids: tuple[int, ...] = ()
+    heal_text: str = ""
+    # Incremental detokenizer and stop-string state (owned by the engine); offsets index prompt +
+    # output, starting DETOKENIZE_CONTEXT tokens before the prompt's end.
     text: str = ""
     emitted_text_len: int = 0
-    detok_prefix_offset: int = 0
-    detok_read_offset: int = 0
+    detok_prefix_offset: int = field(init=False, default=0)
+    detok_read_offset: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
+        self.detok_read_offset = len(self.prompt_token_ids)
+        self.detok_prefix_offset = max(0, self.detok_read_offset - DETOKENIZE_CONTEXT)
+        self.refresh_fast_path()
+
+    def refresh_fast_path(self) -> None:
+        """Greedy, unprocessed, no logprobs, nothing to heal: the sampler's one-kernel fast path
+        (checked every step; healing constrains only the first token)."""
         p = self.params
-        # Greedy, unprocessed, no logprobs: the sampler's one-kernel fast path (checked every step).
-        self.plain_greedy = p.greedy and p.plain and not p.wants_logprobs
+        healing = bool(self.heal_token_ids) and not self.output_token_ids
+        self.plain_greedy = p.greedy and p.plain and not p.wants_logprobs and not healing
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,6 +1,6 @@
 """Turn one step's last-position logits into next tokens, per request.
 
-Order (as in vLLM/HF): repetition penalty on the raw logits, OpenAI frequency/presence penalties
+Order (as in vLLM/HF): token healing's first-token constraint, repetition penalty, OpenAI frequency/presence penalties
 (over generated tokens), logit_bias, then greedy argmax, or temperature, top-k, top-p and a draw
 from the request's own seeded generator (so a seeded request gives the same tokens whatever it is
 batched with). The logprobs returned (chosen token and top alternatives) are under the model's raw
@@ -53,6 +53,21 @@ def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> torch.
             ids = torch.tensor(list(p.logit_bias), device=logits.device, dtype=torch.long)
             bias = torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
             logits[i].index_add_(0, ids, bias)
+    return logits
+
+
+def apply_token_healing(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """A healing request's first token may only be one that extends the prompt's removed last token
+    (common/inference/healing.py); every other token is masked out of that row."""
+    rows = [i for i, r in enumerate(requests) if r.heal_token_ids and not r.output_token_ids]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        allowed = torch.tensor(requests[i].heal_token_ids, device=logits.device, dtype=torch.long)
+        kept = logits[i, allowed]
+        logits[i] = float("-inf")
+        logits[i, allowed] = kept
     return logits
 
 
@@ -111,6 +126,7 @@ class Sampler:
             return logits.argmax(dim=-1).tolist(), None, None  # the common case: one kernel, one sync
         want_logprobs = any(r.params.wants_logprobs for r in requests)
         raw = logits
+        logits = apply_token_healing(logits, requests)
         logits = apply_penalties(apply_repetition_penalty(logits, requests), requests)
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
         tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from tokenmill.common.errors import InvalidArgument
+from tokenmill.common.inference.healing import TokenHealer
 from tokenmill.common.inference.request import Request
 
 MIN_TOKEN_BYTES = 4  # one UTF-8 character: no token bound is tighter than this
@@ -132,6 +134,11 @@ class Tokenizer:
             ) from None
         return tok
 
+    @cached_property
+    def healer(self) -> TokenHealer:
+        """Built on the first token_healing request (it sorts the vocabulary once)."""
+        return TokenHealer(self.tok)
+
     def prompt_byte_limit(self, max_tokens: int | None = None) -> int | None:
         """The most UTF-8 bytes a text may have: `max_input_bytes`, and, given `max_tokens`, the
         bytes that many of the longest tokens cover (any longer text has more tokens than that)."""
@@ -190,30 +197,38 @@ def longest_token_bytes(tok) -> int:
     return max(longest, MIN_TOKEN_BYTES)
 
 
+def _ids_from(req: Request, start: int) -> list[int]:
+    """prompt + output tokens from index ``start`` on, without copying the whole prompt."""
+    n = len(req.prompt_token_ids)
+    if start >= n:
+        return req.output_token_ids[start - n :]
+    return req.prompt_token_ids[start:] + req.output_token_ids
+
+
 def detokenize_incrementally(tokenizer: Tokenizer, req: Request) -> str:
     """Append newly decodable text to `req.text`; returns the new piece ('' when waiting for bytes)."""
-    ids = req.output_token_ids
-    if req.detok_read_offset >= len(ids):
+    if req.detok_read_offset >= req.num_tokens:
         return ""
-    prefix = tokenizer.decode(ids[req.detok_prefix_offset : req.detok_read_offset])
-    full = tokenizer.decode(ids[req.detok_prefix_offset :])
+    ids = _ids_from(req, req.detok_prefix_offset)
+    read = req.detok_read_offset - req.detok_prefix_offset
+    prefix = tokenizer.decode(ids[:read])
+    full = tokenizer.decode(ids)
     if full.endswith("\ufffd") or len(full) <= len(prefix):
         return ""  # an incomplete UTF-8 sequence: wait for the next token
-    new = full[len(prefix) :]
-    req.detok_prefix_offset = req.detok_read_offset
-    req.detok_read_offset = len(ids)
-    req.text += new
-    return new
+    return _advance(req, full[len(prefix) :])
 
 
 def flush_detokenizer(tokenizer: Tokenizer, req: Request) -> str:
     """At the end of a request: release whatever is left, replacement characters included."""
-    ids = req.output_token_ids
-    if req.detok_read_offset >= len(ids):
+    if req.detok_read_offset >= req.num_tokens:
         return ""
-    prefix = tokenizer.decode(ids[req.detok_prefix_offset : req.detok_read_offset])
-    full = tokenizer.decode(ids[req.detok_prefix_offset :])
-    new = full[len(prefix) :]
-    req.detok_prefix_offset = req.detok_read_offset = len(ids)
+    ids = _ids_from(req, req.detok_prefix_offset)
+    read = req.detok_read_offset - req.detok_prefix_offset
+    return _advance(req, tokenizer.decode(ids)[len(tokenizer.decode(ids[:read])) :])
+
+
+def _advance(req: Request, new: str) -> str:
+    req.detok_prefix_offset = req.detok_read_offset
+    req.detok_read_offset = req.num_tokens
     req.text += new
     return new

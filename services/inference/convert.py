@@ -32,6 +32,7 @@ def sampling_from_proto(sp: inference_pb2.SamplingParams) -> SamplingParams:
         logit_bias={int(k): float(v) for k, v in sp.logit_bias.items()},
         echo=bool(sp.echo),
         prompt_only=bool(sp.prompt_only),
+        token_healing=bool(sp.token_healing),
     )
 
 

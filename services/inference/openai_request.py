@@ -228,6 +228,7 @@ def _sampling(sp: inference_pb2.SamplingParams, body: dict[str, Any], limits: In
             token_ids(body["stop_token_ids"], "stop_token_ids", limits.max_token_id_list)
         )
     sp.ignore_eos = flag(body, "ignore_eos")
+    sp.token_healing = flag(body, "token_healing")
 
 
 def _max_tokens(sp: inference_pb2.SamplingParams, value: Any, name: str, lo: int) -> None:
