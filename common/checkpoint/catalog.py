@@ -21,6 +21,7 @@ import json
 from tokenmill.common import failpoints
 from tokenmill.common.checkpoint.damage import PARSE_ERRORS, describe, log, object_location, set_aside
 from tokenmill.common.checkpoint.names import Ref, parse_ref
+from tokenmill.common.checkpoint.recorded import MetricsDoc, RecordedMetrics, qualified
 from tokenmill.common.checkpoint.records import (
     MANIFESTS,
     TagsDoc,
@@ -46,6 +47,7 @@ class Catalog:
         self.backend = state.backend
         self._versions: dict[tuple[str, int], Version] = {}  # immutable once committed: cache
         self._damaged: dict[tuple[str, int], str] = {}  # quarantined versions -> what is wrong
+        self.recorded = RecordedMetrics(state.backend)
 
     # -- names and versions ----------------------------------------------------------------------
     def model_names(self) -> list[str]:
@@ -170,16 +172,24 @@ class Catalog:
     def save_tags(self, name: str, doc: TagsDoc) -> None:
         self.backend.put(tags_key(name), dumps(doc.to_json()))
 
-    def with_tags(self, rec: Version, doc: TagsDoc | None = None, newest: int | None = None) -> Version:
-        """`rec` as callers see it: its tags, with `latest` first when it is the newest version."""
+    def with_tags(
+        self,
+        rec: Version,
+        doc: TagsDoc | None = None,
+        newest: int | None = None,
+        metrics: MetricsDoc | None = None,
+    ) -> Version:
+        """`rec` as callers see it: its tags, with `latest` first when it is the newest version, and
+        the metrics recorded with it after commit."""
         doc = doc if doc is not None else self.tags(rec.name)
+        metrics = metrics if metrics is not None else self.recorded.doc(rec.name)
         tags = doc.tags_of(rec.version)
         if newest is None:
             versions = self.version_numbers(rec.name)
             newest = versions[-1] if versions else 0
         if newest == rec.version:
             tags.insert(0, "latest")
-        return rec.with_tags(tags)
+        return rec.with_tags(tags, metrics.of(rec.version))
 
     def set_tag(self, ref: str, tag: str) -> Version:
         validate_tag(tag)
@@ -190,6 +200,16 @@ class Catalog:
             doc.tags[tag] = version
             self.save_tags(name, doc)
             return self.with_tags(rec, doc)
+
+    def record_metrics(self, ref: str, namespace: str, values: dict[str, float]) -> Version:
+        """Merge `values` under `namespace` into the version's recorded metrics, atomically (one
+        write under the metadata lock); recording the same values again changes nothing."""
+        checked = qualified(namespace, values)
+        with self.state.meta:
+            name, version = self.resolve(ref)
+            rec = self.load(name, version)  # DATA_LOSS: metrics never attach to a damaged version
+            self.recorded.merge(name, version, checked)
+            return self.with_tags(rec)
 
     def delete_tag(self, name: str, tag: str) -> bool:
         validate_name(name)
@@ -230,12 +250,12 @@ class Catalog:
         names = [validate_name(name)] if name else self.model_names()
         out = []
         for n in names:
-            doc = self.tags(n)
+            doc, metrics = self.tags(n), self.recorded.doc(n)
             numbers = self.version_numbers(n)
             for v in numbers:
                 rec = self.load_or_none(n, v)  # damaged: skipped here, logged, reported by verify
                 if rec is not None:
-                    out.append(self.with_tags(rec, doc, numbers[-1]))
+                    out.append(self.with_tags(rec, doc, numbers[-1], metrics))
         return out
 
     # -- publishing and removing -----------------------------------------------------------------
@@ -257,6 +277,7 @@ class Catalog:
                 del doc.tags[t]
             self.save_tags(name, doc)
         self.backend.delete(manifest_key(name, version))
+        self.recorded.drop(name, version)
         self._versions.pop((name, version), None)
 
 

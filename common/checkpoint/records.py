@@ -5,6 +5,7 @@ Layout in the blob backend (the backend is the system of record; nothing lives o
     chunks/ab/blake3-<hex>                content-addressed bytes (see chunks.py; bare <hex>: sha256)
     manifests/<name>/<version:010d>.json  one committed version: the commit record, written last
     tags/<name>.json                      {"tags": {tag: version}, "applied_through": version}
+    metrics/<name>.json                   metrics recorded after commit, by version (recorded.py)
     uploads/<upload_id>.json              an upload session (resumable across server restarts)
     staging/<upload_id>/<chunk file>      chunks a same-host client wrote for an upload (adopt_staged);
                                           never read as chunks until re-hashed and renamed into chunks/
@@ -77,14 +78,15 @@ class Version:
     commit_tags: list[str] = field(default_factory=list)
     upload_id: str = ""
     tags: list[str] = field(default_factory=list)  # filled from the tags document when read
+    recorded_metrics: dict[str, float] = field(default_factory=dict)  # filled from metrics/ when read
 
     @property
     def ref(self) -> str:
         return f"{self.name}:{self.version}"
 
-    def with_tags(self, tags: list[str]) -> Version:
-        """A copy carrying `tags` (the cached record itself stays as committed)."""
-        return dataclasses.replace(self, tags=tags)
+    def with_tags(self, tags: list[str], recorded_metrics: dict[str, float] | None = None) -> Version:
+        """A copy carrying `tags` and recorded metrics (the cached record itself stays as committed)."""
+        return dataclasses.replace(self, tags=tags, recorded_metrics=dict(recorded_metrics or {}))
 
     def to_json(self) -> dict[str, Any]:
         return {

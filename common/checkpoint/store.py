@@ -138,6 +138,10 @@ class CheckpointStore:
     def set_tag(self, ref: str, tag: str) -> Version:
         return self._catalog.set_tag(ref, tag)
 
+    def record_metrics(self, ref: str, namespace: str, values: dict[str, float]) -> Version:
+        """Attach metrics to a committed version (merged under `namespace`; see recorded.py)."""
+        return self._catalog.record_metrics(ref, namespace, values)
+
     def delete_tag(self, name: str, tag: str) -> bool:
         return self._catalog.delete_tag(name, tag)
 

@@ -59,11 +59,22 @@ def ckpt() -> None:
 
 @ckpt.command("list")
 @click.argument("name", required=False, default="")
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    help="Add a column of this recorded metric, e.g. eval/python/python_next_line/acc (repeatable).",
+)
+@click.option("--sort-metric", default="", help="Sort by this recorded metric (highest first; missing last).")
+@click.option("--ascending", is_flag=True, help="With --sort-metric: lowest first (perplexity, loss).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 @_errors
-def list_cmd(ctx: click.Context, name: str, as_json: bool) -> None:
-    """List checkpoints (all models, or the versions of NAME) with stored vs logical bytes."""
+def list_cmd(
+    ctx: click.Context, name: str, metrics: tuple[str, ...], sort_metric: str, ascending: bool, as_json: bool
+) -> None:
+    """List checkpoints (all models, or the versions of NAME) with stored vs logical bytes, and the
+    recorded metrics (`tokenmill eval` results) asked for."""
     with _client(ctx) as client:
         versions = client.list(name)
         stats = client.stats()
@@ -74,9 +85,16 @@ def list_cmd(ctx: click.Context, name: str, as_json: bool) -> None:
             "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v.created_at.seconds)),
             "logical_bytes": v.logical_bytes,
             "new_bytes": v.new_bytes,
+            "metrics": {m: v.recorded_metrics[m] for m in metrics if m in v.recorded_metrics},
+            "_sort": v.recorded_metrics.get(sort_metric),
         }
         for v in versions
     ]
+    if sort_metric:
+        present = sorted((r for r in rows if r["_sort"] is not None), key=lambda r: r["_sort"])
+        rows = (present if ascending else present[::-1]) + [r for r in rows if r["_sort"] is None]
+    for r in rows:
+        del r["_sort"]
     if as_json:
         click.echo(
             json.dumps(
@@ -92,19 +110,28 @@ def list_cmd(ctx: click.Context, name: str, as_json: bool) -> None:
     if not rows:
         click.echo("no checkpoints" + (f" named {name!r}" if name else ""))
     else:
-        width = max(len(r["ref"]) for r in rows)
-        click.echo(f"{'REF':<{width}}  {'CREATED (UTC)':<19}  {'LOGICAL':>10}  {'NEW STORED':>10}  TAGS")
-        for r in rows:
-            click.echo(
-                f"{r['ref']:<{width}}  {r['created']:<19}  {human_bytes(r['logical_bytes']):>10}  "
-                f"{human_bytes(r['new_bytes']):>10}  {','.join(r['tags'])}"
-            )
+        _print_rows(rows, metrics)
     ratio = stats.logical_bytes / stats.stored_bytes if stats.stored_bytes else 0.0
     click.echo(
         f"store {stats.backend}: {stats.versions} version(s) of {stats.models} model(s); "
         f"stored {human_bytes(stats.stored_bytes)} for {human_bytes(stats.logical_bytes)} logical"
         + (f" (dedup {ratio:.2f}x)" if ratio else "")
     )
+
+
+def _print_rows(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> None:
+    """The listing as a table: one column per asked metric ('-' where a version has none)."""
+    width = max(len(r["ref"]) for r in rows)
+    widths = [max(len(m), 10) for m in metrics]
+    heads = "".join(f"  {m:>{w}}" for m, w in zip(metrics, widths, strict=True))
+    click.echo(f"{'REF':<{width}}  {'CREATED (UTC)':<19}  {'LOGICAL':>10}  {'NEW STORED':>10}{heads}  TAGS")
+    for r in rows:
+        values = [f"{r['metrics'][m]:.4g}" if m in r["metrics"] else "-" for m in metrics]
+        cells = "".join(f"  {value:>{w}}" for value, w in zip(values, widths, strict=True))
+        click.echo(
+            f"{r['ref']:<{width}}  {r['created']:<19}  {human_bytes(r['logical_bytes']):>10}  "
+            f"{human_bytes(r['new_bytes']):>10}{cells}  {','.join(r['tags'])}"
+        )
 
 
 @ckpt.command("show")
@@ -131,6 +158,10 @@ def show_cmd(ctx: click.Context, ref: str, tensors: bool) -> None:
     ):
         if value:
             click.echo(f"  {label}: {json.dumps(value, sort_keys=True)}")
+    if v.recorded_metrics:
+        click.echo("  recorded metrics:")
+        for key in sorted(v.recorded_metrics):
+            click.echo(f"    {key}  {v.recorded_metrics[key]:.6g}")
     _show_compression(ctx, v)
     if tensors:
         for t in m.tensors:

@@ -49,7 +49,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _follow(client, job_id: str) -> common_pb2.Job:
+def follow_job(client, job_id: str) -> common_pb2.Job:
+    """Print a job's progress and log events until it ends; the final Job."""
     for event in client.watch_job(job_id, follow=True):  # the server ends it at the terminal event
         if event.kind in ("progress", "log"):
             click.echo(event.message)
@@ -86,7 +87,7 @@ def compress(obj, source: str, method: str, output_name: str, detach: bool, keep
             click.echo(f"job {job.id} queued: {method} of {source} -> {output_name}")
             if detach:
                 return
-            job = _follow(client, job.id)
+            job = follow_job(client, job.id)
     except errors.TokenmillError as exc:
         raise click.ClickException(f"{exc.code}: {exc.message}") from None
     if job.state != common_pb2.JOB_STATE_SUCCEEDED:

@@ -17,6 +17,7 @@ COMMANDS = {
     "tokenmill.common.cli.train": ["train"],
     "tokenmill.common.cli.ckpt": ["ckpt"],
     "tokenmill.common.cli.compress": ["compress"],
+    "tokenmill.common.cli.eval": ["eval_cmd"],
     "tokenmill.common.cli.serve": ["serve", "generate", "bench"],
     "tokenmill.common.cli.images": ["images"],
     "tokenmill.common.cli.cluster": ["cluster"],

@@ -1,7 +1,9 @@
-"""CompressClient: submit compression jobs and follow them (see docs/contracts.md "Clients")."""
+"""CompressClient: submit compression and evaluation jobs and follow them (see docs/contracts.md
+"Clients")."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from tokenmill.common.clients.base import BaseClient, JobsClientMixin
@@ -40,3 +42,34 @@ class CompressClient(JobsClientMixin, BaseClient):
         except (ValueError, TypeError) as exc:  # an unknown field name or a wrong type
             raise InvalidArgument(f"SubmitCompressRequest: {exc}") from None
         return self._unary(self.stub.SubmitCompress, request, timeout=timeout)
+
+    def submit_eval(
+        self,
+        source: str,
+        *,
+        suite: str = "",
+        tasks: Sequence[str] = (),
+        perplexity_dataset: str = "",
+        perplexity_batches: int = 0,
+        perplexity_seq_len: int = 0,
+        limit: int | None = None,
+        pass_k: Sequence[int] = (),
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> common_pb2.Job:
+        """Submit an evaluation job; `limit=None` scores every instance (0 is refused by the server).
+        The finished job's `result` holds the EvalReport fields; the numbers are also recorded with
+        the checkpoint version (`CheckpointVersion.recorded_metrics`)."""
+        request = compress_pb2.SubmitEvalRequest(
+            idempotency_key=idempotency_key,
+            source=source,
+            suite=suite,
+            tasks=list(tasks),
+            perplexity_dataset=perplexity_dataset,
+            perplexity_batches=perplexity_batches,
+            perplexity_seq_len=perplexity_seq_len,
+            pass_k=list(pass_k),
+        )
+        if limit is not None:
+            request.limit = limit
+        return self._unary(self.stub.SubmitEval, request, timeout=timeout)

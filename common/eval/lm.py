@@ -13,12 +13,12 @@ from typing import Protocol
 
 import torch
 
-from tokenmill.common.inference.config import EngineConfig
+from tokenmill.common.inference.config import EngineConfig, model_config_from_dict
 from tokenmill.common.inference.llm_engine import LLMEngine, build_engine
 from tokenmill.common.inference.request import SamplingParams
 from tokenmill.common.inference.tokenizer import Tokenizer
 from tokenmill.common.model.quant import dequantize_state_dict
-from tokenmill.common.model.transformer import ModelConfig, Transformer
+from tokenmill.common.model.transformer import Transformer
 
 Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
@@ -70,7 +70,7 @@ class LocalLM:
         engine_config: EngineConfig | None = None,
     ) -> LocalLM:
         """Any stored format: the engine serves it as stored, the scorer reads its dequantized weights."""
-        model = Transformer(ModelConfig.from_dict(model_config))
+        model = Transformer(model_config_from_dict(model_config))  # native, HF or compressed config
         dense = dequantize_state_dict(tensors)
         if model.config.tie_embeddings:
             dense.pop("lm_head.weight", None)

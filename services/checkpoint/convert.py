@@ -72,6 +72,7 @@ def version_to_proto(v: Version, include_manifest: bool = False) -> pb.Checkpoin
         logical_bytes=v.manifest.logical_bytes,
         new_bytes=v.new_bytes,
         ref=v.ref,
+        recorded_metrics=v.recorded_metrics,
     )
     if include_manifest:
         out.manifest.CopyFrom(manifest_to_proto(v.manifest))

@@ -148,6 +148,10 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
     def SetTag(self, request: pb.SetTagRequest, context) -> pb.CheckpointVersion:
         return version_to_proto(self.store.set_tag(request.ref, request.tag))
 
+    def RecordMetrics(self, request: pb.RecordMetricsRequest, context) -> pb.CheckpointVersion:
+        version = self.store.record_metrics(request.ref, request.namespace, dict(request.metrics))
+        return version_to_proto(version)
+
     def DeleteTag(self, request: pb.DeleteTagRequest, context) -> pb.DeleteTagResponse:
         return pb.DeleteTagResponse(deleted=self.store.delete_tag(request.name, request.tag))
 

@@ -59,7 +59,7 @@ def find_model(client: CheckpointClient, ref: str) -> StoredModel:
         raise NotFound(f"checkpoint {ref!r} not found; list them with 'tokenmill ckpt list'") from None
     config = struct_to_dict(version.manifest.config)
     if not config.get("vocab_size"):
-        raise FailedPrecondition(f"checkpoint {version.ref} has no model config; it cannot be compressed")
+        raise FailedPrecondition(f"checkpoint {version.ref} has no model config; compress and eval need one")
     return StoredModel(version.ref, config, version)
 
 

@@ -1,6 +1,8 @@
-"""CompressService: SubmitCompress validates a request, checks it against the store and the
-datasets (plan.preflight), and queues a "compress" job that this service's worker runs (job.py);
-the job RPCs come from the job system. Distillation is a trainer job mode that is not built yet, so
+"""CompressService, the model-jobs service: SubmitCompress validates a request, checks it against the
+store and the datasets (plan.preflight), and queues a "compress" job that this service's worker runs
+(job.py); SubmitEval does the same for an evaluation (eval_plan.py, eval_job.py), queued on the same
+queue with spec kind "eval" (why eval lives here: compress.proto). The job RPCs come from the job
+system. Distillation is a trainer job mode that is not built yet, so
 a valid distill request answers UNIMPLEMENTED and queues nothing.
 
 Run with `python -m tokenmill.services.compress [--config PATH]`.
@@ -9,7 +11,7 @@ Run with `python -m tokenmill.services.compress [--config PATH]`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -18,11 +20,13 @@ from tokenmill.common.clients.checkpoint import CheckpointClient
 from tokenmill.common.compress.spec import CALIBRATED, PRUNE_METHODS
 from tokenmill.common.config import Config
 from tokenmill.common.errors import InvalidArgument
-from tokenmill.common.jobs import JobQueue, JobWorker
+from tokenmill.common.jobs import JobContext, JobQueue, JobWorker
 from tokenmill.common.names import HINT, validate_name, validate_tag
 from tokenmill.common.redis_conn import connect
 from tokenmill.common.runtime import ServiceApp, run_service
 from tokenmill.common.runtime.job_rpc import JobRpcMixin, job_to_proto
+from tokenmill.services.compress.eval_job import EvalJobHandler
+from tokenmill.services.compress.eval_plan import eval_preflight, validate_eval
 from tokenmill.services.compress.job import CompressJobHandler
 from tokenmill.services.compress.plan import ENGINE_METHODS, MAX_EVAL_SEQ_LEN, preflight
 from tokenmill.v1 import common_pb2, compress_pb2, compress_pb2_grpc
@@ -56,7 +60,7 @@ def _check_name(field: str, value: str, what: str) -> None:
 def _check_source(source: str) -> None:
     if not source:
         raise InvalidArgument(
-            "source is required: the checkpoint to compress, as 'name', 'name:version' or 'name:tag'"
+            "source is required: the checkpoint to compress or evaluate, as 'name', 'name:version' or 'name:tag'"
         )
     name, sep, selector = source.partition(":")
     _check_name("source", name, "checkpoint")
@@ -212,6 +216,35 @@ class CompressServicer(JobRpcMixin, compress_pb2_grpc.CompressServiceServicer):
         job = self.job_queue.submit(JOB_TYPE, spec, idempotency_key=request.idempotency_key)
         return job_to_proto(job)
 
+    def SubmitEval(
+        self, request: compress_pb2.SubmitEvalRequest, context: grpc.ServicerContext
+    ) -> common_pb2.Job:
+        if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        spec = validate_eval(request, _check_source)
+        eval_preflight(self.client, self.data_dir, spec)  # NOT_FOUND / INVALID_ARGUMENT / FAILED_PRECONDITION
+        job = self.job_queue.submit(JOB_TYPE, spec, idempotency_key=request.idempotency_key)
+        return job_to_proto(job)
+
+
+class ModelJobs:
+    """The queue's one worker handler: a spec's kind picks the job ("compress" when absent, as every
+    spec queued before eval existed)."""
+
+    def __init__(self, client_factory: Any, data_dir: str):
+        self.handlers: dict[str, Callable[[JobContext], dict[str, Any]]] = {
+            "compress": CompressJobHandler(client_factory, data_dir),
+            "eval": EvalJobHandler(client_factory, data_dir),
+        }
+
+    def __call__(self, ctx: JobContext) -> dict[str, Any]:
+        kind = ctx.job.spec.get("kind", "compress")
+        if kind not in self.handlers:
+            raise InvalidArgument(
+                f"job kind {kind!r} is not one this worker runs; use {sorted(self.handlers)}"
+            )
+        return self.handlers[kind](ctx)
+
 
 def build(config: Config, app: ServiceApp, *, run_worker: bool = True):
     """Wire the servicer and (unless `run_worker` is False: a front end only) one job worker to the
@@ -225,7 +258,7 @@ def build(config: Config, app: ServiceApp, *, run_worker: bool = True):
         SERVICE_NAME,
     )
     if run_worker:
-        handler = CompressJobHandler(lambda: CheckpointClient.from_config(config), config.data_dir)
+        handler = ModelJobs(lambda: CheckpointClient.from_config(config), str(config.data_dir))
         worker = JobWorker(queue, JOB_TYPE, handler, heartbeat_seconds=config.jobs.heartbeat_seconds)
         worker.start_in_thread()
         app.on_shutdown(worker.stop)

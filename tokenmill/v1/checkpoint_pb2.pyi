@@ -174,7 +174,14 @@ class AbortUploadResponse(_message.Message):
     def __init__(self, aborted: _Optional[bool] = ...) -> None: ...
 
 class CheckpointVersion(_message.Message):
-    __slots__ = ("name", "version", "tags", "created_at", "logical_bytes", "new_bytes", "manifest", "ref")
+    __slots__ = ("name", "version", "tags", "created_at", "logical_bytes", "new_bytes", "manifest", "ref", "recorded_metrics")
+    class RecordedMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +190,7 @@ class CheckpointVersion(_message.Message):
     NEW_BYTES_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_METRICS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     tags: _containers.RepeatedScalarFieldContainer[str]
@@ -191,7 +199,8 @@ class CheckpointVersion(_message.Message):
     new_bytes: int
     manifest: CheckpointManifest
     ref: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., logical_bytes: _Optional[int] = ..., new_bytes: _Optional[int] = ..., manifest: _Optional[_Union[CheckpointManifest, _Mapping]] = ..., ref: _Optional[str] = ...) -> None: ...
+    recorded_metrics: _containers.ScalarMap[str, float]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., logical_bytes: _Optional[int] = ..., new_bytes: _Optional[int] = ..., manifest: _Optional[_Union[CheckpointManifest, _Mapping]] = ..., ref: _Optional[str] = ..., recorded_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class GetCheckpointRequest(_message.Message):
     __slots__ = ("ref", "include_manifest")
@@ -254,6 +263,23 @@ class SetTagRequest(_message.Message):
     ref: str
     tag: str
     def __init__(self, ref: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class RecordMetricsRequest(_message.Message):
+    __slots__ = ("ref", "namespace", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    REF_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    namespace: str
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, ref: _Optional[str] = ..., namespace: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class DeleteTagRequest(_message.Message):
     __slots__ = ("name", "tag")

@@ -94,6 +94,11 @@ class CheckpointServiceStub:
                 request_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.DeleteTagRequest.SerializeToString,
                 response_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.DeleteTagResponse.FromString,
                 _registered_method=True)
+        self.RecordMetrics = channel.unary_unary(
+                '/tokenmill.v1.CheckpointService/RecordMetrics',
+                request_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.RecordMetricsRequest.SerializeToString,
+                response_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.CheckpointVersion.FromString,
+                _registered_method=True)
         self.DeleteCheckpoint = channel.unary_unary(
                 '/tokenmill.v1.CheckpointService/DeleteCheckpoint',
                 request_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.DeleteCheckpointRequest.SerializeToString,
@@ -213,6 +218,16 @@ class CheckpointServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordMetrics(self, request, context):
+        """Attach metrics to a committed version after the fact (evaluation results): the map is merged
+        under `namespace` into the version's recorded_metrics in one atomic write; recording the same
+        values again is a no-op. NOT_FOUND for an unknown version, INVALID_ARGUMENT for an empty map,
+        a bad key or a non-finite value. The manifest itself never changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteCheckpoint(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -325,6 +340,11 @@ def add_CheckpointServiceServicer_to_server(servicer, server):
                     servicer.DeleteTag,
                     request_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.DeleteTagRequest.FromString,
                     response_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.DeleteTagResponse.SerializeToString,
+            ),
+            'RecordMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordMetrics,
+                    request_deserializer=tokenmill_dot_v1_dot_checkpoint__pb2.RecordMetricsRequest.FromString,
+                    response_serializer=tokenmill_dot_v1_dot_checkpoint__pb2.CheckpointVersion.SerializeToString,
             ),
             'DeleteCheckpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteCheckpoint,
@@ -691,6 +711,33 @@ class CheckpointService:
             '/tokenmill.v1.CheckpointService/DeleteTag',
             tokenmill_dot_v1_dot_checkpoint__pb2.DeleteTagRequest.SerializeToString,
             tokenmill_dot_v1_dot_checkpoint__pb2.DeleteTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmill.v1.CheckpointService/RecordMetrics',
+            tokenmill_dot_v1_dot_checkpoint__pb2.RecordMetricsRequest.SerializeToString,
+            tokenmill_dot_v1_dot_checkpoint__pb2.CheckpointVersion.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,3 +86,76 @@ class CompressionReport(_message.Message):
     compress_seconds: float
     eval_dataset: str
     def __init__(self, bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., ratio: _Optional[float] = ..., perplexity_before: _Optional[float] = ..., perplexity_after: _Optional[float] = ..., tokens_per_second_before: _Optional[float] = ..., tokens_per_second_after: _Optional[float] = ..., sparsity: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., per_layer_errors: _Optional[_Iterable[_Union[LayerError, _Mapping]]] = ..., source: _Optional[str] = ..., output: _Optional[str] = ..., method: _Optional[str] = ..., compress_seconds: _Optional[float] = ..., eval_dataset: _Optional[str] = ...) -> None: ...
+
+class SubmitEvalRequest(_message.Message):
+    __slots__ = ("idempotency_key", "source", "suite", "tasks", "perplexity_dataset", "perplexity_batches", "perplexity_seq_len", "limit", "pass_k")
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SUITE_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_DATASET_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PASS_K_FIELD_NUMBER: _ClassVar[int]
+    idempotency_key: str
+    source: str
+    suite: str
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    perplexity_dataset: str
+    perplexity_batches: int
+    perplexity_seq_len: int
+    limit: int
+    pass_k: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, idempotency_key: _Optional[str] = ..., source: _Optional[str] = ..., suite: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., perplexity_dataset: _Optional[str] = ..., perplexity_batches: _Optional[int] = ..., perplexity_seq_len: _Optional[int] = ..., limit: _Optional[int] = ..., pass_k: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EvalTaskResult(_message.Message):
+    __slots__ = ("task", "metrics", "documents", "seconds")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    metrics: _containers.ScalarMap[str, float]
+    documents: int
+    seconds: float
+    def __init__(self, task: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., documents: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class EvalPerplexity(_message.Message):
+    __slots__ = ("dataset", "perplexity", "loss", "bits_per_byte", "tokens", "seq_len")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    perplexity: float
+    loss: float
+    bits_per_byte: float
+    tokens: int
+    seq_len: int
+    def __init__(self, dataset: _Optional[str] = ..., perplexity: _Optional[float] = ..., loss: _Optional[float] = ..., bits_per_byte: _Optional[float] = ..., tokens: _Optional[int] = ..., seq_len: _Optional[int] = ...) -> None: ...
+
+class EvalReport(_message.Message):
+    __slots__ = ("source", "suite", "tasks", "perplexity", "wall_seconds", "tokens_scored")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SUITE_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_SCORED_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    suite: str
+    tasks: _containers.RepeatedCompositeFieldContainer[EvalTaskResult]
+    perplexity: EvalPerplexity
+    wall_seconds: float
+    tokens_scored: int
+    def __init__(self, source: _Optional[str] = ..., suite: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[EvalTaskResult, _Mapping]]] = ..., perplexity: _Optional[_Union[EvalPerplexity, _Mapping]] = ..., wall_seconds: _Optional[float] = ..., tokens_scored: _Optional[int] = ...) -> None: ...

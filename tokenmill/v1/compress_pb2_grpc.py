@@ -40,6 +40,11 @@ class CompressServiceStub:
                 request_serializer=tokenmill_dot_v1_dot_compress__pb2.SubmitCompressRequest.SerializeToString,
                 response_deserializer=tokenmill_dot_v1_dot_common__pb2.Job.FromString,
                 _registered_method=True)
+        self.SubmitEval = channel.unary_unary(
+                '/tokenmill.v1.CompressService/SubmitEval',
+                request_serializer=tokenmill_dot_v1_dot_compress__pb2.SubmitEvalRequest.SerializeToString,
+                response_deserializer=tokenmill_dot_v1_dot_common__pb2.Job.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/tokenmill.v1.CompressService/GetJob',
                 request_serializer=tokenmill_dot_v1_dot_common__pb2.GetJobRequest.SerializeToString,
@@ -67,6 +72,17 @@ class CompressServiceServicer:
 
     def SubmitCompress(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitEval(self, request, context):
+        """Queue an evaluation job (the same queue and job RPCs; spec kind "eval"). Everything knowable
+        from the store, the datasets and the task files is checked here: NOT_FOUND for an unknown
+        checkpoint, suite or dataset; INVALID_ARGUMENT for a bad field, task file or task name;
+        FAILED_PRECONDITION for an empty split, a foreign vocabulary or a model without tokenizer.json.
+        Progress events carry task/tasks/done/total; Job.result holds an EvalReport (JSON names below).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -101,6 +117,11 @@ def add_CompressServiceServicer_to_server(servicer, server):
             'SubmitCompress': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitCompress,
                     request_deserializer=tokenmill_dot_v1_dot_compress__pb2.SubmitCompressRequest.FromString,
+                    response_serializer=tokenmill_dot_v1_dot_common__pb2.Job.SerializeToString,
+            ),
+            'SubmitEval': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitEval,
+                    request_deserializer=tokenmill_dot_v1_dot_compress__pb2.SubmitEvalRequest.FromString,
                     response_serializer=tokenmill_dot_v1_dot_common__pb2.Job.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
@@ -150,6 +171,33 @@ class CompressService:
             target,
             '/tokenmill.v1.CompressService/SubmitCompress',
             tokenmill_dot_v1_dot_compress__pb2.SubmitCompressRequest.SerializeToString,
+            tokenmill_dot_v1_dot_common__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitEval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmill.v1.CompressService/SubmitEval',
+            tokenmill_dot_v1_dot_compress__pb2.SubmitEvalRequest.SerializeToString,
             tokenmill_dot_v1_dot_common__pb2.Job.FromString,
             options,
             channel_credentials,

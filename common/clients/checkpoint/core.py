@@ -124,6 +124,13 @@ class ClientCore(BaseClient):
             if not token:
                 return out
 
+    def record_metrics(self, ref: str, namespace: str, metrics: Mapping[str, float]) -> pb.CheckpointVersion:
+        """Merge `metrics` under `namespace` into the version's recorded metrics (idempotent)."""
+        return self._unary(
+            self.stub.RecordMetrics,
+            pb.RecordMetricsRequest(ref=ref, namespace=namespace, metrics=dict(metrics)),
+        )
+
     # -- read leases -------------------------------------------------------------------------------
     def acquire_lease(self, ref: str, holder: str, ttl_seconds: float = 3600.0) -> pb.Lease:
         return self._unary(
