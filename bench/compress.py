@@ -5,16 +5,23 @@ One run: ingest a slice of the stdlib, train test-1m for --steps with the traine
 each method compress with `compress_model` (the service's engine) on the same calibration rows
 (train split), and measure with the service's own measurements (services/compress/measure.py):
 perplexity on the val split over the dequantized weights, greedy decode tokens/s of the inference
-engine on the stored format. Against the field: llm-compressor's GPTQ W4A16 g128 when it can be
-installed next to this torch (see docs/benchmarks.md); otherwise the row says why it is missing.
+engine on the stored format.
 
+Against the field, same run: the trained model exported to the HF layout and quantized by
+llm-compressor's GPTQ W4A16 g128 recipe on the same calibration rows, its perplexity on the same eval
+windows by the same function (bench/llmc_gptq.py, in the venv scripts/setup_llmcompressor.sh makes,
+since llmcompressor pins an older transformers than .venv). Without that venv the row says so.
+
+    scripts/setup_llmcompressor.sh   # once: .cache/venv-llmc
     python -m bench.compress [--steps 150] [--docs 600]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sysconfig
 import tempfile
 import time
@@ -22,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from bench._report import target, write_report
 from tokenmill.common.compress import MethodSpec, compress_model
-from tokenmill.common.data.dataset import read_manifest
+from tokenmill.common.data.dataset import TOKENIZER, read_manifest
 from tokenmill.common.ingest.pipeline import run_ingest
 from tokenmill.common.ingest.spec import IngestSpec
+from tokenmill.common.model.hf_layout import hf_config_from_manifest, write_hf_dir
 from tokenmill.common.trainer.checkpoint_io import read_full
 from tokenmill.common.trainer.config import TrainConfig
 from tokenmill.common.trainer.local_io import LocalCheckpointIO
@@ -36,6 +45,10 @@ from tokenmill.common.trainer.worker import train
 from tokenmill.services.compress.measure import decode_tokens_per_second, eval_perplexity
 from tokenmill.services.compress.model_job import eval_stream, token_batches
 
+REPO = Path(__file__).resolve().parent.parent
+LLMC_PYTHON = REPO / ".cache" / "venv-llmc" / "bin" / "python"
+LLMC_TIMEOUT_S = 1800
+SAME_PPL_RTOL = 1e-4  # dense perplexity of both sides: proof that they measure alike
 SEQ_LEN = 128
 CALIBRATION_ROWS = 64
 EVAL_TOKENS = 32 * SEQ_LEN
@@ -82,23 +95,46 @@ def measure(tensors: dict[str, torch.Tensor], config: dict[str, Any], stream) ->
     return {"perplexity": ppl.perplexity, "tokens_per_s": decode_tokens_per_second(tensors, config)}
 
 
-def llmcompressor_row() -> dict[str, Any]:
-    """llm-compressor's GPTQ W4A16 g128 on the same model, or why it could not run here."""
-    try:
-        import llmcompressor  # noqa: F401
-    except ImportError:
-        return {
-            "skipped": "llmcompressor is not installed: `pip install --dry-run llmcompressor` (0.14.0.1) keeps "
-            "torch 2.13 but would downgrade transformers 5.24 -> 5.17 and huggingface_hub 2.4 -> 1.33 in "
-            "the shared venv (see docs/benchmarks.md)"
-        }
-    return {"skipped": "llmcompressor is installed but its HF export path is not wired in this bench"}
+def llmcompressor_row(
+    python: Path, work: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], dataset: Path,
+    calibration: list[torch.Tensor], stream: Any, dense_ppl: float,
+) -> dict[str, Any]:  # fmt: skip
+    """llm-compressor's GPTQ W4A16 g128 on the same model, calibration rows and eval windows (in its
+    own venv, bench/llmc_gptq.py), or why it could not run. Fails if its dense perplexity differs
+    from tokenmill's: then the two sides would not be measuring the same thing."""
+    if not python.is_file():
+        print(f"llm-compressor comparison skipped: no {python} (run scripts/setup_llmcompressor.sh)")
+        return {"skipped": f"no llm-compressor venv at {python}; run scripts/setup_llmcompressor.sh"}
+    tokenizer = {TOKENIZER: (dataset / TOKENIZER).read_bytes()}
+    model_dir = write_hf_dir(work / "hf", tensors, hf_config_from_manifest(config, {}), tokenizer)
+    save_file(
+        {"calibration": torch.cat(calibration).contiguous(), "eval": torch.from_numpy(stream).contiguous()},
+        str(work / "llmc-data.safetensors"),
+    )
+    out = work / "llmc-result.json"
+    cmd = [str(python), "-m", "bench.llmc_gptq", "--model-dir", str(model_dir)]
+    cmd += ["--data", str(work / "llmc-data.safetensors"), "--seq-len", str(SEQ_LEN), "--out", str(out)]
+    began = time.monotonic()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=LLMC_TIMEOUT_S)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.llmc_gptq failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    row = {**json.loads(out.read_text()), "process_s": time.monotonic() - began}
+    print(
+        f"dense perplexity: tokenmill {dense_ppl:.6f}, llm-compressor process {row['dense_perplexity']:.6f}"
+    )
+    if abs(row["dense_perplexity"] / dense_ppl - 1) > SAME_PPL_RTOL:
+        raise RuntimeError(
+            "the two perplexity measurements disagree on the dense model; the comparison is void"
+        )
+    row["dppl_pct"] = 100 * (row["perplexity"] / dense_ppl - 1)
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--docs", type=int, default=600)
+    ap.add_argument("--llmc-python", type=Path, default=LLMC_PYTHON, help="python of the llm-compressor venv")
     args = ap.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
@@ -122,17 +158,16 @@ def main() -> None:
         for row in rows.values():
             row["dppl_pct"] = 100 * (row["perplexity"] / dense["perplexity"] - 1)
         _print_table(rows)
-    targets = {
-        "int8 dppl % < 0.5": target(rows["int8"]["dppl_pct"], 0.5, higher_is_better=False),
-        "gptq dppl % < rtn dppl %": target(rows["int4-gptq-g128"]["dppl_pct"], rows["int4-rtn-g128"]["dppl_pct"], False),
-        "wanda dppl % < magnitude dppl %": target(rows["wanda-50%"]["dppl_pct"], rows["magnitude-50%"]["dppl_pct"], False),
-    }  # fmt: skip
+        llmc = llmcompressor_row(
+            args.llmc_python, Path(tmp), tensors, config, dataset, calibration, stream, dense["perplexity"]
+        )
+        _print_llmc(llmc)
     write_report(
         "compress",
         {f"{name} {k}": v for name, row in rows.items() for k, v in row.items()},
-        {"llm-compressor gptq w4a16 g128": llmcompressor_row()},
-        {},
-        targets,
+        {"llm-compressor gptq w4a16 g128": llmc},
+        _ratios(rows["int4-gptq-g128"], llmc),
+        _targets(rows, llmc),
         {
             "setup": {
                 "steps": args.steps,
@@ -143,6 +178,41 @@ def main() -> None:
                 "prep_seconds": prep_s,
             }
         },  # fmt: skip
+    )
+
+
+def _ratios(gptq: dict[str, Any], llmc: dict[str, Any]) -> dict[str, float]:
+    if "skipped" in llmc:
+        return {}
+    return {
+        "gptq perplexity / llm-compressor's": gptq["perplexity"] / llmc["perplexity"],
+        "llm-compressor time / gptq time": llmc["time_s"] / gptq["time_s"],
+    }
+
+
+def _targets(rows: dict[str, dict[str, Any]], llmc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    gptq = rows["int4-gptq-g128"]
+    targets = {
+        "int8 dppl % < 0.5": target(rows["int8"]["dppl_pct"], 0.5, higher_is_better=False),
+        "gptq dppl % < rtn dppl %": target(gptq["dppl_pct"], rows["int4-rtn-g128"]["dppl_pct"], False),
+        "wanda dppl % < magnitude dppl %": target(rows["wanda-50%"]["dppl_pct"], rows["magnitude-50%"]["dppl_pct"], False),
+    }  # fmt: skip
+    if "skipped" not in llmc:
+        targets["gptq perplexity <= 1.01 x llm-compressor's"] = target(
+            gptq["perplexity"], 1.01 * llmc["perplexity"], higher_is_better=False
+        )
+        targets["gptq time s < llm-compressor's"] = target(
+            gptq["time_s"], llmc["time_s"], higher_is_better=False
+        )
+    return targets
+
+
+def _print_llmc(llmc: dict[str, Any]) -> None:
+    if "skipped" in llmc:
+        return
+    print(
+        f"{'llmc-gptq-g128':16}{'':>12}{'':>8}{llmc['perplexity']:>10.3f}{llmc['dppl_pct']:>9.2f}"
+        f"{'':>9}{llmc['time_s']:>8.2f}   (llm-compressor {llmc['llmcompressor']}, time = oneshot)"
     )
 
 
