@@ -179,6 +179,13 @@ class TrainerConfig(BaseModel):
     kubernetes: TrainerKubernetesConfig = Field(default_factory=TrainerKubernetesConfig)
 
 
+class CompressConfig(BaseModel):
+    """The compress service's worker: where compression runs ("auto" = the GPU when torch sees one,
+    else the CPU; "cuda" refuses to start without one). Results are stored from the CPU either way."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class InferenceLimitsConfig(BaseModel):
     """Limits on an inference request: sizes checked before any work is spent on it, so one
     oversized request cannot stall or exhaust a replica (HTTP front, router and replicas enforce
@@ -214,6 +221,7 @@ class Config(BaseSettings):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     inference_limits: InferenceLimitsConfig = Field(default_factory=InferenceLimitsConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

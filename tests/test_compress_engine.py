@@ -112,6 +112,11 @@ SERVED = {
     "prune-magnitude": [MethodSpec("prune-magnitude", sparsity=0.5)],
     "prune-sparsegpt": [MethodSpec("prune-sparsegpt", sparsity=0.5)],
     "wanda-2:4+int8": [MethodSpec("prune-wanda", pattern="2:4"), MethodSpec("int8")],
+    "wanda-2:4": [MethodSpec("prune-wanda", pattern="2:4")],
+    "sparsegpt-2:4+int4-rtn": [
+        MethodSpec("prune-sparsegpt", pattern="2:4"),
+        MethodSpec("int4-rtn", group_size=32),
+    ],
     "svd": [MethodSpec("svd", rank_fraction=0.5)],
 }
 
@@ -208,19 +213,54 @@ def test_calibration_data_is_checked(tiny_ckpt):
 
 
 def test_compositions_that_do_not_apply_say_why(tiny_ckpt):
+    """The source checkpoint's state is a FAILED_PRECONDITION, two steps of one call that contradict
+    each other an INVALID_ARGUMENT; either way the message names both methods."""
     t = tiny_ckpt.tensors
     int4 = compress_model(t, MethodSpec("int4-rtn", group_size=32)).tensors
-    with pytest.raises(InvalidArgument, match="already quantized"):
+    with pytest.raises(
+        FailedPrecondition, match="int4-rtn cannot be applied to .* with int4 quant.*already quantized"
+    ):
         compress_model(int4, MethodSpec("int4-rtn", group_size=32))
-    with pytest.raises(InvalidArgument, match="already quantized"):
+    with pytest.raises(FailedPrecondition, match="svd cannot be applied to .* with int4 quantization"):
         compress_model(int4, MethodSpec("svd", rank=4))
+    with pytest.raises(FailedPrecondition, match="prune-magnitude cannot be applied to .* with int4"):
+        compress_model(int4, MethodSpec("prune-magnitude"))
+    int8 = compress_model(t, MethodSpec("int8")).tensors
+    with pytest.raises(FailedPrecondition, match="int4-rtn cannot be applied to .* with int8 quantization"):
+        compress_model(int8, MethodSpec("int4-rtn", group_size=32))
     svd = compress_model(t, MethodSpec("svd", rank=4)).tensors
-    with pytest.raises(InvalidArgument, match="SVD factors are not a dense weight"):
+    with pytest.raises(FailedPrecondition, match="int8 cannot be applied to .* with svd.*not a dense weight"):
         compress_model(svd, MethodSpec("int8"))
-    with pytest.raises(InvalidArgument, match="refill the pruned weights"):
+    with pytest.raises(
+        InvalidArgument, match="int4-gptq cannot be applied to the output of prune-wanda.*refill"
+    ):
         compress_model(
             t, [MethodSpec("prune-wanda"), MethodSpec("int4-gptq")], calib(tiny_ckpt.config.vocab_size)
         )
+    with pytest.raises(InvalidArgument, match="int8 cannot be applied to the output of svd"):
+        compress_model(t, [MethodSpec("svd", rank=4), MethodSpec("int8")])
+
+
+def test_a_recorded_history_names_the_earlier_method_and_is_carried_into_the_new_manifest(tiny_ckpt):
+    """An unstructured-pruned checkpoint looks dense; its manifest's history is what says GPTQ would
+    refill it, and a following int8 records both steps and keeps the sparsity."""
+    pruned = compress_model(tiny_ckpt.tensors, MethodSpec("prune-magnitude", sparsity=0.5))
+    history = pruned.manifest_meta["compression"]
+    with pytest.raises(FailedPrecondition, match="int4-gptq cannot be applied to .* with prune-magnitude"):
+        compress_model(
+            pruned.tensors, MethodSpec("int4-gptq", group_size=32), calib(tiny_ckpt.config.vocab_size),
+            config=tiny_ckpt.config, history=history,
+        )  # fmt: skip
+    with pytest.raises(FailedPrecondition, match="svd cannot be applied to .* with prune-magnitude"):
+        compress_model(pruned.tensors, MethodSpec("svd", rank=4), history=history)
+    then = compress_model(pruned.tensors, MethodSpec("int8"), history=history)
+    steps = then.manifest_meta["compression"]["steps"]
+    assert [s["method"] for s in steps] == ["prune-magnitude", "int8"] and steps[0]["sparsity"] == 0.5
+    assert then.sparsity == 0.5 and then.manifest_meta["compression"]["sparsity"] == 0.5
+    assert then.manifest_meta["quantization"] == {"method": "int8", "algorithm": "rtn"}
+    w = dequantize_state_dict(then.tensors)[f"{Q_PROJ}.weight"]
+    assert torch.equal(w == 0, pruned.tensors[f"{Q_PROJ}.weight"] == 0)  # int8 keeps every zero a zero
+
     with pytest.raises(InvalidArgument, match="unknown compression method"):
         MethodSpec("int3")
     with pytest.raises(InvalidArgument, match="sparsity must be in"):

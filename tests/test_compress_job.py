@@ -25,6 +25,7 @@ from tokenmill.common.jobs import JobQueue, JobState, JobWorker
 from tokenmill.common.model.quant import dequantize_state_dict
 from tokenmill.common.model.transformer import ModelConfig, Transformer
 from tokenmill.common.runtime import ServiceApp
+from tokenmill.common.runtime.proto_struct import struct_to_dict
 from tokenmill.services.compress.job import REPORT_FILE, CompressJobHandler
 from tokenmill.services.compress.server import JOB_TYPE, build
 from tokenmill.services.inference.loader import load_model
@@ -98,6 +99,12 @@ def test_int8_job_stores_a_child_version_with_report_and_serves_like_its_dequant
     assert REPORT_FILE in {f.name for f in version.manifest.files}
     loaded = load_model(ckpt.client, "base-int8")  # what `tokenmill serve` runs, no extra flags
     assert loaded.quantization == "int8"
+    assert_serves_like_its_dequantized_reference(loaded)
+
+
+def assert_serves_like_its_dequantized_reference(loaded) -> None:
+    """The inference engine's greedy output on the stored tensors equals a training-model forward
+    over the dequantized weights."""
     stored = dict(loaded.tensors)
     engine = build_engine(loaded.tensors, loaded.config, EngineConfig(num_blocks=16))
     reference = Transformer(CONFIG).float().eval()
@@ -109,6 +116,64 @@ def test_int8_job_stores_a_child_version_with_report_and_serves_like_its_dequant
         for _ in range(8):
             ids.append(int(reference(torch.tensor([ids]))[0, -1].argmax()))
     assert out.output_token_ids == ids[len(prompt) :]
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.slow
+def test_wanda_2_4_job_then_int8_job_serves_like_its_reference_keeping_the_2_4_metadata(env):
+    """Two jobs compose: prune_2_4 scored by Wanda (calibrated), then int8 of that version. The int8
+    child keeps the parent's nm_index and zeros, records both steps, and serves like its reference."""
+    client, ckpt, _ = env
+    job = client.submit(
+        "base", "base-24", "prune_2_4", score="wanda", calibration_dataset="calib", calibration_samples=8
+    )
+    done = client.wait(job.id, timeout=120)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
+    assert done.result["report"]["settings"] == {"method": "prune-wanda", "sparsity": 0.5, "pattern": "2:4",
+                                                 "keep_dense": []}  # fmt: skip
+    pruned = ckpt.client.load("base-24:1")
+    assert torch.all((pruned[f"{Q_PROJ}.weight"] != 0).reshape(-1, 4).sum(-1) == 2)
+    done = client.wait(client.submit("base-24", "base-24-int8", "int8").id, timeout=120)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
+    assert done.result["report"]["sparsity"] == 0.5
+    version = ckpt.client.get("base-24-int8:1", include_manifest=True)
+    assert version.manifest.lineage.parent == "base-24:1"
+    recorded = struct_to_dict(version.manifest.config)["compression"]
+    assert [s["method"] for s in recorded["steps"]] == ["prune-wanda", "int8"] and recorded["sparsity"] == 0.5
+    loaded = load_model(ckpt.client, "base-24-int8")
+    assert loaded.quantization == "int8"
+    assert torch.equal(loaded.tensors[f"{Q_PROJ}.nm_index"], pruned[f"{Q_PROJ}.nm_index"])
+    assert torch.all((loaded.tensors[f"{Q_PROJ}.qweight"] != 0).reshape(-1, 4).sum(-1) <= 2)
+    assert_serves_like_its_dequantized_reference(loaded)
+
+
+def test_compositions_that_do_not_make_sense_are_failed_precondition_naming_both_methods(env):
+    client, ckpt, _ = env
+    tensors = model_tensors()
+    for steps, name in (
+        ([MethodSpec("int8")], "q8"),
+        ([MethodSpec("prune-magnitude", sparsity=0.5)], "sparse"),
+        ([MethodSpec("svd", rank_fraction=0.5)], "low"),
+    ):
+        done = compress_model(tensors, steps, config=CONFIG)
+        ckpt.client.save(name, done.tensors, config={**CONFIG.to_dict(), **done.manifest_meta})
+    refused = [
+        ("q8", "int4_rtn", {"group_size": 32}, "int4-rtn cannot be applied to a checkpoint already compressed with int8"),
+        ("q8", "int8", {}, "int8 cannot be applied to a checkpoint already compressed with int8"),
+        ("q8", "prune_magnitude", {"sparsity": 0.5}, "prune-magnitude cannot be applied to .* with int8"),
+        ("q8", "svd", {"rank_fraction": 0.5}, "svd cannot be applied to .* with int8"),
+        ("sparse", "int4_gptq", {"group_size": 32, "calibration_dataset": "calib"},
+         "int4-gptq cannot be applied to .* with prune-magnitude: it would refill"),
+        ("sparse", "svd", {"rank_fraction": 0.5}, "svd cannot be applied to .* with prune-magnitude"),
+        ("low", "int8", {}, "int8 cannot be applied to .* with svd"),
+    ]  # fmt: skip
+    for source, method, fields, message in refused:
+        with pytest.raises(errors.FailedPrecondition, match=message):
+            client.submit(source, "out", method, **fields)
+    done = client.wait(client.submit("sparse", "sparse-q4", "int4_rtn", group_size=32).id, timeout=120)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error  # int4 after pruning composes
 
 
 def test_submit_rejects_unknown_checkpoint_with_not_found(env):
@@ -130,8 +195,12 @@ def test_submit_rejects_methods_that_do_not_apply(env):
         client.submit("odd", "out", "prune_2_4")
     packed = compress_model(model_tensors(), MethodSpec("int4-rtn", group_size=32), config=CONFIG)
     ckpt.client.save("q4", packed.tensors, config={**CONFIG.to_dict(), **packed.manifest_meta})
-    with pytest.raises(errors.InvalidArgument, match="already quantized"):
+    with pytest.raises(errors.FailedPrecondition, match="int4-rtn cannot be .* compressed with int4-rtn"):
         client.submit("q4", "out", "int4_rtn", group_size=32)
+    bare = {k: v for k, v in packed.manifest_meta.items() if k != "compression"}  # quantized elsewhere
+    ckpt.client.save("q4-bare", packed.tensors, config={**CONFIG.to_dict(), **bare})
+    with pytest.raises(errors.FailedPrecondition, match="int4-awq cannot .* int4 quantization .*qweight"):
+        client.submit("q4-bare", "out", "int4_awq", group_size=32, calibration_dataset="calib")
 
 
 def test_submit_rejects_missing_empty_small_or_foreign_vocabulary_datasets(env):
@@ -147,11 +216,17 @@ def test_submit_rejects_missing_empty_small_or_foreign_vocabulary_datasets(env):
     write_dataset(data_dir, "empty", tokens=0)
     with pytest.raises(errors.FailedPrecondition, match="has 0 tokens in its 'val' split"):
         client.submit("base", "out", "int8", eval_dataset="empty")
+    with pytest.raises(errors.FailedPrecondition, match="'empty' has 0 tokens in its 'train' split"):
+        client.submit("base", "out", "prune_2_4", score="wanda", calibration_dataset="empty")
     write_dataset(data_dir, "wide", vocab=1024)
     with pytest.raises(
         errors.FailedPrecondition, match="1024-token vocabulary but base:1 has vocab_size 256"
     ):
         client.submit("base", "out", "prune_wanda", sparsity=0.5, calibration_dataset="wide")
+    with pytest.raises(
+        errors.FailedPrecondition, match="eval_dataset 'wide' was tokenized with a 1024-token"
+    ):
+        client.submit("base", "out", "int8", eval_dataset="wide")
     # Enough tokens for the engine's minimum but not for one calibration row of a 512-token model.
     ckpt.client.save("long", model_tensors(), config=CONFIG.replace(max_seq_len=512).to_dict())
     write_dataset(data_dir, "short", tokens=256)
@@ -198,6 +273,14 @@ def test_cli_compress_follows_progress_prints_the_report_and_ckpt_show_shows_lin
     )
     bad = runner.invoke(cli, ["--config", str(config_path), "compress", "ghost", "--method", "int8"])
     assert bad.exit_code == 1 and "NOT_FOUND: checkpoint 'ghost' not found" in bad.output
+    args = ["--config", str(config_path), "compress", "base", "--method", "prune_2_4", "--score", "wanda"]
+    uncalibrated = runner.invoke(cli, args)
+    assert (
+        uncalibrated.exit_code == 1 and "with score 'wanda' needs calibration_dataset" in uncalibrated.output
+    )
+    scored = runner.invoke(cli, [*args, "--calib", "calib", "--output", "base-w24"])
+    assert scored.exit_code == 0, scored.output
+    assert "checkpoint base-w24:1" in scored.output and "sparsity" in scored.output
 
 
 def test_cancel_between_layers_stops_the_running_job_and_stores_nothing(tmp_path, ckpt, redis_client):

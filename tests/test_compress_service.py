@@ -120,6 +120,30 @@ def test_submit_rejects_new_fields_out_of_range(client, changes, message):
         client.submit("demo", "demo-q", "int8", **changes)
 
 
+@pytest.mark.parametrize(
+    ("method", "changes", "message"),
+    [
+        ("prune_2_4", {"score": "random"}, "score='random' for method 'prune_2_4': use one of"),
+        ("int8", {"score": "wanda"}, "score does not apply to method 'int8'"),
+        (
+            "prune_wanda",
+            {"score": "wanda", "sparsity": 0.5, "calibration_dataset": "c"},
+            "score does not apply",
+        ),
+        ("prune_2_4", {"score": "wanda"}, "'prune_2_4' with score 'wanda' needs calibration_dataset"),
+        ("prune_2_4", {"score": "sparsegpt"}, "with score 'sparsegpt' needs calibration_dataset"),
+        (
+            "prune_2_4",
+            {"calibration_dataset": "c"},
+            "calibration_dataset does not apply to method 'prune_2_4'",
+        ),
+    ],
+)
+def test_submit_checks_the_2_4_score_and_the_calibration_it_needs(client, method, changes, message):
+    with pytest.raises(errors.InvalidArgument, match=message):
+        client.submit("demo", "demo-24", method, **changes)
+
+
 def test_client_rejects_unknown_options_locally(client):
     with pytest.raises(errors.InvalidArgument, match="SubmitCompressRequest"):
         client.submit("demo", "demo-q", "int8", bits=3)

@@ -61,13 +61,21 @@ def follow_job(client, job_id: str) -> common_pb2.Job:
 @click.argument("source")
 @click.option("--method", required=True, type=click.Choice(METHODS))
 @click.option(
-    "--calib", "calibration_dataset", default="", help="Calibration dataset (gptq, awq, wanda, sparsegpt)."
+    "--calib",
+    "calibration_dataset",
+    default="",
+    help="Calibration dataset (gptq, awq, wanda, sparsegpt, prune_2_4 --score wanda|sparsegpt).",
 )
 @click.option("--eval", "eval_dataset", default="", help="Dataset whose val split measures perplexity.")
 @click.option("--output", "output_name", default="", help="Checkpoint name [default: SOURCE-METHOD].")
 @click.option("--group-size", type=click.IntRange(1), help="int4 group size [default: 128].")
 @click.option("--sparsity", type=float, help="Pruning: fraction of weights set to zero.")
 @click.option("--rank-fraction", type=float, help="svd: kept rank / full rank.")
+@click.option(
+    "--score",
+    type=click.Choice(("magnitude", "wanda", "sparsegpt")),
+    help="prune_2_4: what picks the 2 kept of every 4 [default: magnitude]; wanda/sparsegpt need --calib.",
+)
 @click.option("--act-order", is_flag=True, default=False, help="int4_gptq: act-order.")
 @click.option("--keep-dense", multiple=True, help="fnmatch pattern of linears left dense (repeatable).")
 @click.option("--detach", is_flag=True, help="Print the job id and return without following it.")

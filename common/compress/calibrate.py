@@ -26,6 +26,7 @@ class InputStats:
     in_features: int
     with_hessian: bool
     rows_per_batch: int
+    device: torch.device = torch.device("cpu")  # where the layer runs: the sums stay beside it
     n: int = 0
     xtx: torch.Tensor | None = None
     sq_sum: torch.Tensor = field(init=False)
@@ -33,10 +34,10 @@ class InputStats:
     rows: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.sq_sum = torch.zeros(self.in_features)
-        self.abs_sum = torch.zeros(self.in_features)
+        self.sq_sum = torch.zeros(self.in_features, device=self.device)
+        self.abs_sum = torch.zeros(self.in_features, device=self.device)
         if self.with_hessian:
-            self.xtx = torch.zeros(self.in_features, self.in_features)
+            self.xtx = torch.zeros(self.in_features, self.in_features, device=self.device)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, self.in_features).float()
@@ -96,7 +97,7 @@ def capture(
             continue
         mod = block.get_submodule(name)
         assert isinstance(mod, nn.Linear)
-        stats[name] = InputStats(mod.in_features, with_hessian, rows)
+        stats[name] = InputStats(mod.in_features, with_hessian, rows, mod.weight.device)
         handles.append(mod.register_forward_pre_hook(_recorder(stats[name])))
     try:
         with torch.no_grad():
@@ -124,7 +125,7 @@ def blocks_with_inputs(
         inputs = []
         for ids in batches:
             x = model.model.embed_tokens(ids)
-            cos, sin = model.rope(torch.arange(ids.shape[1]), x.dtype)
+            cos, sin = model.rope(torch.arange(ids.shape[1], device=ids.device), x.dtype)
             inputs.append((x, cos, sin))
     for i, block in enumerate(model.model.layers):
         yield i, block, inputs

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from tokenmill.common.compress.spec import MethodSpec
-from tokenmill.common.errors import FailedPrecondition, InvalidArgument
+from tokenmill.common.compress.spec import METHODS, MethodSpec, family_of
+from tokenmill.common.errors import FailedPrecondition, InvalidArgument, TokenmillError
 from tokenmill.common.model.quant import QUANTIZABLE_SUFFIXES
 
 MIN_CALIBRATION_TOKENS = 128
@@ -23,43 +24,59 @@ def target_linears(tensors: Mapping[str, torch.Tensor], keep_dense: Sequence[str
     return [b for b in bases if not any(fnmatch.fnmatchcase(b, p) for p in keep_dense)]
 
 
-def prior_state(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
-    """("quant" | "lowrank" | "prune", an example tensor) when the checkpoint was compressed before."""
+def prior_state(
+    tensors: Mapping[str, torch.Tensor], history: Sequence[Mapping[str, Any]] = ()
+) -> tuple[str, str] | None:
+    """(family, "a checkpoint already compressed with <method>") when the source was compressed
+    before: from the recorded steps (`history`, the manifest's compression.steps) when there are
+    some, else from the tensor formats (an unstructured-pruned checkpoint without history is dense)."""
+    if history:
+        method = str(history[-1].get("method", ""))
+        if method in METHODS:
+            return family_of(method), f"a checkpoint already compressed with {method}"
     for name, t in tensors.items():
         if name.endswith(".qweight"):
-            return "quant", f"{'int8' if t.dtype == torch.int8 else 'int4'} weights ({name})"
+            kind = "int8" if t.dtype == torch.int8 else "int4"
+            return "quant", f"a checkpoint already compressed with {kind} quantization ({name})"
         if name.endswith(".svd_u"):
-            return "lowrank", f"SVD factors ({name})"
+            return "lowrank", f"a checkpoint already compressed with svd ({name})"
     for name in tensors:
         if name.endswith(".nm_index"):
-            return "prune", f"2:4 pruned weights ({name})"
+            return "prune", f"a checkpoint already compressed with 2:4 pruning ({name})"
     return None
 
 
-def check_composition(steps: Sequence[MethodSpec], tensors: Mapping[str, torch.Tensor]) -> None:
-    """InvalidArgument for a step that cannot follow what came before it (in this call or the source)."""
+def check_composition(
+    steps: Sequence[MethodSpec],
+    tensors: Mapping[str, torch.Tensor],
+    history: Sequence[Mapping[str, Any]] = (),
+) -> None:
+    """Refuse a step that cannot follow what came before it: FailedPrecondition when the source
+    checkpoint's state is the obstacle (compress its dense parent instead), InvalidArgument when two
+    steps of this one call contradict each other. Both messages name both methods."""
     if not steps:
         raise InvalidArgument("no compression method given")
-    prior = prior_state(tensors)
+    prior = prior_state(tensors, history)
+    error: type[TokenmillError] = FailedPrecondition
     for step in steps:
         if prior is not None:
-            _check_follows(step, *prior)
-        prior = (step.family, f"the output of {step.method}")
+            _check_follows(step, *prior, error)
+        prior, error = (step.family, f"the output of {step.method}"), InvalidArgument
 
 
-def _check_follows(step: MethodSpec, family: str, what: str) -> None:
+def _check_follows(step: MethodSpec, family: str, what: str, error: type[TokenmillError]) -> None:
     if family == "quant":
-        raise InvalidArgument(
+        raise error(
             f"{step.method} cannot be applied to {what}: the weights are already quantized and "
             "re-quantizing compounds the error; compress the dense parent checkpoint instead"
         )
     if family == "lowrank":
-        raise InvalidArgument(
+        raise error(
             f"{step.method} cannot be applied to {what}: SVD factors are not a dense weight "
             "(no format stores quantized or pruned factors); compress the dense parent instead"
         )
     if family == "prune" and step.method not in _AFTER_PRUNE:
-        raise InvalidArgument(
+        raise error(
             f"{step.method} cannot be applied to {what}: it would refill the pruned weights; after "
             f"pruning use one of {list(_AFTER_PRUNE)} (e.g. prune-wanda 2:4 then int8)"
         )

@@ -24,7 +24,13 @@ from tokenmill.common.compress.checks import (
     target_linears,
 )
 from tokenmill.common.compress.layers import LinearResult, compress_linear
-from tokenmill.common.compress.spec import CompressedResult, MethodSpec, Progress, ProgressCallback
+from tokenmill.common.compress.spec import (
+    CompressedResult,
+    MethodSpec,
+    Progress,
+    ProgressCallback,
+    family_of,
+)
 from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.model.transformer import ModelConfig, Transformer
 
@@ -40,20 +46,26 @@ def compress_model(
     *,
     config: ModelConfig | None = None,
     min_calibration_tokens: int = MIN_CALIBRATION_TOKENS,
+    history: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
 ) -> CompressedResult:
     """Compress a model (or its checkpoint tensors + `config`) by one step or a composition of steps.
 
     calibration: token id batches [B, T] (only calibrated methods read them). Every check that can
     fail (method composition, shapes, NaN/Inf, calibration data) runs before any work starts.
     per_layer_errors: {linear name: {method: relative error of that step}}.
+    history: the source's recorded compression (its manifest's `compression`: steps, sparsity), so
+    a second compression is checked against the first and the result records both.
+    device: where the work runs (e.g. "cuda"); the returned tensors are always on the CPU.
     """
     specs = [steps] if isinstance(steps, MethodSpec) else list(steps)
     if isinstance(source, Transformer):
-        tensors = {k: v.detach() for k, v in source.state_dict().items()}
+        tensors = {k: v.detach().cpu() for k, v in source.state_dict().items()}
         config = source.config
     else:
         tensors = dict(source)
-    check_composition(specs, tensors)
+    history = dict(history or {})
+    check_composition(specs, tensors, history.get("steps", ()))
     targets = [target_linears(tensors, s.keep_dense) for s in specs]
     for spec, names in zip(specs, targets, strict=True):
         check_shapes(spec, tensors, names)
@@ -61,37 +73,42 @@ def compress_model(
     batches = _calibration(specs, calibration, config, min_calibration_tokens)
     before = tensor_bytes(tensors)
     errors: dict[str, dict[str, float]] = {}
-    sparsity = None
+    sparsity = history.get("sparsity")
+    device = torch.device(device)
     for k, (spec, names) in enumerate(zip(specs, targets, strict=True)):
         run = _Run(k, spec, len(names), progress)
         if spec.calibrated:
             assert config is not None and batches is not None
-            tensors = _calibrated(spec, tensors, config, batches, names, run)
+            tensors = _calibrated(spec, tensors, config, batches, names, run, device)
         else:
-            tensors = _plain(spec, tensors, names, run)
+            tensors = _plain(spec, tensors, names, run, device)
         for base, err in run.errors.items():
             errors.setdefault(base, {})[spec.method] = err
         if spec.family == "prune":
             sparsity = run.pruned / max(run.total_weights, 1)
-    return CompressedResult(
-        tensors, manifest_meta(specs, sparsity), errors, sparsity, before, tensor_bytes(tensors)
-    )
+    meta = manifest_meta([*history.get("steps", ()), *(s.to_dict() for s in specs)], sparsity)
+    return CompressedResult(tensors, meta, errors, sparsity, before, tensor_bytes(tensors))
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def manifest_meta(specs: Sequence[MethodSpec], sparsity: float | None) -> dict[str, Any]:
-    """What the new checkpoint's config records: the steps, and `quantization` as the loader reads it."""
-    meta: dict[str, Any] = {"compression": {"steps": [s.to_dict() for s in specs]}}
+def manifest_meta(steps: Sequence[Mapping[str, Any]], sparsity: float | None) -> dict[str, Any]:
+    """What the new checkpoint's config records: every step that made it (earlier jobs' first, as
+    MethodSpec.to_dict gives them), and `quantization` as the loader reads it."""
+    meta: dict[str, Any] = {"compression": {"steps": [dict(s) for s in steps]}}
     if sparsity is not None:
         meta["compression"]["sparsity"] = sparsity
-    last = specs[-1]
-    if last.method == "int8":
+    last = steps[-1]
+    if last["method"] == "int8":
         meta["quantization"] = {"method": "int8", "algorithm": "rtn"}
-    elif last.family == "quant":
-        meta["quantization"] = {"method": "int4", "group_size": last.group_size, "algorithm": last.method[5:]}
+    elif family_of(last["method"]) == "quant":
+        meta["quantization"] = {
+            "method": "int4",
+            "group_size": last["group_size"],
+            "algorithm": last["method"][5:],
+        }
     return meta
 
 
@@ -110,7 +127,7 @@ class _Run:
     def done(self, base: str, result: LinearResult, error: float) -> None:
         self.errors[base] = error
         if result.kept is not None:
-            self.pruned += int((~result.kept).sum())
+            self.pruned += int((~result.kept).sum().item())
             self.total_weights += result.kept.numel()
         if self.progress is not None:
             self.progress(Progress(self.step, self.spec.method, len(self.errors), self.total, base, error))
@@ -137,17 +154,18 @@ def _calibration(
 
 
 def _store(out: dict[str, torch.Tensor], spec: MethodSpec, base: str, result: LinearResult) -> None:
+    """Replace `base`'s tensors in the (CPU) checkpoint by the result's, moved to the CPU."""
     for suffix in _REPLACED[spec.family]:
         out.pop(base + suffix, None)
-    out.update({f"{base}.{k}": v for k, v in result.tensors.items()})
+    out.update({f"{base}.{k}": v.cpu() for k, v in result.tensors.items()})
 
 
 def _plain(
-    spec: MethodSpec, tensors: dict[str, torch.Tensor], names: Sequence[str], run: _Run
+    spec: MethodSpec, tensors: dict[str, torch.Tensor], names: Sequence[str], run: _Run, device: torch.device
 ) -> dict[str, torch.Tensor]:
     out = dict(tensors)
     for base in names:
-        w = tensors[f"{base}.weight"]
+        w = tensors[f"{base}.weight"].to(device)
         result = compress_linear(spec, w, None, w.dtype)
         _store(out, spec, base, result)
         run.done(base, result, weight_error(w, result.approx))
@@ -167,19 +185,20 @@ def _calibrated(
     batches: Sequence[torch.Tensor],
     names: Sequence[str],
     run: _Run,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    model = build_model(tensors, config)
+    model = build_model(tensors, config).to(device)
     dtype = tensors["model.embed_tokens.weight"].dtype
     out = dict(tensors)
     hessian = spec.method in ("int4-gptq", "prune-sparsegpt")
-    for i, block, inputs in blocks_with_inputs(model, batches):
+    for i, block, inputs in blocks_with_inputs(model, [b.to(device) for b in batches]):
         prefix = f"model.layers.{i}."
         local = [b[len(prefix) :] for b in names if b.startswith(prefix)]
         if not local:
             continue
         stats = capture(block, inputs, local, with_hessian=hessian)
         results, extra = compress_block(spec, block, stats, local, dtype)
-        out.update({prefix + k: v for k, v in extra.items()})
+        out.update({prefix + k: v.cpu() for k, v in extra.items()})
         for name, result, err in results:
             _store(out, spec, prefix + name, result)
             run.done(prefix + name, result, err)

@@ -26,7 +26,7 @@ def prepare_hessian(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    idx = torch.arange(h.shape[0])
+    idx = torch.arange(h.shape[0], device=h.device)
     h[idx, idx] += damp * torch.mean(torch.diag(h))
     try:
         chol = torch.linalg.cholesky(h)
@@ -57,21 +57,26 @@ def gptq_int4(
     front from the original weights ("static groups"), so the stored layout needs no g_idx.
     """
     in_f = weight.shape[1]
-    perm = torch.argsort(torch.diag(hessian.float()), descending=True) if act_order else torch.arange(in_f)
+    perm = (
+        torch.argsort(torch.diag(hessian.float()), descending=True)
+        if act_order
+        else torch.arange(in_f, device=weight.device)
+    )
     w, hinv = prepare_hessian(weight[:, perm], hessian.float()[perm][:, perm], damp)
     out_f, n_groups = w.shape[0], in_f // group_size
-    scales = torch.zeros(out_f, n_groups)
-    zeros = torch.zeros(out_f, n_groups)
+    scales = torch.zeros(out_f, n_groups, device=w.device)
+    zeros = torch.zeros(out_f, n_groups, device=w.device)
     if act_order:
         original = w[:, torch.argsort(perm)]
         scales, zeros = int4_params(original.view(out_f, n_groups, group_size))
     codes = torch.zeros_like(w)
+    order = perm.tolist()  # one transfer, not one per column, when the walk runs on a GPU
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = order[i1 + i]
             g = col // group_size
             if not act_order and col % group_size == 0:
                 # As the reference: the group's global columns, updated up to this block's start.
@@ -102,7 +107,7 @@ def sparsegpt(
     """
     w, hinv = prepare_hessian(weight, hessian, damp)
     out_f, in_f = w.shape
-    prune = torch.zeros(out_f, in_f, dtype=torch.bool)
+    prune = torch.zeros(out_f, in_f, dtype=torch.bool, device=w.device)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]

@@ -55,7 +55,7 @@ def pack_nm_index(mask: torch.Tensor) -> torch.Tensor:
     pos = torch.sort(torch.topk(groups.float(), 2, dim=2).indices, dim=2).values.to(torch.uint8)
     nibbles = pos[..., 0] | (pos[..., 1] << 2)
     if nibbles.shape[1] % 2:
-        nibbles = torch.cat([nibbles, torch.zeros(out_f, 1, dtype=torch.uint8)], dim=1)
+        nibbles = torch.cat([nibbles, torch.zeros(out_f, 1, dtype=torch.uint8, device=mask.device)], dim=1)
     return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
 
 
@@ -63,6 +63,6 @@ def unpack_nm_index(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """uint8 [out, ceil(in/8)] -> the 2:4 keep mask bool [out, in]."""
     nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
     nibbles = nibbles[:, : in_features // 4].long()
-    mask = torch.zeros(packed.shape[0], in_features // 4, 4, dtype=torch.bool)
+    mask = torch.zeros(packed.shape[0], in_features // 4, 4, dtype=torch.bool, device=packed.device)
     mask.scatter_(2, torch.stack((nibbles & 3, nibbles >> 2), dim=-1), True)
     return mask.reshape(packed.shape[0], in_features)

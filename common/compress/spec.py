@@ -23,6 +23,13 @@ CALIBRATED = ("int4-gptq", "int4-awq", "prune-wanda", "prune-sparsegpt")
 PATTERNS = ("unstructured", "2:4")
 
 
+def family_of(method: str) -> str:
+    """ "quant", "prune" or "lowrank" for one of METHODS."""
+    if method in QUANT_METHODS:
+        return "quant"
+    return "prune" if method in PRUNE_METHODS else "lowrank"
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One compression step. Fields a method does not read are ignored (and left at defaults).
@@ -54,9 +61,7 @@ class MethodSpec:
     @property
     def family(self) -> str:
         """ "quant", "prune" or "lowrank": what the step leaves behind decides what may follow it."""
-        if self.method in QUANT_METHODS:
-            return "quant"
-        return "prune" if self.method in PRUNE_METHODS else "lowrank"
+        return family_of(self.method)
 
     def validate(self) -> None:
         """InvalidArgument naming the field of any setting no method could run with."""

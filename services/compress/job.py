@@ -30,11 +30,16 @@ EVAL_ROWS_PER_BATCH = 8
 
 
 class CompressJobHandler:
-    """`JobWorker(queue, "compress", CompressJobHandler(client_factory, data_dir))`."""
+    """`JobWorker(queue, "compress", CompressJobHandler(client_factory, data_dir, device))`.
 
-    def __init__(self, client_factory: Any, data_dir: str | Path):
+    device: where the compression runs (resolve_device of the `compress.device` setting); the
+    tensors come back to the CPU to be stored, and the before/after measurements run on the CPU.
+    """
+
+    def __init__(self, client_factory: Any, data_dir: str | Path, device: str | torch.device = "cpu"):
         self.client_factory = client_factory  # () -> CheckpointClient (one per attempt, closed after)
         self.data_dir = Path(data_dir)
+        self.device = torch.device(device)
 
     def __call__(self, ctx: JobContext) -> dict[str, Any]:
         began = time.monotonic()
@@ -42,7 +47,9 @@ class CompressJobHandler:
         try:
             spec = dict(ctx.job.spec)
             plan = preflight(client, self.data_dir, spec)
-            ctx.log(f"compressing {plan.model.ref} with {spec['method']} (attempt {ctx.attempt})")
+            ctx.log(
+                f"compressing {plan.model.ref} with {plan.step.method} on {self.device} (attempt {ctx.attempt})"
+            )
             tensors = plan.model.load(client)
             check_finite(tensors)  # before any work: a broken checkpoint fails, never retried
             ctx.raise_if_cancelled()
@@ -94,7 +101,13 @@ class CompressJobHandler:
 
         began = time.monotonic()
         result = compress_model(
-            tensors, plan.step, calibration, on_layer, config=model_config_from_dict(plan.model.config)
+            tensors,
+            plan.step,
+            calibration,
+            on_layer,
+            config=model_config_from_dict(plan.model.config),
+            history=plan.model.compression,
+            device=self.device,
         )
         return result, time.monotonic() - began
 

@@ -34,6 +34,12 @@ class StoredModel:
     def vocab_size(self) -> int:
         return int(self.config.get("vocab_size", 0))
 
+    @property
+    def compression(self) -> dict[str, Any]:
+        """What compressed this version before (`{"steps": [...], "sparsity": ...}`); {} for a dense one."""
+        recorded = self.config.get("compression")
+        return dict(recorded) if isinstance(recorded, dict) else {}
+
     def meta_tensors(self) -> dict[str, torch.Tensor]:
         """Shape-and-dtype stand-ins (device 'meta') for checks that need no values."""
         out = {}

@@ -29,6 +29,12 @@ ENGINE_METHODS: dict[str, dict[str, Any]] = {
     "prune_2_4": {"method": "prune-magnitude", "pattern": "2:4"},
     "svd": {"method": "svd"},
 }
+# prune_2_4's `score` -> the engine method that scores the weights (each keeps 2 of every 4).
+TWO_FOUR_SCORES: dict[str, str] = {
+    "magnitude": "prune-magnitude",
+    "wanda": "prune-wanda",
+    "sparsegpt": "prune-sparsegpt",
+}
 MAX_EVAL_SEQ_LEN = 512
 EVAL_SPLIT = "val"
 CALIBRATION_SPLIT = "train"
@@ -44,9 +50,17 @@ class Plan:
     eval_seq_len: int
 
 
+def engine_settings(method: str, score: str = "") -> dict[str, Any]:
+    """The engine settings a request method runs with (prune_2_4's score picks the engine method)."""
+    body = dict(ENGINE_METHODS[method])
+    if method == "prune_2_4" and score:
+        body["method"] = TWO_FOUR_SCORES[score]
+    return body
+
+
 def method_spec(spec: dict[str, Any]) -> MethodSpec:
     """The engine step a job spec asks for (settings only where the method reads them)."""
-    body = dict(ENGINE_METHODS[spec["method"]])
+    body = engine_settings(spec["method"], spec.get("score", ""))
     for key in ("group_size", "sparsity", "rank_fraction", "act_order"):
         if spec.get(key):
             body[key] = spec[key]
@@ -60,7 +74,7 @@ def preflight(client: CheckpointClient, data_dir: str | Path, spec: dict[str, An
     step = method_spec(spec)
     model = find_model(client, spec["source"])
     meta = model.meta_tensors()
-    check_composition([step], meta)
+    check_composition([step], meta, model.compression.get("steps", ()))
     check_shapes(step, meta, target_linears(meta, step.keep_dense))
     max_len = int(model.config.get("max_seq_len") or model.config.get("max_position_embeddings") or 0)
     seq_len = min(max_len or MAX_EVAL_SEQ_LEN, MAX_EVAL_SEQ_LEN)

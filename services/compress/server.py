@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from tokenmill.common.clients.checkpoint import CheckpointClient
+from tokenmill.common.compress.device import resolve_device
 from tokenmill.common.compress.spec import CALIBRATED, PRUNE_METHODS
 from tokenmill.common.config import Config
 from tokenmill.common.errors import InvalidArgument
@@ -28,7 +29,13 @@ from tokenmill.common.runtime.job_rpc import JobRpcMixin, job_to_proto
 from tokenmill.services.compress.eval_job import EvalJobHandler
 from tokenmill.services.compress.eval_plan import eval_preflight, validate_eval
 from tokenmill.services.compress.job import CompressJobHandler
-from tokenmill.services.compress.plan import ENGINE_METHODS, MAX_EVAL_SEQ_LEN, preflight
+from tokenmill.services.compress.plan import (
+    ENGINE_METHODS,
+    MAX_EVAL_SEQ_LEN,
+    TWO_FOUR_SCORES,
+    engine_settings,
+    preflight,
+)
 from tokenmill.v1 import common_pb2, compress_pb2, compress_pb2_grpc
 
 SERVICE_NAME = compress_pb2.DESCRIPTOR.services_by_name["CompressService"].full_name
@@ -42,7 +49,6 @@ PRUNE_FRACTION = {  # 2:4 fixes the sparsity at one half
     for m, body in ENGINE_METHODS.items()
     if body["method"] in PRUNE_METHODS and body.get("pattern") != "2:4"
 }
-NEEDS_CALIBRATION = {m for m, body in ENGINE_METHODS.items() if body["method"] in CALIBRATED}
 DEFAULT_GROUP_SIZE = 128
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
 DEFAULT_CALIBRATION_SAMPLES = 128
@@ -122,6 +128,14 @@ def validate_submit(request: compress_pb2.SubmitCompressRequest) -> dict[str, An
         spec["sparsity"] = 0.5
     else:
         _unused(request, method, ["sparsity"])
+    if method == "prune_2_4":
+        spec["score"] = request.score or "magnitude"
+        if spec["score"] not in TWO_FOUR_SCORES:
+            raise InvalidArgument(
+                f"score={request.score!r} for method 'prune_2_4': use one of {list(TWO_FOUR_SCORES)}"
+            )
+    else:
+        _unused(request, method, ["score"])
 
     if method == "svd":
         _fraction("rank_fraction", request.rank_fraction, method)
@@ -129,9 +143,12 @@ def validate_submit(request: compress_pb2.SubmitCompressRequest) -> dict[str, An
     else:
         _unused(request, method, ["rank_fraction"])
 
-    if method in NEEDS_CALIBRATION:
+    if method in ENGINE_METHODS and engine_settings(method, spec.get("score", ""))["method"] in CALIBRATED:
         if not request.calibration_dataset:
-            raise InvalidArgument(f"method '{method}' needs calibration_dataset (an ingested dataset name)")
+            scored = f" with score '{spec['score']}'" if "score" in spec else ""
+            raise InvalidArgument(
+                f"method '{method}'{scored} needs calibration_dataset (an ingested dataset name)"
+            )
         _check_name("calibration_dataset", request.calibration_dataset, "dataset")
         samples = request.calibration_samples or DEFAULT_CALIBRATION_SAMPLES
         if samples > MAX_CALIBRATION_SAMPLES:
@@ -231,9 +248,9 @@ class ModelJobs:
     """The queue's one worker handler: a spec's kind picks the job ("compress" when absent, as every
     spec queued before eval existed)."""
 
-    def __init__(self, client_factory: Any, data_dir: str):
+    def __init__(self, client_factory: Any, data_dir: str, device: str = "cpu"):
         self.handlers: dict[str, Callable[[JobContext], dict[str, Any]]] = {
-            "compress": CompressJobHandler(client_factory, data_dir),
+            "compress": CompressJobHandler(client_factory, data_dir, device),
             "eval": EvalJobHandler(client_factory, data_dir),
         }
 
@@ -258,7 +275,8 @@ def build(config: Config, app: ServiceApp, *, run_worker: bool = True):
         SERVICE_NAME,
     )
     if run_worker:
-        handler = ModelJobs(lambda: CheckpointClient.from_config(config), str(config.data_dir))
+        device = str(resolve_device(config.compress.device))  # a missing GPU fails the start, clearly
+        handler = ModelJobs(lambda: CheckpointClient.from_config(config), str(config.data_dir), device)
         worker = JobWorker(queue, JOB_TYPE, handler, heartbeat_seconds=config.jobs.heartbeat_seconds)
         worker.start_in_thread()
         app.on_shutdown(worker.stop)

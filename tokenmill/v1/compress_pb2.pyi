@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitCompressRequest(_message.Message):
-    __slots__ = ("idempotency_key", "source", "output_name", "method", "group_size", "sparsity", "rank_fraction", "calibration_dataset", "calibration_samples", "eval_dataset", "eval_batches", "student_preset", "distill_steps", "act_order", "keep_dense", "eval_seq_len")
+    __slots__ = ("idempotency_key", "source", "output_name", "method", "group_size", "sparsity", "rank_fraction", "calibration_dataset", "calibration_samples", "eval_dataset", "eval_batches", "student_preset", "distill_steps", "act_order", "keep_dense", "eval_seq_len", "score")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class SubmitCompressRequest(_message.Message):
     ACT_ORDER_FIELD_NUMBER: _ClassVar[int]
     KEEP_DENSE_FIELD_NUMBER: _ClassVar[int]
     EVAL_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     source: str
     output_name: str
@@ -41,7 +42,8 @@ class SubmitCompressRequest(_message.Message):
     act_order: bool
     keep_dense: _containers.RepeatedScalarFieldContainer[str]
     eval_seq_len: int
-    def __init__(self, idempotency_key: _Optional[str] = ..., source: _Optional[str] = ..., output_name: _Optional[str] = ..., method: _Optional[str] = ..., group_size: _Optional[int] = ..., sparsity: _Optional[float] = ..., rank_fraction: _Optional[float] = ..., calibration_dataset: _Optional[str] = ..., calibration_samples: _Optional[int] = ..., eval_dataset: _Optional[str] = ..., eval_batches: _Optional[int] = ..., student_preset: _Optional[str] = ..., distill_steps: _Optional[int] = ..., act_order: _Optional[bool] = ..., keep_dense: _Optional[_Iterable[str]] = ..., eval_seq_len: _Optional[int] = ...) -> None: ...
+    score: str
+    def __init__(self, idempotency_key: _Optional[str] = ..., source: _Optional[str] = ..., output_name: _Optional[str] = ..., method: _Optional[str] = ..., group_size: _Optional[int] = ..., sparsity: _Optional[float] = ..., rank_fraction: _Optional[float] = ..., calibration_dataset: _Optional[str] = ..., calibration_samples: _Optional[int] = ..., eval_dataset: _Optional[str] = ..., eval_batches: _Optional[int] = ..., student_preset: _Optional[str] = ..., distill_steps: _Optional[int] = ..., act_order: _Optional[bool] = ..., keep_dense: _Optional[_Iterable[str]] = ..., eval_seq_len: _Optional[int] = ..., score: _Optional[str] = ...) -> None: ...
 
 class LayerError(_message.Message):
     __slots__ = ("layer", "method", "error")
