@@ -97,8 +97,14 @@ def _follow(client, job_id: str, steps: int | None) -> common_pb2.Job:
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Model config override (repeatable)."
 )
-@click.option("--mode", type=click.Choice(["pretrain", "sft", "lora"]), help="[default: pretrain]")
+@click.option("--mode", type=click.Choice(["pretrain", "sft", "lora", "dpo"]), help="[default: pretrain]")
 @click.option("--sft-data", default="", help="prompt/response JSONL (sft, lora).")
+@click.option("--dpo-data", default="", help="prompt/chosen/rejected JSONL (dpo).")
+@click.option("--beta", "dpo_beta", type=float, help="DPO's beta, > 0 [default: 0.1].")
+@click.option(
+    "--reference", "reference_checkpoint", default="", help="DPO's frozen reference [default: --init]."
+)
+@click.option("--lora", "use_lora", is_flag=True, default=None, help="dpo: train LoRA adapters on --init.")
 @click.option("--init", "init_checkpoint", default="", help="Checkpoint to start from, name[:version|tag].")
 @click.option("--backend", type=click.Choice(["local", "ray"]), help="[default: local]")
 @click.option("--workers", type=click.IntRange(1), help="[default: 1; resume: the run's]")
@@ -133,7 +139,7 @@ def train(obj, output_name: str, overrides: tuple[str, ...], lora_rank: int, lor
     config = obj.config
     request: dict[str, Any] = {k: v for k, v in fields.items() if v not in ("", None)}
     request["model_overrides"] = _parse_overrides(overrides)
-    if fields["mode"] == "lora":
+    if fields["mode"] == "lora" or fields["use_lora"]:
         request["lora"] = {
             "rank": lora_rank,
             "alpha": lora_alpha,

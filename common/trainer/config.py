@@ -14,7 +14,7 @@ from typing import Any
 from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.model.transformer import ModelConfig, preset
 
-MODES = ("pretrain", "sft", "lora")
+MODES = ("pretrain", "sft", "lora", "dpo")
 BACKENDS = ("local", "ray", "kubernetes")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -44,6 +44,10 @@ class TrainConfig:
     sft_path: str = ""  # prompt/response JSONL (sft, lora)
     tokenizer_path: str = ""  # tokenizer.json for sft (defaults to the dataset's)
     init_checkpoint: str = ""  # checkpoint ref to start from (weights only)
+    dpo_path: str = ""  # prompt/chosen/rejected JSONL (dpo)
+    dpo_beta: float = 0.1  # DPO's β: how far the policy may move from the reference
+    reference_checkpoint: str = ""  # dpo's frozen reference model; "" = init_checkpoint
+    use_lora: bool = False  # dpo: train LoRA adapters on the policy (mode lora always does)
     # checkpoint ref of another run to continue (full training state, any world size), used until
     # this run has a checkpoint of its own; set by the service's elastic resume
     resume_from: str = ""
@@ -88,6 +92,11 @@ class TrainConfig:
             raise InvalidArgument(f"model: {exc}") from None
 
     @property
+    def lora_active(self) -> bool:
+        """Whether the policy is LoRA-wrapped (only adapters train; the final checkpoint holds them)."""
+        return self.mode == "lora" or (self.mode == "dpo" and self.use_lora)
+
+    @property
     def tokens_per_step(self) -> int:
         return self.workers * self.micro_batch_size * self.seq_len * self.grad_accum_steps
 
@@ -119,7 +128,14 @@ class TrainConfig:
             raise InvalidArgument("pretrain needs a dataset")
         if self.mode in ("sft", "lora") and not self.sft_path:
             raise InvalidArgument(f"{self.mode} needs sft_data (a prompt/response JSONL file)")
-        if self.mode == "lora":
+        if self.mode == "dpo":
+            self._validate_dpo()
+        if self.mode != "dpo" and (self.use_lora or self.reference_checkpoint or self.dpo_path):
+            raise InvalidArgument(
+                f"dpo_data, reference_checkpoint and use_lora apply to mode dpo, not {self.mode!r} "
+                "(LoRA fine-tuning on SFT data is mode lora)"
+            )
+        if self.lora_active:
             if not self.init_checkpoint:
                 raise InvalidArgument(
                     "lora needs init_checkpoint (the base model the adapters are trained on)"
@@ -141,6 +157,16 @@ class TrainConfig:
                 "lower seq_len or override max_seq_len"
             )
         return model
+
+    def _validate_dpo(self) -> None:
+        if not self.dpo_path:
+            raise InvalidArgument("dpo needs dpo_data (a prompt/chosen/rejected JSONL file)")
+        if not self.init_checkpoint:
+            raise InvalidArgument(
+                "dpo needs init_checkpoint (the fine-tuned model to align; also the default reference)"
+            )
+        if not self.dpo_beta > 0:  # also rejects NaN
+            raise InvalidArgument(f"dpo_beta must be > 0, got {self.dpo_beta}")
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

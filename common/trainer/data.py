@@ -17,6 +17,7 @@ import torch
 from tokenmill.common.data.dataset import PackedDataset, TokenSampler
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tokenmill.common.model.transformer import IGNORE_INDEX
+from tokenmill.common.trainer.checkpoint_io import CheckpointIO
 from tokenmill.common.trainer.config import TrainConfig
 
 
@@ -25,7 +26,7 @@ class BatchSource(Protocol):
 
     consumed: int  # samples the whole job has drawn (all ranks)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def next_batch(self) -> Any: ...  # what the run's objective consumes (objectives.py)
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -110,10 +111,15 @@ class SftSampler:
             self._perm_epoch = epoch
         return int(self._perm[offset])
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self) -> list[int]:
+        """This rank's example indices for the next batch; advances the job-wide position."""
         base = self.consumed + self.rank * self.batch_size
         idx = [self._index(base + i) for i in range(self.batch_size)]
         self.consumed += self.world_size * self.batch_size
+        return idx
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.take()
         return torch.from_numpy(self.inputs[idx]), torch.from_numpy(self.targets[idx])
 
     def state_dict(self) -> dict[str, Any]:
@@ -122,7 +128,7 @@ class SftSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state.get("examples", -1)) != len(self.inputs) or int(state.get("seed", -1)) != self.seed:
             raise FailedPrecondition(
-                "sampler state was saved for other SFT data or seed; resume with the same"
+                "sampler state was saved for other SFT/preference data or seed; resume with the same"
             )
         self.consumed = int(state["consumed"])
 
@@ -132,7 +138,7 @@ def build_sft_arrays(
 ) -> tuple[np.ndarray, np.ndarray]:
     tok = load_tokenizer(tokenizer_path)
     if eos_id is None:
-        eos_id = _guess_eos(tok)
+        eos_id = guess_eos(tok)
     pairs = read_sft_jsonl(path)
     enc_p = tok.encode_batch([p for p, _ in pairs], add_special_tokens=False)
     enc_r = tok.encode_batch([r for _, r in pairs], add_special_tokens=False)
@@ -144,7 +150,7 @@ def build_sft_arrays(
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
-def _guess_eos(tok) -> int:
+def guess_eos(tok) -> int:
     for name in ("<|endoftext|>", "</s>", "<eos>", "<|eos|>"):
         tid = tok.token_to_id(name)
         if tid is not None:
@@ -152,10 +158,15 @@ def _guess_eos(tok) -> int:
     raise InvalidArgument("tokenizer has no end-of-text token; the dataset manifest's eos_id is needed")
 
 
-def make_sources(cfg: TrainConfig, rank: int, world_size: int) -> tuple[BatchSource, BatchSource | None, int]:
-    """Train source, optional val source, and the vocab size of the data (0 when unknown)."""
+def make_sources(
+    cfg: TrainConfig, rank: int, world_size: int, io: CheckpointIO | None = None
+) -> tuple[BatchSource, BatchSource | None, int]:
+    """Train source, optional val source, and the vocab size of the data (0 when unknown); ``io``
+    reads the init checkpoint's tokenizer for preference data given without a dataset."""
     if cfg.mode == "pretrain":
         return _pretrain_sources(cfg, rank, world_size)
+    if cfg.mode == "dpo":
+        return _preference_sources(cfg, rank, world_size, io)
     return _sft_sources(cfg, rank, world_size)
 
 
@@ -192,3 +203,24 @@ def _sft_sources(cfg: TrainConfig, rank: int, world_size: int) -> tuple[SftSampl
         train_s = SftSampler(inputs[~held], targets[~held], cfg.micro_batch_size, rank, world_size, cfg.seed)
         return train_s, val, vocab
     return SftSampler(inputs, targets, cfg.micro_batch_size, rank, world_size, cfg.seed), None, vocab
+
+
+def _preference_sources(
+    cfg: TrainConfig, rank: int, world_size: int, io: CheckpointIO | None
+) -> tuple[BatchSource, None, int]:
+    """Encoded preference pairs (no held-out split: DPO reports its reward metrics on training pairs)."""
+    from tokenmill.common.trainer.preference import (
+        PreferenceSampler,
+        build_preference_arrays,
+        load_pair_tokenizer,
+    )
+
+    eos, vocab, tokenizer = None, 0, cfg.tokenizer_path
+    if cfg.dataset_path:
+        manifest = PackedDataset(cfg.dataset_path, "train").manifest
+        eos, vocab = int(manifest["eos_id"]), int(manifest.get("vocab_size", 0))
+        tokenizer = tokenizer or str(Path(cfg.dataset_path) / "tokenizer.json")
+    tok = load_pair_tokenizer(tokenizer, io, cfg.init_checkpoint)
+    inputs, targets = build_preference_arrays(cfg.dpo_path, cfg.seq_len, tok, eos)
+    sampler = PreferenceSampler(inputs, targets, cfg.micro_batch_size, rank, world_size, cfg.seed)
+    return sampler, None, vocab or tok.get_vocab_size()

@@ -28,6 +28,16 @@ class Dist:
         return self.rank == 0
 
 
+def broadcast_str(value: str, d: Dist) -> str:
+    """Broadcast a short ASCII string from rank 0 as a byte tensor (no pickling)."""
+    buf = torch.zeros(128, dtype=torch.uint8, device=d.device)
+    if d.is_main:
+        raw = value.encode()[:128]
+        buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    dist.broadcast(buf, 0)
+    return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

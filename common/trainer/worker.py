@@ -32,14 +32,17 @@ from tokenmill.common.trainer.checkpoint_io import CheckpointIO, read_tensor
 from tokenmill.common.trainer.config import TrainConfig, run_tag
 from tokenmill.common.trainer.data import make_sources
 from tokenmill.common.trainer.metrics import mfu, peak_flops
+from tokenmill.common.trainer.objectives import make_objective, read_state
 from tokenmill.common.trainer.parallel import (
     Dist,
+    broadcast_str,
     init_distributed,
     memory_bytes,
     reshard_all,
     set_grad_sync,
     shard_model,
 )
+from tokenmill.common.trainer.preference import check_reference
 from tokenmill.common.trainer.schedule import lr_at
 
 TRAIN_STATE = "train_state.json"
@@ -78,16 +81,6 @@ def resolve_model_config(cfg: TrainConfig, io: CheckpointIO | None) -> ModelConf
     return model
 
 
-def _broadcast_str(value: str, d: Dist) -> str:
-    """Broadcast a short ASCII string from rank 0 as a byte tensor (no pickling)."""
-    buf = torch.zeros(128, dtype=torch.uint8, device=d.device)
-    if d.is_main:
-        raw = value.encode()[:128]
-        buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
-    dist.broadcast(buf, 0)
-    return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
-
-
 class _Run:
     def __init__(self, cfg: TrainConfig, io: CheckpointIO, channel: Channel, d: Dist):
         self.cfg, self.io, self.channel, self.d = cfg, io, channel, d
@@ -100,7 +93,8 @@ class _Run:
     # ------------------------------------------------------------------------------------ build
     def build(self) -> None:
         cfg, d = self.cfg, self.d
-        self.train_src, self.val_src, data_vocab = make_sources(cfg, d.rank, d.world)
+        self.train_src, self.val_src, data_vocab = make_sources(cfg, d.rank, d.world, self.io)
+        self.objective = make_objective(cfg, d.device, self.train_src, d.rank)
         if data_vocab and data_vocab > self.model_cfg.vocab_size:
             raise InvalidArgument(
                 f"the tokenizer has {data_vocab} tokens but the model's vocab_size is {self.model_cfg.vocab_size}; "
@@ -108,7 +102,7 @@ class _Run:
             )
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every world size
         model = Transformer(self.model_cfg)
-        if cfg.mode == "lora":
+        if cfg.lora_active:
             apply_lora(
                 model,
                 rank=cfg.lora.rank,
@@ -147,7 +141,17 @@ class _Run:
         if resume:
             self._resume(resume)
         elif cfg.init_checkpoint:
-            self._load_init(cfg.init_checkpoint)
+            self._start(cfg.init_checkpoint, cfg.reference_checkpoint or cfg.init_checkpoint)
+
+    def _start(self, init: str, reference: str) -> None:
+        """Load the frozen reference's weights, let the objective score with them (DPO caches its
+        reference log-probs; others do nothing), then the init weights when they differ."""
+        if reference != init:
+            check_reference(self.io, reference, self.model_cfg)
+        self._load_init(reference)
+        self.objective.prepare(self.model, self.d.world)
+        if reference != init:
+            self._load_init(init)
 
     def _load_init(self, ref: str) -> None:
         layout = self.io.layout(ref)
@@ -173,7 +177,7 @@ class _Run:
             )
             return
         targets = ss.model_tensors(self.model)
-        if state.get("final") and self.cfg.mode == "lora":  # a final adapter holds no base weights
+        if state.get("final") and self.cfg.lora_active:  # a final adapter holds no base weights
             self._load_init(self.cfg.init_checkpoint)
             targets = ss.model_tensors(self.model, only="lora")
         ss.load_into(self.io, ref, layout, targets, self.d.rank, self.d.world)
@@ -183,6 +187,7 @@ class _Run:
                 self.io, ref, layout, self.model, self.opt, self.step, self.d.rank, self.d.world
             )
         self.train_src.load_state_dict(state["sampler"])
+        self.objective.load_state(read_state(self.io, ref, self.objective))
         rng_key = f"rng.cpu.rank{self.d.rank}"
         if state["world_size"] == self.d.world and rng_key in layout:
             torch.set_rng_state(read_tensor(self.io, ref, layout, rng_key))
@@ -214,8 +219,8 @@ class _Run:
                 metrics=metrics,
                 lineage=lineage,
             )
-        upload_id = _broadcast_str(upload_id, d)
-        only = "lora" if (final and cfg.mode == "lora") else None
+        upload_id = broadcast_str(upload_id, d)
+        only = "lora" if (final and cfg.lora_active) else None
         named = ss.model_tensors(self.model, only=only)
         if not final:
             moments, _ = ss.optimizer_tensors(self.model, self.opt)
@@ -239,7 +244,7 @@ class _Run:
             self.channel.report(
                 "checkpoint", {"ref": ref, "step": self.step, "final": final, "reason": reason}
             )
-        self.last_ckpt = _broadcast_str(ref, d)
+        self.last_ckpt = broadcast_str(ref, d)
         return self.last_ckpt
 
     def _files(self, final: bool) -> dict[str, bytes]:
@@ -264,7 +269,8 @@ class _Run:
         elif cfg.init_checkpoint:
             with contextlib.suppress(NotFound):
                 files.update(self.io.read_files(cfg.init_checkpoint, ["tokenizer.json"]))
-        if cfg.mode == "lora":
+        files.update(self.objective.state_files())
+        if cfg.lora_active:
             lo = cfg.lora
             body = adapter_config(lo.rank, lo.alpha, lo.target_modules, lo.dropout)
             body["base_model_name_or_path"] = cfg.init_checkpoint
@@ -286,8 +292,7 @@ class _Run:
         self.val_src.consumed = 0  # the same held-out batches every time
         total = 0.0
         for _ in range(self.cfg.eval_batches):
-            x, y = self.val_src.next_batch()
-            _, loss = self.model(x.to(self.d.device), y.to(self.d.device))
+            loss, _ = self.objective(self.model, self.val_src.next_batch())
             total += float(loss)
         self.val_src.consumed = saved
         reshard_all(self.model)
@@ -319,21 +324,24 @@ class _Run:
         for g in self.opt.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
+        metric_sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum_steps):
-            x, y = self.train_src.next_batch()
             set_grad_sync(self.model, micro == cfg.grad_accum_steps - 1)
-            _, loss = self.model(x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True))
+            loss, metrics = self.objective(self.model, self.train_src.next_batch())
             if failpoints.hit(
                 "trainer.loss", step=self.step + 1, rank=d.rank, attempt=cfg.attempt, workers=d.world
             ):
                 loss = loss * float("nan")
             (loss / cfg.grad_accum_steps).backward()
             loss_sum += loss.detach()
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v.float()
         norm = None
         if cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             norm = norm.to_local() if hasattr(norm, "to_local") else norm
-        return _StepOutput(loss_sum / cfg.grad_accum_steps, lr, norm)
+        metrics = {k: v / cfg.grad_accum_steps for k, v in sorted(metric_sums.items())}
+        return _StepOutput(loss_sum / cfg.grad_accum_steps, lr, norm, metrics)
 
     def _apply(self) -> None:
         self.opt.step()
@@ -349,9 +357,10 @@ class _Run:
         cfg, d = self.cfg, self.d
         stop_local = d.is_main and self.channel.stop_requested()
         flags = [bad.float(), torch.tensor(float(stop_local), device=d.device)]
-        packed = torch.stack([w.loss for w in window] + flags).to(torch.float64)
+        per_step = [torch.stack([w.loss, *w.metrics.values()]) for w in window]
+        packed = torch.cat([*per_step, torch.stack(flags)]).to(torch.float64)
         dist.all_reduce(packed)
-        losses = (packed[:-2] / d.world).tolist()
+        rows = (packed[:-2] / d.world).view(len(window), -1).tolist()
         if bool(packed[-2] > 0):
             self.opt.zero_grad(set_to_none=True)
             return "failed", self._diverged(len(window))
@@ -359,14 +368,16 @@ class _Run:
         now = time.perf_counter()
         dt = (now - pace.t_window) / len(window)
         first = self.step - len(window) + 1
-        for i, (loss_val, w) in enumerate(zip(losses, window, strict=True)):
-            self.history.append({"step": first + i, "loss": loss_val, "lr": w.lr})
+        for i, (row, w) in enumerate(zip(rows, window, strict=True)):
+            self.history.append(
+                {"step": first + i, "loss": row[0], "lr": w.lr, **dict(zip(w.metrics, row[1:], strict=True))}
+            )
         tps = pace.tokens_per_step / dt
         norm = window[-1].norm
         record: dict[str, Any] = {
             "step": self.step,
             "steps": cfg.steps,
-            "loss": losses[-1],
+            **{k: v for k, v in self.history[-1].items() if k not in ("step", "lr")},
             "lr": window[-1].lr,
             "tokens_per_s": tps,
             "step_time_s": dt,
@@ -407,8 +418,11 @@ class _Run:
         self.model.train()
         self._report_start()
         status, reason = "completed", ""
+        sequences = (
+            d.world * cfg.micro_batch_size * cfg.grad_accum_steps * self.objective.sequences_per_sample
+        )
         pace = _Pace(
-            tokens_per_step=d.world * cfg.micro_batch_size * cfg.seq_len * cfg.grad_accum_steps,
+            tokens_per_step=sequences * cfg.seq_len,
             peak=peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None,
             start_step=self.step,
         )
@@ -466,6 +480,7 @@ class _StepOutput:
     loss: torch.Tensor
     lr: float
     norm: torch.Tensor | None
+    metrics: dict[str, torch.Tensor]  # the objective's, averaged over micro-batches
 
 
 @dataclass

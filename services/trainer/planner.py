@@ -24,6 +24,7 @@ from tokenmill.common.names import validate_name
 from tokenmill.common.trainer.checkpoint_io import CheckpointIO
 from tokenmill.common.trainer.config import LoraSettings, TrainConfig
 from tokenmill.common.trainer.metrics import estimate_bytes_per_worker
+from tokenmill.common.trainer.preference import check_reference, read_preference_jsonl
 
 # SubmitTrainRequest field -> TrainConfig field (same meaning); zero/empty means "use the default".
 DIRECT_FIELDS = (
@@ -93,15 +94,17 @@ class Planner:
             raise NotFound(f"dataset {name!r} not found; list datasets with 'tokenmill data list'")
         return path
 
-    def sft_path(self, value: str) -> Path:
+    def sft_path(self, value: str, field: str = "sft_data") -> Path:
         """A relative path is taken under data_dir; the result is resolved (symlinks, '..') and must
         lie under input_roots, checked before existence so nothing about other locations leaks."""
         p = Path(value)
         if not p.is_absolute():
             p = self.data_dir / p
-        p = Path(check_input_allowed(str(p), self.input_roots, what="sft_data"))
+        p = Path(check_input_allowed(str(p), self.input_roots, what=field))
         if not p.is_file():
-            raise NotFound(f"SFT data {value!r} not found (looked at {p}); give a prompt/response JSONL file")
+            kind = "SFT data" if field == "sft_data" else "preference data"
+            fmt = "prompt/response" if field == "sft_data" else "prompt/chosen/rejected"
+            raise NotFound(f"{kind} {value!r} not found (looked at {p}); give a {fmt} JSONL file")
         return p
 
     def plan(self, spec: dict[str, Any]) -> Plan:
@@ -131,9 +134,12 @@ class Planner:
             )
         if cfg.resume_from:
             self._check_resume_shape(cfg.resume_from, model)
+        if cfg.mode == "dpo":
+            read_preference_jsonl(cfg.dpo_path)  # a bad line is rejected now, not after workers start
+            check_reference(self.io, cfg.reference_checkpoint or cfg.init_checkpoint, model)
         total = model.num_params()
         trainable = total
-        if cfg.mode == "lora":
+        if cfg.lora_active:
             per_target = {
                 "q_proj": (model.hidden_size, model.num_heads * model.dim_head),
                 "k_proj": (model.hidden_size, model.num_kv_heads * model.dim_head),
@@ -152,7 +158,7 @@ class Planner:
         estimate = estimate_bytes_per_worker(
             model,
             workers=cfg.workers,
-            micro_batch_size=cfg.micro_batch_size,
+            micro_batch_size=cfg.micro_batch_size * (2 if cfg.mode == "dpo" else 1),  # chosen + rejected
             seq_len=cfg.seq_len,
             bf16=bf16,
             activation_checkpointing=cfg.activation_checkpointing,
@@ -203,13 +209,13 @@ class Planner:
     def _data_vocab(self, cfg: TrainConfig) -> int:
         if cfg.dataset_path:
             return int(read_manifest(cfg.dataset_path).get("vocab_size", 0))
-        if cfg.mode in ("sft", "lora") and cfg.init_checkpoint and self.io is not None:
+        if cfg.mode in ("sft", "lora", "dpo") and cfg.init_checkpoint and self.io is not None:
             try:
                 raw = self.io.read_files(cfg.init_checkpoint, ["tokenizer.json"])["tokenizer.json"]
             except NotFound:
                 raise InvalidArgument(
                     f"checkpoint {cfg.init_checkpoint!r} carries no tokenizer.json; pass the dataset it was "
-                    "trained on so the SFT data can be tokenized"
+                    f"trained on so the {cfg.mode} data can be tokenized"
                 ) from None
             from tokenizers import Tokenizer
 
@@ -247,7 +253,13 @@ class Planner:
             values["dataset_path"] = str(self.dataset_path(spec["dataset"]))
         if spec.get("sft_data"):
             values["sft_path"] = str(self.sft_path(spec["sft_data"]))
-        for name in ("init_checkpoint", "resume_from"):
+        if spec.get("dpo_data"):
+            values["dpo_path"] = str(self.sft_path(spec["dpo_data"], field="dpo_data"))
+        if "dpo_beta" in spec:  # proto3 optional: an explicit 0 arrives and is rejected by validate()
+            values["dpo_beta"] = _finite("dpo_beta", spec["dpo_beta"])
+        if spec.get("use_lora"):
+            values["use_lora"] = True
+        for name in ("init_checkpoint", "resume_from", "reference_checkpoint"):
             if spec.get(name):
                 values[name] = spec[name]
         lora = spec.get("lora") or {}

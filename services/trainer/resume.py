@@ -41,7 +41,13 @@ def config_to_spec(cfg: dict[str, Any]) -> dict[str, Any]:
         spec["dataset"] = cfg["dataset_name"]
     if cfg.get("sft_path"):
         spec["sft_data"] = cfg["sft_path"]
-    if cfg.get("mode") == "lora":
+    if cfg.get("dpo_path"):
+        spec["dpo_data"] = cfg["dpo_path"]
+        spec["dpo_beta"] = cfg["dpo_beta"]
+    for name in ("reference_checkpoint", "use_lora"):
+        if cfg.get(name):
+            spec[name] = cfg[name]
+    if cfg.get("mode") == "lora" or cfg.get("use_lora"):
         spec["lora"] = dict(cfg["lora"])
     return spec
 
