@@ -8,6 +8,8 @@ reused by later requests until the pool needs them back (vLLM's automatic prefix
 Block 0 is reserved as a scratch slot for padded rows (CUDA graphs) and never handed out.
 With dynamic NTK rope a key's rotation depends on its sequence's length once that passes the
 model's context, so such sequences neither match nor register blocks (`limit_prefix_cache`).
+When every layer attends only to a sliding window, blocks that fell wholly out of the window are
+released as the sequence moves on (`set_sliding_window`); their table entries become NULL_BLOCK.
 """
 
 from __future__ import annotations
@@ -52,11 +54,17 @@ class BlockManager:
         self.prefix_queries = 0  # tokens looked up (vLLM counts tokens)
         self.prefix_hits = 0
         self.max_cached_seq_len: int | None = None  # see limit_prefix_cache
+        self.sliding_window: int | None = None  # see set_sliding_window
 
     def limit_prefix_cache(self, max_seq_len: int | None) -> None:
         """Share blocks only among sequences of at most `max_seq_len` tokens: beyond it the KV of
         every position depends on the sequence length (dynamic NTK rope), not on the tokens alone."""
         self.max_cached_seq_len = max_seq_len
+
+    def set_sliding_window(self, window: int | None) -> None:
+        """Every layer attends to at most `window` keys: a query at position p reads positions above
+        p - window only, so blocks below that are released (`release_outside_window`)."""
+        self.sliding_window = window
 
     def _cacheable(self, tokens: Sequence[int]) -> bool:
         return self.enable_prefix_caching and (
@@ -160,6 +168,18 @@ class BlockManager:
             sb.table.append(self._take())
         return True
 
+    def release_outside_window(self, seq_id: str, next_pos: int) -> None:
+        """Release the blocks no query at or after `next_pos` can read (with a sliding window); their
+        KV, if registered in the prefix cache, stays there until the pool needs the block back."""
+        sb = self.seqs.get(seq_id)
+        if self.sliding_window is None or sb is None:
+            return
+        dead = min(max(0, next_pos - self.sliding_window + 1) // self.block_size, len(sb.table))
+        for i in range(dead):
+            if sb.table[i] != NULL_BLOCK:
+                self._release(sb.table[i])
+                sb.table[i] = NULL_BLOCK
+
     def commit(self, seq_id: str, tokens: Sequence[int], num_computed: int, salt: str) -> None:
         """Register newly completed full blocks in the prefix cache (their KV is now written)."""
         if not self._cacheable(tokens):
@@ -172,7 +192,7 @@ class BlockManager:
         sb.hashes = self._hashes(tokens, n_full, salt, sb.hashes)
         for i in range(start, n_full):
             h, b = sb.hashes[i], sb.table[i]
-            if h not in self.cache:
+            if h not in self.cache and b != NULL_BLOCK:
                 self.cache[h] = b
                 self.block_key[b] = h
             # else: another sequence computed the same block first; ours stays private.
@@ -183,7 +203,8 @@ class BlockManager:
             return
         # Release tail first so the prefix's head blocks are the most recently used (evicted last).
         for b in reversed(sb.table):
-            self._release(b)
+            if b != NULL_BLOCK:  # released out of a sliding window
+                self._release(b)
 
     def table(self, seq_id: str) -> list[int]:
         return self.seqs[seq_id].table
@@ -194,7 +215,7 @@ class BlockManager:
 
     def check_invariants(self) -> None:
         """Every block is exactly one of: referenced, free, evictable (used by tests)."""
-        referenced = {b for sb in self.seqs.values() for b in sb.table}
+        referenced = {b for sb in self.seqs.values() for b in sb.table} - {NULL_BLOCK}
         free, evict = set(self.free), set(self.evictable)
         assert not (free & evict) and not (referenced & free) and not (referenced & evict)
         assert len(referenced) + len(free) + len(evict) == self.usable_blocks, (

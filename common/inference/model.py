@@ -3,10 +3,11 @@
 Parameter names are Hugging Face `LlamaForCausalLM`'s (what `tokenmill.common.model.transformer` saves), weights may be
 dense or weight-only quantized (`tokenmill.common.model.quant`), q/k/v and gate/up are fused into one matmul each.
 Attention reads K/V from the paged cache through per-sequence block tables: the new tokens' K/V
-are scattered into their slots first, then each sequence gathers its context and attends with a
-causal mask, narrowed to the last `sliding_window` keys on sliding layers (Mistral, Qwen2); the
-masks are built once per step for each distinct window. GQA is computed without expanding K/V
-(queries are grouped per KV head).
+are scattered into their slots first, then each attention group (decodes of similar context length,
+or prefill chunks of similar size, as the runner splits them) gathers its context and attends with
+SDPA under a causal mask, narrowed to the last `sliding_window` keys on sliding layers (Mistral,
+Qwen2); masks are built once per step. Chunks that start their sequence attend to their own new K/V
+with a plain causal SDPA. GQA is computed without expanding K/V (queries are grouped per KV head).
 """
 
 from __future__ import annotations
@@ -45,34 +46,127 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class DecodeMeta:
-    """The decode sequences (one new token each): their block tables and context lengths."""
+    """The decode sequences (one new token each): block tables and context lengths.
+
+    `buckets` splits the rows (sorted by context length) into runs that attend together, each as
+    (end row, table width in blocks): a short context is then padded only to its bucket's longest
+    context, not to the step's. None: one bucket of the full table width (the CUDA-graph path).
+    """
 
     tables: torch.Tensor  # [Bd, nblocks]
     ctx: torch.Tensor  # [Bd] context length including the new token
+    buckets: list[tuple[int, int]] | None = None
 
 
 @dataclass
 class PrefillMeta:
-    """The prefill chunks, back to back: block tables, context and chunk lengths, padding."""
+    """Prefill chunks attending together, back to back: block tables, context and chunk lengths,
+    padding."""
 
     tables: torch.Tensor  # [Bp, nblocks]
     ctx: torch.Tensor  # [Bp]
     qlen: torch.Tensor  # [Bp]
-    pad_idx: torch.Tensor | None = None  # [Bp, Qmax] index into the prefill tokens (padding -> 0)
-    valid: torch.Tensor | None = None  # [Bp, Qmax] bool; both None for one sequence (no padding)
+    pad_idx: torch.Tensor | None = None  # [Bp, Qmax] index into these chunks' tokens (padding -> 0)
+    valid: torch.Tensor | None = None  # [Bp, Qmax] bool; both None when every chunk has Qmax tokens
+    num_tokens: int | None = None  # tokens of these chunks; None: all the step's tokens after the decodes
+    fresh: bool = False  # every chunk starts at position 0 (equal lengths): attend to the chunks' own K/V
 
 
 @dataclass
 class AttnMeta:
     """Where the step's tokens go and what each sequence attends to.
 
-    Tokens are laid out decodes first (one per sequence), then the prefill chunks back to back.
+    Tokens are laid out decodes first (one per sequence), then the prefill chunks back to back,
+    group after group when `prefill` is a list (each group one batched attention call).
     """
 
     slot_mapping: torch.Tensor  # [T] flat cache slot for each new token
     num_decodes: int
     decode: DecodeMeta | None  # None when the step has no decodes
-    prefill: PrefillMeta | None  # None when the step has no prefills
+    prefill: PrefillMeta | list[PrefillMeta] | None  # None when the step has no prefills
+
+    def prefill_groups(self) -> list[PrefillMeta]:
+        if self.prefill is None:
+            return []
+        return [self.prefill] if isinstance(self.prefill, PrefillMeta) else self.prefill
+
+
+@dataclass
+class _Group:
+    """Rows [start, end) of the step attending in one batched call: `tables` [B, W] and, per window
+    that needs one, the additive mask (see _group_masks); `pad_idx`/`valid` as in PrefillMeta.
+    `fresh`: B chunks of `nq` tokens that each start their sequence, so on layers whose window
+    covers the chunk they attend causally to their own new K/V, neither gathered nor masked."""
+
+    start: int
+    end: int
+    tables: torch.Tensor
+    masks: dict[int | None, torch.Tensor]
+    nq: int
+    pad_idx: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    fresh: bool = False
+
+    def causal_only(self, window: int | None) -> bool:
+        return self.fresh and (window is None or window >= self.nq)
+
+
+def _group_masks(
+    windows: set[int | None],
+    qstart: torch.Tensor,
+    ctx: torch.Tensor,
+    shape: tuple[int, int, int],
+    block_size: int,
+    dtype: torch.dtype,
+) -> dict[int | None, torch.Tensor]:
+    """Additive masks (0 = attend, -inf = not) for `shape` = (Q, W blocks, G): causal within the
+    context (`qstart` [B]: absolute position of query 0), narrowed on sliding layers to the keys at
+    most window-1 positions before the query. Shaped for _gather_attend's grouped queries:
+    [B, 1, 1, L] for one query, else [B, 1, G*Q, L]. Float, so SDPA does not convert it per layer."""
+    nq, width, group = shape
+    dev = ctx.device
+    qpos = (qstart[:, None] + torch.arange(nq, device=dev)[None, :])[:, :, None]  # [B, Q, 1]
+    kpos = torch.arange(width * block_size, device=dev)[None, None, :]
+    base = (kpos <= qpos) & (kpos < ctx[:, None, None])
+    out = {}
+    for w in windows:
+        allowed = base if w is None else base & (kpos > qpos - w)
+        b, length = allowed.shape[0], allowed.shape[2]
+        if nq == 1:
+            allowed = allowed[:, None]
+        else:
+            allowed = allowed[:, None, None].expand(b, 1, group, nq, length).reshape(b, 1, group * nq, length)
+        out[w] = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+    return out
+
+
+def attention_groups(
+    meta: AttnMeta, windows: set[int | None], block_size: int, num_tokens: int, group: int, dtype: torch.dtype
+) -> list[_Group]:
+    """The step's attention calls (decode buckets, then prefill groups) with their masks, built once
+    per step and shared by every layer."""
+    groups: list[_Group] = []
+    if meta.decode is not None:
+        dec = meta.decode
+        start = 0
+        for end, width in dec.buckets or [(meta.num_decodes, dec.tables.shape[1])]:
+            ctx = dec.ctx[start:end]
+            masks = _group_masks(windows, ctx - 1, ctx, (1, width, group), block_size, dtype)
+            groups.append(_Group(start, end, dec.tables[start:end, :width], masks, 1))
+            start = end
+    start = meta.num_decodes
+    for pre in meta.prefill_groups():
+        n = num_tokens - start if pre.num_tokens is None else pre.num_tokens
+        nq = n // len(pre.ctx) if pre.pad_idx is None else pre.pad_idx.shape[1]
+        g = _Group(
+            start, start + n, pre.tables, {}, nq, pre.pad_idx, pre.valid, pre.fresh and pre.pad_idx is None
+        )
+        masked = {w for w in windows if not g.causal_only(w)}
+        shape = (nq, pre.tables.shape[1], group)
+        g.masks = _group_masks(masked, pre.ctx - pre.qlen, pre.ctx, shape, block_size, dtype)
+        groups.append(g)
+        start += n
+    return groups
 
 
 def _load(
@@ -173,6 +267,12 @@ class PagedLlama(nn.Module):
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
         self.scale = 1.0 / math.sqrt(spec.head_dim)
+        # CPU only: gathered K/V land in one reused buffer. A fresh tens-of-MB tensor per call costs
+        # page faults several times the copy itself; CUDA's caching allocator already reuses memory
+        # (and a growing buffer could not live inside a captured graph).
+        self._gather_buf: torch.Tensor | None = (
+            torch.empty(0, dtype=dtype) if self.device.type == "cpu" else None
+        )
 
     def weight_bytes(self) -> int:
         total = sum(p.numel() * p.element_size() for p in (self.embed, self.norm))
@@ -212,72 +312,62 @@ class PagedLlama(nn.Module):
     def _gather_attend(
         self, q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor, block_size: int
     ) -> torch.Tensor:
-        """q [B, Q, H, D]; mask [B, Q, L] (True = attend) -> [B, Q, H*D].
+        """q [B, Q, H, D]; mask [B, 1, G*Q or 1, L] (True = attend, see _group_masks) -> [B, Q, H*D].
 
-        The cache is laid out [2, Hkv, slots, D] so that gathering whole blocks with index_select
-        yields K/V as [Hkv, B, L, D] directly: batched matmuls read them without any transpose copy.
+        The cache is laid out [2, Hkv, slots, D] so that one index_select of whole blocks yields K and
+        V as [Hkv, B, L, D]; SDPA reads them through a transposed view, no further copy. Queries are
+        grouped per KV head ([B, Hkv, G*Q, D]) so GQA needs neither expanded K/V nor `enable_gqa`.
         """
         s = self.spec
         b, nq = q.shape[0], q.shape[1]
         hkv, d, g = s.num_kv_heads, s.head_dim, s.num_heads // s.num_kv_heads
-        idx = tables.reshape(-1)
-        k = cache[0].view(hkv, -1, block_size, d).index_select(1, idx).view(hkv, b, -1, d)  # [Hkv, B, L, D]
-        v = cache[1].view(hkv, -1, block_size, d).index_select(1, idx).view(hkv, b, -1, d)
-        qg = q.view(b, nq, hkv, g, d).permute(2, 0, 3, 1, 4).reshape(hkv, b, g * nq, d)  # [Hkv, B, G*Q, D]
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale  # [Hkv, B, G*Q, L]
-        scores = scores.view(hkv, b, g, nq, -1).masked_fill(~mask[None, :, None, :, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(hkv, b, g * nq, -1)
-        out = torch.matmul(probs, v)  # [Hkv, B, G*Q, D]
-        out = out.view(hkv, b, g, nq, d).permute(1, 3, 0, 2, 4)  # [B, Q, Hkv, G, D]
-        return out.reshape(b, nq, self.q_size)
+        kv = self._gather_blocks(cache.view(2 * hkv, -1, block_size, d), tables.reshape(-1))
+        k, v = kv.view(2, hkv, b, -1, d).transpose(1, 2)  # each [B, Hkv, L, D]
+        qg = q.view(b, nq, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * nq, d)
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scale)  # [B, Hkv, G*Q, D]
+        return out.view(b, hkv, g, nq, d).permute(0, 3, 1, 2, 4).reshape(b, nq, self.q_size)
 
-    def _masks(
-        self, meta: AttnMeta, block_size: int, window: int | None, num_tokens: int
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(decode mask [Bd, 1, L], prefill mask [Bp, Q, L]), True = attend: causal, within the
-        context, and with a window only the keys at most window-1 positions before the query."""
-        dmask = pmask = None
-        if meta.decode is not None:
-            tables, ctx = meta.decode.tables, meta.decode.ctx
-            kpos = torch.arange(tables.shape[1] * block_size, device=tables.device)[None, :]
-            dmask = kpos < ctx[:, None]
-            if window is not None:
-                dmask &= kpos >= (ctx - window)[:, None]
-            dmask = dmask[:, None, :]
-        if meta.prefill is not None:
-            pre = meta.prefill
-            # queries per row: all prefill tokens for one sequence, else the padded width
-            nq = num_tokens - meta.num_decodes if pre.pad_idx is None else pre.pad_idx.shape[1]
-            start = (pre.ctx - pre.qlen)[:, None]  # absolute position of query 0
-            qpos = (start + torch.arange(nq, device=start.device)[None, :])[:, :, None]  # [Bp, Q, 1]
-            kpos = torch.arange(pre.tables.shape[1] * block_size, device=start.device)[None, None, :]
-            pmask = (kpos <= qpos) & (kpos < pre.ctx[:, None, None])
-            if window is not None:
-                pmask &= kpos > qpos - window
-        return dmask, pmask
+    def _gather_blocks(self, blocks: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """blocks [2*Hkv, num blocks, block, D] at `idx` -> [2*Hkv, len(idx), block, D] (see _gather_buf)."""
+        if self._gather_buf is None:
+            return blocks.index_select(1, idx)
+        shape = (blocks.shape[0], idx.numel(), *blocks.shape[2:])
+        need = math.prod(shape)
+        if self._gather_buf.numel() < need:
+            self._gather_buf = torch.empty(need, dtype=blocks.dtype, device=blocks.device)
+        return torch.index_select(blocks, 1, idx, out=self._gather_buf[:need].view(shape))
 
     def _attention(
         self,
         q: torch.Tensor,
+        new_kv: tuple[torch.Tensor, torch.Tensor],
         cache: torch.Tensor,
-        meta: AttnMeta,
+        groups: list[_Group],
+        window: int | None,
         block_size: int,
-        masks: tuple[torch.Tensor | None, torch.Tensor | None],
     ) -> torch.Tensor:
+        """Each group's queries against its sequences' context (the cache, or for a fresh group on a
+        layer its window covers, the step's new K/V [T, Hkv, D]); rows back in step order."""
         s = self.spec
         q = q.view(-1, s.num_heads, s.head_dim)
         outs = []
-        nd = meta.num_decodes
-        dmask, pmask = masks
-        if meta.decode is not None and dmask is not None:
-            outs.append(self._gather_attend(q[:nd, None], cache, meta.decode.tables, dmask, block_size)[:, 0])
-        if meta.prefill is not None and pmask is not None:
-            pre = meta.prefill
-            qp = q[nd:]
-            # One sequence needs no padding.
-            qpad = qp[None] if pre.pad_idx is None else qp[pre.pad_idx]
-            out = self._gather_attend(qpad, cache, pre.tables, pmask, block_size)
-            outs.append(out[0] if pre.valid is None else out[pre.valid])
+        for g in groups:
+            qg = q[g.start : g.end]
+            b = g.tables.shape[0]
+            if g.causal_only(window):
+                k, v = (
+                    t[g.start : g.end].view(b, g.nq, s.num_kv_heads, s.head_dim).transpose(1, 2)
+                    for t in new_kv
+                )
+                qh = qg.view(b, g.nq, s.num_heads, s.head_dim).transpose(1, 2)
+                out = F.scaled_dot_product_attention(
+                    qh, k, v, is_causal=True, scale=self.scale, enable_gqa=True
+                )
+                outs.append(out.transpose(1, 2).reshape(-1, self.q_size))
+                continue
+            qpad = qg.view(b, -1, s.num_heads, s.head_dim) if g.pad_idx is None else qg[g.pad_idx]
+            out = self._gather_attend(qpad, cache, g.tables, g.masks[window], block_size)
+            outs.append(out.reshape(-1, self.q_size) if g.valid is None else out[g.valid])
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def rope_cos_sin_at(
@@ -309,7 +399,8 @@ class PagedLlama(nn.Module):
         s = self.spec
         h = F.embedding(input_ids, self.embed)
         cos, sin = self.rope_cos_sin_at(positions, rope_lens)
-        masks = {w: self._masks(meta, block_size, w, len(input_ids)) for w in set(self.windows)}
+        group = s.num_heads // s.num_kv_heads
+        groups = attention_groups(meta, set(self.windows), block_size, len(input_ids), group, self.dtype)
         for i, layer in enumerate(self.decoder_layers):
             x = rms_norm(h, layer.input_norm, s.rms_norm_eps)
             qkv = layer.qkv(x)
@@ -318,10 +409,11 @@ class PagedLlama(nn.Module):
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = apply_rope(q.view(-1, s.num_heads, s.head_dim), cos, sin)
             k = apply_rope(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+            v = v.view(-1, s.num_kv_heads, s.head_dim)
             cache = kv_caches[i]
             cache[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-            cache[1].index_copy_(1, meta.slot_mapping, v.view(-1, s.num_kv_heads, s.head_dim).transpose(0, 1))
-            attn = self._attention(q, cache, meta, block_size, masks[self.windows[i]])
+            cache[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+            attn = self._attention(q, (k, v), cache, groups, self.windows[i], block_size)
             o = layer.o(attn)
             if lora is not None:
                 lora.apply(o, attn, i, ("o_proj",))

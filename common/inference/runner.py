@@ -20,6 +20,8 @@ from tokenmill.common.inference.scheduler import ScheduledItem
 
 log = logging.getLogger(__name__)
 
+MAX_RUN_SHAPES = 24  # distinct shapes one attention group may span (bounds split_runs' work)
+
 
 def _bucket(n: int, buckets: Sequence[int]) -> int | None:
     for b in buckets:
@@ -93,6 +95,8 @@ class ModelRunner:
         self.kv_caches = model.allocate_kv_cache(blocks.num_blocks, blocks.block_size)
         if model.dynamic_rope:  # past the context a key's rotation depends on its sequence's length
             blocks.limit_prefix_cache(model.spec.config.max_seq_len)
+        if all(w is not None for w in model.windows):  # only sliding layers: old blocks are dead
+            blocks.set_sliding_window(max(w for w in model.windows if w is not None))
         # Graphs replay table-lookup rope; dynamic NTK computes it per token (eager).
         self.use_graphs = use_cuda_graphs and self.device.type == "cuda" and not model.dynamic_rope
         self.capture_graphs = self.device.type == "cuda"  # False: static-buffer path run eagerly (tests)
@@ -108,6 +112,9 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], _DecodeGraph] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.lora_slices = self._lora_slices()
+        # What one more attention call costs, in (query, key block) pairs of padded work: on CPU a call
+        # costs about as much as 64 such pairs; on CUDA padding is cheap next to a call's launches.
+        self.group_overhead = 64 if self.device.type == "cpu" else 4096
 
     def _lora_slices(self) -> dict[str, tuple[int, int]]:
         m, s = self.model, self.model.spec
@@ -125,18 +132,44 @@ class ModelRunner:
     def _tables(self, reqs: Sequence, width: int | None = None) -> torch.Tensor:
         tables = [self.blocks.table(r.request_id) for r in reqs]
         w = width or max(len(t) for t in tables)
-        padded = [t + [NULL_BLOCK] * (w - len(t)) for t in tables]
+        padded = [t[:w] + [NULL_BLOCK] * (w - len(t)) for t in tables]
         return torch.tensor(padded, dtype=torch.long)
 
-    def _prefill_meta(self, prefills: Sequence[ScheduledItem], dev: torch.device) -> PrefillMeta:
-        """Tables and lengths of the prefill chunks; with several, the index that pads them to one batch."""
+    def _width(self, it: ScheduledItem) -> int:
+        """Blocks holding the item's context after this step."""
+        return self.blocks.blocks_for(it.request.num_computed_tokens + it.num_tokens)
+
+    def _decode_meta(self, decodes: Sequence[ScheduledItem], dev: torch.device) -> DecodeMeta:
+        """Tables and context lengths of the decodes (sorted by context), bucketed by table width."""
+        widths = [self._width(it) for it in decodes]
+        ends = split_runs([(1, w) for w in widths], self.group_overhead)
+        return DecodeMeta(
+            tables=self._tables([it.request for it in decodes], widths[-1]).to(dev),
+            ctx=torch.tensor([it.request.num_computed_tokens + 1 for it in decodes], device=dev),
+            buckets=[(end, widths[end - 1]) for end in ends],
+        )
+
+    def _prefill_groups(self, prefills: Sequence[ScheduledItem], dev: torch.device) -> list[PrefillMeta]:
+        """The prefill chunks (sorted by length) in groups that attend together, split where padding
+        the group to a longer chunk or a wider table would cost more than a separate call."""
+        shapes = [(it.num_tokens, self._width(it)) for it in prefills]
+        groups, start = [], 0
+        for end in split_runs(shapes, self.group_overhead):
+            groups.append(self._prefill_meta(prefills[start:end], max(w for _, w in shapes[start:end]), dev))
+            start = end
+        return groups
+
+    def _prefill_meta(self, prefills: Sequence[ScheduledItem], width: int, dev: torch.device) -> PrefillMeta:
+        """Tables and lengths of prefill chunks; when their lengths differ, the index that pads them."""
         qlens = [it.num_tokens for it in prefills]
         meta = PrefillMeta(
-            tables=self._tables([it.request for it in prefills]).to(dev),
+            tables=self._tables([it.request for it in prefills], width).to(dev),
             ctx=torch.tensor([it.request.num_computed_tokens + it.num_tokens for it in prefills], device=dev),
             qlen=torch.tensor(qlens, device=dev),
+            num_tokens=sum(qlens),
+            fresh=all(it.request.num_computed_tokens == 0 for it in prefills),
         )
-        if len(prefills) > 1:
+        if min(qlens) != max(qlens):
             qmax = max(qlens)
             starts = torch.tensor([0] + qlens[:-1]).cumsum(0)
             ar = torch.arange(qmax)
@@ -208,8 +241,11 @@ class ModelRunner:
         A step may have no sampling rows (only partial prefill chunks, e.g. a long prompt alone): the
         forward still runs for its KV writes and the logits have zero rows. Requests that score their
         prompt (echo with logprobs) add a row per prompt position after the sampling rows."""
-        decodes = [it for it in items if it.num_tokens == 1]
-        prefills = [it for it in items if it.num_tokens > 1]
+        # Sorted by context (decodes) and chunk length (prefills) so that attention groups pad little.
+        decodes = sorted((it for it in items if it.num_tokens == 1), key=self._width)
+        prefills = sorted(
+            (it for it in items if it.num_tokens > 1), key=lambda it: (it.num_tokens, self._width(it))
+        )
         ordered = decodes + prefills
         step, sampled = self._flatten(ordered)
         index_of = {id(it): i for i, it in enumerate(items)}
@@ -222,13 +258,8 @@ class ModelRunner:
             if logits is not None:
                 return logits, sample_items, prompt_spans
         dev = self.device
-        decode = None
-        if decodes:
-            decode = DecodeMeta(
-                tables=self._tables([it.request for it in decodes]).to(dev),
-                ctx=torch.tensor([it.request.num_computed_tokens + 1 for it in decodes], device=dev),
-            )
-        prefill = self._prefill_meta(prefills, dev) if prefills else None
+        decode = self._decode_meta(decodes, dev) if decodes else None
+        prefill = self._prefill_groups(prefills, dev) if prefills else None
         slots = torch.tensor(step.slots, dtype=torch.long).to(dev, non_blocking=True)
         meta = AttnMeta(slots, len(decodes), decode, prefill)
         logits = self.model(
@@ -243,6 +274,38 @@ class ModelRunner:
             rope_lens=_rope_lens(ordered, dev) if self.model.dynamic_rope else None,
         )
         return logits, sample_items, prompt_spans
+
+
+def split_runs(shapes: Sequence[tuple[int, int]], overhead: int) -> list[int]:
+    """Split sorted (queries, blocks) shapes into runs attended as one padded batch each, minimising
+    padded work (rows x queries x blocks of the run's largest) plus `overhead` per run; returns the end
+    index of every run. Dynamic programming over the distinct shapes (equal ones never split), a run
+    spanning at most MAX_RUN_SHAPES of them so that a step's split stays cheap to compute."""
+    distinct: list[tuple[int, int]] = []
+    ends: list[int] = []  # item index after the last item of each distinct shape
+    for i, shape in enumerate(shapes):
+        if distinct and distinct[-1] == shape:
+            ends[-1] = i + 1
+        else:
+            distinct.append(shape)
+            ends.append(i + 1)
+    m = len(distinct)
+    best = [0] * (m + 1)  # best[i]: cheapest split of the first i distinct shapes
+    cut = [0] * (m + 1)  # cut[i]: where the last run of that split starts
+    for i in range(1, m + 1):
+        qmax = wmax = 0
+        best[i] = -1
+        for j in range(i - 1, max(-1, i - 1 - MAX_RUN_SHAPES), -1):  # the last run: shapes j..i-1
+            qmax, wmax = max(qmax, distinct[j][0]), max(wmax, distinct[j][1])
+            rows = ends[i - 1] - (ends[j - 1] if j else 0)
+            cost = best[j] + rows * qmax * wmax + overhead
+            if best[i] < 0 or cost < best[i]:
+                best[i], cut[i] = cost, j
+    runs, i = [], m
+    while i:
+        runs.append(ends[i - 1])
+        i = cut[i]
+    return runs[::-1]
 
 
 def _prompt_rows(step: _StepInputs, i: int, req, start: int, n: int) -> None:

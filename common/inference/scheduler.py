@@ -90,6 +90,7 @@ class Scheduler:
             if n <= 0:
                 scheduled_running.append(req)  # nothing to compute (should not happen); keep it
                 continue
+            self.blocks.release_outside_window(req.request_id, req.num_computed_tokens)
             while not self.blocks.allocate(req.request_id, req.num_computed_tokens + n):
                 victim = queue.pop() if queue else req
                 self._preempt(victim)
@@ -108,7 +109,9 @@ class Scheduler:
                 req = self.waiting[0]
                 # A request scoring its prompt (echo + logprobs) needs every position's logits.
                 scores = req.params.scores_prompt
-                hit = 0 if scores else self.blocks.match_prefix(req.request_id, req.all_token_ids, req.adapter)
+                hit = (
+                    0 if scores else self.blocks.match_prefix(req.request_id, req.all_token_ids, req.adapter)
+                )
                 req.num_computed_tokens = hit
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
                 reserve = self.watermark_blocks if self.running else 0
