@@ -100,9 +100,10 @@ def test_submit_rejects_bad_fields_with_invalid_argument(client, changes, messag
 
 
 def test_valid_distill_is_honestly_unimplemented_and_queues_nothing(client, queue):
-    with pytest.raises(errors.TokenmillError, match="distillation is not built yet") as info:
+    with pytest.raises(errors.TokenmillError, match="compress service is not built yet") as info:
         client.submit("demo-model", "demo-small", "distill", student_preset="test-1m", distill_steps=100)
     assert info.value.code == "UNIMPLEMENTED"
+    assert "tokenmill train --mode distill --teacher demo-model" in info.value.message
     assert queue.list(JOB_TYPE)[0] == []
 
 

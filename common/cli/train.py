@@ -97,7 +97,9 @@ def _follow(client, job_id: str, steps: int | None) -> common_pb2.Job:
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Model config override (repeatable)."
 )
-@click.option("--mode", type=click.Choice(["pretrain", "sft", "lora", "dpo"]), help="[default: pretrain]")
+@click.option(
+    "--mode", type=click.Choice(["pretrain", "sft", "lora", "dpo", "distill"]), help="[default: pretrain]"
+)
 @click.option("--sft-data", default="", help="prompt/response JSONL (sft, lora).")
 @click.option("--dpo-data", default="", help="prompt/chosen/rejected JSONL (dpo).")
 @click.option("--beta", "dpo_beta", type=float, help="DPO's beta, > 0 [default: 0.1].")
@@ -105,6 +107,9 @@ def _follow(client, job_id: str, steps: int | None) -> common_pb2.Job:
     "--reference", "reference_checkpoint", default="", help="DPO's frozen reference [default: --init]."
 )
 @click.option("--lora", "use_lora", is_flag=True, default=None, help="dpo: train LoRA adapters on --init.")
+@click.option("--teacher", "teacher_checkpoint", default="", help="distill: the teacher checkpoint.")
+@click.option("--temperature", "distill_temperature", type=float, help="distill: T, > 0 [default: 2].")
+@click.option("--alpha", "distill_alpha", type=float, help="distill: hard-label CE weight [default: 0].")
 @click.option("--init", "init_checkpoint", default="", help="Checkpoint to start from, name[:version|tag].")
 @click.option("--backend", type=click.Choice(["local", "ray"]), help="[default: local]")
 @click.option("--workers", type=click.IntRange(1), help="[default: 1; resume: the run's]")

@@ -39,8 +39,9 @@ class TrainerClient(JobsClientMixin, BaseClient):
         self, output_name: str, *, idempotency_key: str = "", timeout: float | None = None, **fields: Any
     ) -> common_pb2.Job:
         """Queue a training job. ``fields`` are the other SubmitTrainRequest fields (mode, model_preset,
-        dataset, sft_data, dpo_data, dpo_beta, reference_checkpoint, use_lora, init_checkpoint, backend,
-        workers, steps, ...; ``model_overrides`` and ``lora`` as dicts)."""
+        dataset, sft_data, dpo_data, dpo_beta, reference_checkpoint, use_lora, teacher_checkpoint,
+        distill_temperature, distill_alpha, init_checkpoint, backend, workers, steps, ...;
+        ``model_overrides`` and ``lora`` as dicts)."""
         request = build_request(output_name, idempotency_key=idempotency_key, **fields)
         return self._unary(self.stub.SubmitTrain, request, timeout=timeout)
 

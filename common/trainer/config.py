@@ -14,7 +14,7 @@ from typing import Any
 from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.model.transformer import ModelConfig, preset
 
-MODES = ("pretrain", "sft", "lora", "dpo")
+MODES = ("pretrain", "sft", "lora", "dpo", "distill")
 BACKENDS = ("local", "ray", "kubernetes")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -48,6 +48,9 @@ class TrainConfig:
     dpo_beta: float = 0.1  # DPO's β: how far the policy may move from the reference
     reference_checkpoint: str = ""  # dpo's frozen reference model; "" = init_checkpoint
     use_lora: bool = False  # dpo: train LoRA adapters on the policy (mode lora always does)
+    teacher_checkpoint: str = ""  # distill: the frozen teacher whose logits the student learns
+    distill_temperature: float = 2.0  # distill: softmax temperature T of the KL term (scaled by T²)
+    distill_alpha: float = 0.0  # distill: weight of the hard-label CE (1 - alpha on the KL term)
     # checkpoint ref of another run to continue (full training state, any world size), used until
     # this run has a checkpoint of its own; set by the service's elastic resume
     resume_from: str = ""
@@ -124,12 +127,13 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise InvalidArgument(message)
-        if self.mode == "pretrain" and not self.dataset_path:
-            raise InvalidArgument("pretrain needs a dataset")
+        if self.mode in ("pretrain", "distill") and not self.dataset_path:
+            raise InvalidArgument(f"{self.mode} needs a dataset")
         if self.mode in ("sft", "lora") and not self.sft_path:
             raise InvalidArgument(f"{self.mode} needs sft_data (a prompt/response JSONL file)")
         if self.mode == "dpo":
             self._validate_dpo()
+        self._validate_distill()
         if self.mode != "dpo" and (self.use_lora or self.reference_checkpoint or self.dpo_path):
             raise InvalidArgument(
                 f"dpo_data, reference_checkpoint and use_lora apply to mode dpo, not {self.mode!r} "
@@ -167,6 +171,25 @@ class TrainConfig:
             )
         if not self.dpo_beta > 0:  # also rejects NaN
             raise InvalidArgument(f"dpo_beta must be > 0, got {self.dpo_beta}")
+
+    def _validate_distill(self) -> None:
+        if self.mode != "distill":
+            if self.teacher_checkpoint:
+                raise InvalidArgument(f"teacher_checkpoint applies to mode distill, not {self.mode!r}")
+            return
+        if not self.teacher_checkpoint:
+            raise InvalidArgument(
+                "distill needs teacher_checkpoint (the model whose logits the student learns)"
+            )
+        if not self.distill_temperature > 0:  # also rejects NaN
+            raise InvalidArgument(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise InvalidArgument(f"distill_alpha must lie in [0, 1], got {self.distill_alpha}")
+        if self.init_checkpoint:
+            raise InvalidArgument(
+                "distill trains the student preset from scratch; init_checkpoint does not apply "
+                "(use model_preset to size the student)"
+            )
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -163,7 +163,7 @@ def make_sources(
 ) -> tuple[BatchSource, BatchSource | None, int]:
     """Train source, optional val source, and the vocab size of the data (0 when unknown); ``io``
     reads the init checkpoint's tokenizer for preference data given without a dataset."""
-    if cfg.mode == "pretrain":
+    if cfg.mode in ("pretrain", "distill"):  # distillation reads packed text like pretraining
         return _pretrain_sources(cfg, rank, world_size)
     if cfg.mode == "dpo":
         return _preference_sources(cfg, rank, world_size, io)

@@ -34,6 +34,7 @@ REFERENCE_FILE = "dpo_reference.json"
 class Objective(Protocol):
     sequences_per_sample: int  # forward sequences per sample (throughput figures)
     state_file_names: tuple[str, ...]  # checkpoint files ``load_state`` reads on resume
+    eval_metric: str | None  # the metric reported as held-out loss; None: the objective's loss
 
     def __call__(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
     def prepare(self, model: nn.Module, world: int) -> None: ...
@@ -46,6 +47,7 @@ class LanguageModeling:
 
     sequences_per_sample = 1
     state_file_names: tuple[str, ...] = ()
+    eval_metric: str | None = None
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -96,6 +98,7 @@ class DirectPreference:
 
     sequences_per_sample = 2
     state_file_names: tuple[str, ...] = (REFERENCE_FILE,)
+    eval_metric: str | None = None
 
     def __init__(self, beta: float, device: torch.device, source: Any, batch_size: int, rank: int):
         self.beta, self.device, self.source = beta, device, source
@@ -157,9 +160,17 @@ class DirectPreference:
         self.reference = torch.tensor(np.asarray(body["logps"]), dtype=torch.float64, device=self.device)
 
 
-def make_objective(cfg: TrainConfig, device: torch.device, source: Any, rank: int) -> Objective:
+def make_objective(
+    cfg: TrainConfig, device: torch.device, source: Any, rank: int, io: Any = None
+) -> Objective:
+    """The run's objective; ``io`` (the run's CheckpointIO) loads a distillation teacher."""
     if cfg.mode == "dpo":
         return DirectPreference(cfg.dpo_beta, device, source, cfg.micro_batch_size, rank)
+    if cfg.mode == "distill":
+        from tokenmill.common.trainer.distill import Distillation, load_teacher
+
+        teacher = load_teacher(io, cfg.teacher_checkpoint, device)
+        return Distillation(teacher, cfg.distill_temperature, cfg.distill_alpha, device)
     return LanguageModeling(device)
 
 

@@ -31,6 +31,7 @@ from tokenmill.common.trainer import sharded_state as ss
 from tokenmill.common.trainer.checkpoint_io import CheckpointIO, read_tensor
 from tokenmill.common.trainer.config import TrainConfig, run_tag
 from tokenmill.common.trainer.data import make_sources
+from tokenmill.common.trainer.distill import manifest_extra, student_config
 from tokenmill.common.trainer.metrics import mfu, peak_flops
 from tokenmill.common.trainer.objectives import make_objective, read_state
 from tokenmill.common.trainer.parallel import (
@@ -69,6 +70,8 @@ class NullChannel:
 def resolve_model_config(cfg: TrainConfig, io: CheckpointIO | None) -> ModelConfig:
     """The preset (+ overrides), or, when starting from a checkpoint, that checkpoint's own config."""
     model = cfg.validate()
+    if cfg.mode == "distill":
+        return student_config(cfg, io)
     if cfg.init_checkpoint:
         if io is None or io.resolve(cfg.init_checkpoint) is None:
             raise NotFound(
@@ -94,7 +97,7 @@ class _Run:
     def build(self) -> None:
         cfg, d = self.cfg, self.d
         self.train_src, self.val_src, data_vocab = make_sources(cfg, d.rank, d.world, self.io)
-        self.objective = make_objective(cfg, d.device, self.train_src, d.rank)
+        self.objective = make_objective(cfg, d.device, self.train_src, d.rank, self.io)
         if data_vocab and data_vocab > self.model_cfg.vocab_size:
             raise InvalidArgument(
                 f"the tokenizer has {data_vocab} tokens but the model's vocab_size is {self.model_cfg.vocab_size}; "
@@ -206,7 +209,7 @@ class _Run:
         if d.is_main:
             tags = [self.run_tag] if self.run_tag else []
             lineage = {
-                "parent": cfg.init_checkpoint,
+                "parent": cfg.init_checkpoint or cfg.teacher_checkpoint,
                 "dataset": cfg.dataset_name or cfg.dataset_path,
                 "job_id": cfg.run_id,
             }
@@ -214,7 +217,7 @@ class _Run:
             metrics["reason"] = reason
             upload_id = self.io.begin(
                 cfg.output_name,
-                config=self.model_cfg.to_hf_config(),
+                config={**self.model_cfg.to_hf_config(), **manifest_extra(cfg)},
                 tags=tags,
                 metrics=metrics,
                 lineage=lineage,
@@ -291,9 +294,10 @@ class _Run:
         saved = self.val_src.consumed
         self.val_src.consumed = 0  # the same held-out batches every time
         total = 0.0
+        key = self.objective.eval_metric
         for _ in range(self.cfg.eval_batches):
-            loss, _ = self.objective(self.model, self.val_src.next_batch())
-            total += float(loss)
+            loss, metrics = self.objective(self.model, self.val_src.next_batch())
+            total += float(metrics[key] if key else loss)
         self.val_src.consumed = saved
         reshard_all(self.model)
         self.model.train()

@@ -2,8 +2,9 @@
 store and the datasets (plan.preflight), and queues a "compress" job that this service's worker runs
 (job.py); SubmitEval does the same for an evaluation (eval_plan.py, eval_job.py), queued on the same
 queue with spec kind "eval" (why eval lives here: compress.proto). The job RPCs come from the job
-system. Distillation is a trainer job mode that is not built yet, so
-a valid distill request answers UNIMPLEMENTED and queues nothing.
+system. Distillation is a trainer job mode (`tokenmill train --mode distill`); submitting it from
+here is not wired yet, so a valid distill request answers UNIMPLEMENTED (naming that command) and
+queues nothing.
 
 Run with `python -m tokenmill.services.compress [--config PATH]`.
 """
@@ -226,8 +227,10 @@ class CompressServicer(JobRpcMixin, compress_pb2_grpc.CompressServiceServicer):
         if spec["method"] == "distill":
             context.abort(
                 grpc.StatusCode.UNIMPLEMENTED,
-                f"distillation is not built yet: the request is valid (student '{spec['student_preset']}' "
-                f"from '{spec['source']}'), but no job was queued",
+                f"distillation through the compress service is not built yet: the request is valid "
+                f"(student '{spec['student_preset']}' from '{spec['source']}'), but no job was queued; run it "
+                f"as a trainer job: tokenmill train --mode distill --teacher {spec['source']} --dataset DS "
+                f"--preset {spec['student_preset']} --steps {spec['distill_steps']}",
             )
         preflight(self.client, self.data_dir, spec)  # NOT_FOUND / INVALID_ARGUMENT / FAILED_PRECONDITION
         job = self.job_queue.submit(JOB_TYPE, spec, idempotency_key=request.idempotency_key)

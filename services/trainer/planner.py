@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill.common.data.dataset import read_manifest
-from tokenmill.common.errors import InvalidArgument, NotFound
+from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tokenmill.common.inputs import check_input_allowed
 from tokenmill.common.model.transformer import ModelConfig
 from tokenmill.common.names import validate_name
 from tokenmill.common.trainer.checkpoint_io import CheckpointIO
 from tokenmill.common.trainer.config import LoraSettings, TrainConfig
+from tokenmill.common.trainer.distill import student_config, teacher_config
 from tokenmill.common.trainer.metrics import estimate_bytes_per_worker
 from tokenmill.common.trainer.preference import check_reference, read_preference_jsonl
 
@@ -119,7 +120,10 @@ class Planner:
             model = ModelConfig.from_hf_config(hf)
         vocab = self._data_vocab(cfg)
         warnings: list[str] = []
-        if vocab and not cfg.init_checkpoint and "vocab_size" not in cfg.model_overrides:
+        teacher_bytes = 0
+        if cfg.mode == "distill":
+            model, teacher_bytes = self._plan_student(cfg, vocab)
+        elif vocab and not cfg.init_checkpoint and "vocab_size" not in cfg.model_overrides:
             # From scratch, the tokenizer defines the vocabulary: size the embedding to it (padded to a
             # multiple of 64 for matmul efficiency) unless the request pinned vocab_size explicitly.
             padded = -(-vocab // 64) * 64
@@ -164,6 +168,7 @@ class Planner:
             activation_checkpointing=cfg.activation_checkpointing,
             trainable_fraction=trainable / max(1, total),
         )
+        estimate += teacher_bytes  # a distillation teacher is held whole (fp32) on every worker
         budget = cfg.memory_budget_bytes or default_budget(cfg.device, cfg.workers)
         if estimate > budget:
             raise InvalidArgument(
@@ -175,6 +180,21 @@ class Planner:
         return Plan(
             cfg, model, total, trainable, estimate, budget, model.flops_per_token(cfg.seq_len), warnings
         )
+
+    def _plan_student(self, cfg: TrainConfig, data_vocab: int) -> tuple[ModelConfig, int]:
+        """The student's config (the teacher's vocabulary) and the teacher's weight bytes; the
+        teacher ref is pinned to its version so every attempt and resume learns from the same one."""
+        student = student_config(cfg, self.io)  # NOT_FOUND teacher, FAILED_PRECONDITION vocab/seq_len
+        assert self.io is not None
+        cfg.teacher_checkpoint = self.io.resolve(cfg.teacher_checkpoint) or cfg.teacher_checkpoint
+        if data_vocab > student.vocab_size:
+            raise FailedPrecondition(
+                f"dataset {cfg.dataset_name!r} was tokenized with {data_vocab} tokens but teacher "
+                f"{cfg.teacher_checkpoint} has vocab_size {student.vocab_size}; distil on a dataset built "
+                "with the teacher's tokenizer"
+            )
+        teacher = teacher_config(self.io, cfg.teacher_checkpoint)
+        return student, teacher.num_params() * 4
 
     def _check_resume_shape(self, ref: str, model: ModelConfig) -> None:
         """The checkpoint a run continues must hold the model the spec describes, field for field."""
@@ -257,9 +277,13 @@ class Planner:
             values["dpo_path"] = str(self.sft_path(spec["dpo_data"], field="dpo_data"))
         if "dpo_beta" in spec:  # proto3 optional: an explicit 0 arrives and is rejected by validate()
             values["dpo_beta"] = _finite("dpo_beta", spec["dpo_beta"])
+        if "distill_temperature" in spec:  # proto3 optional: an explicit 0 is rejected by validate()
+            values["distill_temperature"] = _finite("distill_temperature", spec["distill_temperature"])
+        if "distill_alpha" in spec:
+            values["distill_alpha"] = _finite("distill_alpha", spec["distill_alpha"])
         if spec.get("use_lora"):
             values["use_lora"] = True
-        for name in ("init_checkpoint", "resume_from", "reference_checkpoint"):
+        for name in ("init_checkpoint", "resume_from", "reference_checkpoint", "teacher_checkpoint"):
             if spec.get(name):
                 values[name] = spec[name]
         lora = spec.get("lora") or {}
@@ -274,6 +298,6 @@ class Planner:
             cfg = TrainConfig(**values)
         except TypeError as exc:
             raise InvalidArgument(f"bad train request: {exc}") from None
-        if cfg.mode == "pretrain" and not spec.get("dataset"):
-            raise InvalidArgument("pretrain needs 'dataset' (an ingested dataset name)")
+        if cfg.mode in ("pretrain", "distill") and not spec.get("dataset"):
+            raise InvalidArgument(f"{cfg.mode} needs 'dataset' (an ingested dataset name)")
         return cfg

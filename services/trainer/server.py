@@ -86,6 +86,8 @@ def _progress_message(d: dict[str, Any]) -> str:
     msg = f"step {d['step']}/{d['steps']} loss {d['loss']:.4f} lr {d['lr']:.2e} {d['tokens_per_s']:.0f} tok/s"
     if d.get("val_loss") is not None:
         msg += f" val {d['val_loss']:.4f}"
+    if d.get("kl") is not None:  # distill
+        msg += f" kl {d['kl']:.4f} ce {d['ce']:.4f} teacher_ce {d['teacher_ce']:.4f}"
     if d.get("reward_margin") is not None:  # dpo
         msg += f" margin {d['reward_margin']:.3f} acc {d['reward_accuracy']:.2f}"
     return msg

@@ -21,7 +21,7 @@ class LoraConfig(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., dropout: _Optional[float] = ...) -> None: ...
 
 class SubmitTrainRequest(_message.Message):
-    __slots__ = ("idempotency_key", "output_name", "mode", "model_preset", "model_overrides", "dataset", "sft_data", "init_checkpoint", "backend", "workers", "device", "steps", "micro_batch_size", "seq_len", "grad_accum_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "eval_batches", "checkpoint_every", "seed", "activation_checkpointing", "compile", "precision", "lora", "memory_budget_bytes", "resume", "dpo_data", "dpo_beta", "reference_checkpoint", "use_lora")
+    __slots__ = ("idempotency_key", "output_name", "mode", "model_preset", "model_overrides", "dataset", "sft_data", "init_checkpoint", "backend", "workers", "device", "steps", "micro_batch_size", "seq_len", "grad_accum_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "eval_batches", "checkpoint_every", "seed", "activation_checkpointing", "compile", "precision", "lora", "memory_budget_bytes", "resume", "dpo_data", "dpo_beta", "reference_checkpoint", "use_lora", "teacher_checkpoint", "distill_temperature", "distill_alpha")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,9 @@ class SubmitTrainRequest(_message.Message):
     DPO_BETA_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     USE_LORA_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_ALPHA_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     output_name: str
     mode: str
@@ -90,7 +93,10 @@ class SubmitTrainRequest(_message.Message):
     dpo_beta: float
     reference_checkpoint: str
     use_lora: bool
-    def __init__(self, idempotency_key: _Optional[str] = ..., output_name: _Optional[str] = ..., mode: _Optional[str] = ..., model_preset: _Optional[str] = ..., model_overrides: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., dataset: _Optional[str] = ..., sft_data: _Optional[str] = ..., init_checkpoint: _Optional[str] = ..., backend: _Optional[str] = ..., workers: _Optional[int] = ..., device: _Optional[str] = ..., steps: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., grad_accum_steps: _Optional[int] = ..., lr: _Optional[float] = ..., min_lr: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ..., eval_every: _Optional[int] = ..., eval_batches: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., activation_checkpointing: _Optional[bool] = ..., compile: _Optional[bool] = ..., precision: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., memory_budget_bytes: _Optional[int] = ..., resume: _Optional[str] = ..., dpo_data: _Optional[str] = ..., dpo_beta: _Optional[float] = ..., reference_checkpoint: _Optional[str] = ..., use_lora: _Optional[bool] = ...) -> None: ...
+    teacher_checkpoint: str
+    distill_temperature: float
+    distill_alpha: float
+    def __init__(self, idempotency_key: _Optional[str] = ..., output_name: _Optional[str] = ..., mode: _Optional[str] = ..., model_preset: _Optional[str] = ..., model_overrides: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., dataset: _Optional[str] = ..., sft_data: _Optional[str] = ..., init_checkpoint: _Optional[str] = ..., backend: _Optional[str] = ..., workers: _Optional[int] = ..., device: _Optional[str] = ..., steps: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., grad_accum_steps: _Optional[int] = ..., lr: _Optional[float] = ..., min_lr: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ..., eval_every: _Optional[int] = ..., eval_batches: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., activation_checkpointing: _Optional[bool] = ..., compile: _Optional[bool] = ..., precision: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., memory_budget_bytes: _Optional[int] = ..., resume: _Optional[str] = ..., dpo_data: _Optional[str] = ..., dpo_beta: _Optional[float] = ..., reference_checkpoint: _Optional[str] = ..., use_lora: _Optional[bool] = ..., teacher_checkpoint: _Optional[str] = ..., distill_temperature: _Optional[float] = ..., distill_alpha: _Optional[float] = ...) -> None: ...
 
 class ValidateTrainResponse(_message.Message):
     __slots__ = ("ok", "parameters", "estimated_bytes_per_worker", "flops_per_token", "warnings")
