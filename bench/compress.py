@@ -7,13 +7,19 @@ each method compress with `compress_model` (the service's engine) on the same ca
 perplexity on the val split over the dequantized weights, greedy decode tokens/s of the inference
 engine on the stored format.
 
+Distillation row: the trained model as teacher, a quarter-size student (test-1m with half the width)
+distilled from it for --distill-steps (trainer mode "distill", T=1, pure KL) vs the same student
+trained from scratch on the same data for the same steps, same seed: both held-out perplexities.
+The teacher trains for --steps, more than the student gets, so it knows more than the student can
+learn alone in that time (the setting where distillation pays).
+
 Against the field, same run: the trained model exported to the HF layout and quantized by
 llm-compressor's GPTQ W4A16 g128 recipe on the same calibration rows, its perplexity on the same eval
 windows by the same function (bench/llmc_gptq.py, in the venv scripts/setup_llmcompressor.sh makes,
 since llmcompressor pins an older transformers than .venv). Without that venv the row says so.
 
     scripts/setup_llmcompressor.sh   # once: .cache/venv-llmc
-    python -m bench.compress [--steps 150] [--docs 600]
+    python -m bench.compress [--steps 150] [--docs 600] [--distill-steps 60]
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ METHODS: dict[str, list[MethodSpec]] = {
     "wanda-2:4+int8": [MethodSpec("prune-wanda", pattern="2:4"), MethodSpec("int8")],
     "svd-r0.5": [MethodSpec("svd", rank_fraction=0.5)],
 }
+DISTILL_STUDENT = {"hidden_size": 64, "intermediate_size": 192, "num_heads": 2, "num_kv_heads": 2}
+DISTILL_TEMPERATURE = 1.0
+DISTILL_BATCH = 4
 
 
 def build_dataset(data_dir: Path, docs: int) -> Path:
@@ -73,21 +82,46 @@ def build_dataset(data_dir: Path, docs: int) -> Path:
     return data_dir / "datasets" / "stdlib"
 
 
-def train_model(dataset: Path, root: Path, steps: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _train(cfg: TrainConfig, root: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Run the trainer engine in this process; the final weights and their checkpoint ref."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
+    io = LocalCheckpointIO(root)
+    result = train(cfg, io)
+    assert result["status"] == "completed", result
+    tensors = read_full(io, result["checkpoint"])
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "optimizer.", "rng.", "step"))}
+    return tensors, result["checkpoint"]
+
+
+def train_model(dataset: Path, root: Path, steps: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     vocab = int(read_manifest(dataset)["vocab_size"])
     cfg = TrainConfig(
         dataset_path=str(dataset), model_preset="test-1m", model_overrides={"vocab_size": vocab},
         steps=steps, micro_batch_size=8, seq_len=SEQ_LEN, lr=3e-3, warmup_steps=20, device="cpu",
         output_name="bench-model",
     )  # fmt: skip
-    io = LocalCheckpointIO(root)
-    result = train(cfg, io)
-    assert result["status"] == "completed", result
-    tensors = read_full(io, result["checkpoint"])
-    tensors = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "optimizer.", "step"))}
-    return tensors, cfg.model_config().to_dict()
+    tensors, ref = _train(cfg, root)
+    return tensors, cfg.model_config().to_dict(), ref
+
+
+def train_student(
+    dataset: Path, root: Path, steps: int, teacher: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], float]:
+    """The student distilled from `teacher` (mode distill), or from scratch when `teacher` is "";
+    everything else equal (data order, seed, schedule). Weights, config and training seconds."""
+    vocab = int(read_manifest(dataset)["vocab_size"])
+    mode = "distill" if teacher else "pretrain"
+    cfg = TrainConfig(
+        mode=mode, dataset_path=str(dataset), model_preset="test-1m",
+        model_overrides={**DISTILL_STUDENT, "vocab_size": vocab}, teacher_checkpoint=teacher,
+        distill_temperature=DISTILL_TEMPERATURE, distill_alpha=0.0, steps=steps,
+        micro_batch_size=DISTILL_BATCH, seq_len=SEQ_LEN, lr=3e-3, warmup_steps=min(20, steps // 5),
+        device="cpu", seed=1, output_name=f"student-{mode}",
+    )  # fmt: skip
+    began = time.monotonic()
+    tensors, _ = _train(cfg, root)
+    return tensors, cfg.model_config().to_dict(), time.monotonic() - began
 
 
 def measure(tensors: dict[str, torch.Tensor], config: dict[str, Any], stream) -> dict[str, float]:
@@ -134,13 +168,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--docs", type=int, default=600)
+    ap.add_argument("--distill-steps", type=int, default=60, help="student steps, distilled and scratch")
     ap.add_argument("--llmc-python", type=Path, default=LLMC_PYTHON, help="python of the llm-compressor venv")
     args = ap.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
         began = time.monotonic()
         dataset = build_dataset(Path(tmp), args.docs)
-        tensors, config = train_model(dataset, Path(tmp) / "store", args.steps)
+        tensors, config, teacher = train_model(dataset, Path(tmp) / "store", args.steps)
         prep_s = time.monotonic() - began
         calibration = token_batches(dataset, split="train", rows=CALIBRATION_ROWS, seq_len=SEQ_LEN)
         stream = eval_stream(dataset, split="val", max_tokens=EVAL_TOKENS + 1)
@@ -155,6 +190,18 @@ def main() -> None:
             seconds = time.monotonic() - t0
             got = measure(result.tensors, {**config, **result.manifest_meta}, stream)
             rows[name] = {**got, "bytes": result.bytes_after, "ratio": result.ratio, "time_s": seconds}
+        for name, ref in (("distill-student", teacher), ("scratch-student", "")):
+            student, student_config, seconds = train_student(
+                dataset, Path(tmp) / "store", args.distill_steps, ref
+            )
+            got = measure(student, student_config, stream)
+            bytes_after = _bytes(student)
+            rows[name] = {
+                **got,
+                "bytes": bytes_after,
+                "ratio": rows["dense"]["bytes"] / bytes_after,
+                "time_s": seconds,
+            }
         for row in rows.values():
             row["dppl_pct"] = 100 * (row["perplexity"] / dense["perplexity"] - 1)
         _print_table(rows)
@@ -174,6 +221,10 @@ def main() -> None:
                 "docs": args.docs,
                 "seq_len": SEQ_LEN,
                 "calibration_rows": CALIBRATION_ROWS,
+                "distill_steps": args.distill_steps,
+                "distill_student": DISTILL_STUDENT,
+                "distill_temperature": DISTILL_TEMPERATURE,
+                "distill_batch": DISTILL_BATCH,
                 "eval_tokens": EVAL_TOKENS,
                 "prep_seconds": prep_s,
             }
@@ -196,6 +247,9 @@ def _targets(rows: dict[str, dict[str, Any]], llmc: dict[str, Any]) -> dict[str,
         "int8 dppl % < 0.5": target(rows["int8"]["dppl_pct"], 0.5, higher_is_better=False),
         "gptq dppl % < rtn dppl %": target(gptq["dppl_pct"], rows["int4-rtn-g128"]["dppl_pct"], False),
         "wanda dppl % < magnitude dppl %": target(rows["wanda-50%"]["dppl_pct"], rows["magnitude-50%"]["dppl_pct"], False),
+        "distilled student ppl < scratch student ppl": target(
+            rows["distill-student"]["perplexity"], rows["scratch-student"]["perplexity"], False
+        ),
     }  # fmt: skip
     if "skipped" not in llmc:
         targets["gptq perplexity <= 1.01 x llm-compressor's"] = target(

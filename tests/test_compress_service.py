@@ -90,6 +90,10 @@ VALID = {"source": "demo-model:3", "output_name": "demo-int8", "method": "int8"}
             "student_preset 'gpt5' is unknown",
         ),
         ({"method": "distill", "student_preset": "test-1m"}, "needs distill_steps"),
+        ({"method": "distill", "student_preset": "test-1m", "distill_steps": 10}, "needs train_dataset"),
+        ({"train_dataset": "web"}, "train_dataset does not apply to method 'int8'"),
+        ({"distill_temperature": 1.0}, "distill_temperature does not apply to method 'int8'"),
+        ({"distill_alpha": 0.0}, "distill_alpha does not apply to method 'int8'"),
         ({"idempotency_key": "k" * 300}, "idempotency_key is longer"),
     ],
 )
@@ -97,14 +101,6 @@ def test_submit_rejects_bad_fields_with_invalid_argument(client, changes, messag
     fields = {**VALID, **changes}
     with pytest.raises(errors.InvalidArgument, match=message.replace("(", r"\(")):
         client.submit(fields.pop("source"), fields.pop("output_name"), fields.pop("method"), **fields)
-
-
-def test_valid_distill_is_honestly_unimplemented_and_queues_nothing(client, queue):
-    with pytest.raises(errors.TokenmillError, match="compress service is not built yet") as info:
-        client.submit("demo-model", "demo-small", "distill", student_preset="test-1m", distill_steps=100)
-    assert info.value.code == "UNIMPLEMENTED"
-    assert "tokenmill train --mode distill --teacher demo-model" in info.value.message
-    assert queue.list(JOB_TYPE)[0] == []
 
 
 @pytest.mark.parametrize(
@@ -244,7 +240,7 @@ def test_python_m_services_compress_serves_and_stops_on_sigterm(tmp_path, redis_
             assert client.health("tokenmill.v1.CompressService") == "SERVING"
             with pytest.raises(errors.NotFound):
                 client.get_job("f" * 32)
-            with pytest.raises(errors.TokenmillError, match="not built yet"):
+            with pytest.raises(errors.InvalidArgument, match="needs train_dataset"):
                 client.submit("demo", "demo-tiny", "distill", student_preset="test-1m", distill_steps=1)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -13,7 +13,7 @@ from tokenmill.v1 import common_pb2
 
 METHODS = (
     "int8", "int4_rtn", "int4_gptq", "int4_awq", "prune_magnitude", "prune_wanda", "prune_sparsegpt",
-    "prune_2_4", "svd",
+    "prune_2_4", "svd", "distill",
 )  # fmt: skip
 
 
@@ -76,16 +76,26 @@ def follow_job(client, job_id: str) -> common_pb2.Job:
     type=click.Choice(("magnitude", "wanda", "sparsegpt")),
     help="prune_2_4: what picks the 2 kept of every 4 [default: magnitude]; wanda/sparsegpt need --calib.",
 )
+@click.option("--student-preset", "student_preset", default="", help="distill: the student's model preset.")
+@click.option("--steps", "distill_steps", type=click.IntRange(1), help="distill: student training steps.")
+@click.option(
+    "--train", "train_dataset", default="", help="distill: dataset the student learns the teacher on."
+)
+@click.option(
+    "--temperature", "distill_temperature", type=float, help="distill: softmax temperature [default: 2]."
+)
+@click.option("--alpha", "distill_alpha", type=float, help="distill: hard-label CE weight [default: 0].")
 @click.option("--act-order", is_flag=True, default=False, help="int4_gptq: act-order.")
 @click.option("--keep-dense", multiple=True, help="fnmatch pattern of linears left dense (repeatable).")
 @click.option("--detach", is_flag=True, help="Print the job id and return without following it.")
 @click.pass_obj
 def compress(obj, source: str, method: str, output_name: str, detach: bool, keep_dense: tuple[str, ...],
              **fields: Any) -> None:  # fmt: skip
-    """Compress a stored checkpoint into a new version with a quality/size/speed report."""
+    """Compress a stored checkpoint into a new version with a quality/size/speed report (distill: a
+    student trained on SOURCE's logits by the trainer service; the report compares it to SOURCE)."""
     from tokenmill.common.clients.compress import CompressClient
 
-    options = {k: v for k, v in fields.items() if v not in ("", None, False)}
+    options = {k: v for k, v in fields.items() if v is not None and v != "" and v is not False}
     if keep_dense:
         options["keep_dense"] = list(keep_dense)
     output_name = output_name or f"{source.partition(':')[0]}-{method.replace('_', '-')}"

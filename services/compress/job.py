@@ -16,7 +16,7 @@ import torch
 
 from tokenmill.common import failpoints
 from tokenmill.common.clients.checkpoint import CheckpointClient
-from tokenmill.common.compress import Progress, compress_model
+from tokenmill.common.compress import CompressedResult, Progress, compress_model
 from tokenmill.common.compress.checks import check_finite
 from tokenmill.common.inference.config import model_config_from_dict
 from tokenmill.common.jobs import JobContext
@@ -53,11 +53,11 @@ class CompressJobHandler:
             tensors = plan.model.load(client)
             check_finite(tensors)  # before any work: a broken checkpoint fails, never retried
             ctx.raise_if_cancelled()
-            before = self._measure(plan, spec, tensors)
+            before = measure(tensors, plan.model.config, plan.eval, plan.eval_seq_len, spec)
             result, seconds = self._compress(ctx, plan, spec, tensors)
-            after = self._measure(plan, spec, result.tensors)
+            after = measure(result.tensors, plan.model.config, plan.eval, plan.eval_seq_len, spec)
             ctx.raise_if_cancelled()
-            report = build_report(plan, spec, result, before, after, seconds)
+            report = build_report(plan.model.ref, spec, plan.step.to_dict(), result, before, after, seconds)
             ref = self._store(client, ctx, plan, spec, result, report)
             report.update(output=ref, wall_seconds=time.monotonic() - began)
             name, _, version = ref.partition(":")
@@ -65,17 +65,6 @@ class CompressJobHandler:
             return {"checkpoint": ref, "report": report}
         finally:
             client.close()
-
-    def _measure(
-        self, plan: Plan, spec: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> dict[str, float]:
-        out = {"tokens_per_second": decode_tokens_per_second(tensors, plan.model.config)}
-        if plan.eval is not None:
-            rows = int(spec.get("eval_batches") or 1) * EVAL_ROWS_PER_BATCH
-            stream = eval_stream(plan.eval, split=EVAL_SPLIT, max_tokens=rows * plan.eval_seq_len + 1)
-            ppl = eval_perplexity(tensors, plan.model.config, stream, plan.eval_seq_len)
-            out.update(perplexity=ppl.perplexity, loss=ppl.loss)
-        return out
 
     def _compress(self, ctx: JobContext, plan: Plan, spec: dict[str, Any], tensors: dict[str, torch.Tensor]):
         calibration = None
@@ -136,19 +125,39 @@ class CompressJobHandler:
         return version.ref
 
 
-def build_report(
-    plan: Plan,
+def measure(
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    eval_path: Path | None,
+    eval_seq_len: int,
     spec: dict[str, Any],
-    result,
+) -> dict[str, float]:
+    """Decode tokens/s, and perplexity on the eval split's first `eval_batches` batches when the job
+    names an eval dataset: the same measurement before and after, for every method."""
+    out = {"tokens_per_second": decode_tokens_per_second(tensors, config)}
+    if eval_path is not None:
+        rows = int(spec.get("eval_batches") or 1) * EVAL_ROWS_PER_BATCH
+        stream = eval_stream(eval_path, split=EVAL_SPLIT, max_tokens=rows * eval_seq_len + 1)
+        ppl = eval_perplexity(tensors, config, stream, eval_seq_len)
+        out.update(perplexity=ppl.perplexity, loss=ppl.loss)
+    return out
+
+
+def build_report(
+    source: str,
+    spec: dict[str, Any],
+    settings: dict[str, Any],
+    result: CompressedResult,
     before: dict[str, float],
     after: dict[str, float],
     seconds: float,
 ) -> dict[str, Any]:
-    """The report's fields as compress.proto's CompressionReport names them."""
+    """The report's fields as compress.proto's CompressionReport names them (`source`: the resolved
+    "name:version" compressed; `settings`: what the method ran with)."""
     return {
-        "source": plan.model.ref,
+        "source": source,
         "method": spec["method"],
-        "settings": plan.step.to_dict(),
+        "settings": settings,
         "bytes_before": result.bytes_before,
         "bytes_after": result.bytes_after,
         "ratio": result.ratio,

@@ -2,9 +2,8 @@
 store and the datasets (plan.preflight), and queues a "compress" job that this service's worker runs
 (job.py); SubmitEval does the same for an evaluation (eval_plan.py, eval_job.py), queued on the same
 queue with spec kind "eval" (why eval lives here: compress.proto). The job RPCs come from the job
-system. Distillation is a trainer job mode (`tokenmill train --mode distill`); submitting it from
-here is not wired yet, so a valid distill request answers UNIMPLEMENTED (naming that command) and
-queues nothing.
+system. Method "distill" queues a job of kind "distill" (distill_job.py) that has the trainer
+service train the student (address: `services.trainer` in the config).
 
 Run with `python -m tokenmill.services.compress [--config PATH]`.
 """
@@ -18,6 +17,7 @@ from typing import Any
 import grpc
 
 from tokenmill.common.clients.checkpoint import CheckpointClient
+from tokenmill.common.clients.trainer import TrainerClient
 from tokenmill.common.compress.device import resolve_device
 from tokenmill.common.compress.spec import CALIBRATED, PRUNE_METHODS
 from tokenmill.common.config import Config
@@ -27,6 +27,12 @@ from tokenmill.common.names import HINT, validate_name, validate_tag
 from tokenmill.common.redis_conn import connect
 from tokenmill.common.runtime import ServiceApp, run_service
 from tokenmill.common.runtime.job_rpc import JobRpcMixin, job_to_proto
+from tokenmill.services.compress.distill_job import (
+    DistillJobHandler,
+    distill_preflight,
+    trainer_call,
+    trainer_fields,
+)
 from tokenmill.services.compress.eval_job import EvalJobHandler
 from tokenmill.services.compress.eval_plan import eval_preflight, validate_eval
 from tokenmill.services.compress.job import CompressJobHandler
@@ -187,19 +193,48 @@ def validate_submit(request: compress_pb2.SubmitCompressRequest) -> dict[str, An
         spec["keep_dense"] = list(request.keep_dense)
 
     if method == "distill":
-        _check_student(request.student_preset)
-        if not request.distill_steps:
-            raise InvalidArgument(
-                "method 'distill' needs distill_steps (the number of student training steps)"
-            )
-        if request.distill_steps > MAX_DISTILL_STEPS:
-            raise InvalidArgument(
-                f"distill_steps={request.distill_steps} is above the limit of {MAX_DISTILL_STEPS}"
-            )
-        spec.update(student_preset=request.student_preset, distill_steps=request.distill_steps)
+        spec.update(_distill_settings(request))
     else:
-        _unused(request, method, ["student_preset", "distill_steps"])
+        _unused(request, method, ["student_preset", "distill_steps", "train_dataset"])
+        for field in ("distill_temperature", "distill_alpha"):
+            if request.HasField(field):
+                raise InvalidArgument(f"{field} does not apply to method '{method}'; leave it unset")
     return spec
+
+
+def _distill_settings(request: compress_pb2.SubmitCompressRequest) -> dict[str, Any]:
+    """The distill fields of the spec (kind "distill": the worker hands the training to the trainer)."""
+    _check_student(request.student_preset)
+    if not request.distill_steps:
+        raise InvalidArgument("method 'distill' needs distill_steps (the number of student training steps)")
+    if request.distill_steps > MAX_DISTILL_STEPS:
+        raise InvalidArgument(
+            f"distill_steps={request.distill_steps} is above the limit of {MAX_DISTILL_STEPS}"
+        )
+    if not request.train_dataset:
+        raise InvalidArgument(
+            "method 'distill' needs train_dataset (the ingested dataset the student learns the teacher on)"
+        )
+    _check_name("train_dataset", request.train_dataset, "dataset")
+    if request.keep_dense:
+        raise InvalidArgument("keep_dense does not apply to method 'distill'; leave it unset")
+    out: dict[str, Any] = {
+        "kind": "distill",
+        "student_preset": request.student_preset,
+        "distill_steps": request.distill_steps,
+        "train_dataset": request.train_dataset,
+    }
+    if request.HasField("distill_temperature"):
+        t = request.distill_temperature
+        if not math.isfinite(t) or t <= 0:
+            raise InvalidArgument(f"distill_temperature={t}: give a temperature > 0 (unset = 2.0)")
+        out["distill_temperature"] = t
+    if request.HasField("distill_alpha"):
+        a = request.distill_alpha
+        if not math.isfinite(a) or not 0.0 <= a <= 1.0:
+            raise InvalidArgument(f"distill_alpha={a}: give the hard-label weight in [0, 1] (unset = 0.0)")
+        out["distill_alpha"] = a
+    return out
 
 
 def _check_student(preset: str) -> None:
@@ -215,26 +250,39 @@ class CompressServicer(JobRpcMixin, compress_pb2_grpc.CompressServiceServicer):
     """GetJob/ListJobs/CancelJob/WatchJob from the job system; SubmitCompress validates, checks the
     request against the store and datasets, then queues."""
 
-    def __init__(self, queue: JobQueue, client: CheckpointClient, data_dir: str, *, stopping=None):
+    def __init__(
+        self,
+        queue: JobQueue,
+        client: CheckpointClient,
+        data_dir: str,
+        trainer: TrainerClient,
+        *,
+        stopping=None,
+    ):
         JobRpcMixin.__init__(self, queue, JOB_TYPE, stopping=stopping)
         self.client = client
         self.data_dir = data_dir
+        self.trainer = trainer
 
     def SubmitCompress(
         self, request: compress_pb2.SubmitCompressRequest, context: grpc.ServicerContext
     ) -> common_pb2.Job:
         spec = validate_submit(request)
         if spec["method"] == "distill":
-            context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"distillation through the compress service is not built yet: the request is valid "
-                f"(student '{spec['student_preset']}' from '{spec['source']}'), but no job was queued; run it "
-                f"as a trainer job: tokenmill train --mode distill --teacher {spec['source']} --dataset DS "
-                f"--preset {spec['student_preset']} --steps {spec['distill_steps']}",
-            )
-        preflight(self.client, self.data_dir, spec)  # NOT_FOUND / INVALID_ARGUMENT / FAILED_PRECONDITION
+            self._check_distill(spec)
+        else:
+            preflight(self.client, self.data_dir, spec)  # NOT_FOUND / INVALID_ARGUMENT / FAILED_PRECONDITION
         job = self.job_queue.submit(JOB_TYPE, spec, idempotency_key=request.idempotency_key)
         return job_to_proto(job)
+
+    def _check_distill(self, spec: dict[str, Any]) -> None:
+        """The store's and datasets' checks, then the trainer's own (ValidateTrain: shapes, memory);
+        the teacher is pinned to its version so every attempt trains from the same one."""
+        plan = distill_preflight(self.client, self.data_dir, spec)
+        spec["teacher"] = plan.teacher.ref
+        trainer_call(
+            self.trainer.target, self.trainer.validate, spec["output_name"], **trainer_fields(spec, plan)
+        )
 
     def SubmitEval(
         self, request: compress_pb2.SubmitEvalRequest, context: grpc.ServicerContext
@@ -251,10 +299,11 @@ class ModelJobs:
     """The queue's one worker handler: a spec's kind picks the job ("compress" when absent, as every
     spec queued before eval existed)."""
 
-    def __init__(self, client_factory: Any, data_dir: str, device: str = "cpu"):
+    def __init__(self, client_factory: Any, trainer_factory: Any, data_dir: str, device: str = "cpu"):
         self.handlers: dict[str, Callable[[JobContext], dict[str, Any]]] = {
             "compress": CompressJobHandler(client_factory, data_dir, device),
             "eval": EvalJobHandler(client_factory, data_dir),
+            "distill": DistillJobHandler(client_factory, trainer_factory, data_dir),
         }
 
     def __call__(self, ctx: JobContext) -> dict[str, Any]:
@@ -272,18 +321,25 @@ def build(config: Config, app: ServiceApp, *, run_worker: bool = True):
     redis_client = connect(config, client_name="tokenmill-compress")
     queue = JobQueue.from_config(config, redis_client)
     client = CheckpointClient.from_config(config)
+    trainer = TrainerClient.from_config(config)  # distill; a channel only: dialled on first use
     app.add(
         compress_pb2_grpc.add_CompressServiceServicer_to_server,
-        CompressServicer(queue, client, str(config.data_dir), stopping=app.stopping),
+        CompressServicer(queue, client, str(config.data_dir), trainer, stopping=app.stopping),
         SERVICE_NAME,
     )
     if run_worker:
         device = str(resolve_device(config.compress.device))  # a missing GPU fails the start, clearly
-        handler = ModelJobs(lambda: CheckpointClient.from_config(config), str(config.data_dir), device)
+        handler = ModelJobs(
+            lambda: CheckpointClient.from_config(config),
+            lambda: TrainerClient.from_config(config),
+            str(config.data_dir),
+            device,
+        )
         worker = JobWorker(queue, JOB_TYPE, handler, heartbeat_seconds=config.jobs.heartbeat_seconds)
         worker.start_in_thread()
         app.on_shutdown(worker.stop)
     app.on_shutdown(client.close)
+    app.on_shutdown(trainer.close)
     app.on_shutdown(redis_client.close)
     return redis_client.ping
 

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitCompressRequest(_message.Message):
-    __slots__ = ("idempotency_key", "source", "output_name", "method", "group_size", "sparsity", "rank_fraction", "calibration_dataset", "calibration_samples", "eval_dataset", "eval_batches", "student_preset", "distill_steps", "act_order", "keep_dense", "eval_seq_len", "score")
+    __slots__ = ("idempotency_key", "source", "output_name", "method", "group_size", "sparsity", "rank_fraction", "calibration_dataset", "calibration_samples", "eval_dataset", "eval_batches", "student_preset", "distill_steps", "act_order", "keep_dense", "eval_seq_len", "score", "train_dataset", "distill_temperature", "distill_alpha")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,9 @@ class SubmitCompressRequest(_message.Message):
     KEEP_DENSE_FIELD_NUMBER: _ClassVar[int]
     EVAL_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_DATASET_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_ALPHA_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     source: str
     output_name: str
@@ -43,7 +46,10 @@ class SubmitCompressRequest(_message.Message):
     keep_dense: _containers.RepeatedScalarFieldContainer[str]
     eval_seq_len: int
     score: str
-    def __init__(self, idempotency_key: _Optional[str] = ..., source: _Optional[str] = ..., output_name: _Optional[str] = ..., method: _Optional[str] = ..., group_size: _Optional[int] = ..., sparsity: _Optional[float] = ..., rank_fraction: _Optional[float] = ..., calibration_dataset: _Optional[str] = ..., calibration_samples: _Optional[int] = ..., eval_dataset: _Optional[str] = ..., eval_batches: _Optional[int] = ..., student_preset: _Optional[str] = ..., distill_steps: _Optional[int] = ..., act_order: _Optional[bool] = ..., keep_dense: _Optional[_Iterable[str]] = ..., eval_seq_len: _Optional[int] = ..., score: _Optional[str] = ...) -> None: ...
+    train_dataset: str
+    distill_temperature: float
+    distill_alpha: float
+    def __init__(self, idempotency_key: _Optional[str] = ..., source: _Optional[str] = ..., output_name: _Optional[str] = ..., method: _Optional[str] = ..., group_size: _Optional[int] = ..., sparsity: _Optional[float] = ..., rank_fraction: _Optional[float] = ..., calibration_dataset: _Optional[str] = ..., calibration_samples: _Optional[int] = ..., eval_dataset: _Optional[str] = ..., eval_batches: _Optional[int] = ..., student_preset: _Optional[str] = ..., distill_steps: _Optional[int] = ..., act_order: _Optional[bool] = ..., keep_dense: _Optional[_Iterable[str]] = ..., eval_seq_len: _Optional[int] = ..., score: _Optional[str] = ..., train_dataset: _Optional[str] = ..., distill_temperature: _Optional[float] = ..., distill_alpha: _Optional[float] = ...) -> None: ...
 
 class LayerError(_message.Message):
     __slots__ = ("layer", "method", "error")
