@@ -86,6 +86,17 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def peak_blocks(self, num_tokens: int, max_chunk: int) -> int:
+        """The most blocks a sequence of `num_tokens` computed `max_chunk` or fewer tokens per step
+        holds at once. With a sliding window a step computing [s, s+n) holds only the blocks from the
+        one with key s-window+1 to the one with key s+n-1 (see release_outside_window): a span of
+        window-1+n keys, which may straddle one more block boundary than its length needs."""
+        full = self.blocks_for(num_tokens)
+        if self.sliding_window is None:
+            return full
+        span = self.sliding_window - 1 + min(max_chunk, num_tokens)
+        return min(full, self.blocks_for(span) + 1)
+
     # ------------------------------------------------------------------ raw pool
 
     def _take(self) -> int:

@@ -187,10 +187,11 @@ class LLMEngine:
             raise NotFound(
                 f"LoRA adapter {adapter!r} is not loaded on this replica; loaded: {sorted(self.adapters)}"
             )
-        need = self.blocks.blocks_for(len(ids) + params.max_tokens)
+        # With a sliding window on every layer, blocks behind the window are released as it moves on.
+        need = self.blocks.peak_blocks(len(ids) + params.max_tokens, self.scheduler.max_num_batched_tokens)
         if need > self.blocks.usable_blocks:
             raise ResourceExhausted(
-                f"the request needs {need} KV blocks ({len(ids)} prompt + {params.max_tokens} new tokens) but the "
+                f"the request needs {need} KV blocks at once ({len(ids)} prompt + {params.max_tokens} new tokens) but the "
                 f"replica's pool has {self.blocks.usable_blocks}; lower max_tokens or give the replica more KV memory"
             )
         rid = request_id or f"req-{next(self._ids)}-{time.monotonic_ns()}"

@@ -113,6 +113,8 @@ class Scheduler:
                     0 if scores else self.blocks.match_prefix(req.request_id, req.all_token_ids, req.adapter)
                 )
                 req.num_computed_tokens = hit
+                # A long hit may reach back past a sliding window: drop what no new query reads.
+                self.blocks.release_outside_window(req.request_id, hit)
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
                 reserve = self.watermark_blocks if self.running else 0
                 if not self.blocks.can_allocate(req.request_id, req.num_computed_tokens + n, reserve):
