@@ -63,6 +63,25 @@ def test_web_pipeline_counts_and_round_trip(tmp_path, web_corpus):
         assert a["docs_out"] <= a["docs_in"]
 
 
+def test_encoded_text_starts_where_packed_documents_start(tmp_path, web_corpus):
+    """Packed documents each follow an eos; the trained tokenizer puts that eos in front of encoded
+    text (as HF's AutoTokenizer over the same file does), so a served prompt starts like a document."""
+    from transformers import PreTrainedTokenizerFast
+
+    run_ingest(spec("web", [web_corpus]), tmp_path)
+    path = tmp_path / "datasets" / "web"
+    tok = tk.load_tokenizer(path / "tokenizer.json")
+    eos = tk.eos_id(tok)
+    ds = PackedDataset(path, "train", verify=True)
+    assert all(eos not in d.tolist() for d in ds.documents())  # packing adds only the separators
+    text = "class Parser:"
+    ids = tok.encode(text).ids
+    assert ids == [eos, *tok.encode(text, add_special_tokens=False).ids]
+    assert tok.decode(ids) == text
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    assert hf(text)["input_ids"] == ids
+
+
 def test_pii_and_near_dups_in_packed_text(tmp_path):
     base = good_web_text()
     docs = [{"text": base + "\nWrite to jane.doe@example.com for a copy of the full report."}]

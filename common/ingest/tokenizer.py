@@ -4,6 +4,12 @@ Byte-level pre-tokenisation means every string round-trips exactly (``decode(enc
 which the packing round-trip test relies on. ``<|endoftext|>`` is id 0 and is the eos appended
 after every document. The PII placeholders are added as ordinary (non-special) tokens so each is
 one id and survives ``skip_special_tokens`` decoding.
+
+In the packed stream every document follows an ``<|endoftext|>``, so that token is also how the
+model knows a document starts. The trained tokenizer's post-processor therefore puts it in front
+of encoded text, as Llama's tokenizer puts BOS: a served prompt ("class ") starts where a training
+document starts instead of at an arbitrary point mid-file, and HF's tokenizer over the same
+tokenizer.json does the same. Packing encodes with ``add_special_tokens=False``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ PLACEHOLDER_TOKENS = ["<EMAIL>", "<PHONE>", "<IP_ADDRESS>", "<CREDIT_CARD>", "<S
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, *, length: int | None = None, min_frequency: int = 2
 ) -> Tokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -43,6 +49,10 @@ def train_tokenizer(
     )
     tok.train_from_iterator(_batched(texts), trainer=trainer, length=length)
     tok.add_tokens(PLACEHOLDER_TOKENS)
+    eos = eos_id(tok)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B", special_tokens=[(EOS, eos)]
+    )
     return tok
 
 
