@@ -49,7 +49,7 @@ MODEL, SFT_MODEL, INT8, INT4 = "demo-model", "demo-model-sft", "demo-model-int8"
 # 8 pairs (0.8 epoch of the 2,000) run ~6k tok/s on one idle worker, ~35 s (150 s on a loaded host).
 SFT = ["--mode", "sft", "--seq-len", "128", "--batch", "8", "--lr", "3e-4", "--warmup", "10"]
 SFT_STEPS = 200
-EVAL = ["--suite", "python", "--perplexity", "stdlib", "--limit", "100", "--batches", "4"]
+EVAL = ["--suite", "python", "--perplexity", "stdlib", "--seq-len", "128", "--limit", "100", "--batches", "4"]
 METRICS = ("eval/perplexity/stdlib/perplexity", "eval/python/python_next_line/acc",
            "eval/python/python_functions/pass@1")  # fmt: skip
 
