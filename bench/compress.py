@@ -1,5 +1,5 @@
 """CPU benchmark: what each compression method costs in perplexity and buys in bytes, on a model
-tokenmill trained on the demo corpus (the Python standard library, code preset) in this process.
+tokenmill trained on the demo corpus (the standard library's modules, code preset) in this process.
 
 One run: ingest a slice of the stdlib, train test-1m for --steps with the trainer engine, then for
 each method compress with `compress_model` (the service's engine) on the same calibration rows
@@ -19,7 +19,7 @@ windows by the same function (bench/llmc_gptq.py, in the venv scripts/setup_llmc
 since llmcompressor pins an older transformers than .venv). Without that venv the row says so.
 
     scripts/setup_llmcompressor.sh   # once: .cache/venv-llmc
-    python -m bench.compress [--steps 150] [--docs 600] [--distill-steps 60]
+    python -m bench.compress [--steps 800] [--docs 600] [--distill-steps 60]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from tokenmill.common.data.dataset import TOKENIZER, read_manifest
 from tokenmill.common.ingest.pipeline import run_ingest
 from tokenmill.common.ingest.spec import IngestSpec
 from tokenmill.common.model.hf_layout import hf_config_from_manifest, write_hf_dir
+from tokenmill.common.platform.demo import CORPUS_EXCLUDES
 from tokenmill.common.trainer.checkpoint_io import read_full
 from tokenmill.common.trainer.config import TrainConfig
 from tokenmill.common.trainer.local_io import LocalCheckpointIO
@@ -77,6 +78,7 @@ def build_dataset(data_dir: Path, docs: int) -> Path:
     spec = IngestSpec(
         name="stdlib", sources=[sysconfig.get_paths()["stdlib"]], preset="code", vocab_size=4096,
         max_documents=docs, val_fraction=0.05, skip_near_dedup=True, pii=False,
+        exclude_globs=list(CORPUS_EXCLUDES),  # the demo's corpus: the library modules
     )  # fmt: skip
     run_ingest(spec, data_dir)
     return data_dir / "datasets" / "stdlib"
@@ -166,7 +168,7 @@ def llmcompressor_row(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--docs", type=int, default=600)
     ap.add_argument("--distill-steps", type=int, default=60, help="student steps, distilled and scratch")
     ap.add_argument("--llmc-python", type=Path, default=LLMC_PYTHON, help="python of the llm-compressor venv")
