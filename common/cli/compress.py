@@ -3,6 +3,7 @@ layer progress, print the report as a table. `report_lines` also renders the rep
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -57,6 +58,26 @@ def follow_job(client, job_id: str) -> common_pb2.Job:
     return client.get_job(job_id)
 
 
+def run_job(config: Any, submit: Callable[[Any], common_pb2.Job], what: str, detach: bool) -> dict | None:
+    """Queue a compress-service job with ``submit(client)`` and follow it to its end: its result, or
+    None when detached; a failed, cancelled or refused job is a ClickException saying why."""
+    from tokenmill.common.clients.compress import CompressClient
+
+    try:
+        with CompressClient.from_config(config) as client:
+            job = submit(client)
+            click.echo(f"job {job.id} queued: {what}")
+            if detach:
+                return None
+            job = follow_job(client, job.id)
+    except errors.TokenmillError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from None
+    if job.state != common_pb2.JOB_STATE_SUCCEEDED:
+        state = common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
+        raise click.ClickException(f"job {job.id} {state}: {job.error}")
+    return {"job": job.id, **MessageToDict(job.result)}
+
+
 @click.command("compress")
 @click.argument("source")
 @click.option("--method", required=True, type=click.Choice(METHODS))
@@ -93,25 +114,18 @@ def compress(obj, source: str, method: str, output_name: str, detach: bool, keep
              **fields: Any) -> None:  # fmt: skip
     """Compress a stored checkpoint into a new version with a quality/size/speed report (distill: a
     student trained on SOURCE's logits by the trainer service; the report compares it to SOURCE)."""
-    from tokenmill.common.clients.compress import CompressClient
-
     options = {k: v for k, v in fields.items() if v is not None and v != "" and v is not False}
     if keep_dense:
         options["keep_dense"] = list(keep_dense)
     output_name = output_name or f"{source.partition(':')[0]}-{method.replace('_', '-')}"
-    try:
-        with CompressClient.from_config(obj.config) as client:
-            job = client.submit(source, output_name, method, **options)
-            click.echo(f"job {job.id} queued: {method} of {source} -> {output_name}")
-            if detach:
-                return
-            job = follow_job(client, job.id)
-    except errors.TokenmillError as exc:
-        raise click.ClickException(f"{exc.code}: {exc.message}") from None
-    if job.state != common_pb2.JOB_STATE_SUCCEEDED:
-        state = common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
-        raise click.ClickException(f"job {job.id} {state}: {job.error}")
-    result = MessageToDict(job.result)
-    click.echo(f"job {job.id} SUCCEEDED: checkpoint {result['checkpoint']}")
+    result = run_job(
+        obj.config,
+        lambda client: client.submit(source, output_name, method, **options),
+        f"{method} of {source} -> {output_name}",
+        detach,
+    )
+    if result is None:
+        return
+    click.echo(f"job {result['job']} SUCCEEDED: checkpoint {result['checkpoint']}")
     for line in report_lines(result["report"]):
         click.echo(line)

@@ -7,11 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from google.protobuf.json_format import MessageToDict
 
-from tokenmill.common import errors
-from tokenmill.common.cli.compress import follow_job
-from tokenmill.v1 import common_pb2
+from tokenmill.common.cli.compress import run_job
 
 
 def result_lines(report: dict[str, Any]) -> list[str]:
@@ -44,23 +41,13 @@ def result_lines(report: dict[str, Any]) -> list[str]:
 @click.pass_obj
 def eval_cmd(obj, source: str, detach: bool, **fields: Any) -> None:
     """Evaluate a stored checkpoint: task accuracy, pass@k and perplexity, stored with the version."""
-    from tokenmill.common.clients.compress import CompressClient
-
     options = {k: v for k, v in fields.items() if v not in ("", None, ())}
-    try:
-        with CompressClient.from_config(obj.config) as client:
-            job = client.submit_eval(source, **options)
-            click.echo(f"job {job.id} queued: eval of {source}")
-            if detach:
-                return
-            job = follow_job(client, job.id)
-    except errors.TokenmillError as exc:
-        raise click.ClickException(f"{exc.code}: {exc.message}") from None
-    if job.state != common_pb2.JOB_STATE_SUCCEEDED:
-        state = common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
-        raise click.ClickException(f"job {job.id} {state}: {job.error}")
-    report = MessageToDict(job.result)
-    click.echo(f"job {job.id} SUCCEEDED: {report['source']} in {float(report['wall_seconds']):.1f} s")
+    report = run_job(
+        obj.config, lambda client: client.submit_eval(source, **options), f"eval of {source}", detach
+    )
+    if report is None:
+        return
+    click.echo(f"job {report['job']} SUCCEEDED: {report['source']} in {float(report['wall_seconds']):.1f} s")
     for line in result_lines(report):
         click.echo(line)
     click.echo(f"recorded with {report['source']}: see 'tokenmill ckpt show {report['source']}'")

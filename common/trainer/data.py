@@ -8,6 +8,7 @@ worker count (the rank split is recomputed from that number).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,12 +42,12 @@ def load_tokenizer(path: str | Path):
     return Tokenizer.from_file(str(p))
 
 
-def read_sft_jsonl(path: str | Path) -> list[tuple[str, str]]:
-    """``{"prompt": ..., "response": ...}`` per line; InvalidArgument names the first bad line."""
+def read_jsonl_strings(path: str | Path, fields: Sequence[str], what: str) -> Iterator[tuple[str, list[str]]]:
+    """Each non-blank line's string ``fields`` as ("file:line", values); InvalidArgument names the
+    first line that is not a JSON object with those string fields, NotFound a missing file."""
     p = Path(path)
     if not p.is_file():
-        raise NotFound(f"SFT data {p} not found")
-    pairs: list[tuple[str, str]] = []
+        raise NotFound(f"{what} {p} not found; give a JSONL file with {list(fields)} per line")
     with p.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -55,15 +56,24 @@ def read_sft_jsonl(path: str | Path) -> list[tuple[str, str]]:
                 row = json.loads(line)
             except ValueError:
                 raise InvalidArgument(f"{p}:{lineno} is not JSON") from None
-            if (
-                not isinstance(row, dict)
-                or not isinstance(row.get("prompt"), str)
-                or not isinstance(row.get("response"), str)
-            ):
-                raise InvalidArgument(f"{p}:{lineno} needs string fields 'prompt' and 'response'")
-            pairs.append((row["prompt"], row["response"]))
+            if not isinstance(row, dict):
+                raise InvalidArgument(f"{p}:{lineno} must be an object with {list(fields)}")
+            missing = [k for k in fields if not isinstance(row.get(k), str)]
+            if missing:
+                raise InvalidArgument(
+                    f"{p}:{lineno} lacks string field(s) {missing}; each line needs {list(fields)}"
+                )
+            yield f"{p}:{lineno}", [row[k] for k in fields]
+
+
+def read_sft_jsonl(path: str | Path) -> list[tuple[str, str]]:
+    """``{"prompt": ..., "response": ...}`` per line; InvalidArgument names the first bad line."""
+    pairs = [
+        (prompt, response)
+        for _, (prompt, response) in read_jsonl_strings(path, ("prompt", "response"), "SFT data")
+    ]
     if not pairs:
-        raise InvalidArgument(f"{p} holds no prompt/response examples")
+        raise InvalidArgument(f"{path} holds no prompt/response examples")
     return pairs
 
 

@@ -19,7 +19,7 @@ import torch
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tokenmill.common.model.transformer import IGNORE_INDEX, ModelConfig
 from tokenmill.common.trainer.checkpoint_io import CheckpointIO
-from tokenmill.common.trainer.data import SftSampler, encode_sft_example, guess_eos
+from tokenmill.common.trainer.data import SftSampler, encode_sft_example, guess_eos, read_jsonl_strings
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -35,34 +35,15 @@ class PreferenceBatch:
 
 def read_preference_jsonl(path: str | Path) -> list[tuple[str, str, str]]:
     """``{"prompt", "chosen", "rejected"}`` strings per line; InvalidArgument names the first bad line."""
-    p = Path(path)
-    if not p.is_file():
-        raise NotFound(f"preference data {p} not found; give a prompt/chosen/rejected JSONL file")
     triples: list[tuple[str, str, str]] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise InvalidArgument(f"{p}:{lineno} is not JSON") from None
-            if not isinstance(row, dict):
-                raise InvalidArgument(f"{p}:{lineno} must be an object with {list(FIELDS)}")
-            missing = [k for k in FIELDS if not isinstance(row.get(k), str)]
-            if missing:
-                raise InvalidArgument(
-                    f"{p}:{lineno} lacks string field(s) {missing}; each line needs {list(FIELDS)}"
-                )
-            if not row["chosen"] or not row["rejected"]:
-                raise InvalidArgument(f"{p}:{lineno} has an empty chosen or rejected response")
-            if row["chosen"] == row["rejected"]:
-                raise InvalidArgument(
-                    f"{p}:{lineno}: chosen == rejected; a pair must prefer one of two answers"
-                )
-            triples.append((row["prompt"], row["chosen"], row["rejected"]))
+    for where, (prompt, chosen, rejected) in read_jsonl_strings(path, FIELDS, "preference data"):
+        if not chosen or not rejected:
+            raise InvalidArgument(f"{where} has an empty chosen or rejected response")
+        if chosen == rejected:
+            raise InvalidArgument(f"{where}: chosen == rejected; a pair must prefer one of two answers")
+        triples.append((prompt, chosen, rejected))
     if not triples:
-        raise InvalidArgument(f"{p} holds no prompt/chosen/rejected pairs")
+        raise InvalidArgument(f"{path} holds no prompt/chosen/rejected pairs")
     return triples
 
 
