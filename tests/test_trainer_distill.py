@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from tokenmill.common import errors, failpoints
+from tests.fixtures.train import assert_workers_agree_and_resume_is_exact
+from tokenmill.common import errors
 from tokenmill.common.model.quant import quantize_state_dict
 from tokenmill.common.model.transformer import ModelConfig, Transformer
 from tokenmill.common.trainer import sharded_state as ss
-from tokenmill.common.trainer.backends.local import WorkerFailed, run_local
+from tokenmill.common.trainer.backends.local import run_local
 from tokenmill.common.trainer.config import TrainConfig
 from tokenmill.common.trainer.distill import Distillation, load_teacher, student_config
 from tokenmill.common.trainer.local_io import LocalCheckpointIO
@@ -221,21 +222,7 @@ def test_distill_resume_is_exact_and_two_workers_match_one(teacher, train_datase
         return _cfg(train_dataset, mode="distill", teacher_checkpoint=ref, distill_alpha=0.3, run_id=run_id,
                     steps=8, checkpoint_every=3, **kw)  # fmt: skip
 
-    def curve(result) -> list[tuple[float, ...]]:
-        return [tuple(x[k] for k in ("loss", *METRICS)) for x in result["history"]]
-
-    full = run_local(cfg("full", workers=2, micro_batch_size=4), io_spec)
-    assert full["status"] == "completed"
-    one = run_local(cfg("one"), io_spec)
-    np.testing.assert_allclose(np.array(curve(one)), np.array(curve(full)), rtol=1e-4, atol=1e-5)
-
-    kill = {"trainer.after_step": {"action": "kill", "when": {"step": 4, "rank": 1, "attempt": 1}}}
-    monkeypatch.setenv(failpoints.ENV, failpoints.env_value(kill))
-    with pytest.raises(WorkerFailed):
-        run_local(cfg("crash", workers=2, micro_batch_size=4), io_spec)
-    resumed = run_local(cfg("crash", workers=2, micro_batch_size=4, attempt=2), io_spec)
-    assert resumed["status"] == "completed"
-    assert curve(resumed) == curve(full), "the resumed run must reproduce the uninterrupted one exactly"
+    assert_workers_agree_and_resume_is_exact(cfg, METRICS, io_spec, monkeypatch, micro_batch=4)
 
 
 # ------------------------------------------------------------------------------------------ gRPC

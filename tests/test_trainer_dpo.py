@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenmill.common import errors, failpoints
+from tests.fixtures.train import assert_workers_agree_and_resume_is_exact
+from tokenmill.common import errors
 from tokenmill.common.model.transformer import ModelConfig, Transformer
 from tokenmill.common.trainer import sharded_state as ss
-from tokenmill.common.trainer.backends.local import WorkerFailed, run_local
+from tokenmill.common.trainer.backends.local import run_local
 from tokenmill.common.trainer.config import TrainConfig
 from tokenmill.common.trainer.local_io import LocalCheckpointIO
 from tokenmill.common.trainer.objectives import DirectPreference
@@ -226,21 +227,7 @@ def test_dpo_resume_is_exact_and_two_workers_match_one(dpo_setup, train_dataset,
     def cfg(run_id: str, **kw) -> TrainConfig:
         return _dpo_cfg(pairs, base, train_dataset, run_id=run_id, steps=8, checkpoint_every=3, **kw)
 
-    def curve(result) -> list[tuple[float, ...]]:
-        return [tuple(x[k] for k in ("loss", *METRICS)) for x in result["history"]]
-
-    full = run_local(cfg("full", workers=2, micro_batch_size=2), io_spec)
-    assert full["status"] == "completed"
-    one = run_local(cfg("one"), io_spec)
-    np.testing.assert_allclose(np.array(curve(one)), np.array(curve(full)), rtol=1e-4, atol=1e-5)
-
-    kill = {"trainer.after_step": {"action": "kill", "when": {"step": 4, "rank": 1, "attempt": 1}}}
-    monkeypatch.setenv(failpoints.ENV, failpoints.env_value(kill))
-    with pytest.raises(WorkerFailed):
-        run_local(cfg("crash", workers=2, micro_batch_size=2), io_spec)
-    resumed = run_local(cfg("crash", workers=2, micro_batch_size=2, attempt=2), io_spec)
-    assert resumed["status"] == "completed"
-    assert curve(resumed) == curve(full), "the resumed run must reproduce the uninterrupted one exactly"
+    assert_workers_agree_and_resume_is_exact(cfg, METRICS, io_spec, monkeypatch, micro_batch=2)
 
 
 # ------------------------------------------------------------------------------------------ gRPC
