@@ -4,7 +4,6 @@ resume, 2 workers vs 1, and the service's gRPC path with every bad input."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,11 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fixtures.hf_models import engine_model, hf_model, save_hf
 from tests.fixtures.train import assert_workers_agree_and_resume_is_exact
 from tokenmill.common import errors
-from tokenmill.common.model.quant import quantize_state_dict
-from tokenmill.common.model.transformer import ModelConfig, Transformer
-from tokenmill.common.trainer import sharded_state as ss
 from tokenmill.common.trainer.backends.local import run_local
 from tokenmill.common.trainer.config import TrainConfig
 from tokenmill.common.trainer.distill import Distillation, load_teacher, student_config
@@ -28,43 +25,6 @@ transformers = pytest.importorskip("transformers")
 
 METRICS = ("kl", "ce", "teacher_ce")
 STUDENT = {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2}
-
-
-def hf_model(vocab: int = 448, hidden: int = 64, layers: int = 2, seed: int = 0):
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def save_tensors(io, name: str, named: dict[str, torch.Tensor], config: dict, tokenizer: Path) -> str:
-    """Tensors written to a checkpoint store through the engine's CheckpointIO."""
-    tensors, shards = ss.collect_pieces(named, 0, 1)
-    uid = io.begin(name, config=config)
-    files = {"config.json": json.dumps(config).encode(), "tokenizer.json": tokenizer.read_bytes()}
-    io.write(uid, 0, tensors, shards, files)
-    return io.commit(uid)
-
-
-def save_hf(io, name: str, model, tokenizer: Path, quantize: str = "") -> str:
-    named = {k: v.detach().clone() for k, v in model.state_dict().items() if "rotary" not in k}
-    if quantize:
-        named = quantize_state_dict(named, quantize)
-    return save_tensors(io, name, named, json.loads(model.config.to_json_string()), tokenizer)
-
-
-def engine_model(hf) -> Transformer:
-    model = Transformer(ModelConfig.from_hf_config(hf.config.to_dict()))
-    missing, _ = model.load_state_dict(hf.state_dict(), strict=False)
-    assert not missing, missing
-    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------- fast

@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.fixtures.hf_models import engine_model, hf_model, save_hf
 from tests.fixtures.train import assert_workers_agree_and_resume_is_exact
 from tokenmill.common import errors
-from tokenmill.common.model.transformer import ModelConfig, Transformer
-from tokenmill.common.trainer import sharded_state as ss
 from tokenmill.common.trainer.backends.local import run_local
 from tokenmill.common.trainer.config import TrainConfig
 from tokenmill.common.trainer.local_io import LocalCheckpointIO
@@ -45,38 +44,6 @@ def write_pairs(path: Path, n: int = 32, seed: int = 0) -> Path:
             row = {"prompt": f"Who {v} {o}? ", "chosen": f"The cat {v} {o}.", "rejected": f"A dog {v} {o}."}
             f.write(json.dumps(row) + "\n")
     return path
-
-
-def hf_model(vocab: int = 448, seed: int = 0):
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def save_hf(io, name: str, model, tokenizer: Path) -> str:
-    """A transformers model written to a checkpoint store through the engine's CheckpointIO."""
-    named = {k: v.detach().clone() for k, v in model.state_dict().items() if "rotary" not in k}
-    tensors, shards = ss.collect_pieces(named, 0, 1)
-    config = model.config.to_json_string()
-    uid = io.begin(name, config=json.loads(config))
-    files = {"config.json": config.encode(), "tokenizer.json": tokenizer.read_bytes()}
-    io.write(uid, 0, tensors, shards, files)
-    return io.commit(uid)
-
-
-def engine_model(hf) -> Transformer:
-    model = Transformer(ModelConfig.from_hf_config(hf.config.to_dict()))
-    missing, _ = model.load_state_dict(hf.state_dict(), strict=False)
-    assert not missing, missing
-    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------- fast
