@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -191,14 +190,10 @@ def test_distill_resume_is_exact_and_two_workers_match_one(teacher, train_datase
 def test_distill_through_the_trainer_service_and_bad_inputs(trainer_service, train_dataset, tmp_path):
     from click.testing import CliRunner
 
-    from tests.fixtures.grpc import TEST_TOKEN, make_test_config
     from tokenmill.common.cli.train import train
-    from tokenmill.services.trainer.io_factory import make_checkpoint_io
 
     svc = trainer_service
-    io = make_checkpoint_io(
-        {"kind": "store", "address": f"127.0.0.1:{svc.ckpt.app.port}", "token": TEST_TOKEN}
-    )
+    io = svc.store_io()
     tok = train_dataset / "tokenizer.json"
     good = save_hf(io, "kd-teacher", hf_model(vocab=512), tok)
     small = save_hf(io, "small-vocab", hf_model(vocab=256), tok)
@@ -218,23 +213,16 @@ def test_distill_through_the_trainer_service_and_bad_inputs(trainer_service, tra
         (errors.InvalidArgument, "distill needs 'dataset'", dict(ok, dataset="")),
         (errors.InvalidArgument, "teacher_checkpoint applies to mode distill", dict(ok, mode="pretrain")),
     ]  # fmt: skip
-    for exc, message, fields in cases:
-        with pytest.raises(exc, match=message):
-            svc.client.submit("bad", **fields)
-    assert not list(svc.client.iter_jobs()), "a rejected request must not queue a job"
+    svc.assert_refused(cases)
 
-    config = make_test_config(
-        tmp_path,
-        data_dir=svc.config.data_dir,
-        services={"trainer": {"host": "127.0.0.1", "port": svc.app.port}},
-    )
+    obj = svc.cli_obj(tmp_path)
     args = ["--output", "kd-student", "--mode", "distill", "--teacher", "kd-teacher", "--dataset", "stories",
             "--preset", "test-1m", "--steps", "4", "--batch", "4", "--seq-len", "32", "--lr", "2e-3",
             "--warmup", "1"]  # fmt: skip
     runner = CliRunner()
-    rejected = runner.invoke(train, [*args, "--temperature", "0"], obj=SimpleNamespace(config=config))
+    rejected = runner.invoke(train, [*args, "--temperature", "0"], obj=obj)
     assert rejected.exit_code == 1 and "INVALID_ARGUMENT: distill_temperature must be > 0" in rejected.output
-    result = runner.invoke(train, [*args, "--alpha", "0.5"], obj=SimpleNamespace(config=config))
+    result = runner.invoke(train, [*args, "--alpha", "0.5"], obj=obj)
     assert result.exit_code == 0, result.output
     assert "step 4/4 loss" in result.output and " kl " in result.output, result.output
     (job,) = svc.client.iter_jobs()

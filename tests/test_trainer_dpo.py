@@ -7,7 +7,6 @@ import json
 import math
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -201,13 +200,8 @@ def test_dpo_resume_is_exact_and_two_workers_match_one(dpo_setup, train_dataset,
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_dpo_through_the_trainer_service_and_bad_inputs(trainer_service, train_dataset, tmp_path):
-    from tests.fixtures.grpc import TEST_TOKEN
-    from tokenmill.services.trainer.io_factory import make_checkpoint_io
-
     svc = trainer_service
-    io = make_checkpoint_io(
-        {"kind": "store", "address": f"127.0.0.1:{svc.ckpt.app.port}", "token": TEST_TOKEN}
-    )
+    io = svc.store_io()
     tokenizer = train_dataset / "tokenizer.json"
     base = save_hf(io, "dpo-base", hf_model(), tokenizer)
     other = save_hf(io, "other-vocab", hf_model(vocab=512), tokenizer)
@@ -234,28 +228,20 @@ def test_dpo_through_the_trainer_service_and_bad_inputs(trainer_service, train_d
          dict(ok, reference_checkpoint=other)),
         (errors.InvalidArgument, "dpo needs dpo_data", dict(ok, dpo_data="")),
     ]  # fmt: skip
-    for exc, message, fields in cases:
-        with pytest.raises(exc, match=message):
-            svc.client.submit("bad", **fields)
-    assert not list(svc.client.iter_jobs()), "a rejected request must not queue a job"
+    svc.assert_refused(cases)
 
     # the CLI: `tokenmill train --mode dpo --dpo-data FILE --beta B --init CKPT`, through SubmitTrain
     from click.testing import CliRunner
 
-    from tests.fixtures.grpc import make_test_config
     from tokenmill.common.cli.train import train
 
-    config = make_test_config(
-        tmp_path,
-        data_dir=svc.config.data_dir,
-        services={"trainer": {"host": "127.0.0.1", "port": svc.app.port}},
-    )
+    obj = svc.cli_obj(tmp_path)
     args = ["--output", "aligned", "--mode", "dpo", "--dpo-data", str(pairs), "--init", base, "--dataset",
             "stories", "--steps", "4", "--batch", "4", "--seq-len", "32", "--lr", "2e-3", "--warmup", "1"]  # fmt: skip
     runner = CliRunner()
-    rejected = runner.invoke(train, [*args, "--beta", "0"], obj=SimpleNamespace(config=config))
+    rejected = runner.invoke(train, [*args, "--beta", "0"], obj=obj)
     assert rejected.exit_code == 1 and "INVALID_ARGUMENT: dpo_beta must be > 0" in rejected.output
-    result = runner.invoke(train, [*args, "--beta", "0.2"], obj=SimpleNamespace(config=config))
+    result = runner.invoke(train, [*args, "--beta", "0.2"], obj=obj)
     assert result.exit_code == 0, result.output
     assert "step 4/4 loss" in result.output and " margin " in result.output, result.output
     (job,) = svc.client.iter_jobs()
