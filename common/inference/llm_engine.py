@@ -196,25 +196,23 @@ class LLMEngine:
             )
         rid = request_id or f"req-{next(self._ids)}-{time.monotonic_ns()}"
         eos = () if params.ignore_eos else self.spec.eos_token_ids
-        req = Request(rid, ids, params, adapter=adapter, eos_token_ids=eos)
-        if params.token_healing:
-            self._heal(req)
-        return req
+        ids, allowed, dropped = self._heal(ids) if params.token_healing else (ids, (), "")
+        return Request(
+            rid, ids, params, adapter=adapter, eos_token_ids=eos, heal_token_ids=allowed, heal_text=dropped
+        )
 
-    def _heal(self, req: Request) -> None:
-        """Token healing (common/inference/healing.py): drop the prompt's last token, constrain the
-        first new token to its extensions, and remember the dropped text to cut from the output."""
+    def _heal(self, ids: list[int]) -> tuple[list[int], tuple[int, ...], str]:
+        """Token healing (common/inference/healing.py): the prompt without its last token, the tokens
+        the first new one may be, and the dropped text to cut from the output (the prompt unchanged
+        when healing would change nothing)."""
         if self.tokenizer is None:
             raise InvalidArgument("token_healing needs the model's tokenizer, and this model has none")
-        ids = req.prompt_token_ids
         healing = self.tokenizer.healer.heal(ids)
         if healing is None:
-            return
+            return ids, (), ""
         tail = healing.prompt_token_ids[-DETOKENIZE_CONTEXT:]
-        req.heal_text = self.tokenizer.decode([*tail, ids[-1]])[len(self.tokenizer.decode(tail)) :]
-        req.heal_token_ids = healing.allowed_token_ids
-        req.prompt_token_ids = healing.prompt_token_ids
-        req.__post_init__()  # detokenizer offsets and the sampler fast path follow the new prompt
+        dropped = self.tokenizer.decode([*tail, ids[-1]])[len(self.tokenizer.decode(tail)) :]
+        return healing.prompt_token_ids, healing.allowed_token_ids, dropped
 
     def add(self, req: Request) -> None:
         """Queue a validated request (engine thread only)."""
