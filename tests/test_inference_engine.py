@@ -11,7 +11,7 @@ from tests.fixtures.inference import hf_model_from, reference_greedy
 from tokenmill.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from tokenmill.common.inference import EngineConfig, LoraAdapter, SamplingParams, Tokenizer, build_engine
 from tokenmill.common.inference.request import Request
-from tokenmill.common.inference.tokenizer import detokenize_incrementally, flush_detokenizer
+from tokenmill.common.inference.tokenizer import detokenize_incrementally
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -176,7 +176,7 @@ def test_incremental_detokenizer_is_utf8_safe(tiny_ckpt):
     for t in ids:
         req.output_token_ids.append(t)
         pieces.append(detokenize_incrementally(tok, req))
-    pieces.append(flush_detokenizer(tok, req))
+    pieces.append(detokenize_incrementally(tok, req, final=True))
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
     assert sum(1 for piece in pieces if piece == "") > 0  # some tokens were partial characters

@@ -26,7 +26,7 @@ from tokenmill.common.inference.runner import ModelRunner
 from tokenmill.common.inference.sampler import Sampler, TopLogprobs, token_logprobs
 from tokenmill.common.inference.scheduler import Scheduler
 from tokenmill.common.inference.stats import EngineStats
-from tokenmill.common.inference.tokenizer import Tokenizer, detokenize_incrementally, flush_detokenizer
+from tokenmill.common.inference.tokenizer import Tokenizer, detokenize_incrementally
 
 log = logging.getLogger(__name__)
 
@@ -361,9 +361,7 @@ class LLMEngine:
         if req.heal_token_ids and len(req.output_token_ids) == 1:
             req.refresh_fast_path()  # healing constrained only this first token
         if self.tokenizer is not None:
-            detokenize_incrementally(self.tokenizer, req)
-            if reason:
-                flush_detokenizer(self.tokenizer, req)
+            detokenize_incrementally(self.tokenizer, req, final=bool(reason))
             if req.heal_text and (reason or len(req.text) >= len(req.heal_text)):
                 req.text = req.text.removeprefix(req.heal_text)  # the prompt's own text, generated again
                 req.heal_text = ""

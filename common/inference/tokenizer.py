@@ -205,29 +205,18 @@ def _ids_from(req: Request, start: int) -> list[int]:
     return req.prompt_token_ids[start:] + req.output_token_ids
 
 
-def detokenize_incrementally(tokenizer: Tokenizer, req: Request) -> str:
-    """Append newly decodable text to `req.text`; returns the new piece ('' when waiting for bytes)."""
+def detokenize_incrementally(tokenizer: Tokenizer, req: Request, *, final: bool = False) -> str:
+    """Append newly decodable text to `req.text`; returns the new piece ('' while an incomplete UTF-8
+    sequence waits for the next token). `final` (the request ended) releases whatever is left,
+    replacement characters included."""
     if req.detok_read_offset >= req.num_tokens:
         return ""
     ids = _ids_from(req, req.detok_prefix_offset)
-    read = req.detok_read_offset - req.detok_prefix_offset
-    prefix = tokenizer.decode(ids[:read])
+    prefix = tokenizer.decode(ids[: req.detok_read_offset - req.detok_prefix_offset])
     full = tokenizer.decode(ids)
-    if full.endswith("\ufffd") or len(full) <= len(prefix):
-        return ""  # an incomplete UTF-8 sequence: wait for the next token
-    return _advance(req, full[len(prefix) :])
-
-
-def flush_detokenizer(tokenizer: Tokenizer, req: Request) -> str:
-    """At the end of a request: release whatever is left, replacement characters included."""
-    if req.detok_read_offset >= req.num_tokens:
+    if not final and (full.endswith("\ufffd") or len(full) <= len(prefix)):
         return ""
-    ids = _ids_from(req, req.detok_prefix_offset)
-    read = req.detok_read_offset - req.detok_prefix_offset
-    return _advance(req, tokenizer.decode(ids)[len(tokenizer.decode(ids[:read])) :])
-
-
-def _advance(req: Request, new: str) -> str:
+    new = full[len(prefix) :]
     req.detok_prefix_offset = req.detok_read_offset
     req.detok_read_offset = req.num_tokens
     req.text += new
