@@ -27,8 +27,13 @@ from tokenmill.common.compress import CompressedResult, tensor_bytes
 from tokenmill.common.jobs import JobContext
 from tokenmill.common.runtime.proto_struct import struct_to_dict
 from tokenmill.services.compress.job import build_report, measure
-from tokenmill.services.compress.model_job import StoredModel, check_dataset, dataset_path, find_model
-from tokenmill.services.compress.plan import EVAL_SPLIT, MAX_EVAL_SEQ_LEN
+from tokenmill.services.compress.model_job import (
+    StoredModel,
+    check_dataset,
+    dataset_path,
+    find_model,
+)
+from tokenmill.services.compress.plan import EVAL_SPLIT
 from tokenmill.v1 import common_pb2
 
 TRAIN_SPLIT = "train"
@@ -46,17 +51,13 @@ class DistillPlan:
     eval_seq_len: int
 
 
-def _context(config: dict[str, Any]) -> int:
-    return int(config.get("max_seq_len") or config.get("max_position_embeddings") or MAX_EVAL_SEQ_LEN)
-
-
 def distill_preflight(client: CheckpointClient, data_dir: str | Path, spec: dict[str, Any]) -> DistillPlan:
     """Every check the store and the dataset manifests allow, before the trainer is asked:
     NOT_FOUND teacher or dataset, FAILED_PRECONDITION foreign vocabulary or too small a split."""
     from tokenmill.common.model.transformer import preset  # torch import: only distill jobs pay it
 
     teacher = find_model(client, spec.get("teacher") or spec["source"])
-    window = min(_context(teacher.config), preset(spec["student_preset"]).max_seq_len, MAX_EVAL_SEQ_LEN)
+    window = min(teacher.eval_window, preset(spec["student_preset"]).max_seq_len)
     seq_len = min(TRAIN_SEQ_LEN, window)
     train = dataset_path(data_dir, spec["train_dataset"], "train_dataset")
     check_dataset(train, teacher, split=TRAIN_SPLIT, min_tokens=seq_len + 1, field="train_dataset")

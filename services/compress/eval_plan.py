@@ -15,8 +15,14 @@ from tokenmill.common.clients.checkpoint import CheckpointClient
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tokenmill.common.eval.tasks import SUITES, Task, load_suite
 from tokenmill.common.names import validate_name
-from tokenmill.services.compress.model_job import StoredModel, check_dataset, dataset_path, find_model
-from tokenmill.services.compress.plan import EVAL_SPLIT, MAX_EVAL_SEQ_LEN
+from tokenmill.services.compress.model_job import (
+    MAX_EVAL_SEQ_LEN,
+    StoredModel,
+    check_dataset,
+    dataset_path,
+    find_model,
+)
+from tokenmill.services.compress.plan import EVAL_SPLIT
 from tokenmill.v1 import compress_pb2
 
 DEFAULT_BATCHES = 8
@@ -126,8 +132,7 @@ def eval_preflight(client: CheckpointClient, data_dir: str | Path, spec: dict[st
             f"checkpoint {model.ref} has no {TOKENIZER}; tasks are text and need the model's tokenizer "
             "(perplexity on a packed dataset does not)"
         )
-    max_len = int(model.config.get("max_seq_len") or model.config.get("max_position_embeddings") or 0)
-    limit = min(max_len or MAX_EVAL_SEQ_LEN, MAX_EVAL_SEQ_LEN)
+    limit = model.eval_window
     seq_len = int(spec.get("perplexity_seq_len") or limit)
     if seq_len > limit:
         raise InvalidArgument(

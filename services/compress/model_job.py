@@ -21,6 +21,8 @@ from tokenmill.common.names import validate_name
 from tokenmill.common.runtime.proto_struct import struct_to_dict
 from tokenmill.v1 import checkpoint_pb2
 
+MAX_EVAL_SEQ_LEN = 512  # perplexity windows: a model's context, at most this
+
 
 @dataclass
 class StoredModel:
@@ -33,6 +35,13 @@ class StoredModel:
     @property
     def vocab_size(self) -> int:
         return int(self.config.get("vocab_size", 0))
+
+    @property
+    def eval_window(self) -> int:
+        """The longest perplexity window the model is measured with: its context (native or HF
+        config), capped at MAX_EVAL_SEQ_LEN."""
+        context = int(self.config.get("max_seq_len") or self.config.get("max_position_embeddings") or 0)
+        return min(context or MAX_EVAL_SEQ_LEN, MAX_EVAL_SEQ_LEN)
 
     @property
     def compression(self) -> dict[str, Any]:

@@ -15,7 +15,13 @@ from tokenmill.common.clients.checkpoint import CheckpointClient
 from tokenmill.common.compress import MIN_CALIBRATION_TOKENS, MethodSpec
 from tokenmill.common.compress.checks import check_composition, check_shapes, target_linears
 from tokenmill.common.errors import InvalidArgument
-from tokenmill.services.compress.model_job import StoredModel, check_dataset, dataset_path, find_model
+from tokenmill.services.compress.model_job import (
+    MAX_EVAL_SEQ_LEN,
+    StoredModel,
+    check_dataset,
+    dataset_path,
+    find_model,
+)
 
 # Request method (proto spelling) -> engine settings.
 ENGINE_METHODS: dict[str, dict[str, Any]] = {
@@ -35,7 +41,6 @@ TWO_FOUR_SCORES: dict[str, str] = {
     "wanda": "prune-wanda",
     "sparsegpt": "prune-sparsegpt",
 }
-MAX_EVAL_SEQ_LEN = 512
 EVAL_SPLIT = "val"
 CALIBRATION_SPLIT = "train"
 
@@ -76,8 +81,7 @@ def preflight(client: CheckpointClient, data_dir: str | Path, spec: dict[str, An
     meta = model.meta_tensors()
     check_composition([step], meta, model.compression.get("steps", ()))
     check_shapes(step, meta, target_linears(meta, step.keep_dense))
-    max_len = int(model.config.get("max_seq_len") or model.config.get("max_position_embeddings") or 0)
-    seq_len = min(max_len or MAX_EVAL_SEQ_LEN, MAX_EVAL_SEQ_LEN)
+    seq_len = model.eval_window
     calibration = None
     if spec.get("calibration_dataset"):
         calibration = dataset_path(data_dir, spec["calibration_dataset"], "calibration_dataset")

@@ -36,13 +36,8 @@ from tokenmill.services.compress.distill_job import (
 from tokenmill.services.compress.eval_job import EvalJobHandler
 from tokenmill.services.compress.eval_plan import eval_preflight, validate_eval
 from tokenmill.services.compress.job import CompressJobHandler
-from tokenmill.services.compress.plan import (
-    ENGINE_METHODS,
-    MAX_EVAL_SEQ_LEN,
-    TWO_FOUR_SCORES,
-    engine_settings,
-    preflight,
-)
+from tokenmill.services.compress.model_job import MAX_EVAL_SEQ_LEN
+from tokenmill.services.compress.plan import ENGINE_METHODS, TWO_FOUR_SCORES, engine_settings, preflight
 from tokenmill.v1 import common_pb2, compress_pb2, compress_pb2_grpc
 
 SERVICE_NAME = compress_pb2.DESCRIPTOR.services_by_name["CompressService"].full_name
