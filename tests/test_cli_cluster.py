@@ -162,7 +162,8 @@ def test_backlog_and_live_replicas_from_redis(redis_client):
     for i in range(3):
         queue.submit("train", {"i": i})
     for i in range(2):
-        redis_client.xadd(cluster.REQUESTS_STREAM, {"r": str(i)})
+        redis_client.xadd(cluster.REQUESTS_PREFIX + "llama", {"r": str(i)})
+    redis_client.xadd(cluster.REQUESTS_PREFIX + "qwen", {"r": "0"})
     now = time.time()
     beats = {
         "r1": ("llama:3", now - 1),
@@ -177,6 +178,6 @@ def test_backlog_and_live_replicas_from_redis(redis_client):
     redis_client.hset(cluster.REPLICAS_HASH, "garbled", "not json")
     lines = cluster.redis_lines(redis_client, ("ingest", "train"))
     assert "train                             3        0         0" in lines
-    assert "inference requests                2" in lines
+    assert "inference requests llama          2" in lines and "inference requests qwen           1" in lines
     assert "live replicas: 3" in lines
     assert "  llama:3                         2" in lines and "  qwen:1                          1" in lines

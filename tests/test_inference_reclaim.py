@@ -23,16 +23,18 @@ from tokenmill.services.inference.dispatch import puller as puller_mod
 from tokenmill.services.inference.dispatch.protocol import (
     GROUP,
     REPLICAS,
-    REQUESTS,
     Accepted,
     ReplicaInfo,
     RoutedEntry,
+    ensure_group,
     post_acceptance,
     reply_key,
+    requests_stream,
 )
 from tokenmill.services.inference.dispatch.selector import Selector, Served
 
 FAST_RECLAIM = {"dead_after_s": 1.0, "reclaim_every_s": 0.2}
+TINY = requests_stream("tiny")  # a request without a model goes to the one live model's stream
 
 
 @pytest.fixture
@@ -114,8 +116,9 @@ def test_request_taken_by_a_dead_replica_is_served_by_another(
     client, _, _ = router
     fake_heartbeat(redis_client, "ghost")  # live now; it takes the request and never answers
     prompt = tiny_ckpt.encode("Once upon a time")
+    ensure_group(redis_client, TINY)
     call = in_thread(lambda: client.generate(prompt, max_tokens=8, timeout=60, **greedy()))
-    taken = redis_client.xreadgroup(GROUP, "ghost", {REQUESTS: ">"}, count=1, block=20_000)
+    taken = redis_client.xreadgroup(GROUP, "ghost", {TINY: ">"}, count=1, block=20_000)
     assert taken and taken[0][1], "the request never reached the stream"
     start_replica(redis_url, replica_id="heir", puller_kwargs=FAST_RECLAIM)
     call["thread"].join(60)
@@ -123,7 +126,7 @@ def test_request_taken_by_a_dead_replica_is_served_by_another(
     resp = call["result"]
     assert list(resp.token_ids) == reference_greedy(tiny_ckpt.model, prompt, 8)
     assert resp.replica == "heir"
-    wait_for(lambda: not redis_client.xpending(REQUESTS, GROUP)["pending"], what="the PEL to drain")
+    wait_for(lambda: not redis_client.xpending(TINY, GROUP)["pending"], what="the PEL to drain")
 
 
 @pytest.mark.slow
@@ -132,8 +135,9 @@ def test_restarted_replica_serves_what_it_took_before_it_died(
 ):
     client, _, _ = router
     fake_heartbeat(redis_client, "phoenix")
+    ensure_group(redis_client, TINY)
     call = in_thread(lambda: client.generate([5, 6, 7], max_tokens=4, timeout=60, **greedy()))
-    taken = redis_client.xreadgroup(GROUP, "phoenix", {REQUESTS: ">"}, count=1, block=20_000)
+    taken = redis_client.xreadgroup(GROUP, "phoenix", {TINY: ">"}, count=1, block=20_000)
     assert taken and taken[0][1], "the request never reached the stream"
     start_replica(redis_url, replica_id="phoenix")  # same consumer name, heartbeat live at once
     call["thread"].join(60)
@@ -177,7 +181,7 @@ def test_replica_killed_after_taking_requests_they_complete_elsewhere_once(
         assert list(call["result"].token_ids) == reference_greedy(tiny_ckpt.model, prompt, 6)
         assert call["result"].replica == "survivor"
     assert len(wins) == 3 and set(wins.values()) == {1}, wins  # each served exactly once
-    wait_for(lambda: not redis_client.xpending(REQUESTS, GROUP)["pending"], what="the PEL to drain")
+    wait_for(lambda: not redis_client.xpending(TINY, GROUP)["pending"], what="the PEL to drain")
 
 
 # -- deadlines -----------------------------------------------------------------------------------

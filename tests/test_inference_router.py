@@ -342,7 +342,9 @@ def test_router_process_starts_and_answers(redis_url, tmp_path):
         )
         # The client's own retries of UNAVAILABLE count as requests too.
         assert re.search(r'^tokenmill:router_requests_total\{model=""\} [1-9]', metrics, re.M), metrics
-        assert "tokenmill:router_queue_length 0.0" in metrics  # the expired request was cancelled
+        # The expired request was cancelled: no model's stream holds it (series per model, none here).
+        assert "# TYPE tokenmill:router_backlog gauge" in metrics
+        assert not re.search(r"^tokenmill:router_queue_length\{.*\} [1-9]", metrics, re.M), metrics
         client.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

@@ -1,6 +1,6 @@
 """Scale from zero and model lookup at the router: real Redis, real in-process replicas and router.
 
-A request for a model with no live replica is queued (the request stream grows, which is what
+A request for a model with no live replica is queued on its model's stream (which grows: what
 KEDA/HPA scale on), served when a replica comes up within the wait, UNAVAILABLE after it; an
 unknown selector is NOT_FOUND at once; a replica's load error is FAILED_PRECONDITION with its reason.
 """
@@ -15,11 +15,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from tests.fixtures.grpc import free_port
 from tests.fixtures.inference import greedy, reference_greedy, wait_for
 from tokenmill.common import errors
-from tokenmill.services.inference.dispatch.protocol import REQUESTS
+from tokenmill.services.inference.dispatch.protocol import requests_stream
 from tokenmill.services.inference.dispatch.registry import publish_load_error
 from tokenmill.services.inference.metrics import RouterCollector, RouterMetrics
 
 PROMPT = "Once upon a time"
+TINY = requests_stream("tiny")
 
 
 def _in_thread(fn) -> tuple[threading.Thread, dict]:
@@ -40,9 +41,9 @@ def test_request_with_zero_replicas_is_served_once_a_replica_starts(
     start_router, start_replica, redis_url, redis_client, tiny_ckpt
 ):
     client, _, _ = start_router(no_replica_timeout_s=120.0)
-    t, out = _in_thread(lambda: client.generate(PROMPT, max_tokens=8, **greedy()))
-    # Queued in Redis (the autoscaler's signal), not refused.
-    wait_for(lambda: redis_client.xlen(REQUESTS) >= 1, 30, "the request to be queued")
+    t, out = _in_thread(lambda: client.generate(PROMPT, max_tokens=8, model="tiny", **greedy()))
+    # Queued in Redis on tiny's stream (the autoscaler's signal), not refused.
+    wait_for(lambda: redis_client.xlen(TINY) >= 1, 30, "the request to be queued")
     assert t.is_alive() and not out
     start_replica(redis_url, replica_id="late")
     t.join(120)
@@ -56,7 +57,7 @@ def test_request_with_zero_replicas_fails_after_the_wait(start_router, redis_cli
     client, _, _ = start_router(no_replica_timeout_s=0.5)
     with pytest.raises(errors.Unavailable, match=r"no inference replica of 'tiny'.*within 0.5 s"):
         client.generate(PROMPT, max_tokens=2, model="tiny")
-    assert redis_client.xlen(REQUESTS) == 0  # given up: no longer part of the backlog autoscalers read
+    assert redis_client.xlen(TINY) == 0  # given up: no longer part of the backlog autoscalers read
 
 
 def test_unknown_selector_is_not_found_and_a_known_model_scaled_to_zero_queues(
@@ -89,7 +90,7 @@ def test_load_error_is_failed_precondition_through_the_router(start_router, redi
 def test_load_error_ends_a_queued_request_at_once(start_router, redis_client):
     client, _, _ = start_router(no_replica_timeout_s=120.0)
     t, out = _in_thread(lambda: client.generate(PROMPT, max_tokens=2, model="broken"))
-    wait_for(lambda: redis_client.xlen(REQUESTS) >= 1, 30, "the request to be queued")
+    wait_for(lambda: redis_client.xlen(requests_stream("broken")) >= 1, 30, "the request to be queued")
     publish_load_error(redis_client, "r-bad", "broken", "KeyError: 'layers.0.attn.q_proj.weight'")
     t.join(30)
     assert isinstance(out.get("error"), errors.FailedPrecondition), out
@@ -102,10 +103,10 @@ def test_router_metrics_backlog_rate_live_replicas_and_queue_wait(
     client, dispatcher, _ = start_router(no_replica_timeout_s=120.0, metrics=RouterMetrics(registry))
     registry.register(RouterCollector(dispatcher.backlog, dispatcher.replicas))
     t, out = _in_thread(lambda: client.generate(PROMPT, max_tokens=4, model="tiny"))
-    wait_for(lambda: redis_client.xlen(REQUESTS) >= 1, 30, "the request to be queued")
+    wait_for(lambda: redis_client.xlen(TINY) >= 1, 30, "the request to be queued")
     text = generate_latest(registry).decode()
-    assert "tokenmill:router_queue_length 1.0" in text
-    assert "tokenmill:router_backlog 1.0" in text  # the series the chart's HPA scales on
+    assert 'tokenmill:router_queue_length{model="tiny"} 1.0' in text
+    assert 'tokenmill:router_backlog{model="tiny"} 1.0' in text  # the series the chart's HPA scales on
     assert "tokenmill:router_live_replicas{" not in text
     start_replica(redis_url, replica_id="m")
     t.join(120)
@@ -115,8 +116,9 @@ def test_router_metrics_backlog_rate_live_replicas_and_queue_wait(
     assert 'tokenmill:router_queue_wait_seconds_count{model="tiny"} 1.0' in text
     assert 'tokenmill:router_live_replicas{model_name="tiny:1"} 1.0' in text
     assert 'tokenmill:num_requests_running{model_name="tiny:1"}' in text
-    assert "tokenmill:router_queue_length 0.0" in text and "tokenmill:router_queue_pending 0.0" in text
-    assert "tokenmill:router_backlog 0.0" in text
+    assert 'tokenmill:router_queue_length{model="tiny"} 0.0' in text
+    assert 'tokenmill:router_queue_pending{model="tiny"} 0.0' in text
+    assert 'tokenmill:router_backlog{model="tiny"} 0.0' in text
 
 
 def test_router_metrics_still_render_while_redis_is_unreachable() -> None:
@@ -128,7 +130,7 @@ def test_router_metrics_still_render_while_redis_is_unreachable() -> None:
     gone = redis.Redis(port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))  # no listener
     registry = CollectorRegistry()
     RouterMetrics(registry).requests.labels(model="tiny").inc()
-    registry.register(RouterCollector(lambda: (gone.xlen(REQUESTS), 0), list))
+    registry.register(RouterCollector(lambda: {"tiny": (gone.xlen(TINY), 0)}, list))
     text = generate_latest(registry).decode()
     assert 'tokenmill:router_requests_total{model="tiny"} 1.0' in text
     assert "tokenmill:router_backlog" not in text

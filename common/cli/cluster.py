@@ -1,9 +1,10 @@
 """`tokenmill cluster status`: the platform as a Kubernetes cluster runs it.
 
 GPU nodes (allocatable vs. requested GPUs), tokenmill pods per component with their readiness, the
-queue backlog in Redis and the live inference replicas. The cluster comes from the in-cluster config
-or the current kube context (the trainer's `kubernetes` backend connects the same way); with neither,
-or an API server that does not answer, the command prints one line and exits non-zero.
+queue backlog in Redis (the inference queue per model) and the live inference replicas. The cluster
+comes from the in-cluster config or the current kube context (the trainer's `kubernetes` backend
+connects the same way); with neither, or an API server that does not answer, the command prints one
+line and exits non-zero.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tokenmill.common.errors import FailedPrecondition
 from tokenmill.common.trainer.backends.k8s_manifests import COMPONENT_LABEL
 
 GPU_RESOURCE = "nvidia.com/gpu"
-REQUESTS_STREAM = "tokenmill:inference:requests"  # services/inference/dispatch/protocol.py REQUESTS
+REQUESTS_PREFIX = "tokenmill:inference:requests:"  # + model name: dispatch/protocol.py requests_stream
 REPLICAS_HASH = "tokenmill:inference:replicas"  # ... REPLICAS (a heartbeat per replica)
 REPLICA_DEAD_AFTER_S = 3.0  # the router's rule (RouterDispatcher.dead_after_s): live means routable
 API_TIMEOUT_S = 5
@@ -116,11 +117,19 @@ def redis_lines(r: Any, job_types: tuple[str, ...]) -> list[str]:
     for job_type in job_types:
         d = queue.depth(job_type)
         lines.append(f"{job_type:<34}{d['waiting']:<9}{d['running']:<10}{d['dead']}")
-    lines.append(f"{'inference requests':<34}{r.xlen(REQUESTS_STREAM)}")
+    lines += inference_queue_lines(r)
     replicas = live_replicas(r)
     lines += ["", f"live replicas: {sum(replicas.values())}"]
     lines += [f"  {model:<32}{n}" for model, n in sorted(replicas.items())]
     return lines
+
+
+def inference_queue_lines(r: Any) -> list[str]:
+    """Routed requests queued per model: one request stream per model name."""
+    streams = sorted(r.scan_iter(match=f"{REQUESTS_PREFIX}*", count=1000, _type="STREAM"))
+    if not streams:
+        return [f"{'inference requests':<34}0"]
+    return [f"{'inference requests ' + s.removeprefix(REQUESTS_PREFIX):<34}{r.xlen(s)}" for s in streams]
 
 
 def _connect() -> Any:

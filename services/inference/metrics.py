@@ -130,31 +130,21 @@ class RouterMetrics:
 
 class RouterCollector(Collector):
     """Read at scrape time from Redis: the backlog autoscalers scale on (stream length, taken but
-    unanswered), live replicas per model, and the replicas' vLLM-named gauges summed per model."""
+    unanswered) per model name, live replicas per model, and the replicas' vLLM-named gauges summed
+    per model. `backlog` maps each model name with a request stream to (length, pending)."""
 
-    def __init__(self, backlog: Callable[[], tuple[int, int]], replicas: Callable[[], list]):
+    def __init__(self, backlog: Callable[[], dict[str, tuple[int, int]]], replicas: Callable[[], list]):
         self._backlog = backlog
         self._replicas = replicas
 
     def collect(self) -> Iterator[Metric]:
         try:
-            queued, pending = self._backlog()
+            per_model_backlog = self._backlog()
             replicas = self._replicas()
         except redis.RedisError as exc:  # the rest of /metrics still renders while Redis is away
             log.warning("router metrics: Redis unreachable, backlog and replica series left out: %s", exc)
             return
-        yield GaugeMetricFamily(
-            "tokenmill:router_queue_length", "Routed requests in the request stream.", value=queued
-        )
-        yield GaugeMetricFamily(
-            "tokenmill:router_queue_pending", "Requests taken by a replica, not yet answered.", value=pending
-        )
-        # The one number autoscalers divide by replicas (the chart's HPA external metric, docs/deploy.md).
-        yield GaugeMetricFamily(
-            "tokenmill:router_backlog",
-            "Requests queued or in flight: queue length plus pending.",
-            value=queued + pending,
-        )
+        yield from _backlog_families(per_model_backlog)
         live = GaugeMetricFamily("tokenmill:router_live_replicas", "Live replicas.", labels=["model_name"])
         running = GaugeMetricFamily(
             "tokenmill:num_requests_running",
@@ -175,3 +165,24 @@ class RouterCollector(Collector):
             running.add_metric([model], run)
             waiting.add_metric([model], wait)
         yield from (live, running, waiting)
+
+
+def _backlog_families(per_model: dict[str, tuple[int, int]]) -> Iterator[Metric]:
+    """One series per model name with a request stream: a model's autoscaler selects `model=<name>`
+    (the chart's HPA external metric, docs/deploy.md), so another model's backlog never scales it."""
+    length = GaugeMetricFamily(
+        "tokenmill:router_queue_length", "Routed requests in the model's request stream.", labels=["model"]
+    )
+    pending = GaugeMetricFamily(
+        "tokenmill:router_queue_pending", "Requests taken by a replica, not yet answered.", labels=["model"]
+    )
+    backlog = GaugeMetricFamily(
+        "tokenmill:router_backlog",
+        "Requests queued or in flight: queue length plus pending.",
+        labels=["model"],
+    )
+    for name, (queued, taken) in sorted(per_model.items()):
+        length.add_metric([name], queued)
+        pending.add_metric([name], taken)
+        backlog.add_metric([name], queued + taken)
+    yield from (length, pending, backlog)

@@ -7,6 +7,12 @@ Every request has a deadline (the client's, or `default_deadline_s`): past it th
 DEADLINE_EXCEEDED and is cancelled on the replica, whatever state it is in, so nothing waits forever.
 Requests a dead replica had taken but not accepted are reclaimed by the live replicas (puller).
 
+A request is queued on the stream of its model's name (protocol.requests_stream), so replicas of
+other models never see it and each model's backlog is its own. One without a model ("": any served
+model) goes to the live model with the shortest queue, or to the only model the platform knows; while
+none is live and several are known, it waits unqueued for a replica to come up. Once queued, its
+retries stay on that model's stream (a continuation is only valid on the model that began it).
+
 A request for a model with no live replica is queued all the same (scale from zero: the stream's
 length is what KEDA/HPA watch) and answered UNAVAILABLE when none has taken it after
 `no_replica_timeout_s`; a selector nothing serves or ever served is NOT_FOUND, and a model whose
@@ -26,19 +32,19 @@ import redis
 from tokenmill.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_code
 from tokenmill.services.inference.dispatch.protocol import (
     CANCEL_CHANNEL,
-    GROUP,
     REPLY_TTL_S,
-    REQUESTS,
     Accepted,
     ReplicaInfo,
     ReplyError,
     accepted_key,
+    backlog,
     cancelled_key,
     decode_reply,
     ensure_group,
     live_replicas,
     reply_key,
     request_fields,
+    requests_stream,
 )
 from tokenmill.services.inference.dispatch.registry import known_models, load_errors
 from tokenmill.services.inference.dispatch.selector import Selector, check_served
@@ -64,7 +70,8 @@ class _Routing:
     streamed: list[int] = field(default_factory=list)  # tokens already yielded, across attempts
     prompt_ids: list[int] | None = None
     finished: bool = False
-    entry_id: str = ""  # the current attempt's entry on the request stream
+    stream: str = ""  # the model's request stream; "" while a request for "" waits to be queued
+    entry_id: str = ""  # the current attempt's entry on `stream`
 
     @classmethod
     def start(cls, request: inference_pb2.GenerateRequest, timeout_s: float) -> _Routing:
@@ -142,22 +149,18 @@ class RouterDispatcher:
         self.no_replica_timeout_s = no_replica_timeout_s
         self.default_deadline_s = default_deadline_s
         self.metrics = metrics
-        ensure_group(r)
+        self._grouped: set[str] = set()  # request streams whose consumer group this router made sure of
 
     def replicas(self) -> list[ReplicaInfo]:
         return live_replicas(self.r, self.dead_after_s)
 
     def queue_depth(self) -> int:
-        """Routed requests no replica has taken yet."""
-        return int(self.r.xlen(REQUESTS))
+        """Routed requests no replica has taken yet, over all models."""
+        return sum(length for length, _ in self.backlog().values())
 
-    def backlog(self) -> tuple[int, int]:
-        """(entries in the request stream, entries taken by a replica but not yet answered)."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.xlen(REQUESTS)
-        pipe.xpending(REQUESTS, GROUP)
-        length, pending = pipe.execute()
-        return int(length), int(pending.get("pending", 0) if isinstance(pending, dict) else 0)
+    def backlog(self) -> dict[str, tuple[int, int]]:
+        """Per model name: (entries in its request stream, taken by a replica but not yet answered)."""
+        return backlog(self.r)
 
     def targets(self, model: str) -> list[ReplicaInfo]:
         """The live replicas that serve exactly `model` (dispatch.selector), or [] when it is served
@@ -213,11 +216,11 @@ class RouterDispatcher:
     ) -> Iterator[inference_pb2.GenerateChunk]:
         """Route one request and yield its chunks; raises the replica's error, UNAVAILABLE, or
         DEADLINE_EXCEEDED once `timeout_s` (default: `default_deadline_s`) has passed."""
-        self.targets(request.model)
+        live = self.targets(request.model)
         routing = _Routing.start(request, self.timeout_for(timeout_s))
         if self.metrics is not None:
             self.metrics.requests.labels(model=request.model.partition(":")[0]).inc()
-        self._enqueue(routing)
+        self._enqueue(routing, live)
         try:
             while True:
                 died = yield from self._follow(routing, is_active)
@@ -230,14 +233,40 @@ class RouterDispatcher:
             else:
                 self.cancel(routing.request_id)
                 # Not taken yet (no replica came): drop it, so the backlog autoscalers read is real demand.
-                self.r.xdel(REQUESTS, routing.entry_id)
+                if routing.entry_id:
+                    self.r.xdel(routing.stream, routing.entry_id)
 
-    def _enqueue(self, routing: _Routing) -> None:
-        """Route the current attempt; a request id a client reuses starts with a clean fence."""
+    def _stream_name(self, model: str, live: list[ReplicaInfo]) -> str | None:
+        """The model name whose stream a request for `model` queues on: its selector's name; for ""
+        the live base model with the shortest queue, else the one model known; None while undecided."""
+        selector = Selector.parse(model)
+        if selector is not None:
+            return selector.name
+        names = sorted({info.name for info in live})
+        if not names:
+            known = {s.name for s in known_models(self.r)}
+            return known.pop() if len(known) == 1 else None
+        pipe = self.r.pipeline(transaction=False)
+        for name in names:
+            pipe.xlen(requests_stream(name))
+        queued = dict(zip(names, pipe.execute(), strict=True))
+        return min(names, key=lambda name: (queued[name], name))
+
+    def _enqueue(self, routing: _Routing, live: list[ReplicaInfo]) -> None:
+        """Route the current attempt on its model's stream (a request for "" that cannot be placed
+        yet stays unqueued); a request id a client reuses starts with a clean fence."""
+        if not routing.stream:
+            name = self._stream_name(routing.original.model, live)
+            if name is None:
+                return
+            routing.stream = requests_stream(name)
+        if routing.stream not in self._grouped:  # the group KEDA reads the lag of, before any replica
+            ensure_group(self.r, routing.stream)
+            self._grouped.add(routing.stream)
         request = routing.request()
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(accepted_key(request.request_id), cancelled_key(request.request_id))
-        pipe.xadd(REQUESTS, request_fields(request, time.time() + routing.remaining()))
+        pipe.xadd(routing.stream, request_fields(request, time.time() + routing.remaining()))
         routing.entry_id = pipe.execute()[-1]
 
     def _follow(
@@ -280,9 +309,13 @@ class RouterDispatcher:
 
     def _check_waiting(self, routing: _Routing, waited_s: float) -> None:
         """A queued request nobody took yet: fail it once no replica of its model came up within
-        the wait (or at once when they report a load error); otherwise keep waiting."""
+        the wait (or at once when they report a load error); otherwise keep waiting. A request
+        for "" not queued yet is queued as soon as a replica is live."""
         model = routing.original.model
-        if self.targets(model) or waited_s <= self.no_replica_timeout_s:
+        live = self.targets(model)
+        if live and not routing.entry_id:
+            self._enqueue(routing, live)
+        if live or waited_s <= self.no_replica_timeout_s:
             return
         raise Unavailable(
             f"no inference replica of {model or 'any model'!r} became live within "
@@ -302,5 +335,4 @@ class RouterDispatcher:
         )
         self.r.delete(reply_key(routing.request_id))
         routing.next_attempt()
-        self.targets(routing.original.model)
-        self._enqueue(routing)
+        self._enqueue(routing, self.targets(routing.original.model))

@@ -1,11 +1,12 @@
 """The Redis wire protocol between the router and the replicas (docs/contracts.md "Redis keys").
 
-A routed request is an entry on the stream `tokenmill:inference:requests` (consumer group
-`replicas`); its outputs come back on the per-request reply stream `tokenmill:inference:reply:{id}`
-as `accepted` (replica id, prompt token ids, resolved max_tokens), `chunk` (a GenerateChunk) or
-`error` (code + message) messages. Replicas heartbeat a `ReplicaInfo` into the hash
-`tokenmill:inference:replicas`; a client that goes away sets `cancelled:{id}` and publishes the id
-on the cancel channel.
+A routed request is an entry on the stream of its model's name, `tokenmill:inference:requests:{name}`
+(consumer group `replicas`): a replica reads only the streams of the names it serves, and each
+model's backlog is its own (what the autoscaler of that model's replicas reads). Its outputs come
+back on the per-request reply stream `tokenmill:inference:reply:{id}` as `accepted` (replica id,
+prompt token ids, resolved max_tokens), `chunk` (a GenerateChunk) or `error` (code + message)
+messages. Replicas heartbeat a `ReplicaInfo` into the hash `tokenmill:inference:replicas`; a client
+that goes away sets `cancelled:{id}` and publishes the id on the cancel channel.
 
 Exactly one acceptance per request: a replica posts `accepted` only through `post_acceptance`, which
 sets `accepted:{id}` first (SET NX, atomically with the XADD), so when a request taken by a replica
@@ -29,7 +30,7 @@ from tokenmill.services.inference.dispatch.selector import Served
 from tokenmill.v1 import inference_pb2
 
 NS = "tokenmill:inference"
-REQUESTS = f"{NS}:requests"
+REQUESTS_PREFIX = f"{NS}:requests:"  # + the model name: one request stream per served model
 GROUP = "replicas"
 REPLICAS = f"{NS}:replicas"
 CANCEL_CHANNEL = f"{NS}:cancel"
@@ -50,13 +51,46 @@ def accepted_key(request_id: str) -> str:
     return f"{NS}:accepted:{request_id}"
 
 
-def ensure_group(r: redis.Redis) -> None:
-    """Create the replicas' consumer group (and the stream) unless it exists."""
+def requests_stream(name: str) -> str:
+    """The stream routed requests for model `name` (no version or tag) are queued on."""
+    return f"{REQUESTS_PREFIX}{name}"
+
+
+def stream_model(stream: str) -> str:
+    """The model name a request stream belongs to (the inverse of `requests_stream`)."""
+    return stream.removeprefix(REQUESTS_PREFIX)
+
+
+def ensure_group(r: redis.Redis, stream: str) -> None:
+    """Create the replicas' consumer group (and the stream) unless it exists: from id 0, so entries
+    queued before the first replica of the model came up are delivered."""
     try:
-        r.xgroup_create(REQUESTS, GROUP, id="0", mkstream=True)
+        r.xgroup_create(stream, GROUP, id="0", mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+def model_streams(r: redis.Redis) -> list[str]:
+    """The model names that have a request stream, sorted. SCAN, not the model registry: a name
+    queued before anything registered it (scale from zero on a fresh platform) has a backlog too."""
+    keys = r.scan_iter(match=f"{REQUESTS_PREFIX}*", count=1000, _type="STREAM")
+    return sorted({stream_model(k) for k in keys})
+
+
+def backlog(r: redis.Redis) -> dict[str, tuple[int, int]]:
+    """Per model name: (entries in its request stream, entries taken by a replica, not answered)."""
+    names = model_streams(r)
+    pipe = r.pipeline(transaction=False)
+    for name in names:
+        pipe.xlen(requests_stream(name))
+        pipe.xpending(requests_stream(name), GROUP)
+    replies = pipe.execute(raise_on_error=False)  # XPENDING without the group (yet) errs: none taken
+    out = {}
+    for i, name in enumerate(names):
+        length, pending = replies[2 * i], replies[2 * i + 1]
+        out[name] = (int(length), int(pending.get("pending", 0)) if isinstance(pending, dict) else 0)
+    return out
 
 
 def _b64(msg: Any) -> str:

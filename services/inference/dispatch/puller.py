@@ -1,9 +1,15 @@
 """The replica side of routing: pull requests while there is room, stream outputs back, heartbeat,
 honour cancels and deadlines. Four threads, one job each, sharing the table of routed requests in flight.
 
+A replica reads, claims and acks only the request streams of the model names it serves (its base
+model and each LoRA adapter loaded over it; protocol.requests_stream), all in one XREADGROUP: a
+request for another model is never taken. Within one name, a request for a version or tag this
+replica does not serve (demo-model:2 taken by a replica of demo-model:1) goes back on that stream.
+
 Nothing taken is lost: a request stays in the taker's pending list (PEL) until it is accepted or
 answered. Requests a replica took and then died with (its heartbeat expired, the entries idle past
-the lease) are claimed by a live replica; a restarted replica first re-reads its own pending list.
+the lease) are claimed by a live replica of that model; a restarted replica first re-reads its own
+pending list on each of its streams.
 The acceptance fence (protocol.post_acceptance) makes sure a reclaimed request is served once."""
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ from tokenmill.services.inference.dispatch.protocol import (
     GROUP,
     REPLICAS,
     REPLY_TTL_S,
-    REQUESTS,
     Accepted,
     Fields,
     ReplicaInfo,
@@ -44,6 +49,7 @@ from tokenmill.services.inference.dispatch.protocol import (
     live_replicas,
     post_acceptance,
     publish_heartbeat,
+    requests_stream,
 )
 from tokenmill.services.inference.dispatch.registry import register_model
 from tokenmill.services.inference.dispatch.selector import Selector
@@ -57,7 +63,7 @@ LOW_KV_FRACTION = 0.02  # below this share of free KV blocks, take no work while
 
 # What the engine thread hands the forwarder: an output, an error, or None at the end.
 Outcome: TypeAlias = RequestOutput | BaseException | None
-Taken: TypeAlias = list[tuple[str, Fields | None]]  # stream entries as read or claimed
+Taken: TypeAlias = list[tuple[str, str, Fields | None]]  # (stream, entry id, fields) as read or claimed
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,7 @@ class ReplicaPuller:
         self.consumer = replica.replica_id
         self.active: dict[str, _Active] = {}  # request id -> what serves it
         self._backlog = True  # first re-read what this consumer took before a restart
+        self._grouped: set[str] = set()  # request streams whose consumer group this replica made sure of
         self._next_reclaim = 0.0
         self._lock = threading.Lock()
         self._out: queue.SimpleQueue[tuple[str, Outcome] | None] = queue.SimpleQueue()
@@ -112,7 +119,7 @@ class ReplicaPuller:
         self._reads = InterruptibleReads(r)  # stop() ends the pull loop's wait at once
 
     def start(self) -> None:
-        ensure_group(self.r)
+        self.streams()
         for served in self.replica.serving():  # known from now on, even scaled to zero
             register_model(self.r, served)
         self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)
@@ -160,6 +167,16 @@ class ReplicaPuller:
             return 0
         return max(0, min(self.batch, self.max_waiting - s.requests_waiting))
 
+    def streams(self) -> list[str]:
+        """The request streams of the names this replica serves now (adapters load at run time),
+        each with its consumer group."""
+        streams = sorted({requests_stream(s.name) for s in self.replica.serving()})
+        for stream in streams:
+            if stream not in self._grouped:
+                ensure_group(self.r, stream)
+                self._grouped.add(stream)
+        return streams
+
     def _pull_loop(self) -> None:
         while not self._stop.is_set():
             if not self.replica.ready.is_set() or self._draining.is_set():
@@ -173,29 +190,25 @@ class ReplicaPuller:
                 taken = self._claim_orphans(n) or self._read(n)
                 if taken:
                     failpoints.hit("inference.routed_taken", replica=self.consumer)
-                for entry_id, fields in taken:
-                    self._process(entry_id, fields)
-            except redis.ResponseError as exc:  # the group vanished (FLUSHDB): recreate it
-                log.warning("reading routed requests failed (%s); recreating the consumer group", exc)
-                ensure_group(self.r)
+                for stream, entry_id, fields in taken:
+                    self._process(stream, entry_id, fields)
+            except redis.ResponseError as exc:  # a group vanished (FLUSHDB): recreate them
+                log.warning("reading routed requests failed (%s); recreating the consumer groups", exc)
+                self._grouped.clear()
+                self.streams()
             except redis.RedisError:
                 log.exception("redis unavailable; retrying")
                 self._stop.wait(1.0)
 
     def _read(self, count: int) -> Taken:
-        """Up to `count` requests: first those this consumer took before a restart (its own pending
-        list), then new ones, blocking up to 0.5 s for the first."""
+        """Up to `count` requests from each of this replica's streams: first those this consumer took
+        before a restart (its own pending lists), then new ones, blocking up to 0.5 s for the first."""
         backlog = self._backlog
+        streams = dict.fromkeys(self.streams(), "0" if backlog else ">")
         resp = self._reads.run(
-            lambda r: r.xreadgroup(
-                GROUP,
-                self.consumer,
-                {REQUESTS: "0" if backlog else ">"},
-                count=count,
-                block=None if backlog else 500,
-            )
+            lambda r: r.xreadgroup(GROUP, self.consumer, streams, count=count, block=None if backlog else 500)
         )
-        taken = [entry for _stream, entries in resp or [] for entry in entries]
+        taken = [(stream, *entry) for stream, entries in resp or [] for entry in entries]
         if backlog and not taken:
             self._backlog = False
         return taken
@@ -208,31 +221,37 @@ class ReplicaPuller:
             return []
         self._next_reclaim = now + self.reclaim_every_s
         lease_ms = int(self.dead_after_s * 1000)
-        pending = self.r.xpending_range(REQUESTS, GROUP, "-", "+", max(64, 4 * count), idle=lease_ms)
-        if not pending:
-            return []
-        live = {info.replica_id for info in live_replicas(self.r, self.dead_after_s)} | {self.consumer}
-        orphans = [p["message_id"] for p in pending if p["consumer"] not in live][:count]
-        if not orphans:
-            return []
-        claimed: Taken = self.r.xclaim(REQUESTS, GROUP, self.consumer, lease_ms, orphans)
+        live: set[str] | None = None  # read once, and only when something is pending past the lease
+        claimed: Taken = []
+        for stream in self.streams():
+            pending = self.r.xpending_range(stream, GROUP, "-", "+", max(64, 4 * count), idle=lease_ms)
+            if not pending:
+                continue
+            if live is None:
+                live = {i.replica_id for i in live_replicas(self.r, self.dead_after_s)} | {self.consumer}
+            orphans = [p["message_id"] for p in pending if p["consumer"] not in live][: count - len(claimed)]
+            if orphans:
+                entries = self.r.xclaim(stream, GROUP, self.consumer, lease_ms, orphans)
+                claimed += [(stream, *entry) for entry in entries]
+            if len(claimed) >= count:
+                break
         if claimed:
             log.warning("reclaimed %d routed requests taken by replicas that died", len(claimed))
         return claimed
 
-    def _process(self, entry_id: str, fields: Fields | None) -> None:
-        """Serve (or, while draining, hand back) one taken entry, then drop it from the stream."""
+    def _process(self, stream: str, entry_id: str, fields: Fields | None) -> None:
+        """Serve (or, while draining, hand back to its stream) one taken entry, then drop it."""
         try:
             if self._draining.is_set():  # read while drain began: hand it back to the queue
                 if fields:
-                    self.r.xadd(REQUESTS, fields)
+                    self.r.xadd(stream, fields)
             else:
-                self._handle(fields)
+                self._handle(stream, fields)
         finally:
-            self.r.xack(REQUESTS, GROUP, entry_id)
-            self.r.xdel(REQUESTS, entry_id)
+            self.r.xack(stream, GROUP, entry_id)
+            self.r.xdel(stream, entry_id)
 
-    def _handle(self, fields: Fields | None) -> None:
+    def _handle(self, stream: str, fields: Fields | None) -> None:
         entry = RoutedEntry.from_fields(fields)
         if entry is None or self.r.exists(cancelled_key(entry.request_id), accepted_key(entry.request_id)):
             return  # nothing to answer, cancelled, or accepted already (a reclaimed request)
@@ -243,7 +262,7 @@ class ReplicaPuller:
             return
         try:
             request = entry.decode()
-            if fields and self._route_elsewhere(request, fields):
+            if fields and self._route_elsewhere(stream, request, fields):
                 return
             self.replica.prepare(request)
             self._start(entry, request)
@@ -253,14 +272,14 @@ class ReplicaPuller:
             log.exception("could not start routed request %s", entry.request_id)
             self._post(entry.reply, error_fields("INTERNAL", f"replica failed to start it: {exc}"))
 
-    def _route_elsewhere(self, request: Any, fields: Fields) -> bool:
-        """Hand back a request for a model this replica does not serve: the router checked that it
-        is served, or known and scaling from zero, so a replica of it takes it (or the router gives
-        up after its wait and cancels it)."""
+    def _route_elsewhere(self, stream: str, request: Any, fields: Fields) -> bool:
+        """Hand back, on its own stream, a request for a version or tag of one of this replica's
+        names that it does not serve: the router checked that it is served, or known and scaling
+        from zero, so a replica of it takes it (or the router gives up after its wait and cancels it)."""
         selector = Selector.parse(request.model)
         if selector is None or any(selector.matches(s) for s in self.replica.serving()):
             return False
-        self.r.xadd(REQUESTS, fields)
+        self.r.xadd(stream, fields)
         self._stop.wait(0.05)  # let a replica that serves it take it
         return True
 

@@ -1,0 +1,202 @@
+"""One routed-request stream per model name (issue 11, many models at once): real Redis, real
+in-process replicas of two different models ('tiny' and 'other', different weights) and a real router.
+
+A replica reads, claims and acks only the streams of the names it serves, so a backlog for one model
+never passes through (or scales) another model's replicas, and each model's backlog is its own series.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from tests.fixtures.inference import TinyCheckpoint, greedy, random_model, reference_greedy, wait_for
+from tokenmill.services.inference.dispatch.protocol import GROUP, ensure_group, model_streams, requests_stream
+from tokenmill.services.inference.dispatch.registry import register_model
+from tokenmill.services.inference.dispatch.selector import Served
+from tokenmill.services.inference.metrics import RouterCollector, RouterMetrics
+
+TINY, OTHER = requests_stream("tiny"), requests_stream("other")
+PROMPTS = ["Once upon a time", "The quick brown fox", "def add(a, b):"]
+
+
+@pytest.fixture
+def other_ckpt(tiny_ckpt, inference_store) -> TinyCheckpoint:
+    """A second model, 'other': tiny's shape and tokenizer, different weights (different outputs)."""
+    ckpt = TinyCheckpoint(random_model(tiny_ckpt.config, seed=1), tiny_ckpt.hf_tokenizer)
+    inference_store.client.save(
+        "other",
+        ckpt.tensors,
+        files={"tokenizer.json": ckpt.tokenizer_json.encode()},
+        config=ckpt.config.to_hf_config(),
+    )
+    return ckpt
+
+
+@pytest.fixture
+def serve_other(other_ckpt, inference_store, redis_url) -> Iterator[Callable[[str], object]]:
+    """`serve_other(replica_id)` -> the puller of a started replica of 'other' (routed work only)."""
+    from tokenmill.common.inference import EngineConfig
+    from tokenmill.common.redis_conn import connect_url
+    from tokenmill.services.inference.dispatch.puller import ReplicaPuller
+    from tokenmill.services.inference.loader import load_model
+    from tokenmill.services.inference.replica import Replica
+
+    started = []
+
+    def start(replica_id: str) -> ReplicaPuller:
+        cfg = EngineConfig(num_blocks=128, block_size=4, max_num_seqs=32)
+        replica = Replica(load_model(inference_store.client, "other"), cfg, replica_id, registry=None)
+        replica.warmup()
+        puller = ReplicaPuller(replica, connect_url(redis_url), "127.0.0.1:1", heartbeat_s=0.2)
+        puller.start()
+        started.append(puller)
+        return puller
+
+    yield start
+    for puller in started:
+        puller.stop()
+        puller.replica.shutdown()
+
+
+def in_thread(fn) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except Exception as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def consumers(redis_client, stream: str) -> set[str]:
+    return {c["name"] for c in redis_client.xinfo_consumers(stream, GROUP)}
+
+
+def test_replica_of_one_model_never_takes_requests_queued_for_another(
+    start_router, start_replica, redis_url, redis_client, tiny_ckpt
+):
+    """B's request stays on B's stream, untouched (same entry, never delivered), while A's replica
+    keeps serving A; before, A's replica took it and put it back, over and over."""
+    client, dispatcher, _ = start_router(no_replica_timeout_s=120.0)
+    register_model(redis_client, Served("other:1", ("latest",)))  # known, scaled to zero: it queues
+    start_replica(redis_url, replica_id="a")
+    t, out = in_thread(lambda: client.generate(PROMPTS[0], max_tokens=4, model="other", timeout=60))
+    wait_for(lambda: redis_client.xlen(OTHER) == 1, 30, "B's request to be queued")
+    [(entry_id, _fields)] = redis_client.xrange(OTHER)
+    for prompt in PROMPTS:  # A's replica pulls (its loop runs) after B's entry is queued
+        resp = client.generate(prompt, max_tokens=4, model="tiny", **greedy())
+        assert resp.replica == "a"
+        assert list(resp.token_ids) == reference_greedy(tiny_ckpt.model, tiny_ckpt.encode(prompt), 4)
+    assert [eid for eid, _ in redis_client.xrange(OTHER)] == [entry_id]
+    assert consumers(redis_client, OTHER) == set()  # no replica ever read B's stream
+    assert redis_client.xpending(OTHER, GROUP)["pending"] == 0
+    assert consumers(redis_client, TINY) == {"a"}
+    assert t.is_alive() and not out  # still waiting for a replica of B
+
+
+def test_backlog_metric_is_per_model(start_router, start_replica, redis_url, redis_client):
+    """`tokenmill:router_backlog{model=...}`: B's queued requests show under B only, never under A."""
+    client, dispatcher, _ = start_router(no_replica_timeout_s=120.0)
+    registry = CollectorRegistry()
+    registry.register(RouterCollector(dispatcher.backlog, dispatcher.replicas))
+    register_model(redis_client, Served("other:1", ("latest",)))
+    start_replica(redis_url, replica_id="a")
+    assert client.generate(PROMPTS[0], max_tokens=2, model="tiny").token_ids
+    calls = [in_thread(lambda: client.generate(PROMPTS[1], max_tokens=2, model="other")) for _ in range(3)]
+    wait_for(lambda: redis_client.xlen(OTHER) == 3, 30, "B's requests to be queued")
+    text = generate_latest(registry).decode()
+    assert 'tokenmill:router_backlog{model="other"} 3.0' in text
+    assert 'tokenmill:router_queue_length{model="other"} 3.0' in text
+    assert 'tokenmill:router_backlog{model="tiny"} 0.0' in text
+    assert 'tokenmill:router_queue_length{model="tiny"} 0.0' in text
+    assert 'tokenmill:router_queue_pending{model="tiny"} 0.0' in text
+    assert dispatcher.queue_depth() == 3  # GetStats' waiting count sums the models
+    assert all(t.is_alive() for t, _ in calls)
+
+
+@pytest.mark.slow
+def test_two_models_loaded_each_replica_serves_only_its_own(
+    start_router, start_replica, serve_other, redis_url, redis_client, tiny_ckpt, other_ckpt
+):
+    """Requests for both models at once: every answer comes from a replica of the model asked for,
+    token-identical to that model's reference, and neither replica ever read the other's stream."""
+    client, _, _ = start_router(no_replica_timeout_s=60.0)
+    start_replica(redis_url, replica_id="a")
+    serve_other("b")
+    jobs = [(m, p) for m in ("tiny", "other", "tiny:1", "other:latest") for p in PROMPTS] * 2
+    calls = [
+        in_thread(lambda m=m, p=p: client.generate(p, max_tokens=6, model=m, timeout=90, **greedy()))
+        for m, p in jobs
+    ]
+    for (model, prompt), (t, out) in zip(jobs, calls, strict=True):
+        t.join(120)
+        assert "value" in out, out.get("error")
+        ckpt, replica = (tiny_ckpt, "a") if model.startswith("tiny") else (other_ckpt, "b")
+        assert out["value"].replica == replica, model
+        assert list(out["value"].token_ids) == reference_greedy(ckpt.model, ckpt.encode(prompt), 6), model
+    assert consumers(redis_client, TINY) == {"a"}
+    assert consumers(redis_client, OTHER) == {"b"}
+
+
+@pytest.mark.slow
+def test_orphans_are_reclaimed_only_by_a_replica_of_their_model(
+    start_router, start_replica, serve_other, redis_url, redis_client, other_ckpt
+):
+    """A request for B taken by a replica that died: A's replica (reclaiming every 0.2 s) leaves it,
+    B's replica claims and serves it."""
+    client, _, _ = start_router(no_replica_timeout_s=60.0)
+    register_model(redis_client, Served("other:1", ("latest",)))
+    start_replica(redis_url, replica_id="a", puller_kwargs={"dead_after_s": 1.0, "reclaim_every_s": 0.2})
+    ensure_group(redis_client, OTHER)
+    prompt = other_ckpt.encode(PROMPTS[2])
+    t, out = in_thread(lambda: client.generate(prompt, max_tokens=5, model="other", timeout=90, **greedy()))
+    taken = redis_client.xreadgroup(GROUP, "ghost", {OTHER: ">"}, count=1, block=20_000)  # then "dies"
+    assert taken and taken[0][1], "the request never reached B's stream"
+    # Past the 1 s lease A's replica has looked for orphans several times; it must not claim B's.
+    assert client.generate(PROMPTS[0], max_tokens=2, model="tiny").replica == "a"
+    wait_for(
+        lambda: (
+            redis_client.xpending(OTHER, GROUP)["pending"] == 1
+            and redis_client.xpending_range(OTHER, GROUP, "-", "+", 1, idle=2000)
+        ),
+        30,
+        "the orphan to idle past A's lease",
+    )
+    assert consumers(redis_client, OTHER) == {"ghost"}
+    serve_other("b")
+    t.join(120)
+    assert "value" in out, out.get("error")
+    assert out["value"].replica == "b"
+    assert list(out["value"].token_ids) == reference_greedy(other_ckpt.model, prompt, 5)
+    assert consumers(redis_client, OTHER) == {"ghost", "b"}
+
+
+def test_request_without_a_model_waits_unqueued_until_a_model_is_live(
+    start_router, start_replica, redis_url, redis_client, tiny_ckpt
+):
+    """ "" means any served model, as before: on a platform that knows no model it is queued nowhere
+    (no stream to pick) until a replica comes up, then goes to that replica's model and is served."""
+    registry = CollectorRegistry()
+    client, _, _ = start_router(no_replica_timeout_s=120.0, metrics=RouterMetrics(registry))
+    t, out = in_thread(lambda: client.generate(PROMPTS[0], max_tokens=6, timeout=120, **greedy()))
+    wait_for(
+        lambda: registry.get_sample_value("tokenmill:router_requests_total", {"model": ""}) == 1.0,
+        30,
+        "the router to take the request",
+    )
+    assert model_streams(redis_client) == [] and t.is_alive()
+    start_replica(redis_url, replica_id="late")
+    t.join(120)
+    assert "value" in out, out.get("error")
+    assert out["value"].replica == "late"
+    want = reference_greedy(tiny_ckpt.model, tiny_ckpt.encode(PROMPTS[0]), 6)
+    assert list(out["value"].token_ids) == want
+    assert model_streams(redis_client) == ["tiny"] and consumers(redis_client, TINY) == {"late"}
