@@ -7,13 +7,19 @@ never passes through (or scales) another model's replicas, and each model's back
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tests.fixtures.inference import TinyCheckpoint, greedy, random_model, reference_greedy, wait_for
+from tests.fixtures.inference import (
+    TinyCheckpoint,
+    greedy,
+    in_thread,
+    random_model,
+    reference_greedy,
+    wait_for,
+)
 from tokenmill.services.inference.dispatch.protocol import GROUP, ensure_group, model_streams, requests_stream
 from tokenmill.services.inference.dispatch.registry import register_model
 from tokenmill.services.inference.dispatch.selector import Served
@@ -60,20 +66,6 @@ def serve_other(other_ckpt, inference_store, redis_url) -> Iterator[Callable[[st
     for puller in started:
         puller.stop()
         puller.replica.shutdown()
-
-
-def in_thread(fn) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except Exception as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
 
 
 def consumers(redis_client, stream: str) -> set[str]:

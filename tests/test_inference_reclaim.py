@@ -16,7 +16,7 @@ from dataclasses import asdict
 import pytest
 
 from tests.fixtures.grpc import TEST_TOKEN
-from tests.fixtures.inference import greedy, reference_greedy, replica_process, wait_for
+from tests.fixtures.inference import greedy, in_thread, reference_greedy, replica_process, wait_for
 from tokenmill.common import errors, failpoints
 from tokenmill.common.clients.base import NO_DEADLINE
 from tokenmill.services.inference.dispatch import puller as puller_mod
@@ -47,22 +47,6 @@ def fake_heartbeat(redis_client, replica_id: str, *, model: str = "tiny:1", tags
     """A heartbeat as a replica would publish it, for a replica that never serves anything."""
     info = ReplicaInfo(replica_id, "127.0.0.1:1", model, time.time(), tags=list(tags))
     redis_client.hset(REPLICAS, replica_id, json.dumps(asdict(info)))
-
-
-def in_thread(fn):
-    """Run `fn` on a thread; the returned dict gets 'result' or 'error' when it ends."""
-    out: dict = {}
-
-    def run():
-        try:
-            out["result"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    out["thread"] = t
-    return out
 
 
 # -- model selectors ---------------------------------------------------------------------------
@@ -117,13 +101,13 @@ def test_request_taken_by_a_dead_replica_is_served_by_another(
     fake_heartbeat(redis_client, "ghost")  # live now; it takes the request and never answers
     prompt = tiny_ckpt.encode("Once upon a time")
     ensure_group(redis_client, TINY)
-    call = in_thread(lambda: client.generate(prompt, max_tokens=8, timeout=60, **greedy()))
+    thread, call = in_thread(lambda: client.generate(prompt, max_tokens=8, timeout=60, **greedy()))
     taken = redis_client.xreadgroup(GROUP, "ghost", {TINY: ">"}, count=1, block=20_000)
     assert taken and taken[0][1], "the request never reached the stream"
     start_replica(redis_url, replica_id="heir", puller_kwargs=FAST_RECLAIM)
-    call["thread"].join(60)
+    thread.join(60)
     assert "error" not in call, call.get("error")
-    resp = call["result"]
+    resp = call["value"]
     assert list(resp.token_ids) == reference_greedy(tiny_ckpt.model, prompt, 8)
     assert resp.replica == "heir"
     wait_for(lambda: not redis_client.xpending(TINY, GROUP)["pending"], what="the PEL to drain")
@@ -136,13 +120,13 @@ def test_restarted_replica_serves_what_it_took_before_it_died(
     client, _, _ = router
     fake_heartbeat(redis_client, "phoenix")
     ensure_group(redis_client, TINY)
-    call = in_thread(lambda: client.generate([5, 6, 7], max_tokens=4, timeout=60, **greedy()))
+    thread, call = in_thread(lambda: client.generate([5, 6, 7], max_tokens=4, timeout=60, **greedy()))
     taken = redis_client.xreadgroup(GROUP, "phoenix", {TINY: ">"}, count=1, block=20_000)
     assert taken and taken[0][1], "the request never reached the stream"
     start_replica(redis_url, replica_id="phoenix")  # same consumer name, heartbeat live at once
-    call["thread"].join(60)
+    thread.join(60)
     assert "error" not in call, call.get("error")
-    assert list(call["result"].token_ids) == reference_greedy(tiny_ckpt.model, [5, 6, 7], 4)
+    assert list(call["value"].token_ids) == reference_greedy(tiny_ckpt.model, [5, 6, 7], 4)
 
 
 @pytest.mark.slow
@@ -175,11 +159,11 @@ def test_replica_killed_after_taking_requests_they_complete_elsewhere_once(
 
     monkeypatch.setattr(puller_mod, "post_acceptance", counted)
     start_replica(redis_url, replica_id="survivor", puller_kwargs=FAST_RECLAIM)
-    for call, prompt in zip(calls, prompts, strict=True):
-        call["thread"].join(90)
+    for (thread, call), prompt in zip(calls, prompts, strict=True):
+        thread.join(90)
         assert "error" not in call, call.get("error")
-        assert list(call["result"].token_ids) == reference_greedy(tiny_ckpt.model, prompt, 6)
-        assert call["result"].replica == "survivor"
+        assert list(call["value"].token_ids) == reference_greedy(tiny_ckpt.model, prompt, 6)
+        assert call["value"].replica == "survivor"
     assert len(wins) == 3 and set(wins.values()) == {1}, wins  # each served exactly once
     wait_for(lambda: not redis_client.xpending(TINY, GROUP)["pending"], what="the PEL to drain")
 
@@ -207,9 +191,9 @@ def test_request_without_a_deadline_gets_the_default(router, redis_client):
     _keep_alive(redis_client, "wedged", stop)
     try:
         started = time.monotonic()
-        call = in_thread(lambda: client.generate([1, 2, 3], max_tokens=4, timeout=NO_DEADLINE))
-        call["thread"].join(60)
-        assert not call["thread"].is_alive(), "the request hangs: it has no deadline"
+        thread, call = in_thread(lambda: client.generate([1, 2, 3], max_tokens=4, timeout=NO_DEADLINE))
+        thread.join(60)
+        assert not thread.is_alive(), "the request hangs: it has no deadline"
         assert isinstance(call.get("error"), errors.DeadlineExceeded), call
         assert "2 s deadline" in call["error"].message
         assert time.monotonic() - started >= 2.0

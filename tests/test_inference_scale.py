@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.fixtures.grpc import free_port
-from tests.fixtures.inference import greedy, reference_greedy, wait_for
+from tests.fixtures.inference import greedy, in_thread, reference_greedy, wait_for
 from tokenmill.common import errors
 from tokenmill.services.inference.dispatch.protocol import requests_stream
 from tokenmill.services.inference.dispatch.registry import publish_load_error
@@ -23,25 +23,11 @@ PROMPT = "Once upon a time"
 TINY = requests_stream("tiny")
 
 
-def _in_thread(fn) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except errors.TokenmillError as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
-
-
 def test_request_with_zero_replicas_is_served_once_a_replica_starts(
     start_router, start_replica, redis_url, redis_client, tiny_ckpt
 ):
     client, _, _ = start_router(no_replica_timeout_s=120.0)
-    t, out = _in_thread(lambda: client.generate(PROMPT, max_tokens=8, model="tiny", **greedy()))
+    t, out = in_thread(lambda: client.generate(PROMPT, max_tokens=8, model="tiny", **greedy()))
     # Queued in Redis on tiny's stream (the autoscaler's signal), not refused.
     wait_for(lambda: redis_client.xlen(TINY) >= 1, 30, "the request to be queued")
     assert t.is_alive() and not out
@@ -89,7 +75,7 @@ def test_load_error_is_failed_precondition_through_the_router(start_router, redi
 
 def test_load_error_ends_a_queued_request_at_once(start_router, redis_client):
     client, _, _ = start_router(no_replica_timeout_s=120.0)
-    t, out = _in_thread(lambda: client.generate(PROMPT, max_tokens=2, model="broken"))
+    t, out = in_thread(lambda: client.generate(PROMPT, max_tokens=2, model="broken"))
     wait_for(lambda: redis_client.xlen(requests_stream("broken")) >= 1, 30, "the request to be queued")
     publish_load_error(redis_client, "r-bad", "broken", "KeyError: 'layers.0.attn.q_proj.weight'")
     t.join(30)
@@ -102,7 +88,7 @@ def test_router_metrics_backlog_rate_live_replicas_and_queue_wait(
     registry = CollectorRegistry()
     client, dispatcher, _ = start_router(no_replica_timeout_s=120.0, metrics=RouterMetrics(registry))
     registry.register(RouterCollector(dispatcher.backlog, dispatcher.replicas))
-    t, out = _in_thread(lambda: client.generate(PROMPT, max_tokens=4, model="tiny"))
+    t, out = in_thread(lambda: client.generate(PROMPT, max_tokens=4, model="tiny"))
     wait_for(lambda: redis_client.xlen(TINY) >= 1, 30, "the request to be queued")
     text = generate_latest(registry).decode()
     assert 'tokenmill:router_queue_length{model="tiny"} 1.0' in text
