@@ -1,11 +1,12 @@
 """CPU benchmark: what each compression method costs in perplexity and buys in bytes, on a model
 tokenmill trained on the demo corpus (the standard library's modules, code preset) in this process.
 
-One run: ingest a slice of the stdlib, train test-1m for --steps with the trainer engine, then for
-each method compress with `compress_model` (the service's engine) on the same calibration rows
-(train split), and measure with the service's own measurements (services/compress/measure.py):
-perplexity on the val split over the dequantized weights, greedy decode tokens/s of the inference
-engine on the stored format.
+One run: ingest the demo's corpus (--docs 0: all of it), train test-1m for --steps (the demo's 2,400;
+fewer leave a model whose blocks barely matter, where every method's Δppl is noise) with the
+trainer engine, then for each method compress with `compress_model` (the service's engine) on the
+same calibration rows (train split), and measure with the service's own measurements
+(services/compress/measure.py): perplexity on the val split over the dequantized weights, greedy
+decode tokens/s of the inference engine on the stored format.
 
 Distillation row: the trained model as teacher, a quarter-size student (test-1m with half the width)
 distilled from it for --distill-steps (trainer mode "distill", T=1, pure KL) vs the same student
@@ -19,7 +20,7 @@ windows by the same function (bench/llmc_gptq.py, in the venv scripts/setup_llmc
 since llmcompressor pins an older transformers than .venv). Without that venv the row says so.
 
     scripts/setup_llmcompressor.sh   # once: .cache/venv-llmc
-    python -m bench.compress [--steps 800] [--docs 600] [--distill-steps 60]
+    python -m bench.compress [--steps 2400] [--docs 0] [--distill-steps 60]
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ LLMC_TIMEOUT_S = 1800
 SAME_PPL_RTOL = 1e-4  # dense perplexity of both sides: proof that they measure alike
 SEQ_LEN = 128
 CALIBRATION_ROWS = 64
-EVAL_TOKENS = 32 * SEQ_LEN
+EVAL_TOKENS = 128 * SEQ_LEN
 METHODS: dict[str, list[MethodSpec]] = {
     "int8": [MethodSpec("int8")],
     "int4-rtn-g128": [MethodSpec("int4-rtn", group_size=128)],
@@ -66,6 +67,7 @@ METHODS: dict[str, list[MethodSpec]] = {
     "int4-awq-g128": [MethodSpec("int4-awq", group_size=128)],
     "magnitude-50%": [MethodSpec("prune-magnitude", sparsity=0.5)],
     "wanda-50%": [MethodSpec("prune-wanda", sparsity=0.5)],
+    "sparsegpt-50%": [MethodSpec("prune-sparsegpt", sparsity=0.5)],
     "wanda-2:4+int8": [MethodSpec("prune-wanda", pattern="2:4"), MethodSpec("int8")],
     "svd-r0.5": [MethodSpec("svd", rank_fraction=0.5)],
 }
@@ -168,8 +170,8 @@ def llmcompressor_row(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--docs", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=2400, help="the demo's training steps")
+    ap.add_argument("--docs", type=int, default=0, help="documents ingested (0: all, as the demo)")
     ap.add_argument("--distill-steps", type=int, default=60, help="student steps, distilled and scratch")
     ap.add_argument("--llmc-python", type=Path, default=LLMC_PYTHON, help="python of the llm-compressor venv")
     args = ap.parse_args()
