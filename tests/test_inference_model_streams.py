@@ -18,6 +18,7 @@ from tests.fixtures.inference import (
     in_thread,
     random_model,
     reference_greedy,
+    save_lora_adapter,
     wait_for,
 )
 from tokenmill.services.inference.dispatch.protocol import GROUP, ensure_group, model_streams, requests_stream
@@ -192,3 +193,35 @@ def test_request_without_a_model_waits_unqueued_until_a_model_is_live(
     want = reference_greedy(tiny_ckpt.model, tiny_ckpt.encode(PROMPTS[0]), 6)
     assert list(out["value"].token_ids) == want
     assert model_streams(redis_client) == ["tiny"] and consumers(redis_client, TINY) == {"late"}
+
+
+def test_one_read_takes_at_most_the_replicas_room_over_all_its_streams(
+    inference_store, tiny_ckpt, redis_url, redis_client
+) -> None:
+    """XREADGROUP's COUNT is per stream: a replica serving a base model and an adapter (two streams)
+    that has room for 2 must take 2 in all, one from each, not 2 from each."""
+    from tokenmill.common.inference import EngineConfig
+    from tokenmill.common.redis_conn import connect_url
+    from tokenmill.services.inference.dispatch.puller import ReplicaPuller
+    from tokenmill.services.inference.loader import load_model
+    from tokenmill.services.inference.replica import Replica
+
+    save_lora_adapter(inference_store.client, tiny_ckpt, "tiny-style")
+    cfg = EngineConfig(num_blocks=64, block_size=4, max_num_seqs=8)
+    replica = Replica(
+        load_model(inference_store.client, "tiny"), cfg, "r", store_client=inference_store.client
+    )
+    try:
+        replica.ensure_adapter("tiny-style")
+        puller = ReplicaPuller(replica, connect_url(redis_url), "127.0.0.1:1")  # not started: reads only
+        streams = puller.streams()
+        assert streams == [requests_stream("tiny"), requests_stream("tiny-style")]
+        for stream in streams:
+            for i in range(4):
+                redis_client.xadd(stream, {"n": str(i)})
+        puller._backlog = False  # nothing of its own pending: read new entries
+        taken = puller._read(2)
+        assert sorted(stream for stream, _, _ in taken) == streams
+        assert [redis_client.xlen(s) for s in streams] == [4, 4]  # taken, not yet acked or deleted
+    finally:
+        replica.shutdown()

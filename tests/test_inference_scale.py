@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.fixtures.grpc import free_port
-from tests.fixtures.inference import greedy, in_thread, reference_greedy, wait_for
+from tests.fixtures.inference import greedy, in_thread, reference_greedy, save_lora_adapter, wait_for
 from tokenmill.common import errors
 from tokenmill.services.inference.dispatch.protocol import requests_stream
 from tokenmill.services.inference.dispatch.registry import publish_load_error
@@ -122,27 +122,10 @@ def test_router_metrics_still_render_while_redis_is_unreachable() -> None:
     assert "tokenmill:router_backlog" not in text
 
 
-def _save_lora(store, tiny_ckpt, name: str) -> None:
-    import json
-
-    import torch
-
-    from tokenmill.common.model.lora import adapter_config
-
-    gen = torch.Generator().manual_seed(1)
-    cfg, lora = tiny_ckpt.config, {}
-    for layer in range(cfg.num_layers):
-        base = f"model.layers.{layer}.self_attn.q_proj"
-        lora[f"{base}.lora_A.weight"] = torch.randn(4, cfg.hidden_size, generator=gen) * 0.3
-        lora[f"{base}.lora_B.weight"] = torch.randn(cfg.hidden_size, 4, generator=gen) * 0.3
-    files = {"adapter_config.json": json.dumps(adapter_config(4, 8.0, ["q_proj"])).encode()}
-    store.save(name, lora, files=files)
-
-
 def test_lora_adapter_is_addressable_as_a_model_through_the_router(
     start_router, start_replica, redis_url, inference_store, tiny_ckpt
 ):
-    _save_lora(inference_store.client, tiny_ckpt, "tiny-style")
+    save_lora_adapter(inference_store.client, tiny_ckpt, "tiny-style")
     client, dispatcher, _ = start_router()
     h = start_replica(redis_url, replica_id="lora")
     h.replica.ensure_adapter("tiny-style")  # what `--adapter tiny-style` preloads

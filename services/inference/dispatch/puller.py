@@ -201,12 +201,14 @@ class ReplicaPuller:
                 self._stop.wait(1.0)
 
     def _read(self, count: int) -> Taken:
-        """Up to `count` requests from each of this replica's streams: first those this consumer took
-        before a restart (its own pending lists), then new ones, blocking up to 0.5 s for the first."""
+        """Up to `count` requests over this replica's streams (at least one per stream: XREADGROUP's
+        COUNT is per stream, so each gets an equal share): first those this consumer took before a
+        restart (its own pending lists), then new ones, blocking up to 0.5 s for the first."""
         backlog = self._backlog
         streams = dict.fromkeys(self.streams(), "0" if backlog else ">")
+        share = max(1, count // len(streams))
         resp = self._reads.run(
-            lambda r: r.xreadgroup(GROUP, self.consumer, streams, count=count, block=None if backlog else 500)
+            lambda r: r.xreadgroup(GROUP, self.consumer, streams, count=share, block=None if backlog else 500)
         )
         taken = [(stream, *entry) for stream, entries in resp or [] for entry in entries]
         if backlog and not taken:
