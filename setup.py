@@ -15,4 +15,8 @@ for root in MAPPED_ROOTS:
     package_dir[f"tokenmill.{root}"] = root
     packages += [f"tokenmill.{name}" for name in find_packages(include=[root, f"{root}.*"])]
 
-setup(packages=packages, package_dir=package_dir, package_data={"tokenmill.common.jobs": ["lua/*.lua"], "tokenmill.common.eval": ["suites/*/*"]})
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"tokenmill.common.jobs": ["lua/*.lua"], "tokenmill.common.eval": ["suites/*/*"]},
+)
