@@ -225,3 +225,47 @@ def test_one_read_takes_at_most_the_replicas_room_over_all_its_streams(
         assert [redis_client.xlen(s) for s in streams] == [4, 4]  # taken, not yet acked or deleted
     finally:
         replica.shutdown()
+
+
+@pytest.mark.slow
+def test_request_without_a_model_is_not_stranded_when_the_model_it_queued_on_goes_away(
+    start_router, start_replica, serve_other, redis_url, redis_client, tiny_ckpt
+):
+    """A "" request queued on B's stream (B's replica draining, so nobody takes it) whose replica
+    then goes away while A stays live: the router answers UNAVAILABLE after its no-replica wait and
+    drops the entry from B's stream; the client's retry (gRPC retries UNAVAILABLE) lands on A.
+    Before, A being live kept it waiting on B's stream for its whole 60 s deadline."""
+    client, _, _ = start_router(no_replica_timeout_s=2.0)
+    start_replica(redis_url, replica_id="a")
+    b = serve_other("b")
+    b.drain(timeout=0)  # live (heartbeating) but taking nothing
+    # Both queues empty: the tie goes to the first name, 'other'.
+    t, out = in_thread(lambda: client.generate(PROMPTS[0], max_tokens=3, timeout=60, **greedy()))
+    wait_for(lambda: redis_client.xlen(OTHER) == 1, 30, "the request to be queued on B's stream")
+    b.stop()  # B's replica is gone; only A's is live
+    t.join(40)
+    assert "value" in out, out.get("error", "still waiting on B's stream")
+    assert out["value"].replica == "a"
+    want = reference_greedy(tiny_ckpt.model, tiny_ckpt.encode(PROMPTS[0]), 3)
+    assert list(out["value"].token_ids) == want
+    assert redis_client.xlen(OTHER) == 0  # B's replica may have read it while draining: handed back
+
+
+def test_request_handed_back_to_its_stream_is_dropped_when_its_client_gives_up(start_router, redis_client):
+    """A draining replica (or one of another version) hands a taken request back to its stream as a
+    new entry; when the client's deadline then passes, the router drops that entry too, so a model
+    scaled to zero shows no backlog (and starts no replica) for a request nobody waits for."""
+    from tokenmill.common.errors import DeadlineExceeded
+
+    client, _, _ = start_router(no_replica_timeout_s=120.0)
+    register_model(redis_client, Served("other:1", ("latest",)))
+    ensure_group(redis_client, OTHER)
+    t, out = in_thread(lambda: client.generate(PROMPTS[0], max_tokens=2, model="other", timeout=3))
+    taken = redis_client.xreadgroup(GROUP, "draining", {OTHER: ">"}, count=1, block=20_000)
+    [(entry_id, fields)] = taken[0][1]
+    redis_client.xadd(OTHER, fields)  # what ReplicaPuller._process does while draining
+    redis_client.xack(OTHER, GROUP, entry_id)
+    redis_client.xdel(OTHER, entry_id)
+    t.join(30)
+    assert isinstance(out.get("error"), DeadlineExceeded), out
+    wait_for(lambda: redis_client.xlen(OTHER) == 0, 10, "the router to drop the handed-back entry")

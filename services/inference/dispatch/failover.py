@@ -45,6 +45,7 @@ from tokenmill.services.inference.dispatch.protocol import (
     reply_key,
     request_fields,
     requests_stream,
+    stream_model,
 )
 from tokenmill.services.inference.dispatch.registry import known_models, load_errors
 from tokenmill.services.inference.dispatch.selector import Selector, check_served
@@ -233,8 +234,18 @@ class RouterDispatcher:
             else:
                 self.cancel(routing.request_id)
                 # Not taken yet (no replica came): drop it, so the backlog autoscalers read is real demand.
-                if routing.entry_id:
-                    self.r.xdel(routing.stream, routing.entry_id)
+                if routing.entry_id and not self.r.xdel(routing.stream, routing.entry_id):
+                    self._drop_handed_back(routing)
+
+    def _drop_handed_back(self, routing: _Routing) -> None:
+        """Drop the entries a replica handed the current attempt back as (draining, or serving
+        another version: puller._process, _route_elsewhere): new entries after the original."""
+        if self.r.exists(accepted_key(routing.request_id)):
+            return  # a replica accepted this attempt: nothing was handed back
+        later = self.r.xrange(routing.stream, min=f"({routing.entry_id}")
+        stale = [eid for eid, fields in later if fields.get("rid") == routing.request_id]
+        if stale:
+            self.r.xdel(routing.stream, *stale)
 
     def _stream_name(self, model: str, live: list[ReplicaInfo]) -> str | None:
         """The model name whose stream a request for `model` queues on: its selector's name; for ""
@@ -310,11 +321,15 @@ class RouterDispatcher:
     def _check_waiting(self, routing: _Routing, waited_s: float) -> None:
         """A queued request nobody took yet: fail it once no replica of its model came up within
         the wait (or at once when they report a load error); otherwise keep waiting. A request
-        for "" not queued yet is queued as soon as a replica is live."""
+        for "" not queued yet is queued as soon as a replica is live; once queued, it waits for its
+        stream's model like any other."""
         model = routing.original.model
         live = self.targets(model)
         if live and not routing.entry_id:
             self._enqueue(routing, live)
+        if routing.stream and not model:  # "" queued on one model's stream: only that model takes it
+            model = stream_model(routing.stream)
+            live = [info for info in live if any(s.name == model for s in info.serving())]
         if live or waited_s <= self.no_replica_timeout_s:
             return
         raise Unavailable(
