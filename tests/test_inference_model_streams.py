@@ -219,7 +219,7 @@ def test_one_read_takes_at_most_the_replicas_room_over_all_its_streams(
         for stream in streams:
             for i in range(4):
                 redis_client.xadd(stream, {"n": str(i)})
-        puller._backlog = False  # nothing of its own pending: read new entries
+        puller._reread.update(streams)  # nothing of its own pending: read new entries
         taken = puller._read(2)
         assert sorted(stream for stream, _, _ in taken) == streams
         assert [redis_client.xlen(s) for s in streams] == [4, 4]  # taken, not yet acked or deleted

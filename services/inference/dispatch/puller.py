@@ -50,6 +50,7 @@ from tokenmill.services.inference.dispatch.protocol import (
     post_acceptance,
     publish_heartbeat,
     requests_stream,
+    stream_model,
 )
 from tokenmill.services.inference.dispatch.registry import register_model
 from tokenmill.services.inference.dispatch.selector import Selector
@@ -107,7 +108,7 @@ class ReplicaPuller:
         self.reclaim_every_s = reclaim_every_s
         self.consumer = replica.replica_id
         self.active: dict[str, _Active] = {}  # request id -> what serves it
-        self._backlog = True  # first re-read what this consumer took before a restart
+        self._reread: set[str] = set()  # streams whose own pending list (taken before a restart) was re-read
         self._grouped: set[str] = set()  # request streams whose consumer group this replica made sure of
         self._next_reclaim = 0.0
         self._lock = threading.Lock()
@@ -120,8 +121,6 @@ class ReplicaPuller:
 
     def start(self) -> None:
         self.streams()
-        for served in self.replica.serving():  # known from now on, even scaled to zero
-            register_model(self.r, served)
         self._pubsub = self.r.pubsub(ignore_subscribe_messages=True)
         self._pubsub.subscribe(CANCEL_CHANNEL)
         if self.replica.ready.is_set():
@@ -169,13 +168,15 @@ class ReplicaPuller:
 
     def streams(self) -> list[str]:
         """The request streams of the names this replica serves now (adapters load at run time),
-        each with its consumer group."""
-        streams = sorted({requests_stream(s.name) for s in self.replica.serving()})
-        for stream in streams:
+        each with its consumer group, and each served model registered (known from now on, even
+        scaled to zero or after this replica restarts without it)."""
+        for served in self.replica.serving():
+            stream = requests_stream(served.name)
             if stream not in self._grouped:
                 ensure_group(self.r, stream)
+                register_model(self.r, served)
                 self._grouped.add(stream)
-        return streams
+        return sorted({requests_stream(s.name) for s in self.replica.serving()})
 
     def _pull_loop(self) -> None:
         while not self._stop.is_set():
@@ -202,17 +203,17 @@ class ReplicaPuller:
 
     def _read(self, count: int) -> Taken:
         """Up to `count` requests over this replica's streams (at least one per stream: XREADGROUP's
-        COUNT is per stream, so each gets an equal share): first those this consumer took before a
-        restart (its own pending lists), then new ones, blocking up to 0.5 s for the first."""
-        backlog = self._backlog
-        streams = dict.fromkeys(self.streams(), "0" if backlog else ">")
+        COUNT is per stream, so each gets an equal share): on each stream, first those this consumer
+        took before a restart (its own pending list; a stream joins when its adapter loads), then
+        new ones, blocking up to 0.5 s for the first."""
+        streams = {s: ">" if s in self._reread else "0" for s in self.streams()}
+        backlog = [s for s, start in streams.items() if start == "0"]
         share = max(1, count // len(streams))
         resp = self._reads.run(
             lambda r: r.xreadgroup(GROUP, self.consumer, streams, count=share, block=None if backlog else 500)
         )
         taken = [(stream, *entry) for stream, entries in resp or [] for entry in entries]
-        if backlog and not taken:
-            self._backlog = False
+        self._reread.update(s for s in backlog if not any(stream == s for stream, _, _ in taken))
         return taken
 
     def _claim_orphans(self, count: int) -> Taken:
@@ -223,15 +224,22 @@ class ReplicaPuller:
             return []
         self._next_reclaim = now + self.reclaim_every_s
         lease_ms = int(self.dead_after_s * 1000)
-        live: set[str] | None = None  # read once, and only when something is pending past the lease
+        live: list[ReplicaInfo] | None = None  # read once, and only when something is pending past the lease
         claimed: Taken = []
         for stream in self.streams():
             pending = self.r.xpending_range(stream, GROUP, "-", "+", max(64, 4 * count), idle=lease_ms)
             if not pending:
                 continue
             if live is None:
-                live = {i.replica_id for i in live_replicas(self.r, self.dead_after_s)} | {self.consumer}
-            orphans = [p["message_id"] for p in pending if p["consumer"] not in live][: count - len(claimed)]
+                live = live_replicas(self.r, self.dead_after_s)
+            # A live replica that no longer serves this name (back without an adapter) never reads it.
+            name = stream_model(stream)
+            owners = {i.replica_id for i in live if any(s.name == name for s in i.serving())} | {
+                self.consumer
+            }
+            orphans = [p["message_id"] for p in pending if p["consumer"] not in owners][
+                : count - len(claimed)
+            ]
             if orphans:
                 entries = self.r.xclaim(stream, GROUP, self.consumer, lease_ms, orphans)
                 claimed += [(stream, *entry) for entry in entries]
