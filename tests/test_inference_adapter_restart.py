@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 
 import pytest
@@ -28,41 +28,12 @@ PROMPT = [5, 6, 7, 8]
 
 
 @pytest.fixture
-def serve_tiny(inference_store, redis_url, tiny_ckpt) -> Iterator[Callable[..., object]]:
+def serve_tiny(start_puller, inference_store, tiny_ckpt) -> Callable[..., object]:
     """`serve_tiny(replica_id, adapters=())` -> the started puller of a replica of 'tiny' with
-    `adapters` preloaded (as `--adapter` does) before it pulls anything."""
-    from tokenmill.common.inference import EngineConfig
-    from tokenmill.common.redis_conn import connect_url
-    from tokenmill.services.inference.dispatch.puller import ReplicaPuller
-    from tokenmill.services.inference.loader import load_model
-    from tokenmill.services.inference.replica import Replica
-
+    `adapters` preloaded (as `--adapter` does) before it pulls anything; quick to declare the dead."""
     save_lora_adapter(inference_store.client, tiny_ckpt, "tiny-style")
-    started = []
-
-    def start(replica_id: str, adapters: tuple[str, ...] = ()) -> ReplicaPuller:
-        cfg = EngineConfig(num_blocks=128, block_size=4, max_num_seqs=16)
-        model = load_model(inference_store.client, "tiny")
-        replica = Replica(model, cfg, replica_id, store_client=inference_store.client)
-        replica.warmup()
-        for ref in adapters:
-            replica.ensure_adapter(ref)
-        puller = ReplicaPuller(
-            replica,
-            connect_url(redis_url),
-            "127.0.0.1:1",
-            heartbeat_s=0.2,
-            dead_after_s=1.0,
-            reclaim_every_s=0.2,
-        )
-        puller.start()
-        started.append(puller)
-        return puller
-
-    yield start
-    for puller in started:
-        puller.stop()
-        puller.replica.shutdown()
+    fast = {"dead_after_s": 1.0, "reclaim_every_s": 0.2}
+    return lambda replica_id, adapters=(): start_puller("tiny", replica_id, adapters, **fast)
 
 
 def heartbeat_serving_adapter(redis_client, replica_id: str) -> None:

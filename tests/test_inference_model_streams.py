@@ -7,16 +7,14 @@ never passes through (or scales) another model's replicas, and each model's back
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.fixtures.inference import (
-    TinyCheckpoint,
     greedy,
     in_thread,
-    random_model,
     reference_greedy,
     save_lora_adapter,
     wait_for,
@@ -31,42 +29,9 @@ PROMPTS = ["Once upon a time", "The quick brown fox", "def add(a, b):"]
 
 
 @pytest.fixture
-def other_ckpt(tiny_ckpt, inference_store) -> TinyCheckpoint:
-    """A second model, 'other': tiny's shape and tokenizer, different weights (different outputs)."""
-    ckpt = TinyCheckpoint(random_model(tiny_ckpt.config, seed=1), tiny_ckpt.hf_tokenizer)
-    inference_store.client.save(
-        "other",
-        ckpt.tensors,
-        files={"tokenizer.json": ckpt.tokenizer_json.encode()},
-        config=ckpt.config.to_hf_config(),
-    )
-    return ckpt
-
-
-@pytest.fixture
-def serve_other(other_ckpt, inference_store, redis_url) -> Iterator[Callable[[str], object]]:
+def serve_other(start_puller, other_ckpt) -> Callable[[str], object]:
     """`serve_other(replica_id)` -> the puller of a started replica of 'other' (routed work only)."""
-    from tokenmill.common.inference import EngineConfig
-    from tokenmill.common.redis_conn import connect_url
-    from tokenmill.services.inference.dispatch.puller import ReplicaPuller
-    from tokenmill.services.inference.loader import load_model
-    from tokenmill.services.inference.replica import Replica
-
-    started = []
-
-    def start(replica_id: str) -> ReplicaPuller:
-        cfg = EngineConfig(num_blocks=128, block_size=4, max_num_seqs=32)
-        replica = Replica(load_model(inference_store.client, "other"), cfg, replica_id, registry=None)
-        replica.warmup()
-        puller = ReplicaPuller(replica, connect_url(redis_url), "127.0.0.1:1", heartbeat_s=0.2)
-        puller.start()
-        started.append(puller)
-        return puller
-
-    yield start
-    for puller in started:
-        puller.stop()
-        puller.replica.shutdown()
+    return lambda replica_id: start_puller("other", replica_id)
 
 
 def consumers(redis_client, stream: str) -> set[str]:

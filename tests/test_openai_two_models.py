@@ -10,7 +10,6 @@ import pytest
 
 from tests.fixtures.grpc import TEST_TOKEN
 from tests.fixtures.inference import reference_greedy, wait_for
-from tests.test_inference_model_streams import other_ckpt, serve_other  # noqa: F401 - fixtures
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow  # two replicas and a router
@@ -18,10 +17,10 @@ PROMPTS = ["Once upon a time", "The quick brown fox"]
 
 
 @pytest.fixture
-def client(start_router, start_replica, serve_other, redis_url):  # noqa: F811 - the fixture
+def client(start_router, start_replica, start_puller, other_ckpt, redis_url):
     _, dispatcher, front = start_router(no_replica_timeout_s=30.0)
     start_replica(redis_url, replica_id="a")
-    serve_other("b")
+    start_puller("other", "b")
     wait_for(lambda: len(dispatcher.replicas()) == 2, 30, "both replicas' heartbeats")
     c = openai.OpenAI(
         base_url=f"http://127.0.0.1:{front.port}/v1", api_key=TEST_TOKEN, max_retries=0, timeout=60
@@ -30,7 +29,7 @@ def client(start_router, start_replica, serve_other, redis_url):  # noqa: F811 -
     c.close()
 
 
-def test_both_models_listed_and_each_answers_with_its_own_tokens(client, tiny_ckpt, other_ckpt):  # noqa: F811
+def test_both_models_listed_and_each_answers_with_its_own_tokens(client, tiny_ckpt, other_ckpt):
     assert {"tiny", "other"} <= {m.id.partition(":")[0] for m in client.models.list().data}
     for name, ckpt in (("tiny", tiny_ckpt), ("other", other_ckpt)):
         for prompt in PROMPTS:
@@ -45,7 +44,7 @@ def test_both_models_listed_and_each_answers_with_its_own_tokens(client, tiny_ck
         client.completions.create(model="nope", prompt="x", max_tokens=2)
 
 
-def test_streaming_both_models_at_once(client, tiny_ckpt, other_ckpt):  # noqa: F811
+def test_streaming_both_models_at_once(client, tiny_ckpt, other_ckpt):
     results: dict[str, str] = {}
 
     def run(name: str, ckpt) -> None:
