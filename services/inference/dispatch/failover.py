@@ -329,7 +329,7 @@ class RouterDispatcher:
             self._enqueue(routing, live)
         if routing.stream and not model:  # "" queued on one model's stream: only that model takes it
             model = stream_model(routing.stream)
-            live = [info for info in live if any(s.name == model for s in info.serving())]
+            live = [info for info in live if info.serves_name(model)]
         if live or waited_s <= self.no_replica_timeout_s:
             return
         raise Unavailable(

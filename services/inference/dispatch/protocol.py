@@ -240,6 +240,10 @@ class ReplicaInfo:
         """The base model and each LoRA adapter loaded over it (each addressable as a model)."""
         return [self.served, *(Served(ref, tuple(tags)) for ref, tags in self.adapters.items())]
 
+    def serves_name(self, name: str) -> bool:
+        """Whether any version of model `name` (base or adapter) is served: it reads that name's stream."""
+        return any(s.name == name for s in self.serving())
+
     @classmethod
     def from_stats(
         cls, replica_id: str, address: str, serving: list[Served], stats: EngineStats

@@ -170,13 +170,15 @@ class ReplicaPuller:
         """The request streams of the names this replica serves now (adapters load at run time),
         each with its consumer group, and each served model registered (known from now on, even
         scaled to zero or after this replica restarts without it)."""
+        streams = set()
         for served in self.replica.serving():
             stream = requests_stream(served.name)
             if stream not in self._grouped:
                 ensure_group(self.r, stream)
                 register_model(self.r, served)
                 self._grouped.add(stream)
-        return sorted({requests_stream(s.name) for s in self.replica.serving()})
+            streams.add(stream)
+        return sorted(streams)
 
     def _pull_loop(self) -> None:
         while not self._stop.is_set():
@@ -213,7 +215,7 @@ class ReplicaPuller:
             lambda r: r.xreadgroup(GROUP, self.consumer, streams, count=share, block=None if backlog else 500)
         )
         taken = [(stream, *entry) for stream, entries in resp or [] for entry in entries]
-        self._reread.update(s for s in backlog if not any(stream == s for stream, _, _ in taken))
+        self._reread.update(set(backlog) - {stream for stream, _, _ in taken})
         return taken
 
     def _claim_orphans(self, count: int) -> Taken:
@@ -234,9 +236,7 @@ class ReplicaPuller:
                 live = live_replicas(self.r, self.dead_after_s)
             # A live replica that no longer serves this name (back without an adapter) never reads it.
             name = stream_model(stream)
-            owners = {i.replica_id for i in live if any(s.name == name for s in i.serving())} | {
-                self.consumer
-            }
+            owners = {i.replica_id for i in live if i.serves_name(name)} | {self.consumer}
             orphans = [p["message_id"] for p in pending if p["consumer"] not in owners][
                 : count - len(claimed)
             ]
