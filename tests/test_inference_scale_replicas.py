@@ -88,12 +88,7 @@ def test_a_checkpoint_that_cannot_load_is_reported_through_the_router(
     tensors = dict(tiny_ckpt.tensors)
     name = next(k for k in tensors if k.endswith("q_proj.weight"))
     tensors[name] = tensors[name][:, :-3]  # a weight of the wrong shape
-    inference_store.client.save(
-        "broken",
-        tensors,
-        files={"tokenizer.json": tiny_ckpt.tokenizer_json.encode()},
-        config=tiny_ckpt.config.to_hf_config(),
-    )
+    tiny_ckpt.save_to(inference_store.client, "broken", tensors)
     client, _, _ = start_router(no_replica_timeout_s=60.0)
     _app, ready = built("127.0.0.1", model="broken", replica_id="r-broken")
     with pytest.raises(Exception):  # noqa: B017 - whatever the engine raises, it is reported below
@@ -108,11 +103,8 @@ def test_a_checkpoint_that_cannot_load_is_reported_through_the_router(
 def test_model_info_reports_the_real_quantization(inference_store, tiny_ckpt, method, kwargs):
     from tokenmill.common.inference import EngineConfig
 
-    inference_store.client.save(
-        f"tiny-{method}",
-        quantize_state_dict(tiny_ckpt.tensors, method, **kwargs),
-        files={"tokenizer.json": tiny_ckpt.tokenizer_json.encode()},
-        config=tiny_ckpt.config.to_hf_config(),
+    tiny_ckpt.save_to(
+        inference_store.client, f"tiny-{method}", quantize_state_dict(tiny_ckpt.tensors, method, **kwargs)
     )
     loaded = load_model(inference_store.client, f"tiny-{method}")
     replica = Replica(loaded, EngineConfig(num_blocks=32, block_size=4), "q")

@@ -46,12 +46,7 @@ def platform(tmp_path: Path):
 
 def _save(ports, token: str, name: str, ckpt: TinyCheckpoint, tensors=None) -> None:
     with CheckpointClient(f"127.0.0.1:{ports['checkpoint']}", token=token) as store:
-        store.save(
-            name,
-            tensors if tensors is not None else ckpt.tensors,
-            files={"tokenizer.json": ckpt.tokenizer_json.encode()},
-            config=ckpt.config.to_hf_config(),
-        )
+        ckpt.save_to(store, name, tensors)
 
 
 def _greedy(client: InferenceClient, model: str) -> list[int]:
