@@ -241,6 +241,45 @@ def test_compositions_that_do_not_apply_say_why(tiny_ckpt):
         compress_model(t, [MethodSpec("svd", rank=4), MethodSpec("int8")])
 
 
+def test_keep_dense_patterns_that_match_nothing_or_everything_are_refused(tiny_ckpt):
+    """A typo would silently compress what it meant to keep; keeping everything would label the
+    source as compressed."""
+    with pytest.raises(InvalidArgument, match="pattern '\\*.down_prj' matches no decoder linear"):
+        compress_model(tiny_ckpt.tensors, MethodSpec("int8", keep_dense=("*.down_prj",)))
+    with pytest.raises(InvalidArgument, match="keeps every one of the .* linears dense"):
+        compress_model(tiny_ckpt.tensors, MethodSpec("int8", keep_dense=("*",)))
+
+
+def test_reported_sparsity_counts_the_zeros_stored_and_a_step_that_prunes_nothing_is_refused(tiny_ckpt):
+    first = compress_model(tiny_ckpt.tensors, MethodSpec("prune-magnitude", sparsity=0.7))
+    history = first.manifest_meta["compression"]
+    then = compress_model(first.tensors, MethodSpec("prune-magnitude", pattern="2:4"), history=history)
+    linears = [v for k, v in then.tensors.items() if k.endswith("_proj.weight")]
+    zeros = sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
+    assert then.sparsity == pytest.approx(zeros) and then.sparsity > 0.7
+    with pytest.raises(FailedPrecondition, match="sparsity 0.3 would prune nothing: .* already 0.7 sparse"):
+        compress_model(first.tensors, MethodSpec("prune-magnitude", sparsity=0.3), history=history)
+    with pytest.raises(InvalidArgument, match="sparsity 0.5 would prune nothing"):
+        compress_model(
+            tiny_ckpt.tensors, [MethodSpec("prune-magnitude", sparsity=0.6), MethodSpec("prune-magnitude")]
+        )
+
+
+def test_svd_keeps_dense_the_layers_whose_factors_would_be_larger_and_says_so(tiny_ckpt):
+    t = tiny_ckpt.tensors
+    with pytest.raises(
+        InvalidArgument, match="every layer.s factors would be larger .* rank_fraction <= 0\\.6"
+    ):
+        compress_model(t, MethodSpec("svd", rank_fraction=0.9))
+    full = compress_model(t, MethodSpec("svd", energy=1.0))
+    assert full.ratio == pytest.approx(1.0) and not any(k.endswith(".svd_u") for k in full.tensors)
+    assert len(full.notes) == len([k for k in t if k.endswith("_proj.weight")])
+    assert "kept dense: rank 64 factors would store" in full.notes[0]
+    assert torch.equal(full.tensors[f"{Q_PROJ}.weight"], t[f"{Q_PROJ}.weight"])
+    half = compress_model(t, MethodSpec("svd", rank_fraction=0.5))
+    assert half.notes == [] and f"{Q_PROJ}.svd_u" in half.tensors and half.ratio > 1.0
+
+
 def test_a_recorded_history_names_the_earlier_method_and_is_carried_into_the_new_manifest(tiny_ckpt):
     """An unstructured-pruned checkpoint looks dense; its manifest's history is what says GPTQ would
     refill it, and a following int8 records both steps and keeps the sparsity."""

@@ -4,6 +4,7 @@ the result, and every bad input refused before work (NOT_FOUND / INVALID_ARGUMEN
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,58 @@ def test_submit_refuses_an_eval_seq_len_above_what_the_model_is_evaluated_with(e
     client, _, _ = env
     with pytest.raises(errors.InvalidArgument, match="eval_seq_len=128 is above 64, the most this model"):
         client.submit("base", "out", "int8", eval_dataset="calib", eval_seq_len=128)
+
+
+def test_submit_refuses_settings_that_would_only_fail_or_do_nothing_in_the_worker(env):
+    client, ckpt, data_dir = env
+    with pytest.raises(errors.InvalidArgument, match="calibration_samples=1 rows of 64 tokens .* >= 2"):
+        client.submit("base", "out", "int4_gptq", group_size=32, calibration_dataset="calib",
+                      calibration_samples=1)  # fmt: skip
+    with pytest.raises(errors.InvalidArgument, match="keep_dense pattern '\\*.down_prj' matches no"):
+        client.submit("base", "out", "int8", keep_dense=["*.down_prj"])
+    with pytest.raises(errors.InvalidArgument, match="nothing is left to compress"):
+        client.submit("base", "out", "int8", keep_dense=["*"])
+    with pytest.raises(errors.InvalidArgument, match="svd rank_fraction 0.9: every layer's factors"):
+        client.submit("base", "out", "svd", rank_fraction=0.9)
+    done = client.wait(client.submit("base", "base-p5", "prune_magnitude", sparsity=0.5).id, timeout=60)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
+    with pytest.raises(errors.FailedPrecondition, match="sparsity 0.3 would prune nothing"):
+        client.submit("base-p5", "out", "prune_magnitude", sparsity=0.3)
+
+
+@pytest.mark.slow
+def test_eval_ids_outside_the_vocabulary_fail_precisely_when_the_dataset_records_no_vocabulary(env):
+    client, _, data_dir = env
+    write_dataset(data_dir, "unrecorded", vocab=1024)
+    manifest = data_dir / "datasets" / "unrecorded" / MANIFEST
+    body = json.loads(manifest.read_text())
+    del body["vocab_size"]  # built by hand: nothing says which tokenizer made it
+    write_json_atomic(manifest, body)
+    done = client.wait(client.submit("base", "out", "int8", eval_dataset="unrecorded").id, timeout=60)
+    assert done.state == common_pb2.JOB_STATE_FAILED and done.attempts == 1, done.error
+    assert "FAILED_PRECONDITION" in done.error and "outside the model's vocabulary of 256" in done.error
+
+
+@pytest.mark.slow
+def test_svd_energy_job_stores_its_report_whole_carries_the_hf_config_and_serves(env):
+    """Layers whose factors would outgrow the weight stay dense and are named in the notes; the
+    stored report (what `ckpt show` prints) has the wall time; config.json travels to the child, so
+    the child can be a distillation teacher like its parent."""
+    client, ckpt, _ = env
+    hf_config = json.dumps({**CONFIG.to_hf_config(), "architectures": ["LlamaForCausalLM"]}).encode()
+    ckpt.client.save("hf", model_tensors(), config=CONFIG.to_dict(), files={"config.json": hf_config})
+    done = client.wait(client.submit("hf", "hf-svd", "svd", energy=0.6).id, timeout=120)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
+    report = done.result["report"]
+    assert report["settings"]["energy"] == 0.6
+    stored = ckpt.client.load("hf-svd:1")
+    dense = sorted(b[: -len(".weight")] for b in stored if b.endswith("_proj.weight"))
+    assert [n.split(":")[0] for n in report["notes"]] == [f"svd {b}" for b in dense]
+    assert any(k.endswith(".svd_u") for k in stored)
+    files = ckpt.client.load_files("hf-svd:1", ["config.json", REPORT_FILE])
+    assert files["config.json"] == hf_config
+    assert json.loads(files[REPORT_FILE])["wall_seconds"] > 0
+    assert_serves_like_its_dequantized_reference(load_model(ckpt.client, "hf-svd"))
 
 
 @pytest.mark.slow

@@ -70,7 +70,10 @@ VALID = {"source": "demo-model:3", "output_name": "demo-int8", "method": "int8"}
         ({"method": "prune_magnitude", "sparsity": 1.0}, "strictly between 0 and 1"),
         ({"method": "prune_magnitude", "sparsity": float("nan")}, "sparsity=nan"),
         ({"method": "prune_2_4", "sparsity": 0.7}, "always 0.5 sparse"),
-        ({"method": "svd"}, "rank_fraction=0.0"),
+        ({"method": "svd"}, "exactly one of rank_fraction .* or energy"),
+        ({"method": "svd", "rank_fraction": 0.5, "energy": 0.9}, "got \\['energy', 'rank_fraction'\\]"),
+        ({"method": "svd", "energy": 1.5}, "energy=1.5"),
+        ({"method": "int8", "energy": 0.9}, "energy does not apply to method 'int8'"),
         ({"method": "int4_gptq"}, "needs calibration_dataset"),
         (
             {

@@ -47,6 +47,10 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     if worst:
         lines.append("largest per-layer errors:")
         lines += [f"  {e['layer']:40} {e['method']:16} {float(e['error']):.4g}" for e in worst]
+    notes = report.get("notes", [])
+    if notes:
+        lines.append("notes:")
+        lines += [f"  {note}" for note in notes]
     return lines
 
 
@@ -92,6 +96,9 @@ def run_job(config: Any, submit: Callable[[Any], common_pb2.Job], what: str, det
 @click.option("--group-size", type=click.IntRange(1), help="int4 group size [default: 128].")
 @click.option("--sparsity", type=float, help="Pruning: fraction of weights set to zero.")
 @click.option("--rank-fraction", type=float, help="svd: kept rank / full rank.")
+@click.option(
+    "--energy", type=float, help="svd, instead of --rank-fraction: squared singular values kept (0-1]."
+)
 @click.option(
     "--score",
     type=click.Choice(("magnitude", "wanda", "sparsegpt")),

@@ -28,7 +28,7 @@ class CompressClient(JobsClientMixin, BaseClient):
         **options: Any,
     ) -> common_pb2.Job:
         """Submit a compression job. `options` are the other SubmitCompressRequest fields
-        (group_size, sparsity, rank_fraction, calibration_dataset, calibration_samples,
+        (group_size, sparsity, rank_fraction, energy, calibration_dataset, calibration_samples,
         eval_dataset, eval_batches, eval_seq_len, act_order, keep_dense, score; distill:
         student_preset, distill_steps, train_dataset, distill_temperature, distill_alpha). The finished job's `result["report"]` holds the CompressionReport fields."""
         try:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from tokenmill.common.compress.spec import METHODS, MethodSpec, family_of
+from tokenmill.common.compress.spec import METHODS, PRUNE_METHODS, MethodSpec, family_of
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, TokenmillError
 from tokenmill.common.model.quant import QUANTIZABLE_SUFFIXES
 
@@ -19,9 +20,40 @@ _AFTER_PRUNE = ("int8", "int4-rtn", "prune-magnitude", "prune-wanda", "prune-spa
 
 def target_linears(tensors: Mapping[str, torch.Tensor], keep_dense: Sequence[str]) -> list[str]:
     """Base names (without `.weight`) of the decoder linears a step compresses, in checkpoint order:
-    the quantizable ones (embeddings, lm_head and norms stay dense)."""
+    the quantizable ones (embeddings, lm_head and norms stay dense). InvalidArgument for a keep_dense
+    pattern that matches no linear (a typo would silently compress what it meant to keep) and for
+    patterns that leave nothing to compress (the result would be the source, labelled compressed)."""
     bases = [n[: -len(".weight")] for n in tensors if n.endswith(QUANTIZABLE_SUFFIXES)]
-    return [b for b in bases if not any(fnmatch.fnmatchcase(b, p) for p in keep_dense)]
+    for pattern in keep_dense:
+        if not any(fnmatch.fnmatchcase(b, pattern) for b in bases):
+            example = bases[0] if bases else "model.layers.0.mlp.down_proj"
+            raise InvalidArgument(
+                f"keep_dense pattern {pattern!r} matches no decoder linear; names look like {example!r} "
+                "(fnmatch patterns such as '*.down_proj' or 'model.layers.0.*')"
+            )
+    targets = [b for b in bases if not any(fnmatch.fnmatchcase(b, p) for p in keep_dense)]
+    if not targets:
+        raise InvalidArgument(
+            f"keep_dense {list(keep_dense)} keeps every one of the {len(bases)} decoder linears dense: "
+            "nothing is left to compress; narrow the patterns"
+        )
+    return targets
+
+
+def svd_rank(out_f: int, in_f: int, step: MethodSpec) -> int | None:
+    """The rank `step` keeps for an out_f x in_f weight, when its settings fix it without an SVD
+    (rank, rank_fraction; None for an energy threshold)."""
+    if step.rank is not None:
+        return step.rank
+    if step.rank_fraction is not None:
+        return max(1, round(step.rank_fraction * min(out_f, in_f)))
+    return None
+
+
+def factors_fit(out_f: int, in_f: int, rank: int) -> bool:
+    """Whether rank-`rank` factors (out x r and r x in) store no more numbers than the weight itself:
+    a layer whose factors would be larger stays dense."""
+    return rank * (out_f + in_f) <= out_f * in_f
 
 
 def prior_state(
@@ -58,10 +90,24 @@ def check_composition(
         raise InvalidArgument("no compression method given")
     prior = prior_state(tensors, history)
     error: type[TokenmillError] = FailedPrecondition
+    sparse = _pruned_to(history)
     for step in steps:
         if prior is not None:
             _check_follows(step, *prior, error)
+        if step.family == "prune" and step.pattern == "unstructured" and 0.0 < step.sparsity <= sparse:
+            raise error(
+                f"{step.method} at sparsity {step.sparsity} would prune nothing: the weights are already "
+                f"{sparse:.4g} sparse; ask for a sparsity above {sparse:.4g}"
+            )
+        if step.family == "prune":
+            sparse = max(sparse, step.sparsity)
         prior, error = (step.family, f"the output of {step.method}"), InvalidArgument
+
+
+def _pruned_to(history: Sequence[Mapping[str, Any]]) -> float:
+    """The highest sparsity an earlier pruning step asked for (0.0 when none pruned)."""
+    asked = [float(h.get("sparsity", 0.0)) for h in history if h.get("method") in PRUNE_METHODS]
+    return max(asked, default=0.0)
 
 
 def _check_follows(step: MethodSpec, family: str, what: str, error: type[TokenmillError]) -> None:
@@ -101,6 +147,24 @@ def check_shapes(step: MethodSpec, tensors: Mapping[str, torch.Tensor], targets:
                 f"svd rank {step.rank} exceeds the rank bound min({out_f}, {in_f}) = {min(out_f, in_f)} "
                 f"of {base}; use a rank <= {min(out_f, in_f)} or rank_fraction"
             )
+    if step.method == "svd":
+        _check_svd_shrinks(step, tensors, targets)
+
+
+def _check_svd_shrinks(step: MethodSpec, tensors: Mapping[str, torch.Tensor], targets: Sequence[str]) -> None:
+    """InvalidArgument when the rank the step fixes leaves every layer's factors larger than its
+    weight: each would stay dense and the "compressed" model would be the source."""
+    shapes = [tuple(tensors[f"{b}.weight"].shape) for b in targets]
+    ranks = [svd_rank(o, i, step) for o, i in shapes]
+    if any(r is None or factors_fit(o, i, r) for (o, i), r in zip(shapes, ranks, strict=True)):
+        return
+    setting = f"rank {step.rank}" if step.rank is not None else f"rank_fraction {step.rank_fraction}"
+    most = max(o * i / (o + i) / min(o, i) for o, i in shapes)
+    raise InvalidArgument(
+        f"svd {setting}: every layer's factors would be larger than its weight (rank r of an out x in "
+        f"weight stores r*(out+in) numbers against out*in), so nothing would shrink; use rank_fraction "
+        f"<= {math.floor(most * 100) / 100:.2f} for these shapes, or an energy threshold"
+    )
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:

@@ -73,6 +73,7 @@ def compress_model(
     batches = _calibration(specs, calibration, config, min_calibration_tokens)
     before = tensor_bytes(tensors)
     errors: dict[str, dict[str, float]] = {}
+    notes: list[str] = []
     sparsity = history.get("sparsity")
     device = torch.device(device)
     for k, (spec, names) in enumerate(zip(specs, targets, strict=True)):
@@ -84,10 +85,11 @@ def compress_model(
             tensors = _plain(spec, tensors, names, run, device)
         for base, err in run.errors.items():
             errors.setdefault(base, {})[spec.method] = err
+        notes += [f"{spec.method} {note}" for note in run.notes]
         if spec.family == "prune":
             sparsity = run.pruned / max(run.total_weights, 1)
     meta = manifest_meta([*history.get("steps", ()), *(s.to_dict() for s in specs)], sparsity)
-    return CompressedResult(tensors, meta, errors, sparsity, before, tensor_bytes(tensors))
+    return CompressedResult(tensors, meta, errors, sparsity, before, tensor_bytes(tensors), notes)
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -121,14 +123,17 @@ class _Run:
     total: int
     progress: ProgressCallback | None
     errors: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     pruned: int = 0
     total_weights: int = 0
 
     def done(self, base: str, result: LinearResult, error: float) -> None:
         self.errors[base] = error
-        if result.kept is not None:
-            self.pruned += int((~result.kept).sum().item())
-            self.total_weights += result.kept.numel()
+        if self.spec.family == "prune":  # the zeros stored, earlier steps' included
+            self.pruned += int((result.approx == 0).sum().item())
+            self.total_weights += result.approx.numel()
+        if result.note:
+            self.notes.append(f"{base}: {result.note}")
         if self.progress is not None:
             self.progress(Progress(self.step, self.spec.method, len(self.errors), self.total, base, error))
 

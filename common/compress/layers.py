@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.common.compress.calibrate import InputStats
+from tokenmill.common.compress.checks import factors_fit
 from tokenmill.common.compress.gptq import gptq_int4, sparsegpt
 from tokenmill.common.compress.lowrank import truncated_svd
 from tokenmill.common.compress.prune import magnitude_prune, pack_nm_index, wanda_prune
@@ -23,11 +24,13 @@ from tokenmill.common.model.quant import (
 @dataclass
 class LinearResult:
     """tensors: by suffix ("weight", "qweight", "scales", ...); approx: the float weight [out, in]
-    the stored format computes with; kept: the keep mask of a pruning method."""
+    the stored format computes with; kept: the keep mask of a pruning method; note: why the layer
+    came out other than asked (reported, not an error)."""
 
     tensors: dict[str, torch.Tensor]
     approx: torch.Tensor
     kept: torch.Tensor | None = None
+    note: str = ""
 
 
 def compress_linear(
@@ -55,11 +58,22 @@ def compress_linear(
         q = pack_int4(codes)
         return LinearResult({"qweight": q, "scales": s, "zeros": z}, dequantize_int4(q, s, z))
     if m == "svd":
-        u, v = truncated_svd(w, rank=step.rank, rank_fraction=step.rank_fraction, energy=step.energy)
-        return LinearResult(
-            {"svd_u": u.to(dtype), "svd_v": v.to(dtype)}, (u.to(dtype).float() @ v.to(dtype).float())
-        )
+        return _svd(step, w, dtype)
     return _prune(step, w, stats, dtype)
+
+
+def _svd(step: MethodSpec, w: torch.Tensor, dtype: torch.dtype) -> LinearResult:
+    """Two factors, or the weight itself where the factors would be the larger of the two."""
+    u, v = truncated_svd(w, rank=step.rank, rank_fraction=step.rank_fraction, energy=step.energy)
+    rank = u.shape[1]
+    if not factors_fit(*w.shape, rank):
+        stored = w.to(dtype)
+        note = (
+            f"kept dense: rank {rank} factors would store {rank * sum(w.shape)} numbers against {w.numel()}"
+        )
+        return LinearResult({"weight": stored}, stored.float(), note=note)
+    u, v = u.to(dtype), v.to(dtype)
+    return LinearResult({"svd_u": u, "svd_v": v}, u.float() @ v.float())
 
 
 def _prune(step: MethodSpec, w: torch.Tensor, stats: InputStats | None, dtype: torch.dtype) -> LinearResult:

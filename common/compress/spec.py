@@ -150,6 +150,7 @@ class CompressedResult:
     methods give the output error ||(W - W')X|| / ||WX|| on calibration rows, the others the weight
     error ||W - W'|| / ||W|| (each step against its own input, so a composition shows both).
     sparsity: fraction of exact zeros over the compressed linears' weights (None for no pruning).
+    notes: what the caller should know that is not an error (e.g. layers an SVD step left dense).
     """
 
     tensors: dict[str, torch.Tensor]
@@ -158,6 +159,7 @@ class CompressedResult:
     sparsity: float | None = None
     bytes_before: int = 0
     bytes_after: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:

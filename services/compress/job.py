@@ -25,7 +25,17 @@ from tokenmill.services.compress.model_job import eval_stream, token_batches
 from tokenmill.services.compress.plan import CALIBRATION_SPLIT, EVAL_SPLIT, Plan, preflight
 
 REPORT_FILE = "compression_report.json"
-CARRIED_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"}
+# The parent's files the compressed version keeps: its tokenizer, chat template, generation defaults
+# and the HF config.json (the architecture, which compression leaves as it is; the manifest's config
+# records the storage format), so it serves, evaluates and teaches (distill) as its parent does.
+CARRIED_FILES = {
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+}
 EVAL_ROWS_PER_BATCH = 8
 
 
@@ -58,6 +68,7 @@ class CompressJobHandler:
             after = measure(result.tensors, plan.model.config, plan.eval, plan.eval_seq_len, spec)
             ctx.raise_if_cancelled()
             report = build_report(plan.model.ref, spec, plan.step.to_dict(), result, before, after, seconds)
+            report["wall_seconds"] = time.monotonic() - began  # the stored copy's: all but the store
             ref = self._store(client, ctx, plan, spec, result, report)
             report.update(output=ref, wall_seconds=time.monotonic() - began)
             name, _, version = ref.partition(":")
@@ -72,8 +83,9 @@ class CompressJobHandler:
             calibration = token_batches(
                 plan.calibration,
                 split=CALIBRATION_SPLIT,
-                rows=int(spec.get("calibration_samples") or 128),
+                rows=plan.calibration_rows,
                 seq_len=plan.calibration_seq_len,
+                vocab_size=plan.model.vocab_size,
             )
 
         def on_layer(p: Progress) -> None:
@@ -137,7 +149,12 @@ def measure(
     out = {"tokens_per_second": decode_tokens_per_second(tensors, config)}
     if eval_path is not None:
         rows = int(spec.get("eval_batches") or 1) * EVAL_ROWS_PER_BATCH
-        stream = eval_stream(eval_path, split=EVAL_SPLIT, max_tokens=rows * eval_seq_len + 1)
+        stream = eval_stream(
+            eval_path,
+            split=EVAL_SPLIT,
+            max_tokens=rows * eval_seq_len + 1,
+            vocab_size=int(config["vocab_size"]),
+        )
         ppl = eval_perplexity(tensors, config, stream, eval_seq_len)
         out.update(perplexity=ppl.perplexity, loss=ppl.loss)
     return out
@@ -167,6 +184,7 @@ def build_report(
         "tokens_per_second_before": before["tokens_per_second"],
         "tokens_per_second_after": after["tokens_per_second"],
         "sparsity": result.sparsity or 0.0,
+        "notes": list(result.notes),
         "compress_seconds": seconds,
         "per_layer_errors": [
             {"layer": layer, "method": method, "error": err}

@@ -105,17 +105,29 @@ def check_dataset(path: Path, model: StoredModel, *, split: str, min_tokens: int
 
 
 def token_batches(
-    path: Path, *, split: str, rows: int, seq_len: int, batch_rows: int = 8
+    path: Path, *, split: str, rows: int, seq_len: int, batch_rows: int = 8, vocab_size: int | None = None
 ) -> list[torch.Tensor]:
     """`rows` consecutive windows of `seq_len` tokens from the start of the split, as [B, T] batches
-    (deterministic: the same rows for every method and every re-run)."""
+    (deterministic: the same rows for every method and every re-run); see `_check_ids` for vocab_size."""
     data = PackedDataset(path, split)
     rows = min(rows, data.num_tokens // seq_len)
-    flat = torch.from_numpy(data.tokens(0, rows * seq_len)).view(rows, seq_len)
+    tokens = _check_ids(data.tokens(0, rows * seq_len), path, split, vocab_size)
+    flat = torch.from_numpy(tokens).view(rows, seq_len)
     return list(flat.split(batch_rows))
 
 
-def eval_stream(path: Path, *, split: str, max_tokens: int) -> Any:
+def eval_stream(path: Path, *, split: str, max_tokens: int, vocab_size: int | None = None) -> Any:
     """The first `max_tokens` tokens of the split as one numpy stream (for perplexity)."""
     data = PackedDataset(path, split)
-    return data.tokens(0, min(max_tokens, data.num_tokens))
+    return _check_ids(data.tokens(0, min(max_tokens, data.num_tokens)), path, split, vocab_size)
+
+
+def _check_ids(tokens: Any, path: Path, split: str, vocab_size: int | None) -> Any:
+    """FAILED_PRECONDITION when a token id is outside [0, vocab_size): a dataset whose manifest does
+    not record its vocabulary (so check_dataset could not compare it) holds ids the model lacks."""
+    if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
+        raise FailedPrecondition(
+            f"dataset {path.name!r} ({split!r} split) holds token id {int(tokens.max())}, outside the "
+            f"model's vocabulary of {vocab_size}; use a dataset built with the model's tokenizer"
+        )
+    return tokens

@@ -42,6 +42,7 @@ TWO_FOUR_SCORES: dict[str, str] = {
     "sparsegpt": "prune-sparsegpt",
 }
 EVAL_SPLIT = "val"
+DEFAULT_CALIBRATION_SAMPLES = 128
 CALIBRATION_SPLIT = "train"
 
 
@@ -51,6 +52,7 @@ class Plan:
     step: MethodSpec
     calibration: Path | None
     calibration_seq_len: int
+    calibration_rows: int
     eval: Path | None
     eval_seq_len: int
 
@@ -66,7 +68,7 @@ def engine_settings(method: str, score: str = "") -> dict[str, Any]:
 def method_spec(spec: dict[str, Any]) -> MethodSpec:
     """The engine step a job spec asks for (settings only where the method reads them)."""
     body = engine_settings(spec["method"], spec.get("score", ""))
-    for key in ("group_size", "sparsity", "rank_fraction", "act_order"):
+    for key in ("group_size", "sparsity", "rank_fraction", "energy", "act_order"):
         if spec.get(key):
             body[key] = spec[key]
     if spec.get("keep_dense"):
@@ -83,7 +85,14 @@ def preflight(client: CheckpointClient, data_dir: str | Path, spec: dict[str, An
     check_shapes(step, meta, target_linears(meta, step.keep_dense))
     seq_len = model.eval_window
     calibration = None
+    rows = int(spec.get("calibration_samples") or DEFAULT_CALIBRATION_SAMPLES)
     if spec.get("calibration_dataset"):
+        if rows * seq_len < MIN_CALIBRATION_TOKENS:
+            raise InvalidArgument(
+                f"calibration_samples={rows} rows of {seq_len} tokens (this model's window) are "
+                f"{rows * seq_len} tokens; {step.method} needs at least {MIN_CALIBRATION_TOKENS}: use "
+                f"calibration_samples >= {-(-MIN_CALIBRATION_TOKENS // seq_len)}"
+            )
         calibration = dataset_path(data_dir, spec["calibration_dataset"], "calibration_dataset")
         check_dataset(
             calibration,
@@ -102,4 +111,4 @@ def preflight(client: CheckpointClient, data_dir: str | Path, spec: dict[str, An
     if spec.get("eval_dataset"):
         evaluation = dataset_path(data_dir, spec["eval_dataset"], "eval_dataset")
         check_dataset(evaluation, model, split=EVAL_SPLIT, min_tokens=eval_seq_len + 1, field="eval_dataset")
-    return Plan(model, step, calibration, seq_len, evaluation, eval_seq_len)
+    return Plan(model, step, calibration, seq_len, rows, evaluation, eval_seq_len)

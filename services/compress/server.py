@@ -37,7 +37,13 @@ from tokenmill.services.compress.eval_job import EvalJobHandler
 from tokenmill.services.compress.eval_plan import eval_preflight, validate_eval
 from tokenmill.services.compress.job import CompressJobHandler
 from tokenmill.services.compress.model_job import MAX_EVAL_SEQ_LEN
-from tokenmill.services.compress.plan import ENGINE_METHODS, TWO_FOUR_SCORES, engine_settings, preflight
+from tokenmill.services.compress.plan import (
+    DEFAULT_CALIBRATION_SAMPLES,
+    ENGINE_METHODS,
+    TWO_FOUR_SCORES,
+    engine_settings,
+    preflight,
+)
 from tokenmill.v1 import common_pb2, compress_pb2, compress_pb2_grpc
 
 SERVICE_NAME = compress_pb2.DESCRIPTOR.services_by_name["CompressService"].full_name
@@ -53,7 +59,6 @@ PRUNE_FRACTION = {  # 2:4 fixes the sparsity at one half
 }
 DEFAULT_GROUP_SIZE = 128
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024)
-DEFAULT_CALIBRATION_SAMPLES = 128
 MAX_CALIBRATION_SAMPLES = 4096
 DEFAULT_EVAL_BATCHES = 8
 MAX_EVAL_BATCHES = 1000
@@ -94,6 +99,20 @@ def _fraction(field: str, value: float, method: str) -> None:
         raise InvalidArgument(
             f"{field}={value} for method '{method}': give a fraction strictly between 0 and 1"
         )
+
+
+def _svd_rank(request: compress_pb2.SubmitCompressRequest) -> dict[str, float]:
+    """svd keeps a rank fraction or the rank that holds an energy fraction: exactly one of them."""
+    given = {f: getattr(request, f) for f in ("rank_fraction", "energy") if getattr(request, f)}
+    if len(given) != 1:
+        raise InvalidArgument(
+            "method 'svd' needs exactly one of rank_fraction (kept rank / full rank) or energy (the "
+            f"fraction of squared singular values kept, e.g. 0.95); got {sorted(given) or 'neither'}"
+        )
+    for field, value in given.items():
+        if not (field == "energy" and value == 1.0):  # all the energy (the full rank) is allowed
+            _fraction(field, value, "svd")
+    return given
 
 
 def validate_submit(request: compress_pb2.SubmitCompressRequest) -> dict[str, Any]:
@@ -140,10 +159,9 @@ def validate_submit(request: compress_pb2.SubmitCompressRequest) -> dict[str, An
         _unused(request, method, ["score"])
 
     if method == "svd":
-        _fraction("rank_fraction", request.rank_fraction, method)
-        spec["rank_fraction"] = request.rank_fraction
+        spec.update(_svd_rank(request))
     else:
-        _unused(request, method, ["rank_fraction"])
+        _unused(request, method, ["rank_fraction", "energy"])
 
     if method in ENGINE_METHODS and engine_settings(method, spec.get("score", ""))["method"] in CALIBRATED:
         if not request.calibration_dataset:

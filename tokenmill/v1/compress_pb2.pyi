@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitCompressRequest(_message.Message):
-    __slots__ = ("idempotency_key", "source", "output_name", "method", "group_size", "sparsity", "rank_fraction", "calibration_dataset", "calibration_samples", "eval_dataset", "eval_batches", "student_preset", "distill_steps", "act_order", "keep_dense", "eval_seq_len", "score", "train_dataset", "distill_temperature", "distill_alpha")
+    __slots__ = ("idempotency_key", "source", "output_name", "method", "group_size", "sparsity", "rank_fraction", "calibration_dataset", "calibration_samples", "eval_dataset", "eval_batches", "student_preset", "distill_steps", "act_order", "keep_dense", "eval_seq_len", "score", "train_dataset", "distill_temperature", "distill_alpha", "energy")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class SubmitCompressRequest(_message.Message):
     TRAIN_DATASET_FIELD_NUMBER: _ClassVar[int]
     DISTILL_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     DISTILL_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     source: str
     output_name: str
@@ -49,7 +50,8 @@ class SubmitCompressRequest(_message.Message):
     train_dataset: str
     distill_temperature: float
     distill_alpha: float
-    def __init__(self, idempotency_key: _Optional[str] = ..., source: _Optional[str] = ..., output_name: _Optional[str] = ..., method: _Optional[str] = ..., group_size: _Optional[int] = ..., sparsity: _Optional[float] = ..., rank_fraction: _Optional[float] = ..., calibration_dataset: _Optional[str] = ..., calibration_samples: _Optional[int] = ..., eval_dataset: _Optional[str] = ..., eval_batches: _Optional[int] = ..., student_preset: _Optional[str] = ..., distill_steps: _Optional[int] = ..., act_order: _Optional[bool] = ..., keep_dense: _Optional[_Iterable[str]] = ..., eval_seq_len: _Optional[int] = ..., score: _Optional[str] = ..., train_dataset: _Optional[str] = ..., distill_temperature: _Optional[float] = ..., distill_alpha: _Optional[float] = ...) -> None: ...
+    energy: float
+    def __init__(self, idempotency_key: _Optional[str] = ..., source: _Optional[str] = ..., output_name: _Optional[str] = ..., method: _Optional[str] = ..., group_size: _Optional[int] = ..., sparsity: _Optional[float] = ..., rank_fraction: _Optional[float] = ..., calibration_dataset: _Optional[str] = ..., calibration_samples: _Optional[int] = ..., eval_dataset: _Optional[str] = ..., eval_batches: _Optional[int] = ..., student_preset: _Optional[str] = ..., distill_steps: _Optional[int] = ..., act_order: _Optional[bool] = ..., keep_dense: _Optional[_Iterable[str]] = ..., eval_seq_len: _Optional[int] = ..., score: _Optional[str] = ..., train_dataset: _Optional[str] = ..., distill_temperature: _Optional[float] = ..., distill_alpha: _Optional[float] = ..., energy: _Optional[float] = ...) -> None: ...
 
 class LayerError(_message.Message):
     __slots__ = ("layer", "method", "error")
@@ -62,7 +64,7 @@ class LayerError(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., method: _Optional[str] = ..., error: _Optional[float] = ...) -> None: ...
 
 class CompressionReport(_message.Message):
-    __slots__ = ("bytes_before", "bytes_after", "ratio", "perplexity_before", "perplexity_after", "tokens_per_second_before", "tokens_per_second_after", "sparsity", "wall_seconds", "per_layer_errors", "source", "output", "method", "compress_seconds", "eval_dataset")
+    __slots__ = ("bytes_before", "bytes_after", "ratio", "perplexity_before", "perplexity_after", "tokens_per_second_before", "tokens_per_second_after", "sparsity", "wall_seconds", "per_layer_errors", "source", "output", "method", "compress_seconds", "eval_dataset", "notes")
     BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
     BYTES_AFTER_FIELD_NUMBER: _ClassVar[int]
     RATIO_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +80,7 @@ class CompressionReport(_message.Message):
     METHOD_FIELD_NUMBER: _ClassVar[int]
     COMPRESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EVAL_DATASET_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     bytes_before: int
     bytes_after: int
     ratio: float
@@ -93,7 +96,8 @@ class CompressionReport(_message.Message):
     method: str
     compress_seconds: float
     eval_dataset: str
-    def __init__(self, bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., ratio: _Optional[float] = ..., perplexity_before: _Optional[float] = ..., perplexity_after: _Optional[float] = ..., tokens_per_second_before: _Optional[float] = ..., tokens_per_second_after: _Optional[float] = ..., sparsity: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., per_layer_errors: _Optional[_Iterable[_Union[LayerError, _Mapping]]] = ..., source: _Optional[str] = ..., output: _Optional[str] = ..., method: _Optional[str] = ..., compress_seconds: _Optional[float] = ..., eval_dataset: _Optional[str] = ...) -> None: ...
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., ratio: _Optional[float] = ..., perplexity_before: _Optional[float] = ..., perplexity_after: _Optional[float] = ..., tokens_per_second_before: _Optional[float] = ..., tokens_per_second_after: _Optional[float] = ..., sparsity: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., per_layer_errors: _Optional[_Iterable[_Union[LayerError, _Mapping]]] = ..., source: _Optional[str] = ..., output: _Optional[str] = ..., method: _Optional[str] = ..., compress_seconds: _Optional[float] = ..., eval_dataset: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitEvalRequest(_message.Message):
     __slots__ = ("idempotency_key", "source", "suite", "tasks", "perplexity_dataset", "perplexity_batches", "perplexity_seq_len", "limit", "pass_k")
