@@ -50,7 +50,9 @@ def test_greedy_top_logprobs_equal_hf(engine, hf_chat):
         top = torch.topk(ref[k], 3)
         assert [t for t, _, _ in out.top_logprobs[0]] == top.indices.tolist()
         assert [lp for _, lp, _ in out.top_logprobs[0]] == pytest.approx(top.values.tolist(), abs=1e-4)
-        assert out.tokens == [hf_chat.tokenizer.decode([tok])]
+        # a token that is a piece of a character is OpenAI's "bytes:\\xNN..." rather than U+FFFD
+        text = hf_chat.tokenizer.decode([tok])
+        assert out.tokens == [text] if "\ufffd" not in text else out.tokens[0].startswith("bytes:")
 
 
 def hf_penalised_greedy(hf: HfChat, ids: list[int], n: int, freq: float, pres: float) -> list[int]:

@@ -31,6 +31,51 @@ CHAT = [
 POOL_TOKENS = 47 * 4  # the replica's KV pool (48 blocks of 4, one reserved): less than the context
 
 
+def gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the byte each character of a byte-level BPE token is."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    cs = list(bs)
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+BYTE_DECODER = gpt2_byte_decoder()
+
+
+def hf_token_bytes(tokenizer, token_id: int) -> bytes:
+    """A token's real bytes from HF's tokenizer: an added token's content, else its byte-level piece."""
+    added = tokenizer.added_tokens_decoder
+    if token_id in added:
+        return added[token_id].content.encode("utf-8")
+    return bytes(BYTE_DECODER[c] for c in tokenizer.convert_ids_to_tokens(token_id))
+
+
+def openai_token(tokenizer, token_id: int) -> str:
+    """OpenAI's logprobs text for a token: its bytes as UTF-8, else "bytes:\\xNN..."."""
+    raw = hf_token_bytes(tokenizer, token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def check_offsets(text: str, tokens: list[str], offsets: list[int]) -> None:
+    """`text_offset` indexes `text`: every whole-character token stands at its offset (special tokens
+    the text skips excepted), and offsets never go back or past the end."""
+    assert offsets == sorted(offsets) and all(0 <= o <= len(text) for o in offsets), offsets
+    bad = [
+        (t, o, text[o : o + len(t)])
+        for t, o in zip(tokens, offsets, strict=True)
+        if not t.startswith("bytes:") and t not in ("<s>", "</s>") and text[o : o + len(t)] != t
+    ]
+    assert not bad, bad
+
+
 @pytest.fixture
 def served(start_checkpoint_service, hf_chat, redis_url, start_router, tmp_path: Path) -> Iterator:
     """(openai client, HTTP front) with one replica of the imported HF model 'chat' behind a router."""
@@ -80,14 +125,14 @@ def test_completions_greedy_equal_hf_with_logprobs(served, hf_chat: HfChat):
     assert choice.text == hf_chat.tokenizer.decode(want) and choice.finish_reason == "length"
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 8
     lp = choice.logprobs
-    assert lp.tokens == [hf_chat.tokenizer.decode([t]) for t in want]
+    assert lp.tokens == [openai_token(hf_chat.tokenizer, t) for t in want]
     ref = hf_chat.logprobs(ids + want[:-1])[len(ids) - 1 :]
     assert lp.token_logprobs == pytest.approx([ref[k, t].item() for k, t in enumerate(want)], abs=1e-4)
     assert all(
         len(top) >= 2 and max(top.values()) == chosen
         for top, chosen in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
     )
-    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(8)]
+    check_offsets(choice.text, lp.tokens, lp.text_offset)
 
     stream = client.completions.create(
         model="chat",

@@ -66,7 +66,8 @@ def _svd(step: MethodSpec, w: torch.Tensor, dtype: torch.dtype) -> LinearResult:
     """Two factors, or the weight itself where the factors would be the larger of the two."""
     u, v = truncated_svd(w, rank=step.rank, rank_fraction=step.rank_fraction, energy=step.energy)
     rank = u.shape[1]
-    if not factors_fit(*w.shape, rank):
+    out_f, in_f = w.shape
+    if not factors_fit(out_f, in_f, rank):
         stored = w.to(dtype)
         note = (
             f"kept dense: rank {rank} factors would store {rank * sum(w.shape)} numbers against {w.numel()}"

@@ -72,6 +72,17 @@ class RequestOutput:
     prompt: PromptScores | None = None  # on the first output, when echo is set
 
 
+@dataclass
+class HeldToken:
+    """One generated token on its way out: its id and, when logprobs are asked for, its logprob,
+    text and alternatives."""
+
+    token_id: int
+    logprob: float | None = None
+    text: str = ""
+    top: NamedLogprobs | None = None
+
+
 class EngineObserver(Protocol):
     """Hook for metrics; the replica service exports these to Prometheus with vLLM names."""
 
@@ -111,6 +122,10 @@ class LLMEngine:
         self.sampler = Sampler(model.device)
         self.adapters: dict[str, LoraAdapter] = {}
         self.requests: dict[str, Request] = {}
+        # Per request with stop strings, the tokens whose text the detokenizer still holds back (an
+        # incomplete UTF-8 sequence): they go out with their text, so a stop string completed inside
+        # them cuts the ones after it.
+        self._held: dict[str, list[HeldToken]] = {}
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -176,6 +191,8 @@ class LLMEngine:
             params.max_tokens = 0
         elif params.max_tokens == 0:
             params.max_tokens = min(self.config.default_max_tokens, room)
+        elif params.clamp_max_tokens:
+            params.max_tokens = min(params.max_tokens, room)
         params.validate()
         params.check_vocab(self.spec.vocab_size)
         if params.max_tokens > room:
@@ -232,6 +249,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
+        self._held.pop(request_id, None)
         if req is None:
             return None
         self.scheduler.remove(req)
@@ -339,19 +357,20 @@ class LLMEngine:
                 self.observer.on_first_token(now - req.arrival_time)
             else:
                 self.observer.on_token(now - req.last_token_time)
-        out = RequestOutput(req.request_id, token_ids=[tok])
+        out = RequestOutput(req.request_id)
         if req.first_token_time is None:
             req.first_token_time = now
             self.prompt_tokens_total += len(req.prompt_token_ids)
             if req.params.echo:
                 out.prompt = self._prompt_scores(req)
         req.last_token_time = now
+        held = HeldToken(tok)
         if req.params.wants_logprobs and logprob is not None:
             req.output_logprobs.append(logprob)
-            out.logprobs = [logprob]
-            out.tokens = self._token_texts([tok])
+            held.logprob, held.text = logprob, self._token_texts([tok])[0]
             if req.params.top_logprobs and alts is not None:
-                out.top_logprobs = [self._named(alts[: req.params.top_logprobs])]
+                held.top = self._named(alts[: req.params.top_logprobs])
+        pending = [held]
         p = req.params
         reason = ""
         if tok in p.stop_token_ids or tok in req.eos_token_ids:
@@ -361,34 +380,79 @@ class LLMEngine:
         if req.heal_token_ids and len(req.output_token_ids) == 1:
             req.refresh_fast_path()  # healing constrained only this first token
         if self.tokenizer is not None:
+            pending = self._held.pop(req.request_id, []) + pending
+            read, prefix, before, healing = (
+                req.detok_read_offset,
+                req.detok_prefix_offset,
+                len(req.text),
+                bool(req.heal_text),
+            )
             detokenize_incrementally(self.tokenizer, req, final=bool(reason))
+            if p.stop and req.detok_read_offset == read:
+                # nothing released: with stop strings the tokens wait for their text, which may
+                # complete a stop string before the newest of them
+                self._held[req.request_id], pending = pending, []
             if req.heal_text and (reason or len(req.text) >= len(req.heal_text)):
                 req.text = req.text.removeprefix(req.heal_text)  # the prompt's own text, generated again
                 req.heal_text = ""
             if p.stop:
-                cut = self._find_stop(req)
-                if cut is not None:
-                    req.text = req.text[:cut]
+                found = self._find_stop(req)
+                if found is not None:
+                    req.text = req.text[: found[0]]
                     reason = "stop"
+                    if len(pending) > 1 and not healing:
+                        keep = self._tokens_through(req, len(pending), read, prefix, found[1] - before)
+                        pending = self._drop_tokens(req, pending, keep)
             hold = 0 if reason else (max(len(s) for s in p.stop) - 1 if p.stop else 0)
             if req.heal_text:  # not yet past the healed prompt text: nothing is the caller's yet
                 hold = len(req.text)
             end = max(req.emitted_text_len, len(req.text) - hold)
             out.text = req.text[req.emitted_text_len : end]
             req.emitted_text_len = end
+        for h in pending:
+            out.token_ids.append(h.token_id)
+            if h.logprob is not None:
+                out.logprobs.append(h.logprob)
+                out.tokens.append(h.text)
+                if h.top is not None:
+                    out.top_logprobs.append(h.top)
         if reason:
             self._finish(req, reason, out)
         return out
 
-    def _find_stop(self, req: Request) -> int | None:
+    def _tokens_through(self, req: Request, n: int, read: int, prefix: int, end: int) -> int:
+        """How many of the `n` tokens just released (their text starting at detokenizer offsets
+        `read`/`prefix`) it takes to produce `end` new characters: the stop string ends there."""
+        assert self.tokenizer is not None
+        ids = req.prompt_token_ids + req.output_token_ids
+        base = self.tokenizer.decode(ids[prefix:read])
+        for j in range(1, n):
+            new = self.tokenizer.decode(ids[prefix : read + j])[len(base) :]
+            if len(new.rstrip("\ufffd")) >= end:  # a trailing U+FFFD: a character still incomplete
+                return j
+        return n
+
+    def _drop_tokens(self, req: Request, pending: list[HeldToken], keep: int) -> list[HeldToken]:
+        """`pending` (the request's newest tokens) cut to its first `keep`: the rest came after the
+        stop string completed, so they leave the output, its logprobs and the usage count."""
+        drop = pending[keep:]
+        if drop:
+            del req.output_token_ids[-len(drop) :]
+            scored = sum(h.logprob is not None for h in drop)
+            if scored:
+                del req.output_logprobs[-scored:]
+        return pending[:keep]
+
+    def _find_stop(self, req: Request) -> tuple[int, int] | None:
+        """(start, end) of the earliest stop string in the text not yet emitted, or None."""
         longest = max(len(s) for s in req.params.stop)
         # Only the tail that changed can contain a new match.
         start = max(0, req.emitted_text_len - longest)
         best = None
         for s in req.params.stop:
             i = req.text.find(s, start)
-            if i != -1 and (best is None or i < best):
-                best = i
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, i + len(s))
         return best
 
     def _finish(self, req: Request, reason: str, out: RequestOutput) -> None:
@@ -396,6 +460,7 @@ class LLMEngine:
         req.finish_reason = reason
         self.scheduler.remove(req)
         self.requests.pop(req.request_id, None)
+        self._held.pop(req.request_id, None)
         out.finished = True
         out.finish_reason = reason
         out.usage = self._usage(req)

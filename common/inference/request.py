@@ -45,6 +45,7 @@ class SamplingParams:
     echo: bool = False  # return the prompt's tokens, scored when logprobs are asked for
     prompt_only: bool = False  # with echo: score the prompt and generate nothing (OpenAI max_tokens=0)
     token_healing: bool = False  # back up over the prompt's last token (common/inference/healing.py)
+    clamp_max_tokens: bool = False  # max_tokens is a default, not asked for: fit it to the context
 
     def validate(self) -> None:
         if self.prompt_only and not self.echo:

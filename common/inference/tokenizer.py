@@ -8,6 +8,7 @@ the newest tokens decode to complete characters, and decodes a short window, not
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import cached_property
 from typing import Any
@@ -60,15 +61,25 @@ class ChatTemplate:
         self.special_tokens = special_tokens
 
     @classmethod
-    def from_files(cls, tokenizer_config: bytes | None, template_file: bytes | None) -> ChatTemplate | None:
-        """The template from chat_template.jinja or tokenizer_config.json; None when neither has one."""
+    def from_files(
+        cls,
+        tokenizer_config: bytes | None,
+        template_file: bytes | None,
+        special_tokens_map: bytes | None = None,
+    ) -> ChatTemplate | None:
+        """The template from chat_template.jinja or tokenizer_config.json; None when neither has one.
+        Its special tokens come from tokenizer_config.json, else special_tokens_map.json (older HF
+        saves name them only there; HF's tokenizer reads both)."""
         config = json.loads(tokenizer_config) if tokenizer_config else {}
         source = template_file.decode("utf-8") if template_file else config.get("chat_template")
         if isinstance(source, list):  # named templates: HF uses "default"
             source = next((t.get("template") for t in source if t.get("name") == "default"), None)
         if not isinstance(source, str) or not source:
             return None
-        return cls(source, special_token_strings(config))
+        special = json.loads(special_tokens_map) if special_tokens_map else {}
+        tokens = special_token_strings(special if isinstance(special, dict) else {})
+        tokens.update(special_token_strings(config))
+        return cls(source, tokens)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The conversation as the prompt text; a template's own refusal is INVALID_ARGUMENT."""
@@ -122,15 +133,18 @@ class Tokenizer:
     @classmethod
     def from_files(cls, files: dict[str, bytes], max_input_bytes: int | None = None) -> Tokenizer:
         """From a checkpoint's files: tokenizer.json, and the chat template HF saves beside it
-        (tokenizer_config.json's `chat_template`, or chat_template.jinja)."""
+        (tokenizer_config.json's `chat_template`, or chat_template.jinja), rendered with the special
+        tokens of tokenizer_config.json and special_tokens_map.json."""
         tok = cls.from_json(files["tokenizer.json"], max_input_bytes)
         try:
             tok.chat_template = ChatTemplate.from_files(
-                files.get("tokenizer_config.json"), files.get("chat_template.jinja")
+                files.get("tokenizer_config.json"),
+                files.get("chat_template.jinja"),
+                files.get("special_tokens_map.json"),
             )
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidArgument(
-                f"tokenizer_config.json / chat_template.jinja cannot be read: {exc}"
+                f"tokenizer_config.json / special_tokens_map.json / chat_template.jinja cannot be read: {exc}"
             ) from None
         return tok
 
@@ -174,8 +188,44 @@ class Tokenizer:
         return [self.tok.id_to_token(i) or "" for i in ids]
 
     def token_texts(self, ids: list[int]) -> list[str]:
-        """Each token decoded on its own, special tokens kept (OpenAI logprobs' `tokens`)."""
-        return [self.tok.decode([i], skip_special_tokens=False) for i in ids]
+        """Each token's own text, special tokens kept (OpenAI logprobs' `tokens`): its bytes as UTF-8,
+        or, when they are not valid UTF-8 (a piece of a character), OpenAI's "bytes:\\xNN..." form,
+        so that distinct ids never share the U+FFFD a lone decode would give them."""
+        return [token_text(b) for b in self.token_bytes(ids)]
+
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        """Each token's own bytes: byte-level BPE through the byte decoder, SentencePiece's byte
+        fallback `<0xNN>` as that byte and its '\u2581' as a space, an added token as its content;
+        any other model as its lone decode in UTF-8."""
+        added, byte_level, metaspace = self._token_kinds
+        out = []
+        for i in ids:
+            if i in added:
+                out.append(added[i].encode("utf-8"))
+                continue
+            piece = self.tok.id_to_token(i)
+            if piece is None:
+                out.append(b"")
+            elif byte_level and all(c in BYTE_DECODER for c in piece):
+                out.append(bytes(BYTE_DECODER[c] for c in piece))
+            elif metaspace and (m := BYTE_FALLBACK.fullmatch(piece)):
+                out.append(bytes([int(m.group(1), 16)]))
+            elif metaspace:
+                out.append(piece.replace("\u2581", " ").encode("utf-8"))
+            else:
+                out.append(self.tok.decode([i], skip_special_tokens=False).encode("utf-8", "surrogatepass"))
+        return out
+
+    @cached_property
+    def _token_kinds(self) -> tuple[dict[int, str], bool, bool]:
+        """(added tokens by id, whether the decoder is byte-level, whether it is SentencePiece's
+        Metaspace/Replace + ByteFallback), read once from the tokenizer's JSON."""
+        spec = json.loads(self.tok.to_str())
+        added = {t["id"]: t["content"] for t in spec.get("added_tokens") or () if "content" in t}
+        types = set(_decoder_types(spec.get("decoder")))
+        byte_level = "ByteLevel" in types
+        metaspace = not byte_level and bool(types & {"Metaspace", "ByteFallback", "Replace"})
+        return added, byte_level, metaspace
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The chat prompt for `messages` (generation prompt added, as OpenAI chat does)."""
@@ -185,6 +235,50 @@ class Tokenizer:
                 "chat_template.jinja): use /v1/completions with a prompt, or import a model that has one"
             )
         return self.chat_template.render(messages)
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: the character byte-level BPE writes for each byte."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+BYTE_DECODER = _bytes_to_unicode()
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+BYTES_PREFIX = "bytes:"
+
+
+def _decoder_types(decoder: Any) -> list[str]:
+    """The `type` of a tokenizer.json decoder and of every decoder a Sequence holds."""
+    if not isinstance(decoder, dict):
+        return []
+    return [str(decoder.get("type")), *(t for d in decoder.get("decoders") or () for t in _decoder_types(d))]
+
+
+def token_text(raw: bytes) -> str:
+    """A token's bytes as its OpenAI logprobs text: UTF-8, else "bytes:\\xNN..." (OpenAI's form)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return BYTES_PREFIX + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def text_bytes(text: str) -> bytes:
+    """The bytes a `token_text` stands for (its inverse)."""
+    if text.startswith(BYTES_PREFIX):
+        hexes = text[len(BYTES_PREFIX) :].split("\\x")[1:]
+        try:
+            return bytes(int(h, 16) for h in hexes)
+        except ValueError:
+            pass
+    return text.encode("utf-8", "surrogatepass")
 
 
 def longest_token_bytes(tok) -> int:

@@ -33,6 +33,7 @@ def sampling_from_proto(sp: inference_pb2.SamplingParams) -> SamplingParams:
         echo=bool(sp.echo),
         prompt_only=bool(sp.prompt_only),
         token_healing=bool(sp.token_healing),
+        clamp_max_tokens=bool(sp.clamp_max_tokens),
     )
 
 

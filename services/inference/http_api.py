@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tokenmill.common.config import Config, InferenceLimitsConfig
-from tokenmill.common.errors import TokenmillError
+from tokenmill.common.errors import NotFound, TokenmillError
 from tokenmill.common.runtime import StartupError
 from tokenmill.services.inference.convert import ResponseBuilder
 from tokenmill.services.inference.dispatch.failover import RouterDispatcher
@@ -69,6 +69,11 @@ def served_as(model: str, live: list[ReplicaInfo]) -> str:
     selector = Selector.parse(model)
     matched = (s.ref for r in live for s in r.serving() if selector is None or selector.matches(s))
     return next(matched, model)
+
+
+def model_card(model_id: str, root: str) -> dict[str, Any]:
+    """One OpenAI model object; `root` is the served `name:version` ref it resolves to."""
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "tokenmill", "root": root}
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
@@ -155,8 +160,24 @@ def build_app(
             return unauthorized()
         replicas = await run_in_threadpool(dispatcher.replicas)
         names = sorted({r.model for r in replicas})
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "tokenmill", "root": n} for n in names]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [model_card(n, n) for n in names]})
+
+    async def model(request: Request) -> JSONResponse:
+        """OpenAI's `models.retrieve`: the model a request could name `model` by (a listed
+        `name:version`, a bare name or `name:tag`), 404 in OpenAI's error shape when none is served."""
+        if not authorized(request):
+            return unauthorized()
+        name = request.path_params["model"]
+        try:
+            selector = Selector.parse(name)
+            replicas = await run_in_threadpool(dispatcher.replicas)
+        except TokenmillError as exc:
+            return error_response(exc)
+        refs = sorted({s.ref for r in replicas for s in r.serving() if selector and selector.matches(s)})
+        if not refs:
+            served = sorted({r.model for r in replicas})
+            return error_response(NotFound(f"model {name!r} is not served; served: {served or 'none'}"))
+        return JSONResponse(model_card(name, refs[-1]))
 
     async def serve(request: Request, parse: Parse, make_format: Callable[[Any], Any]) -> Response:
         """Validate, route and answer one generation request. Everything known before the first
@@ -241,6 +262,7 @@ def build_app(
     return Starlette(
         routes=[
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/health", health, methods=["GET"]),

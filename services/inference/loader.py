@@ -60,7 +60,12 @@ def load_model(client, ref: str, *, max_prompt_bytes: int | None = None) -> Load
         raise FailedPrecondition(f"checkpoint {version.ref} has no model config; it cannot be served")
     tensors = client.load(version.ref)
     tensors = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "optimizer."))}
-    tokenizer_files = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    tokenizer_files = {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    }
     names = {f.name for f in version.manifest.files} & (tokenizer_files | {"generation_config.json"})
     files = client.load_files(version.ref, sorted(names)) if names else {}
     if "generation_config.json" in files:

@@ -21,6 +21,7 @@ from tokenmill.v1 import inference_pb2
 
 UINT32_MAX = 2**32 - 1
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs ceiling)
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # what OpenAI completions generate when max_tokens is not given
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -278,7 +279,10 @@ def completion_request(
     _prompt(req, body.get("prompt"), limits)
     sp = req.sampling
     sp.echo = flag(body, "echo")
-    _max_tokens(sp, body.get("max_tokens", 16), "max_tokens", 0 if sp.echo else 1)
+    if body.get("max_tokens") is None:  # OpenAI's default, as much of it as the context has room for
+        sp.max_tokens, sp.clamp_max_tokens = COMPLETION_DEFAULT_MAX_TOKENS, True
+    else:
+        _max_tokens(sp, body["max_tokens"], "max_tokens", 0 if sp.echo else 1)
     sp.prompt_only = sp.echo and body.get("max_tokens") == 0
     logprobs = body.get("logprobs")
     if isinstance(logprobs, bool) or logprobs is None:

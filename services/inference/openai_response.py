@@ -8,6 +8,7 @@ one entry per token with its bytes and `top_logprobs`.
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -62,17 +63,59 @@ class Scored:
         return scored
 
 
+BYTES_PREFIX = "bytes:"  # OpenAI's text for a token whose bytes are not valid UTF-8 on their own
+
+
+def token_bytes(token: str) -> bytes:
+    """The bytes a logprobs token text stands for: "bytes:\\xNN..." parsed, else its UTF-8.
+    (The replica writes that form: common.inference.tokenizer.token_text; kept here so the HTTP
+    front imports no torch.)"""
+    if token.startswith(BYTES_PREFIX):
+        hexes = token[len(BYTES_PREFIX) :].split("\\x")[1:]
+        try:
+            return bytes(int(h, 16) for h in hexes)
+        except ValueError:
+            pass
+    return token.encode("utf-8", "surrogatepass")
+
+
 class CompletionLogprobs:
-    """The legacy `logprobs` object; `text_offset` runs on across the chunks of one stream."""
+    """The legacy `logprobs` object; `text_offset` runs on across the chunks of one stream.
+
+    An offset indexes the returned `text`: each token's bytes are read as text (the pieces of a split
+    character count once, where the character completes) and matched against the text; a token whose
+    text is not there (BOS, EOS: special tokens the text skips) stands at the current offset and adds
+    nothing. SentencePiece's leading space, dropped from the start of a decode, is allowed for."""
 
     def __init__(self) -> None:
         self.offset = 0
+        self.text = ""
+        # the tokens' bytes as text, as the detokenizer reads them: a split character completes with
+        # its last piece, an invalid sequence is one U+FFFD
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def block(self, scored: Scored) -> Json:
-        offsets = []
-        for token in scored.tokens:
-            offsets.append(self.offset)
-            self.offset += len(token)
+    def _place(self, token: str) -> int:
+        """The offset of `token`, moving past its text. Bytes an earlier token left incomplete that
+        this one shows invalid (one U+FFFD) stand before it."""
+        piece = self.decoder.decode(token_bytes(token))
+        start = self.offset
+        own = "" if token.startswith(BYTES_PREFIX) else token
+        if own and piece.endswith(own):
+            start += len(piece) - len(own)
+        rest = self.text[self.offset :]
+        if not piece:
+            pass
+        elif rest.startswith(piece) or piece.startswith(rest):  # the text may not have arrived yet
+            self.offset += len(piece)
+        elif piece[:1] == " " and (rest.startswith(piece[1:]) or piece[1:].startswith(rest)):
+            self.offset += len(piece) - 1
+        else:
+            start = self.offset  # not in the text: a special token the text skips
+        return start
+
+    def block(self, scored: Scored, text: str = "") -> Json:
+        self.text += text
+        offsets = [self._place(token) for token in scored.tokens]
         tops = [_top_dict(*row) for row in zip(scored.tokens, scored.logprobs, scored.tops, strict=True)]
         return {
             "tokens": scored.tokens,
@@ -86,16 +129,22 @@ class CompletionLogprobs:
 def _top_dict(
     token: str, logprob: float | None, top: Sequence[inference_pb2.TokenLogprob] | None
 ) -> Json | None:
+    """The alternatives keyed by token text (unique per id: see common.inference.tokenizer); were two
+    ids to share a text, the likelier keeps it. The chosen token's entry is its own logprob, added
+    when it is not among the top ones (OpenAI's logprobs+1)."""
     if logprob is None:
         return None  # the first prompt token has no distribution to draw alternatives from
-    out = {e.token: e.logprob for e in top or ()}
-    out.setdefault(token, logprob)
+    out: Json = {}
+    for e in top or ():
+        if e.token not in out or e.logprob > out[e.token]:
+            out[e.token] = e.logprob
+    out[token] = logprob
     return out
 
 
 def chat_logprobs(scored: Scored) -> Json:
     def entry(token: str, logprob: float | None) -> Json:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+        return {"token": token, "logprob": logprob, "bytes": list(token_bytes(token))}
 
     content = []
     for token, lp, top in zip(scored.tokens, scored.logprobs, scored.tops, strict=True):
@@ -123,7 +172,7 @@ class CompletionFormat:
     def choice(self, source: inference_pb2.GenerateChunk | inference_pb2.GenerateResponse) -> Json:
         block = None
         if self.logprobs is not None:
-            block = self.logprobs.block(Scored.of(source, self.sampling.echo))
+            block = self.logprobs.block(Scored.of(source, self.sampling.echo), self._text(source))
         return {
             "index": 0,
             "text": self._text(source),
