@@ -10,6 +10,8 @@ Scenarios (greedy, EOS ignored, 1 torch thread unless --threads):
   poisson the mixed requests arriving as a Poisson process (--rate req/s), engine only: throughput
           and latency.
 Token identity: for every HF-batched request, whether its greedy ids equal the engine's (fraction).
+Matmul floor: the equal-lengths workload's matrix products alone, timed in the same rounds
+(`matmul_floor`); HF's time over it is the ceiling of any engine's ratio to HF batched here.
 
     python -m bench.serve            # full: 64 requests; equal 64+64; mixed prompts 16-1024, outputs 16-256
     python -m bench.serve --smoke    # a quick check: 16 requests, prompts <= 128, outputs <= 32
@@ -26,6 +28,7 @@ import torch
 
 from bench._report import target, write_report
 from tokenmill.common.inference import EngineConfig, LLMEngine, SamplingParams, build_engine
+from tokenmill.common.inference.model import PagedLlama
 from tokenmill.common.model.transformer import ModelConfig, Transformer
 
 MODEL = ModelConfig(
@@ -39,6 +42,7 @@ MODEL = ModelConfig(
     tie_embeddings=True,
 )
 BLOCK = 16
+CHUNK_TOKENS = 1024  # the engine's token budget per step
 
 
 def make_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
@@ -165,6 +169,35 @@ def engine_one_at_a_time(engine: LLMEngine, prompts: list[list[int]], new_tokens
     return {"output_tokens": produced, "seconds": elapsed, "tokens_per_s": produced / elapsed}
 
 
+def matmul_floor(model: PagedLlama, requests: int, prompt_len: int, new_tokens: int, chunk: int) -> float:
+    """Seconds that the equal-lengths workload's matrix products alone take on this CPU: every
+    prompt token through each layer's linears in chunks of `chunk` rows, one lm_head row per prompt,
+    then `new_tokens - 1` decode steps of `requests` rows through every linear and the lm_head.
+
+    Both the engine and HF `generate` must do at least these products (HF computes prompt logits
+    for the last token only, too), so hf_seconds / this is the highest ratio to HF batched that any
+    engine calling the same GEMM library can reach. Timed with the engine's own (fused) weights.
+    """
+    linears = [m for layer in model.decoder_layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    hidden = model.spec.hidden_size
+
+    def through(rows: int, logit_rows: int) -> None:
+        for lin in linears:
+            lin(torch.randn(rows, lin.in_features))
+        torch.nn.functional.linear(torch.randn(logit_rows, hidden), model.lm_head)
+
+    total = requests * prompt_len
+    chunk_rows = [min(chunk, total - s) for s in range(0, total, chunk)]
+    with torch.inference_mode():
+        through(requests, requests)  # warm-up
+        t0 = time.perf_counter()
+        for rows in chunk_rows:
+            through(rows, max(1, rows // prompt_len))
+        for _ in range(new_tokens - 1):
+            through(requests, requests)
+        return time.perf_counter() - t0
+
+
 def identical(a: list[list[int]], b: list[list[int]]) -> float:
     """Fraction of requests whose greedy ids match exactly."""
     return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
@@ -210,7 +243,7 @@ def build(args: argparse.Namespace, mixed: tuple[list[int], list[int]]):
         block_size=BLOCK,
         num_blocks=blocks,
         max_num_seqs=args.requests,
-        max_num_batched_tokens=1024,
+        max_num_batched_tokens=CHUNK_TOKENS,
         enable_prefix_caching=False,
     )
     return build_engine(tensors, MODEL.to_dict(), cfg), hf
@@ -230,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Interleaved rounds, best of each: the box is shared, so load drifts between runs.
     eq: dict[str, list[dict]] = {"engine": [], "hf": []}
+    floors = []
     for _ in range(args.rounds):
         eq["engine"].append(engine_run(engine, eq_prompts, eq_new))
         eq["hf"].append(hf_batched(hf, eq_prompts, eq_new))
-    eq_engine, eq_hf = best(eq["engine"]), best(eq["hf"])
+        floors.append(matmul_floor(engine.model, n, args.prompt_len, args.new_tokens, CHUNK_TOKENS))
+    eq_engine, eq_hf, floor = best(eq["engine"]), best(eq["hf"]), min(floors)
     few = eq_prompts[: args.baseline_requests]
     seq_engine = engine_one_at_a_time(engine, few, args.new_tokens)
     seq_hf = hf_one_at_a_time(hf, few, args.new_tokens)
@@ -259,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             "equal_new_tokens": args.new_tokens,
             "equal_rounds_best_of": args.rounds,
             "equal_engine_tokens_per_s": eq_engine["tokens_per_s"],
+            "equal_engine_seconds": eq_engine["seconds"],
+            "equal_matmul_floor_seconds": floor,
             **{f"equal_engine_{k}": eq_engine[k] for k in latency[:3]},
             "mixed_prompt_tokens": sum(mixed[0]),
             "mixed_output_tokens": sum(mixed[1]),
@@ -273,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         baseline={
             "equal_hf_batched_tokens_per_s": eq_hf["tokens_per_s"],
+            "equal_hf_batched_seconds": eq_hf["seconds"],
             "mixed_hf_batched_tokens_per_s": mx_hf["tokens_per_s"],
             "engine_one_at_a_time_tokens_per_s": seq_engine["tokens_per_s"],
             "hf_generate_one_at_a_time_tokens_per_s": seq_hf["tokens_per_s"],
@@ -280,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         ratios={
             "equal_vs_hf_batched": eq_ratio,
+            "equal_ceiling_vs_hf_batched": eq_hf["seconds"] / floor,
+            "equal_engine_vs_matmul_floor": eq_engine["seconds"] / floor,
             "mixed_vs_hf_batched": mx_ratio,
             "equal_vs_best_one_at_a_time": seq_ratio,
         },
