@@ -99,3 +99,36 @@ def test_export_without_config_is_failed_precondition(ckpt, tmp_path):
     ckpt.client.save("noconf", {"model.w": torch.zeros(2)})
     with pytest.raises(errors.FailedPrecondition, match="no model config"):
         ckpt.client.export_hf("noconf", tmp_path / "out")
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_compressed_checkpoint_exports_dense_weights_transformers_loads(ckpt, tmp_path, method):
+    """A quantized version exports as the dense weights it serves with: transformers loads every
+    tensor (none left randomly initialised) and computes what the dequantized weights compute."""
+    from tokenmill.common.model.quant import dequantize_state_dict, quantize_state_dict
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    base = ckpt.client.import_hf(tmp_path / "hf", "llama-q")
+    stored = ckpt.client.get(base.ref, include_manifest=True)
+    quantized = quantize_state_dict(ckpt.client.load(base.ref), method, group_size=16)
+    files = ckpt.client.load_files(base.ref, [f.name for f in stored.manifest.files])
+    v = ckpt.client.save("llama-q", quantized, files=files, config=dict(stored.manifest.config))
+
+    out = ckpt.client.export_hf(v.ref, tmp_path / "out")
+    reloaded, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    reference = transformers.LlamaForCausalLM(cfg).eval()
+    reference.load_state_dict(dequantize_state_dict(quantized))
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(ids).logits, reference(ids).logits)

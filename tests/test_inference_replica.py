@@ -56,6 +56,12 @@ def test_tokenize_model_info_and_stats(start_replica, tiny_ckpt):
         (dict(prompt="hi", top_p=1.01), "INVALID_ARGUMENT", "top_p"),
         (dict(prompt="hi", model="other-model"), "NOT_FOUND", "other-model"),
         (dict(prompt="hi", adapter="no-such-adapter"), "NOT_FOUND", "no-such-adapter"),
+        (dict(prompt="hi", logit_bias={10**6: 1.0}), "INVALID_ARGUMENT", "outside the vocabulary"),
+        (dict(prompt="hi", logit_bias={-1: 1.0}), "INVALID_ARGUMENT", "logit_bias keys"),
+        (dict(prompt="hi", logit_bias={5: 101.0}), "INVALID_ARGUMENT", "logit_bias"),
+        (dict(prompt="hi", frequency_penalty=2.5), "INVALID_ARGUMENT", "frequency_penalty"),
+        (dict(prompt="hi", presence_penalty=-3.0), "INVALID_ARGUMENT", "presence_penalty"),
+        (dict(prompt="hi", top_logprobs=21), "INVALID_ARGUMENT", "top_logprobs"),
     ],
 )
 def test_bad_requests_get_precise_statuses(start_replica, kwargs, code, needle):
@@ -67,6 +73,21 @@ def test_bad_requests_get_precise_statuses(start_replica, kwargs, code, needle):
     with pytest.raises(errors.TokenmillError) as info:
         list(h.client.stream(prompt, **kwargs))
     assert info.value.code == code
+
+
+def test_client_sends_every_sampling_control(start_replica):
+    """logit_bias, the penalties, top_logprobs and echo reach the engine through the client."""
+    h = start_replica()
+    forced = h.client.generate("hi", max_tokens=4, temperature=0.0, ignore_eos=True, logit_bias={7: 100.0})
+    assert list(forced.token_ids) == [7] * 4
+    penalised = h.client.generate(
+        "hi", max_tokens=4, temperature=0.0, ignore_eos=True, logit_bias={7: 50.0}, presence_penalty=-2.0
+    )
+    assert list(penalised.token_ids) == [7] * 4
+    scored = h.client.generate("hi", max_tokens=2, temperature=0.0, top_logprobs=3, echo=True)
+    assert scored.usage.completion_tokens == 2
+    assert [len(t.entries) for t in scored.top_logprobs] == [3, 3]
+    assert list(scored.prompt.token_ids) == h.client.tokenize("hi").token_ids
 
 
 def test_max_tokens_zero_through_the_wire_means_server_default(start_replica):

@@ -184,6 +184,35 @@ REJECTED = {
         "q_proj.bias",
     ),
     "unused-tensor": ("Llama", {}, _stray_tensor, "model.layers.0.self_attn.q_proj.bias"),
+    # transformers >= 5 keeps a distinct lm_head.weight untied; tokenmill would tie it to the embedding
+    "tied-config-own-lm-head": (
+        "Llama",
+        {},
+        lambda src: _edit_config(src, tie_word_embeddings=True),
+        "tie_word_embeddings=True",
+    ),
+    "untied-config-tied-weights": (
+        "Llama",
+        dict(tie_word_embeddings=True),
+        lambda src: _edit_config(src, tie_word_embeddings=False),
+        "tie_word_embeddings=False",
+    ),
+    # configs the engine would load only to fail at serve time or compute NaN: refused at import
+    "eos-not-a-token-id": ("Llama", {}, lambda src: _edit_config(src, eos_token_id="x"), "eos_token_id"),
+    "rope-factor-zero": ("Llama", {}, _rope(rope_type="linear", factor=0), "rope_scaling.factor"),
+    "yarn-factor-negative": (
+        "Llama",
+        {},
+        _rope(rope_type="yarn", factor=-2.0, original_max_position_embeddings=32),
+        "rope_scaling.factor",
+    ),
+    "rms-norm-eps-negative": ("Llama", {}, lambda src: _edit_config(src, rms_norm_eps=-1.0), "rms_norm_eps"),
+    "no-context": (
+        "Mistral",
+        {},
+        lambda src: _edit_config(src, max_position_embeddings=0),
+        "max_position_embeddings",
+    ),
 }
 
 
@@ -198,6 +227,24 @@ def test_unsupported_config_is_refused_at_import_and_nothing_stored(ckpt, tmp_pa
     with pytest.raises(errors.NotFound):
         ckpt.client.get(case)
     assert ckpt.client.stats().chunks == 0
+
+
+def test_tied_checkpoint_that_also_saves_lm_head_imports_and_equals_hf(ckpt, tmp_path):
+    """Some tied checkpoints store lm_head.weight too, equal to the embedding: that is no mismatch."""
+    hf = hf_model("Qwen2", tie_word_embeddings=True)
+    src = tmp_path / "hf"
+    hf.save_pretrained(src)
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    ckpt.client.import_hf(src, "tied")
+    stored = ckpt.client.get("tied", include_manifest=True)
+    config = struct_to_dict(stored.manifest.config)
+    ids = torch.randint(0, BASE["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits[0]
+    got = engine_prefill_logits(config, ckpt.client.load(stored.ref), ids[0].tolist())
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_cli_import_prints_the_reason_and_exits_non_zero(ckpt, tmp_path):

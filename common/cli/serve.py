@@ -12,6 +12,7 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -19,6 +20,7 @@ import click
 from tokenmill.common import errors
 
 if TYPE_CHECKING:
+    from tokenmill.common.platform.launcher import ProcessSpec
     from tokenmill.common.platform.replicas import ReplicaOptions
 
 POLL_S = 0.5
@@ -35,7 +37,11 @@ def _fail(exc: errors.TokenmillError) -> click.ClickException:
 @click.option("--list", "list_models", is_flag=True, help="list the served models and their replicas")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto")
 @click.option(
-    "--kv-cache-mb", type=float, default=256.0, show_default=True, help="KV-cache budget per replica"
+    "--kv-cache-mb",
+    type=click.FloatRange(0.0, min_open=True),
+    default=256.0,
+    show_default=True,
+    help="KV-cache budget per replica",
 )
 @click.option(
     "--gpu-memory-utilization",
@@ -43,7 +49,7 @@ def _fail(exc: errors.TokenmillError) -> click.ClickException:
     default=0.0,
     help="on GPU: KV cache sized to this fraction of GPU memory (overrides --kv-cache-mb)",
 )
-@click.option("--max-num-seqs", type=int, default=64, show_default=True)
+@click.option("--max-num-seqs", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--adapter", "adapters", multiple=True, help="LoRA adapter ref to preload (repeatable)")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="seconds to wait for SERVING")
 @click.pass_obj
@@ -100,13 +106,43 @@ def _remove(config: Any, model: str) -> None:
     if not old:
         raise click.ClickException(f"{model} is not served; see 'tokenmill serve --list'")
     remove_processes(config, [s.name for s in old])
+    _forget_stopped(config, old)
     click.echo(f"stopped serving {model_name(model)} ({len(old)} replica(s) draining)")
+
+
+def _forget_stopped(config: Any, stopped: list[ProcessSpec], keep: str = "") -> None:
+    """Drop from the models the router knows (dispatch/registry.py MODELS) what the `stopped`
+    replicas served and no replica left in the table serves: their model's versions but `keep` (the
+    one a replacement serves now) and the adapters they preloaded. A request for one is then
+    NOT_FOUND once they drained, rather than queued for a replica that never comes. Best effort: a
+    Redis out of reach only leaves them known."""
+    import redis
+
+    from tokenmill.common.cli.platform import _running_redis
+    from tokenmill.common.platform.launcher import RunDir
+    from tokenmill.common.platform.replicas import is_replica, model_name, served_names
+
+    still = {n for s in RunDir(config.data_dir).read_processes() if is_replica(s) for n in served_names(s)}
+    gone = {n for s in stopped for n in served_names(s)}
+    base = {model_name(keep)} if keep else set()
+
+    def forget(ref: str) -> bool:
+        name = model_name(ref)
+        return name in gone and ref != keep and (name not in still or name in base)
+
+    try:
+        r = _running_redis(config)
+        refs = [ref for ref in r.hkeys(MODELS_HASH) if forget(ref)]
+        if refs:
+            r.hdel(MODELS_HASH, *refs)
+    except (redis.RedisError, RuntimeError, OSError) as exc:
+        click.echo(f"warning: could not drop {sorted(gone)} from the served models in Redis: {exc}", err=True)
 
 
 def _serve(obj: Any, model: str, replicas: int, options: ReplicaOptions, timeout: float) -> None:
     from tokenmill.common.clients.checkpoint import CheckpointClient
     from tokenmill.common.platform.launcher import RunDir, add_processes, remove_processes
-    from tokenmill.common.platform.replicas import model_name, replica_specs, replicas_of
+    from tokenmill.common.platform.replicas import model_name, platform_ports, replica_specs, replicas_of
 
     config = obj.config
     try:  # fail fast on a typo rather than starting replicas that can never load
@@ -120,20 +156,29 @@ def _serve(obj: Any, model: str, replicas: int, options: ReplicaOptions, timeout
     table = RunDir(config.data_dir).read_processes()
     old = replicas_of(table, model_name(model))
     specs = replica_specs(
-        model, replicas, table, host=host, base_port=svc.port, options=options, config_path=obj.path
+        model,
+        replicas,
+        table,
+        host=host,
+        base_port=svc.port,
+        options=options,
+        config_path=obj.path,
+        reserved=platform_ports(config),
     )
+    started = time.time()
     try:
         add_processes(config, specs)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"starting {replicas} replica(s) of {model} ...")
     try:
-        _wait_serving(config, {s.name: s.health_address for s in specs}, resolved, timeout)
+        _wait_serving(config, {s.name: s.health_address for s in specs}, resolved, timeout, started)
     except click.ClickException:
         remove_processes(config, [s.name for s in specs])  # the old replicas (if any) keep serving
         raise
     if old:
         remove_processes(config, [s.name for s in old])
+        _forget_stopped(config, old, keep=resolved)
         click.echo(f"replaced {len(old)} replica(s) of {model_name(model)}; they drain and stop")
     click.echo(
         f"serving {model} on {replicas} replica(s) behind {svc.host}:{svc.port} "
@@ -141,9 +186,13 @@ def _serve(obj: Any, model: str, replicas: int, options: ReplicaOptions, timeout
     )
 
 
-def _wait_serving(config: Any, pending: dict[str, str], resolved: str, timeout: float) -> None:
-    """Until every replica in `pending` (name -> address) is SERVING; a load error the replicas
-    report through the router fails at once with its reason."""
+def _wait_serving(
+    config: Any, pending: dict[str, str], resolved: str, timeout: float, started: float = 0.0
+) -> None:
+    """Until every replica in `pending` (name -> address) is SERVING. Fails at once, with the
+    reason, when one of them reports a load error (its own, in Redis: other replicas of the model
+    may serve it fine, e.g. the old generation of a rolling replacement), when the router reports
+    one for the model, or when one of them exited (since `started`, epoch seconds)."""
     from tokenmill.common.clients.inference import InferenceClient
     from tokenmill.common.platform.launcher import health_status
 
@@ -156,10 +205,13 @@ def _wait_serving(config: Any, pending: dict[str, str], resolved: str, timeout: 
                     del pending[name]
             if not pending:
                 return
+            reason = _replica_load_error(config, pending, started) or _replica_exit(config, pending, started)
+            if reason:
+                raise click.ClickException(f"{resolved} cannot be served: {reason}")
             try:
                 router.model_info(model=resolved, timeout=5)
             except errors.FailedPrecondition as exc:
-                raise click.ClickException(f"{resolved} cannot be served: {exc.message}") from None
+                raise click.ClickException(exc.message) from None
             except errors.TokenmillError:
                 pass  # no replica of it live yet (or the router is busy): keep waiting
             if time.monotonic() > deadline:
@@ -168,6 +220,53 @@ def _wait_serving(config: Any, pending: dict[str, str], resolved: str, timeout: 
                     f"replica(s) {sorted(pending)} not SERVING after {timeout:.0f}s; see their logs in {logs}"
                 )
             time.sleep(POLL_S)
+
+
+# dispatch/registry.py LOAD_ERRORS (libraries never import services): replica id -> JSON LoadError
+LOAD_ERRORS_HASH = "tokenmill:inference:load_errors"
+MODELS_HASH = "tokenmill:inference:models"  # dispatch/registry.py MODELS: ref -> tags
+LOG_TAIL_LINES = 1
+
+
+def _replica_load_error(config: Any, names: Iterable[str], started: float) -> str:
+    """The load error one of the replicas `names` reported since `started`, or "" (none, or the
+    platform's Redis is not reachable from here: the router's answer is the fallback)."""
+    import redis
+
+    from tokenmill.common.cli.platform import _running_redis
+
+    try:
+        raw = _running_redis(config).hmget(LOAD_ERRORS_HASH, list(names))
+    except (redis.RedisError, RuntimeError, OSError):
+        return ""
+    for body in raw:
+        try:
+            err = json.loads(body) if body else None
+        except ValueError:
+            continue
+        if isinstance(err, dict) and float(err.get("time", 0.0)) >= started:
+            return f"replica {err.get('replica_id')} could not load {err.get('model')}: {err.get('message')}"
+    return ""
+
+
+def _replica_exit(config: Any, names: Iterable[str], started: float) -> str:
+    """Why one of the replicas `names`, started by the supervisor since `started`, exited before it
+    was SERVING (its exit code and the last lines of its log), or ""."""
+    from tokenmill.common.platform.launcher import RunDir
+
+    run_dir = RunDir(config.data_dir)
+    state = run_dir.read_state()
+    for name in names:
+        child = state.get(name)
+        if child is None or child.last_exit is None or child.started_at < started:
+            continue
+        try:
+            lines = (run_dir.logs / f"{name}.log").read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        tail = " | ".join(line.strip() for line in lines[-LOG_TAIL_LINES:] if line.strip())
+        return f"replica {name} exited with code {child.last_exit} before SERVING: {tail or 'no log output'}"
+    return ""
 
 
 @click.command()

@@ -6,7 +6,7 @@ the same InferenceService.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from tokenmill.common.clients.base import BaseClient
@@ -23,10 +23,15 @@ def build_generate_request(
     top_p: float | None = None,
     repetition_penalty: float | None = None,
     seed: int | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    logit_bias: Mapping[int, float] | None = None,
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     logprobs: bool = False,
+    top_logprobs: int = 0,
     ignore_eos: bool = False,
+    echo: bool = False,
     token_healing: bool = False,
     model: str = "",
     adapter: str = "",
@@ -34,20 +39,28 @@ def build_generate_request(
 ) -> inference_pb2.GenerateRequest:
     if max_tokens < 0:
         raise InvalidArgument(f"max_tokens must be >= 0 (0 = server default), got {max_tokens}")
+    bad = [t for t in (logit_bias or {}) if not 0 <= int(t) < 2**32]
+    if bad:
+        raise InvalidArgument(f"logit_bias keys must be token ids (non-negative integers), got {bad[:8]}")
     sp = inference_pb2.SamplingParams(
         max_tokens=max_tokens,
         top_k=top_k,
         stop=list(stop),
         stop_token_ids=list(stop_token_ids),
         logprobs=logprobs,
+        top_logprobs=top_logprobs,
         ignore_eos=ignore_eos,
+        echo=echo,
         token_healing=token_healing,
+        logit_bias={int(t): float(b) for t, b in (logit_bias or {}).items()},
     )
     for name, value in (
         ("temperature", temperature),
         ("top_p", top_p),
         ("repetition_penalty", repetition_penalty),
         ("seed", seed),
+        ("frequency_penalty", frequency_penalty),
+        ("presence_penalty", presence_penalty),
     ):
         if value is not None:
             setattr(sp, name, value)

@@ -7,6 +7,7 @@ tokenmill.common.errors (INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED) befo
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -91,6 +92,12 @@ class EngineObserver(Protocol):
     def on_finish(self, e2e_s: float, prompt_tokens: int, completion_tokens: int) -> None: ...
 
 
+def kv_tokens(prompt_len: int, max_tokens: int) -> int:
+    """The most tokens a request ever holds in the KV cache: its prompt and every new token but the
+    last, which is sampled and returned without being fed back through the model."""
+    return prompt_len + max(max_tokens - 1, 0)
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -157,7 +164,9 @@ class LLMEngine:
         """Validate and build a Request without touching engine state (safe from any thread).
         `messages` (a chat) are rendered with the model's chat template and tokenized as HF's
         `apply_chat_template` does (no special tokens added beyond the template's own)."""
-        params = params or SamplingParams()
+        # A copy: resolving max_tokens below must not change the caller's object (one SamplingParams
+        # shared by several requests would carry the first prompt's resolved max_tokens to the rest).
+        params = dataclasses.replace(params) if params is not None else SamplingParams()
         ids = list(prompt_token_ids or [])
         if messages:
             if self.tokenizer is None:
@@ -189,10 +198,10 @@ class LLMEngine:
         room = self.max_model_len - len(ids)
         if params.prompt_only:
             params.max_tokens = 0
-        elif params.max_tokens == 0:
-            params.max_tokens = min(self.config.default_max_tokens, room)
+        elif params.max_tokens == 0:  # not asked for: as many as the context and the KV pool hold
+            params.max_tokens = self._fit_pool(len(ids), min(self.config.default_max_tokens, room))
         elif params.clamp_max_tokens:
-            params.max_tokens = min(params.max_tokens, room)
+            params.max_tokens = self._fit_pool(len(ids), min(params.max_tokens, room))
         params.validate()
         params.check_vocab(self.spec.vocab_size)
         if params.max_tokens > room:
@@ -205,7 +214,14 @@ class LLMEngine:
                 f"LoRA adapter {adapter!r} is not loaded on this replica; loaded: {sorted(self.adapters)}"
             )
         # With a sliding window on every layer, blocks behind the window are released as it moves on.
-        need = self.blocks.peak_blocks(len(ids) + params.max_tokens, self.scheduler.max_num_batched_tokens)
+        chunk = self.scheduler.max_num_batched_tokens
+        need = self.blocks.peak_blocks(kv_tokens(len(ids), params.max_tokens), chunk)
+        if self.blocks.peak_blocks(len(ids), chunk) > self.blocks.usable_blocks:
+            raise ResourceExhausted(
+                f"the {len(ids)}-token prompt alone needs more KV blocks than the replica's pool of "
+                f"{self.blocks.usable_blocks} ({self.blocks.block_size} tokens each) holds; shorten the prompt or "
+                "give the replica more KV memory"
+            )
         if need > self.blocks.usable_blocks:
             raise ResourceExhausted(
                 f"the request needs {need} KV blocks at once ({len(ids)} prompt + {params.max_tokens} new tokens) but the "
@@ -217,6 +233,20 @@ class LLMEngine:
         return Request(
             rid, ids, params, adapter=adapter, eos_token_ids=eos, heal_token_ids=allowed, heal_text=dropped
         )
+
+    def _fit_pool(self, prompt_len: int, max_tokens: int) -> int:
+        """`max_tokens` lowered to what the KV pool can hold beside the prompt (a default the client
+        did not ask for must not turn into RESOURCE_EXHAUSTED); at least 1, so that a prompt the pool
+        cannot hold at all is still refused with the reason."""
+        chunk, usable = self.scheduler.max_num_batched_tokens, self.blocks.usable_blocks
+        lo, hi = 1, max(max_tokens, 1)
+        while lo < hi:  # peak_blocks grows with the length: the largest count that fits
+            mid = (lo + hi + 1) // 2
+            if self.blocks.peak_blocks(kv_tokens(prompt_len, mid), chunk) <= usable:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def _heal(self, ids: list[int]) -> tuple[list[int], tuple[int, ...], str]:
         """Token healing (common/inference/healing.py): the prompt without its last token, the tokens

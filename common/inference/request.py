@@ -70,6 +70,8 @@ class SamplingParams:
             raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise InvalidArgument(f"seed must be a 64-bit integer, got {self.seed}")
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise InvalidArgument(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         self._validate_stops()

@@ -27,7 +27,11 @@ def apply_repetition_penalty(logits: torch.Tensor, requests: Sequence[Request]) 
         seen = torch.tensor(sorted(set(req.all_token_ids)), device=logits.device, dtype=torch.long)
         vals = logits[i, seen]
         p = req.params.repetition_penalty
-        logits[i, seen] = torch.where(vals > 0, vals / p, vals * p)
+        penalised = torch.where(vals > 0, vals / p, vals * p)
+        # A penalty near 0 or huge must not make a finite logit infinite: a row holding +inf, or only
+        # -inf, has no distribution to sample (NaN probabilities fail the whole step).
+        finite = penalised.clamp(torch.finfo(logits.dtype).min, torch.finfo(logits.dtype).max)
+        logits[i, seen] = torch.where(vals.isfinite(), finite, vals)
     return logits
 
 
@@ -88,6 +92,13 @@ def token_logprobs(
     return chosen, alts
 
 
+def _scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits [V] / temperature, shifted so that the largest is 0 (the distribution is the same):
+    a tiny temperature then sends the others to -inf instead of overflowing them to +inf, whose
+    NaN probabilities would fail the whole step."""
+    return (logits - logits.max()) / temperature
+
+
 def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """logits [V] (already temperature-scaled) -> logits with excluded tokens at -inf."""
     if top_k and top_k < logits.shape[-1]:
@@ -137,7 +148,7 @@ class Sampler:
             if req.params.greedy:
                 continue
             p = req.params
-            row = _top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+            row = _top_k_top_p(_scale(logits[i], p.temperature), p.top_k, p.top_p)
             probs = torch.softmax(row, dim=-1)
             tokens[i] = torch.multinomial(probs, 1, generator=self.generator_for(req))[0]
         if not want_logprobs:

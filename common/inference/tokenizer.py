@@ -8,6 +8,7 @@ the newest tokens decode to complete characters, and decodes a short window, not
 from __future__ import annotations
 
 import json
+import logging
 import re
 from datetime import datetime
 from functools import cached_property
@@ -16,6 +17,8 @@ from typing import Any
 from tokenmill.common.errors import InvalidArgument
 from tokenmill.common.inference.healing import TokenHealer
 from tokenmill.common.inference.request import Request
+
+log = logging.getLogger(__name__)
 
 MIN_TOKEN_BYTES = 4  # one UTF-8 character: no token bound is tighter than this
 # The named special tokens HF passes to a chat template (PreTrainedTokenizerBase.special_tokens_map).
@@ -29,17 +32,36 @@ SPECIAL_TOKEN_NAMES = (
     "mask_token",
 )
 
+PYTHON_TEMPLATE_ERRORS = (TypeError, ValueError, ArithmeticError, LookupError)
+
 
 class ChatTemplate:
     """A model's chat template (tokenizer_config.json `chat_template`, or chat_template.jinja),
     rendered as transformers' `apply_chat_template` renders it: jinja2's immutable sandbox with
-    trim_blocks/lstrip_blocks, loop controls, HF's `tojson`, `raise_exception` and `strftime_now`,
-    and the named special tokens as variables. jinja2 is imported here, not by the engine."""
+    trim_blocks/lstrip_blocks, loop controls, HF's `{% generation %}` tag, `tojson`,
+    `raise_exception` and `strftime_now`, and the named special tokens as variables. jinja2 is
+    imported here, not by the engine. A template that does not compile refuses only chats (as HF's
+    tokenizer loads and encodes without compiling it): the model still serves completions."""
 
     def __init__(self, source: str, special_tokens: dict[str, str]):
         import jinja2
-        from jinja2.ext import loopcontrols
+        from jinja2.ext import Extension, loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class Generation(Extension):
+            """`{% generation %}...{% endgeneration %}` (HF's AssistantTracker, which marks the
+            assistant's tokens for training masks): renders its body unchanged."""
+
+            tags = {"generation"}
+
+            def parse(self, parser: Any) -> Any:
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                call = self.call_method("_body")
+                return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+            def _body(self, caller: Any) -> str:
+                return caller()
 
         def raise_exception(message: str) -> None:
             raise jinja2.exceptions.TemplateError(message)
@@ -49,15 +71,22 @@ class ChatTemplate:
                 x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
             )
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols]
+        )
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        self.errors = (jinja2.exceptions.TemplateError,)
+        # What a template may raise on the messages it is given: its own raise_exception and jinja's
+        # errors, and Python's from the expressions it evaluates (`content + 1`, a sandbox range cap).
+        self.errors = (jinja2.exceptions.TemplateError, *PYTHON_TEMPLATE_ERRORS)
+        self.template: Any = None
+        self.compile_error = ""
         try:
             self.template = env.from_string(source)
         except jinja2.exceptions.TemplateError as exc:
-            raise InvalidArgument(f"the model's chat template does not compile: {exc}") from None
+            self.compile_error = f"the model's chat template does not compile: {exc}"
+            log.warning("%s; chat requests will be refused", self.compile_error)
         self.special_tokens = special_tokens
 
     @classmethod
@@ -83,6 +112,8 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The conversation as the prompt text; a template's own refusal is INVALID_ARGUMENT."""
+        if self.template is None:
+            raise InvalidArgument(self.compile_error)
         try:
             return self.template.render(
                 messages=messages,
@@ -92,7 +123,8 @@ class ChatTemplate:
                 **self.special_tokens,
             )
         except self.errors as exc:
-            raise InvalidArgument(f"the model's chat template refused these messages: {exc}") from None
+            why = f"{type(exc).__name__}: {exc}" if isinstance(exc, PYTHON_TEMPLATE_ERRORS) else str(exc)
+            raise InvalidArgument(f"the model's chat template refused these messages: {why}") from None
 
 
 def special_token_strings(config: dict[str, Any]) -> dict[str, str]:

@@ -84,6 +84,11 @@ def check_tensors(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
             f"{unused[:8]}; importing would silently drop them"
         )
     missing = sorted(set(expected) - set(tensors) - optional)
+    if missing == ["lm_head.weight"]:
+        raise InvalidArgument(
+            "tie_word_embeddings=False but the checkpoint has no lm_head.weight; "
+            "a model saved with tied embeddings needs tie_word_embeddings=True"
+        )
     if missing:
         raise InvalidArgument(f"{len(missing)} tensor(s) missing from the checkpoint: {missing[:8]}")
     wrong = [
@@ -93,6 +98,14 @@ def check_tensors(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     ]
     if wrong:
         raise InvalidArgument(f"tensor shapes do not match config.json: {wrong[:8]}")
+    embed = tensors["model.embed_tokens.weight"]
+    head = tensors.get("lm_head.weight") if cfg.tie_embeddings else None
+    if head is not None and not torch.equal(head.to(embed.dtype), embed):
+        # transformers >= 5 then keeps the two apart (it ties only equal tensors); tokenmill would tie them
+        raise InvalidArgument(
+            "tie_word_embeddings=True but lm_head.weight differs from model.embed_tokens.weight; "
+            "set tie_word_embeddings=False if the output projection is its own tensor"
+        )
 
 
 def write_hf_dir(
@@ -159,15 +172,28 @@ def read_hf_dir(
 
 
 def export_hf(client: CheckpointClient, ref: str, out_dir: str | os.PathLike[str]) -> Path:
-    """Write checkpoint `ref` as an HF directory that `LlamaForCausalLM.from_pretrained` loads."""
+    """Write checkpoint `ref` as an HF directory that `LlamaForCausalLM.from_pretrained` loads. A
+    compressed version's weights are written dense, as the served model computes with them
+    (transformers would ignore qweight/scales tensors and leave those layers randomly initialised)."""
     from tokenmill.common.runtime.proto_struct import struct_to_dict  # a client's messages: gRPC is there
 
     version = client.get(ref, include_manifest=True)
     have = {f.name for f in version.manifest.files}
     files = client.load_files(version.ref, [n for n in SIDE_FILES if n in have])
     hf = hf_config_from_manifest(struct_to_dict(version.manifest.config), files)
-    tensors = client.load(version.ref)
-    return write_hf_dir(out_dir, tensors, hf, files)
+    return write_hf_dir(out_dir, dense_tensors(client.load(version.ref)), hf, files)
+
+
+def dense_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stored tensors with every compressed linear (int8, int4, low-rank) as its dense weight, in
+    the dtype of the model's embedding."""
+    from tokenmill.common.model.quant import dequantize_state_dict
+
+    embed = tensors.get("model.embed_tokens.weight")
+    dense = dequantize_state_dict(tensors)
+    if embed is None:
+        return dense
+    return {k: v.to(embed.dtype) if k not in tensors else v for k, v in dense.items()}
 
 
 def import_hf(

@@ -101,9 +101,25 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field when the shapes cannot form a model."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "max_seq_len",
+        ):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.rms_norm_eps >= 0:
+            raise ValueError(f"rms_norm_eps must be non-negative, got {self.rms_norm_eps}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if name == "eos_token_id" and isinstance(value, list | tuple) else [value]
+            if value is not None and not all(_is_token_id(i) for i in ids):
+                raise ValueError(
+                    f"{name} must be a token id (a non-negative integer), a list of them or null, got {value!r}"
+                )
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}; "
@@ -124,6 +140,11 @@ class ModelConfig:
         missing = [k for k in ROPE_REQUIRED[kind] if (self.rope_scaling or {}).get(k) is None]
         if missing:
             raise ValueError(f"rope_scaling of type {kind!r} needs {missing}")
+        factor = (self.rope_scaling or {}).get("factor")
+        if factor is not None and (
+            isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 0
+        ):
+            raise ValueError(f"rope_scaling.factor must be a positive number, got {factor!r}")
         fam = family(self.model_type)
         fam.check_biases(self.biases)
         fam.check_window(self.sliding_window, self.layer_types, self.num_layers)
@@ -214,6 +235,8 @@ class ModelConfig:
             if head_dim is not None and int(head_dim) * heads == int(cfg["hidden_size"]):
                 head_dim = None  # the default; keep configs canonical so round trips compare equal
             context = int(cfg.get("max_position_embeddings", 2048))
+            if context <= 0:
+                raise ValueError(f"max_position_embeddings must be positive, got {context}")
             window, layer_types = hf_sliding_window(fam, cfg, int(cfg["num_hidden_layers"]))
             biases = fam.biases(cfg)
             theta, scaling = hf_rope(cfg)
@@ -244,6 +267,10 @@ class ModelConfig:
             raise InvalidArgument(f"config.json lacks the field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"config.json is not a valid {fam.model_type} config: {exc}") from None
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 PRESETS: dict[str, ModelConfig] = {

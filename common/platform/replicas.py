@@ -3,23 +3,26 @@
 `tokenmill serve` keeps any number of models on the platform. Each serve of a model starts a new
 generation of replicas (`inference-replica-<name>-g<gen>-<i>`) beside the old one, so a replacement
 rolls: the new generation becomes SERVING before the old one is removed (and drains). Ports are
-the lowest free ones from the inference port + 100 (metrics: that port + 1000), so replicas of
-different models never collide.
+the lowest free ones from the inference port + 100 (metrics: that port + 1000): used by no other
+replica, by none of the platform's own ports (`reserved`: each service's gRPC and metrics port, the
+router's HTTP port) and bindable now, so a replica never starts on a port it cannot hold.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from tokenmill.common.config import host_port
+from tokenmill.common.config import SERVICE_NAMES, Config, host_port
 from tokenmill.common.platform.launcher import ProcessSpec
+from tokenmill.common.platform.redis_embedded import port_bindable
 
 REPLICA_PREFIX = "inference-replica-"
 PORT_OFFSET = 100
 METRICS_OFFSET = 1000
+HTTP_OFFSET = 2000  # the router's OpenAI HTTP port, from the inference port
 _GENERATION = re.compile(r"-g(\d+)-\d+$")
 
 
@@ -51,6 +54,13 @@ def model_name(ref: str) -> str:
     return ref.partition(":")[0]
 
 
+def served_names(spec: ProcessSpec) -> set[str]:
+    """The model names a replica spec serves: its model's and each preloaded adapter's (`--adapter`)."""
+    argv = spec.argv
+    adapters = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--adapter"]
+    return {model_name(ref) for ref in (served_model(spec), *adapters)}
+
+
 def replicas_of(specs: Iterable[ProcessSpec], name: str) -> list[ProcessSpec]:
     """The replica specs serving any version or tag of model `name`."""
     return [s for s in specs if is_replica(s) and model_name(served_model(s)) == name]
@@ -61,14 +71,35 @@ def next_generation(specs: Iterable[ProcessSpec]) -> int:
     return max(gens, default=0) + 1
 
 
-def free_ports(specs: Iterable[ProcessSpec], base: int, count: int) -> list[int]:
-    """`count` ports from `base` that no replica spec in the table uses."""
-    used = {_flag(s.argv, "--port") for s in specs if is_replica(s)}
+def platform_ports(config: Config) -> set[int]:
+    """The ports the platform's services hold: each one's gRPC and metrics port, and the router's
+    OpenAI HTTP port (inference port + 2000)."""
+    ports = {config.service("inference").port + HTTP_OFFSET}
+    for name in SERVICE_NAMES:
+        svc = config.service(name)
+        ports |= {svc.port, svc.effective_metrics_port}
+    return ports
+
+
+def free_ports(
+    specs: Iterable[ProcessSpec], base: int, count: int, reserved: Collection[int] = (), host: str = ""
+) -> list[int]:
+    """`count` ports from `base` that no replica spec in the table uses, neither they nor their
+    metrics port (+1000) in `reserved`, both bindable on `host` now (when given)."""
+    used = {int(p) for s in specs if is_replica(s) and (p := _flag(s.argv, "--port")).isdigit()}
+    used |= {p + METRICS_OFFSET for p in used}
+    taken = used | set(reserved)
     ports: list[int] = []
     port = base
     while len(ports) < count:
-        if str(port) not in used:
+        if port + METRICS_OFFSET > 65535:
+            raise RuntimeError(
+                f"no free port pair for a replica from {base} (port and port + {METRICS_OFFSET})"
+            )
+        pair = (port, port + METRICS_OFFSET)
+        if not taken.intersection(pair) and (not host or all(port_bindable(host, p) for p in pair)):
             ports.append(port)
+            taken |= set(pair)
         port += 1
     return ports
 
@@ -82,11 +113,13 @@ def replica_specs(
     base_port: int,
     options: ReplicaOptions,
     config_path: str | None = None,
+    reserved: Collection[int] = (),
 ) -> list[ProcessSpec]:
-    """A new generation of `count` replicas of `model`, on ports free in `table`."""
+    """A new generation of `count` replicas of `model`, on ports free in `table`, outside
+    `reserved` (platform_ports) and bindable on `host`."""
     gen = next_generation(replicas_of(table, model_name(model)))
     specs = []
-    for i, port in enumerate(free_ports(table, base_port + PORT_OFFSET, count)):
+    for i, port in enumerate(free_ports(table, base_port + PORT_OFFSET, count, reserved, host)):
         name = f"{REPLICA_PREFIX}{model_name(model)}-g{gen}-{i}"
         argv = [sys.executable, "-m", "tokenmill.services.inference"]
         if config_path:

@@ -23,6 +23,9 @@ UINT32_MAX = 2**32 - 1
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs ceiling)
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # what OpenAI completions generate when max_tokens is not given
 CHAT_ROLES = ("system", "user", "assistant")
+# vLLM's extensions that change how the chat template renders (a custom template, extra template
+# variables such as Qwen3's enable_thinking, RAG documents): not supported, so refused by name.
+TEMPLATE_CONTROLS = ("chat_template", "chat_template_kwargs", "documents")
 
 
 class BodyTooLarge(InvalidArgument):
@@ -298,7 +301,19 @@ def chat_request(
 ) -> tuple[inference_pb2.GenerateRequest, bool, bool]:
     """OpenAI chat completion JSON -> (GenerateRequest with `messages`, stream?, include usage?)."""
     req = _common(body, "chatcmpl", limits)
-    _unsupported(body, ("tools", "functions", "audio", "prediction"))
+    _unsupported(body, ("tools", "functions", "audio", "prediction", *TEMPLATE_CONTROLS))
+    # vLLM's chat template switches: the model's own template always renders the messages as they
+    # are, with the assistant's turn opened, so a request asking otherwise is refused, not ignored.
+    if flag(body, "continue_final_message"):
+        raise InvalidArgument(
+            "'continue_final_message' is not supported by this server: the model's chat template "
+            "always opens a new assistant turn; leave it out"
+        )
+    if body.get("add_generation_prompt") is not None and not flag(body, "add_generation_prompt"):
+        raise InvalidArgument(
+            "'add_generation_prompt': false is not supported by this server: the model's chat "
+            "template always opens a new assistant turn; leave it out"
+        )
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise InvalidArgument('\'response_format\' other than {"type": "text"} is not supported')

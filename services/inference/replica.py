@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound, TokenmillError, Unavailable
 from tokenmill.common.inference import EngineConfig, SamplingParams, build_engine
@@ -28,6 +30,20 @@ from tokenmill.services.inference.metrics import LatencyObserver
 from tokenmill.v1 import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# One LatencyObserver per (registry, labels): a replica whose load failed is built again on the
+# next attempt, and registering its histograms twice would raise DuplicateTimeseries, reported in
+# place of the real reason it could not load.
+_OBSERVERS: weakref.WeakKeyDictionary[CollectorRegistry, dict[tuple[tuple[str, str], ...], LatencyObserver]]
+_OBSERVERS = weakref.WeakKeyDictionary()
+
+
+def _observer(registry: CollectorRegistry, labels: dict[str, str]) -> LatencyObserver:
+    observers = _OBSERVERS.setdefault(registry, {})
+    key = tuple(sorted(labels.items()))
+    if key not in observers:
+        observers[key] = LatencyObserver(registry, labels)
+    return observers[key]
 
 
 class Replica:
@@ -46,7 +62,7 @@ class Replica:
         self.replica_id = replica_id
         self.store = store_client
         labels = {"model_name": loaded.ref, "replica": replica_id}
-        self.observer = LatencyObserver(registry, labels) if registry is not None else None
+        self.observer = _observer(registry, labels) if registry is not None else None
         self.engine = build_engine(
             loaded.tensors, loaded.config, engine_config, loaded.tokenizer, self.observer
         )
