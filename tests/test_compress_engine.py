@@ -271,11 +271,17 @@ def test_svd_keeps_dense_the_layers_whose_factors_would_be_larger_and_says_so(ti
         InvalidArgument, match="every layer.s factors would be larger .* rank_fraction <= 0\\.6"
     ):
         compress_model(t, MethodSpec("svd", rank_fraction=0.9))
-    full = compress_model(t, MethodSpec("svd", energy=1.0))
-    assert full.ratio == pytest.approx(1.0) and not any(k.endswith(".svd_u") for k in full.tensors)
-    assert len(full.notes) == len([k for k in t if k.endswith("_proj.weight")])
-    assert "kept dense: rank 64 factors would store" in full.notes[0]
-    assert torch.equal(full.tensors[f"{Q_PROJ}.weight"], t[f"{Q_PROJ}.weight"])
+    # An energy threshold fixes no rank up front: the step finds out, and a result that would be
+    # the source again (every layer dense) fails rather than storing a copy with ratio 1.0.
+    with pytest.raises(FailedPrecondition, match="svd energy 1.0: every layer .* lower the energy"):
+        compress_model(t, MethodSpec("svd", energy=1.0))
+    q = t[f"{Q_PROJ}.weight"]
+    low_rank_q = {**t, f"{Q_PROJ}.weight": q[:, :4] @ q[:4, :]}  # rank 4: all its energy in 4 values
+    some = compress_model(low_rank_q, MethodSpec("svd", energy=0.999))
+    dense = [k for k in t if k.endswith("_proj.weight") and k in some.tensors]
+    assert f"{Q_PROJ}.svd_u" in some.tensors and some.ratio > 1.0 and len(some.notes) == len(dense) > 0
+    assert all("kept dense: rank" in note for note in some.notes)
+    assert torch.equal(some.tensors[dense[0]], t[dense[0]])
     half = compress_model(t, MethodSpec("svd", rank_fraction=0.5))
     assert half.notes == [] and f"{Q_PROJ}.svd_u" in half.tensors and half.ratio > 1.0
 

@@ -103,6 +103,19 @@ def test_int8_job_stores_a_child_version_with_report_and_serves_like_its_dequant
     assert_serves_like_its_dequantized_reference(loaded)
 
 
+def test_the_source_is_pinned_to_the_version_checked_at_submit(env):
+    """A version saved after the submit (or before a retry) must not become what the job compresses:
+    the report, the lineage and the checks made at submit all name the version that was checked."""
+    client, ckpt, _ = env
+    job = client.submit("base", "base-pinned", "int8")
+    assert job.spec["source"] == "base:1"
+    ckpt.client.save("base", model_tensors(seed=1), config=CONFIG.to_dict())  # base:2, now the latest
+    done = client.wait(job.id, timeout=120)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.error
+    assert done.result["report"]["source"] == "base:1"
+    assert ckpt.client.get("base-pinned:1").manifest.lineage.parent == "base:1"
+
+
 def assert_serves_like_its_dequantized_reference(loaded) -> None:
     """The inference engine's greedy output on the stored tensors equals a training-model forward
     over the dequantized weights."""

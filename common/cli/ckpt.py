@@ -169,6 +169,30 @@ def show_cmd(ctx: click.Context, ref: str, tensors: bool) -> None:
             click.echo(f"    {t.name}  {t.dtype}{list(t.shape)}  {human_bytes(t.nbytes)}{shard}")
 
 
+IMPORT_PREFIX = "hf:"  # import_hf records the source folder as the parent "hf:<folder name>"
+
+
+def lineage_chain(client: Any, version: Any, limit: int = 16) -> list[str]:
+    """`version`'s ref and its ancestors' (at most `limit`). Where the chain leaves the store it
+    says how: an HF import's source folder "(imported)", a parent no longer stored "(deleted)", and
+    a parent that is no store reference at all "(not in the store)"."""
+    chain, parent = [version.ref], version.manifest.lineage.parent
+    while parent and len(chain) < limit:
+        try:
+            step = client.get(parent, include_manifest=True)
+        except (errors.NotFound, errors.InvalidArgument) as exc:
+            if parent.startswith(IMPORT_PREFIX):
+                chain.append(f"{parent} (imported)")
+            else:
+                chain.append(
+                    f"{parent} ({'deleted' if isinstance(exc, errors.NotFound) else 'not in the store'})"
+                )
+            break
+        chain.append(parent)
+        parent = step.manifest.lineage.parent
+    return chain
+
+
 def _show_compression(ctx: click.Context, version) -> None:
     """Lineage back to the first dense ancestor, and the compression report stored with the version."""
     from tokenmill.common.cli.compress import report_lines
@@ -176,14 +200,7 @@ def _show_compression(ctx: click.Context, version) -> None:
     if "compression_report.json" not in {f.name for f in version.manifest.files}:
         return
     with _client(ctx) as client:
-        chain, parent = [version.ref], version.manifest.lineage.parent
-        while parent and len(chain) < 16:
-            chain.append(parent)
-            try:
-                parent = client.get(parent, include_manifest=True).manifest.lineage.parent
-            except errors.NotFound:
-                chain[-1] += " (deleted)"
-                break
+        chain = lineage_chain(client, version)
         report = json.loads(
             client.load_files(version.ref, ["compression_report.json"])["compression_report.json"]
         )

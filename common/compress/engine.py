@@ -31,7 +31,7 @@ from tokenmill.common.compress.spec import (
     ProgressCallback,
     family_of,
 )
-from tokenmill.common.errors import InvalidArgument
+from tokenmill.common.errors import FailedPrecondition, InvalidArgument
 from tokenmill.common.model.transformer import ModelConfig, Transformer
 
 # Tensors a step replaces for each layer it compresses (quantization keeps 2:4 metadata: zeros stay zeros).
@@ -83,6 +83,12 @@ def compress_model(
             tensors = _calibrated(spec, tensors, config, batches, names, run, device)
         else:
             tensors = _plain(spec, tensors, names, run, device)
+        if spec.energy is not None and run.total and len(run.notes) == run.total:
+            raise FailedPrecondition(
+                f"svd energy {spec.energy}: every layer needs so high a rank to keep that much energy "
+                "that its factors would be larger than its weight, so nothing would shrink; lower the "
+                "energy threshold or set rank_fraction"
+            )
         for base, err in run.errors.items():
             errors.setdefault(base, {})[spec.method] = err
         notes += [f"{spec.method} {note}" for note in run.notes]

@@ -92,6 +92,42 @@ class EngineObserver(Protocol):
     def on_finish(self, e2e_s: float, prompt_tokens: int, completion_tokens: int) -> None: ...
 
 
+@dataclass(frozen=True)
+class Continued:
+    """A request resumed on this replica after the one serving it died: the last `tokens` of its
+    prompt were generated there, and `text_chars` characters of their text reached the client."""
+
+    tokens: int
+    text_chars: int = 0
+
+
+def continue_request(req: Request, continued: Continued) -> Request:
+    """`req` with the last `continued.tokens` prompt tokens moved back to its output, so that they
+    count as generated (frequency/presence penalties, max_tokens, usage) and their text is decoded
+    with what comes next: text another replica held back (a stop string's possible start, an
+    incomplete UTF-8 character) still reaches the client, and a stop string spanning the two
+    attempts still stops. Only the characters past `text_chars` are emitted."""
+    k = continued.tokens
+    if not 0 <= k < len(req.prompt_token_ids) or continued.text_chars < 0:
+        raise InvalidArgument(
+            f"a continuation of {k} generated tokens ({continued.text_chars} characters sent) does not fit "
+            f"its {len(req.prompt_token_ids)}-token prompt"
+        )
+    if k == 0:
+        return req
+    out = Request(
+        req.request_id,
+        req.prompt_token_ids[:-k],
+        dataclasses.replace(req.params, max_tokens=req.params.max_tokens + k),
+        adapter=req.adapter,
+        eos_token_ids=req.eos_token_ids,
+        output_token_ids=req.prompt_token_ids[-k:],
+    )
+    out.emitted_text_len = continued.text_chars
+    out.resumed_tokens = k
+    return out
+
+
 def kv_tokens(prompt_len: int, max_tokens: int) -> int:
     """The most tokens a request ever holds in the KV cache: its prompt and every new token but the
     last, which is sampled and returned without being fed back through the model."""
@@ -160,13 +196,17 @@ class LLMEngine:
         request_id: str = "",
         adapter: str = "",
         messages: list[dict[str, str]] | None = None,
+        continued: Continued | None = None,
     ) -> Request:
         """Validate and build a Request without touching engine state (safe from any thread).
         `messages` (a chat) are rendered with the model's chat template and tokenized as HF's
-        `apply_chat_template` does (no special tokens added beyond the template's own)."""
+        `apply_chat_template` does (no special tokens added beyond the template's own).
+        `continued`: the prompt ends with tokens another replica already generated (failover)."""
         # A copy: resolving max_tokens below must not change the caller's object (one SamplingParams
         # shared by several requests would carry the first prompt's resolved max_tokens to the rest).
         params = dataclasses.replace(params) if params is not None else SamplingParams()
+        if continued is not None:
+            params.echo = params.token_healing = False  # the prompt went out with the first attempt
         ids = list(prompt_token_ids or [])
         if messages:
             if self.tokenizer is None:
@@ -230,9 +270,10 @@ class LLMEngine:
         rid = request_id or f"req-{next(self._ids)}-{time.monotonic_ns()}"
         eos = () if params.ignore_eos else self.spec.eos_token_ids
         ids, allowed, dropped = self._heal(ids) if params.token_healing else (ids, (), "")
-        return Request(
+        req = Request(
             rid, ids, params, adapter=adapter, eos_token_ids=eos, heal_token_ids=allowed, heal_text=dropped
         )
+        return continue_request(req, continued) if continued is not None else req
 
     def _fit_pool(self, prompt_len: int, max_tokens: int) -> int:
         """`max_tokens` lowered to what the KV pool can hold beside the prompt (a default the client

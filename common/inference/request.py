@@ -162,6 +162,9 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     generator: torch.Generator | None = None
+    # Output tokens an earlier attempt generated (a failover continuation; the seeded sampler
+    # skips the draws they took).
+    resumed_tokens: int = 0
     plain_greedy: bool = field(init=False, default=False)  # set from params in __post_init__
     admitted: bool = False
     # Token healing: the first token must be one of these; its first `heal_text` characters
@@ -174,8 +177,10 @@ class Request:
     emitted_text_len: int = 0
     detok_prefix_offset: int = field(init=False, default=0)
     detok_read_offset: int = field(init=False, default=0)
+    healed_chars: int = field(init=False, default=0)  # len(heal_text) as made (heal_text is cut later)
 
     def __post_init__(self) -> None:
+        self.healed_chars = len(self.heal_text)
         self.detok_read_offset = len(self.prompt_token_ids)
         self.detok_prefix_offset = max(0, self.detok_read_offset - DETOKENIZE_CONTEXT)
         self.refresh_fast_path()

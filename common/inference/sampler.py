@@ -120,12 +120,13 @@ class Sampler:
         self.default_generator = torch.Generator(device=device)
         self.default_generator.seed()
 
-    def generator_for(self, req: Request) -> torch.Generator:
+    def generator_for(self, req: Request, vocab: int) -> torch.Generator:
         if req.params.seed is None:
             return self.default_generator
         if req.generator is None:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(int(req.params.seed))
+            _skip_draws(req.generator, req.resumed_tokens, vocab, self.device)
         return req.generator
 
     def __call__(
@@ -150,9 +151,20 @@ class Sampler:
             p = req.params
             row = _top_k_top_p(_scale(logits[i], p.temperature), p.top_k, p.top_p)
             probs = torch.softmax(row, dim=-1)
-            tokens[i] = torch.multinomial(probs, 1, generator=self.generator_for(req))[0]
+            tokens[i] = torch.multinomial(probs, 1, generator=self.generator_for(req, probs.shape[-1]))[0]
         if not want_logprobs:
             return tokens.tolist(), None, None
         top = max(r.params.top_logprobs for r in requests)
         logprobs, alts = token_logprobs(raw, tokens, top)
         return tokens.tolist(), logprobs, alts
+
+
+def _skip_draws(gen: torch.Generator, draws: int, vocab: int, device: torch.device) -> None:
+    """Advance `gen` past the `draws` tokens an earlier attempt of the request sampled (a failover
+    continuation), so a seeded request goes on with the tokens it would have drawn. A draw consumes
+    the same randomness whatever the probabilities, so uniform ones stand in for the real ones."""
+    if draws <= 0:
+        return
+    uniform = torch.full((vocab,), 1.0 / vocab, device=device)
+    for _ in range(draws):
+        torch.multinomial(uniform, 1, generator=gen)

@@ -56,6 +56,9 @@ class CompressJobHandler:
         client: CheckpointClient = self.client_factory()
         try:
             spec = dict(ctx.job.spec)
+            earlier = earlier_attempt(client, spec["output_name"], ctx) if ctx.attempt > 1 else None
+            if earlier is not None:  # an attempt that died after its commit: that version is the result
+                return earlier
             plan = preflight(client, self.data_dir, spec)
             ctx.log(
                 f"compressing {plan.model.ref} with {plan.step.method} on {self.device} (attempt {ctx.attempt})"
@@ -132,9 +135,32 @@ class CompressJobHandler:
                 "job_id": ctx.job.id,
                 "dataset": spec.get("calibration_dataset", ""),
             },
-            idempotency_key=f"compress-{ctx.job.id}",
+            idempotency_key=upload_key(ctx),
         )
         return version.ref
+
+
+def upload_key(ctx: JobContext) -> str:
+    """The store's idempotency key of the job's new version: the same for every attempt."""
+    return f"compress-{ctx.job.id}"
+
+
+def earlier_attempt(client: CheckpointClient, name: str, ctx: JobContext) -> dict[str, Any] | None:
+    """The result of an earlier attempt of this job that committed its version, or None after
+    discarding the upload an earlier attempt left unfinished: this attempt's report (timings,
+    tokens/s) differs from the one registered there, and the store never changes an entry, so
+    resuming that upload would fail the job instead of finishing it."""
+    upload = client.begin(name, idempotency_key=upload_key(ctx))
+    ref = upload.session.committed_ref
+    if not ref:
+        upload.abort()
+        return None
+    ctx.log(f"an earlier attempt already stored {ref}")
+    stored = client.load_files(ref, [REPORT_FILE]).get(REPORT_FILE)
+    report = {**json.loads(stored), "output": ref} if stored else {"output": ref}
+    version_name, _, version = ref.partition(":")
+    ctx.add_artifact("checkpoint", version_name, version)
+    return {"checkpoint": ref, "report": report}
 
 
 def measure(

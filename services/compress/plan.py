@@ -65,6 +65,13 @@ def engine_settings(method: str, score: str = "") -> dict[str, Any]:
     return body
 
 
+def calibration_floor(seq_len: int) -> int:
+    """The fewest tokens a calibration split needs: whole `seq_len` rows (the worker reads no
+    partial row) holding at least MIN_CALIBRATION_TOKENS, so a split the submit accepts is one
+    the engine accepts."""
+    return -(-MIN_CALIBRATION_TOKENS // seq_len) * seq_len
+
+
 def method_spec(spec: dict[str, Any]) -> MethodSpec:
     """The engine step a job spec asks for (settings only where the method reads them)."""
     body = engine_settings(spec["method"], spec.get("score", ""))
@@ -98,7 +105,7 @@ def preflight(client: CheckpointClient, data_dir: str | Path, spec: dict[str, An
             calibration,
             model,
             split=CALIBRATION_SPLIT,
-            min_tokens=max(MIN_CALIBRATION_TOKENS, seq_len),  # at least one calibration row
+            min_tokens=calibration_floor(seq_len),
             field="calibration_dataset",
         )
     evaluation = None

@@ -283,8 +283,8 @@ class CompressServicer(JobRpcMixin, compress_pb2_grpc.CompressServiceServicer):
         spec = validate_submit(request)
         if spec["method"] == "distill":
             self._check_distill(spec)
-        else:
-            preflight(self.client, self.data_dir, spec)  # NOT_FOUND / INVALID_ARGUMENT / FAILED_PRECONDITION
+        else:  # NOT_FOUND / INVALID_ARGUMENT / FAILED_PRECONDITION; the source pinned to the version checked
+            spec["source"] = preflight(self.client, self.data_dir, spec).model.ref
         job = self.job_queue.submit(JOB_TYPE, spec, idempotency_key=request.idempotency_key)
         return job_to_proto(job)
 

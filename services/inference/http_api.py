@@ -76,6 +76,18 @@ def model_card(model_id: str, root: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "tokenmill", "root": root}
 
 
+def model_list(replicas: list[ReplicaInfo]) -> list[dict[str, Any]]:
+    """Every model a request may name: each base model and each LoRA adapter served over one (an
+    adapter is addressable as a model, so clients that list before they call must see it), the
+    adapter's card naming its base as `parent`, as vLLM's does."""
+    cards: dict[str, dict[str, Any]] = {}
+    for r in replicas:
+        cards.setdefault(r.model, model_card(r.model, r.model))
+        for ref in r.adapters:
+            cards.setdefault(ref, {**model_card(ref, ref), "parent": r.model})
+    return [cards[ref] for ref in sorted(cards)]
+
+
 def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": code.lower(), "code": code}}
 
@@ -159,8 +171,7 @@ def build_app(
         if not authorized(request):
             return unauthorized()
         replicas = await run_in_threadpool(dispatcher.replicas)
-        names = sorted({r.model for r in replicas})
-        return JSONResponse({"object": "list", "data": [model_card(n, n) for n in names]})
+        return JSONResponse({"object": "list", "data": model_list(replicas)})
 
     async def model(request: Request) -> JSONResponse:
         """OpenAI's `models.retrieve`: the model a request could name `model` by (a listed

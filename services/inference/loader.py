@@ -17,6 +17,7 @@ import torch
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from tokenmill.common.inference import LoraAdapter, Tokenizer
 from tokenmill.common.inference.config import parse_eos_token_ids
+from tokenmill.common.inference.lora import PeftScaling
 from tokenmill.common.runtime.proto_struct import struct_to_dict
 from tokenmill.services.inference.dispatch.selector import Served
 
@@ -123,14 +124,16 @@ def load_adapter(
             f"LoRA adapter {ref!r} is not in the checkpoint store; list them with 'tokenmill ckpt list'"
         ) from None
     files = {f.name for f in version.manifest.files}
-    alpha = rank = None
+    scaling = None
     if "adapter_config.json" in files:
         body = json.loads(client.load_files(version.ref, ["adapter_config.json"])["adapter_config.json"])
-        alpha, rank = body.get("lora_alpha"), body.get("r")
+        if not isinstance(body, dict):
+            raise InvalidArgument(f"adapter {version.ref}: adapter_config.json is not a JSON object")
+        scaling = PeftScaling.from_config(version.ref, body)
     tensors = client.load(version.ref)
     if not any(".lora_" in k for k in tensors):
         raise InvalidArgument(f"checkpoint {version.ref} is not a LoRA adapter (no lora_A/lora_B tensors)")
     adapter = LoraAdapter.from_tensors(
-        ref, tensors, alpha=alpha, rank=rank, dtype=dtype, device=device, base_shapes=base_shapes
+        ref, tensors, dtype=dtype, device=device, base_shapes=base_shapes, scaling=scaling
     )
     return adapter, Served(version.ref, resolved_tags(ref, version.tags))

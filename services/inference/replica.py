@@ -16,7 +16,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from tokenmill.common.errors import FailedPrecondition, InvalidArgument, NotFound, TokenmillError, Unavailable
-from tokenmill.common.inference import EngineConfig, SamplingParams, build_engine
+from tokenmill.common.inference import Continued, EngineConfig, SamplingParams, build_engine
 from tokenmill.common.inference.async_engine import AsyncEngine, RequestStream
 from tokenmill.common.telemetry import gpu_stats
 from tokenmill.services.inference.convert import (
@@ -154,9 +154,12 @@ class Replica:
         self.resolve_model(request)
         self.ensure_adapter(request.adapter)
 
-    def submit(self, request: inference_pb2.GenerateRequest, sink=None) -> RequestStream:
+    def submit(
+        self, request: inference_pb2.GenerateRequest, sink=None, continued: Continued | None = None
+    ) -> RequestStream:
+        """Queue `request`; `continued` when it resumes one another replica died serving."""
         self.prepare(request)
-        return self.aengine.submit(sink=sink, **submit_kwargs(request))
+        return self.aengine.submit(sink=sink, continued=continued, **submit_kwargs(request))
 
     # ------------------------------------------------------------------ info
 

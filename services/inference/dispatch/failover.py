@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from tokenmill.common.errors import DeadlineExceeded, FailedPrecondition, Unavailable, from_code
+from tokenmill.common.inference import Continued
 from tokenmill.services.inference.dispatch.protocol import (
     CANCEL_CHANNEL,
     REPLY_TTL_S,
@@ -69,6 +70,8 @@ class _Routing:
     deadline: float  # time.monotonic() at the deadline
     attempt: int = 0
     streamed: list[int] = field(default_factory=list)  # tokens already yielded, across attempts
+    sent_chars: int = 0  # characters of their text already yielded
+    healed_chars: int = 0  # characters token healing cut from the text's start (Accepted)
     prompt_ids: list[int] | None = None
     finished: bool = False
     stream: str = ""  # the model's request stream; "" while a request for "" waits to be queued
@@ -98,16 +101,26 @@ class _Routing:
         current = inference_pb2.GenerateRequest()
         current.CopyFrom(self.original)
         current.request_id = self.request_id
-        if self.prompt_ids is not None:
+        # Before any token, a healed request starts over from its own prompt: the reported one is
+        # already healed (its last token gone), and healing it again would drop another.
+        rehealing = self.original.sampling.token_healing and not self.streamed
+        if self.prompt_ids is not None and not rehealing:
             current.prompt = ""
             del current.messages[:]  # a chat: the first replica rendered it into prompt_ids
             del current.prompt_token_ids[:]
             current.prompt_token_ids.extend(self.prompt_ids + self.streamed)
             if self.streamed:
                 current.sampling.echo = False  # the prompt went out with the first chunk
+                current.sampling.token_healing = False  # healed on the first attempt
             if self.max_tokens:
                 current.sampling.max_tokens = max(1, self.max_tokens - len(self.streamed))
         return current
+
+    def continued(self) -> Continued | None:
+        """What the current attempt continues: the tokens and text the client already has."""
+        if self.prompt_ids is None or not self.streamed:
+            return None
+        return Continued(len(self.streamed), self.healed_chars + self.sent_chars)
 
     def next_attempt(self) -> None:
         self.attempt += 1
@@ -117,11 +130,13 @@ class _Routing:
         if self.prompt_ids is None:
             self.prompt_ids = accepted.prompt_token_ids
             self.max_tokens = accepted.max_tokens or int(self.original.sampling.max_tokens)
+            self.healed_chars = accepted.healed_chars
 
     def relabel(self, chunk: inference_pb2.GenerateChunk) -> inference_pb2.GenerateChunk:
         """The chunk as the client sees it: its own id, usage counted across attempts."""
         chunk.request_id = self.base_id
         self.streamed.extend(chunk.token_ids)
+        self.sent_chars += len(chunk.text)
         if chunk.HasField("usage") and self.attempt:
             chunk.usage.prompt_tokens = len(self.prompt_ids or [])
             chunk.usage.completion_tokens = len(self.streamed)
@@ -277,7 +292,8 @@ class RouterDispatcher:
         request = routing.request()
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(accepted_key(request.request_id), cancelled_key(request.request_id))
-        pipe.xadd(routing.stream, request_fields(request, time.time() + routing.remaining()))
+        fields = request_fields(request, time.time() + routing.remaining(), routing.continued())
+        pipe.xadd(routing.stream, fields)
         routing.entry_id = pipe.execute()[-1]
 
     def _follow(

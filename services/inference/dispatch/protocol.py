@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from tokenmill.common.inference import EngineStats
+from tokenmill.common.inference import Continued, EngineStats
 from tokenmill.services.inference.dispatch.selector import Served
 from tokenmill.v1 import inference_pb2
 
@@ -100,16 +100,22 @@ def _b64(msg: Any) -> str:
 # -- routed requests ---------------------------------------------------------------------------
 
 
-def request_fields(request: inference_pb2.GenerateRequest, deadline: float) -> Fields:
+def request_fields(
+    request: inference_pb2.GenerateRequest, deadline: float, continued: Continued | None = None
+) -> Fields:
     """The stream entry that routes `request` (its id names the reply stream); `deadline` is epoch
-    seconds."""
-    return {
+    seconds; `continued`: the request resumes one whose replica died (its prompt ends with the
+    tokens generated so far, `gen`, whose text reached the client up to `sent` characters)."""
+    fields = {
         "rid": request.request_id,
         "reply": reply_key(request.request_id),
         "req": _b64(request),
         "t": str(time.time()),
         "dl": repr(deadline),
     }
+    if continued is not None and continued.tokens:
+        fields.update(gen=str(continued.tokens), sent=str(continued.text_chars))
+    return fields
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ class RoutedEntry:
     reply: str
     payload: str | None  # the base64 GenerateRequest
     deadline: float = 0.0  # epoch seconds; 0 = none given (an entry from an older router)
+    continued: Continued | None = None  # a failover continuation (request_fields)
 
     @classmethod
     def from_fields(cls, fields: Fields | None) -> RoutedEntry | None:
@@ -132,7 +139,7 @@ class RoutedEntry:
             deadline = float(fields.get("dl") or 0.0)
         except ValueError:
             deadline = 0.0
-        return cls(rid, reply, fields.get("req"), deadline)
+        return cls(rid, reply, fields.get("req"), deadline, _continued(fields))
 
     def expired(self, now: float | None = None) -> bool:
         return bool(self.deadline) and (now if now is not None else time.time()) >= self.deadline
@@ -146,6 +153,17 @@ class RoutedEntry:
         return request
 
 
+def _continued(fields: Fields) -> Continued | None:
+    """The entry's continuation (None for a first attempt); malformed counts are a ValueError,
+    answered as INTERNAL like any malformed entry, when the request is decoded."""
+    if "gen" not in fields:
+        return None
+    try:
+        return Continued(int(fields["gen"]), int(fields.get("sent") or 0))
+    except ValueError:
+        return Continued(-1)  # refused by the engine with the reason
+
+
 # -- replies -----------------------------------------------------------------------------------
 
 
@@ -156,6 +174,9 @@ class Accepted:
     replica: str
     prompt_token_ids: list[int]
     max_tokens: int = 0  # 0 = not reported; the request's own value stands
+    # Characters token healing cuts from the start of the output's text (the prompt's own, generated
+    # again): a continuation's text starts with them.
+    healed_chars: int = 0
 
 
 @dataclass(frozen=True)
@@ -199,7 +220,12 @@ def decode_reply(fields: Fields) -> Reply | None:
     kind = fields.get("t")
     if kind == "accepted":
         body = json.loads(fields["d"])
-        return Accepted(body["replica"], list(body["prompt_token_ids"]), int(body.get("max_tokens") or 0))
+        return Accepted(
+            body["replica"],
+            list(body["prompt_token_ids"]),
+            int(body.get("max_tokens") or 0),
+            int(body.get("healed_chars") or 0),
+        )
     if kind == "error":
         return ReplyError(fields.get("code", "INTERNAL"), fields.get("msg", "replica error"))
     if kind == "chunk":

@@ -298,11 +298,12 @@ class ReplicaPuller:
         forwarder from seeing this request's outputs before the fence decided: none precedes
         `accepted`, none is lost, and a request another replica accepted is cancelled here."""
         with self._lock:
-            stream = self.replica.submit(request, sink=self._sink)
+            stream = self.replica.submit(request, sink=self._sink, continued=entry.continued)
             accepted = Accepted(
                 replica=self.consumer,
                 prompt_token_ids=stream.request.prompt_token_ids,
                 max_tokens=stream.request.params.max_tokens,  # resolved (0 = server default on the wire)
+                healed_chars=stream.request.healed_chars,
             )
             try:
                 won = post_acceptance(self.r, entry, accepted)
