@@ -7,6 +7,7 @@ never passes through (or scales) another model's replicas, and each model's back
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -19,7 +20,15 @@ from tests.fixtures.inference import (
     save_lora_adapter,
     wait_for,
 )
-from tokenmill.services.inference.dispatch.protocol import GROUP, ensure_group, model_streams, requests_stream
+from tokenmill.services.inference.dispatch.protocol import (
+    GROUP,
+    REPLICAS,
+    ReplicaInfo,
+    ensure_group,
+    model_streams,
+    publish_heartbeat,
+    requests_stream,
+)
 from tokenmill.services.inference.dispatch.registry import register_model
 from tokenmill.services.inference.dispatch.selector import Served
 from tokenmill.services.inference.metrics import RouterCollector, RouterMetrics
@@ -194,20 +203,20 @@ def test_one_read_takes_at_most_the_replicas_room_over_all_its_streams(
 
 @pytest.mark.slow
 def test_request_without_a_model_is_not_stranded_when_the_model_it_queued_on_goes_away(
-    start_router, start_replica, serve_other, redis_url, redis_client, tiny_ckpt
+    start_router, start_replica, redis_url, redis_client, tiny_ckpt
 ):
-    """A "" request queued on B's stream (B's replica draining, so nobody takes it) whose replica
-    then goes away while A stays live: the router answers UNAVAILABLE after its no-replica wait and
-    drops the entry from B's stream; the client's retry (gRPC retries UNAVAILABLE) lands on A.
-    Before, A being live kept it waiting on B's stream for its whole 60 s deadline."""
+    """A "" request queued on B's stream (B's replica heartbeats but takes nothing: hung) whose
+    replica then goes away while A stays live: the router answers UNAVAILABLE after its no-replica
+    wait and drops the entry from B's stream; the client's retry (gRPC retries UNAVAILABLE) lands on
+    A. Before, A being live kept it waiting on B's stream for its whole 60 s deadline."""
     client, _, _ = start_router(no_replica_timeout_s=2.0)
     start_replica(redis_url, replica_id="a")
-    b = serve_other("b")
-    b.drain(timeout=0)  # live (heartbeating) but taking nothing
+    hung = ReplicaInfo("b", "127.0.0.1:1", "other:1", time.time(), tags=["latest"])
+    publish_heartbeat(redis_client, hung)  # a replica of B that heartbeats and pulls nothing
     # Both queues empty: the tie goes to the first name, 'other'.
     t, out = in_thread(lambda: client.generate(PROMPTS[0], max_tokens=3, timeout=60, **greedy()))
     wait_for(lambda: redis_client.xlen(OTHER) == 1, 30, "the request to be queued on B's stream")
-    b.stop()  # B's replica is gone; only A's is live
+    redis_client.hdel(REPLICAS, "b")  # B's replica is gone; only A's is live
     t.join(40)
     assert "value" in out, out.get("error", "still waiting on B's stream")
     assert out["value"].replica == "a"

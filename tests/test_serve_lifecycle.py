@@ -204,3 +204,24 @@ def test_serve_refuses_options_no_replica_can_start_with(option: str, value: str
     result = CliRunner().invoke(cli, ["serve", "m", option, value], env={"TOKENMILL_DATA_DIR": str(tmp_path)})
     assert result.exit_code == 2, result.output
     assert option in result.output
+
+
+def test_a_draining_replica_takes_no_new_requests_but_stays_live(redis_client) -> None:
+    """A removed or replaced replica drains (up to shutdown_grace_seconds): requests it took must
+    not fail over (it is live), but a new request for what only it serves must not be queued for
+    it either: NOT_FOUND at once once the model is forgotten, not after the drain."""
+    from tokenmill.services.inference.dispatch.protocol import ReplicaInfo, publish_heartbeat
+    from tokenmill.services.inference.dispatch.registry import MODELS
+
+    for ref in ("a:1", "b:1"):
+        register_model(redis_client, Served(ref, ()))
+    draining = ReplicaInfo("r-b", "127.0.0.1:1", "b:1", time.time(), draining=True)
+    publish_heartbeat(redis_client, draining)
+    dispatcher = RouterDispatcher(redis_client)
+    assert [r.replica_id for r in dispatcher.replicas()] == ["r-b"]  # live: its requests stay put
+    assert dispatcher.targets("b") == []  # known, none taking requests: a replacement may come
+    redis_client.hdel(MODELS, "b:1")  # what `serve --remove b` does
+    with pytest.raises(errors.NotFound, match="'b' is not served; the platform serves a:1"):
+        dispatcher.targets("b")
+    publish_heartbeat(redis_client, ReplicaInfo("r-b", "127.0.0.1:1", "b:1", time.time()))
+    assert [r.replica_id for r in dispatcher.targets("b")] == ["r-b"]

@@ -89,7 +89,10 @@ def _list_served(config: Any) -> None:
     from tokenmill.common.platform.launcher import RunDir, health_status
     from tokenmill.common.platform.replicas import is_replica, served_model
 
-    rows = [s for s in RunDir(config.data_dir).read_processes() if is_replica(s)]
+    run_dir = RunDir(config.data_dir)
+    rows = [s for s in run_dir.read_processes() if is_replica(s)]
+    if rows and run_dir.supervisor_running() is None:
+        click.echo(f"warning: {_UNSUPERVISED}", err=True)
     if not rows:
         click.echo("no model is served; serve one with 'tokenmill serve MODEL'")
         return
@@ -102,12 +105,21 @@ def _remove(config: Any, model: str) -> None:
     from tokenmill.common.platform.launcher import RunDir, remove_processes
     from tokenmill.common.platform.replicas import model_name, replicas_of
 
-    old = replicas_of(RunDir(config.data_dir).read_processes(), model_name(model))
+    run_dir = RunDir(config.data_dir)
+    old = replicas_of(run_dir.read_processes(), model_name(model))
     if not old:
         raise click.ClickException(f"{model} is not served; see 'tokenmill serve --list'")
+    if run_dir.supervisor_running() is None and set(run_dir.orphans()) & {s.name for s in old}:
+        raise click.ClickException(f"cannot stop serving {model_name(model)}: {_UNSUPERVISED}")
     remove_processes(config, [s.name for s in old])
     _forget_stopped(config, old)
     click.echo(f"stopped serving {model_name(model)} ({len(old)} replica(s) draining)")
+
+
+_UNSUPERVISED = (
+    "the platform's supervisor is not running (killed?): its replicas still serve, but none is "
+    "restarted, added or stopped; run 'tokenmill up' to take them back"
+)
 
 
 def _forget_stopped(config: Any, stopped: list[ProcessSpec], keep: str = "") -> None:

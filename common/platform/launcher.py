@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+import psutil
+
 from tokenmill.common.clients.base import BaseClient, client_tls
 from tokenmill.common.config import SERVICE_NAMES, Config, load_config
 from tokenmill.common.errors import TokenmillError
@@ -107,6 +109,52 @@ class RunDir:
         except (OSError, ValueError):
             return None
         return pid if _alive(pid) else None
+
+    def orphans(self) -> dict[str, int]:
+        """Children a dead supervisor (e.g. kill -9) left running, name -> pid: in the table and in
+        its last state, alive, with exactly their spec's command line (not a reused pid). They run in
+        their own sessions, so they outlive it; the next supervisor adopts them (`Supervisor.adopt`).
+        Meaningful only while no supervisor runs."""
+        specs = {s.name: s for s in self.read_processes()}
+        found = {}
+        for name, child in self.read_state().items():
+            spec = specs.get(name)
+            if spec is not None and _alive(child.pid) and _cmdline(child.pid) == spec.argv:
+                found[name] = child.pid
+        return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return list(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return []
+
+
+class AdoptedChild:
+    """A child a previous supervisor started and left running: watched by pid (only its parent could
+    wait for it), stopped like any other. Its exit code is unknown (-1)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not _alive(self.pid):
+            self.returncode = -1
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+            time.sleep(0.05)
+        return code
 
 
 def _write_json_atomic(path: Path, payload: object) -> None:
@@ -190,7 +238,7 @@ class Supervisor:
     def __init__(self, config: Config, run_dir: RunDir):
         self.config = config
         self.run_dir = run_dir
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.children: dict[str, subprocess.Popen[bytes] | AdoptedChild] = {}
         self.running: dict[str, ProcessSpec] = {}  # the spec each child was started from
         self.state: dict[str, ChildState] = {}
         self.next_start: dict[str, float] = {}
@@ -199,6 +247,7 @@ class Supervisor:
 
     def run(self) -> None:
         self.run_dir.ensure()
+        self.adopt(self.run_dir.orphans())
         self.run_dir.supervisor_pid.write_text(str(os.getpid()))
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
@@ -216,6 +265,17 @@ class Supervisor:
                 self.redis.server.stop()
             self.run_dir.state.unlink(missing_ok=True)
             self.run_dir.supervisor_pid.unlink(missing_ok=True)
+
+    def adopt(self, orphans: dict[str, int]) -> None:
+        """Take over the children a killed supervisor left running (RunDir.orphans) instead of
+        starting second copies that cannot bind their ports: what they serve never stops."""
+        state = self.run_dir.read_state()
+        specs = {s.name: s for s in self.run_dir.read_processes()}
+        for name, pid in orphans.items():
+            log.warning("supervisor: adopting %s (pid %d), left running by a supervisor that died", name, pid)
+            self.children[name] = AdoptedChild(pid)
+            self.running[name] = specs[name]
+            self.state[name] = state[name]
 
     def _request_stop(self, signum: int, _frame: object) -> None:
         log.info("supervisor: signal %s, stopping children", signum)
@@ -256,10 +316,11 @@ class Supervisor:
         now = time.time()
         for name, spec in desired.items():
             child = self.children.get(name)
-            if child is not None and child.poll() is None:
+            code = child.poll() if child is not None else None
+            if child is not None and code is None:
                 continue
-            if child is not None:
-                self._record_exit(name, child.returncode, now)
+            if child is not None and code is not None:
+                self._record_exit(name, code, now)
                 self.children.pop(name)
             if now >= self.next_start.get(name, 0.0):
                 self._spawn(spec, base_env)
@@ -328,12 +389,13 @@ class PortInUseError(RuntimeError):
     """A port a service needs is held by another process: the real cause of an UNREACHABLE service."""
 
 
-def check_ports_free(config: Config) -> None:
-    """PortInUseError naming every service port (gRPC or metrics) another process holds, and who."""
+def check_ports_free(config: Config, skip: Iterable[str] = ()) -> None:
+    """PortInUseError naming every service port (gRPC or metrics) another process holds, and who;
+    the services in `skip` (still running, to be adopted) are not checked."""
     from tokenmill.common.platform.redis_embedded import port_bindable, port_holders
 
-    taken = []
-    for name in SERVICE_NAMES:
+    skipped, taken = set(skip), []
+    for name in (n for n in SERVICE_NAMES if n not in skipped):
         svc = config.service(name)
         for kind, port in (("gRPC", svc.port), ("metrics", svc.effective_metrics_port)):
             if not port_bindable(svc.host, port):
@@ -350,8 +412,8 @@ def up(config: Config, config_path: str | None, timeout: float = 60.0) -> dict[s
     first checks the service ports: one taken by another process fails at once, naming it."""
     run_dir = RunDir(config.data_dir)
     run_dir.ensure()
-    if run_dir.supervisor_running() is None:
-        check_ports_free(config)
+    if run_dir.supervisor_running() is None:  # its orphans hold their ports: the new one adopts them
+        check_ports_free(config, skip=run_dir.orphans())
     existing = {s.name: s for s in run_dir.read_processes() if s.name not in SERVICE_NAMES}
     run_dir.write_processes([*service_specs(config, config_path), *existing.values()])
     if run_dir.supervisor_running() is None:
@@ -412,6 +474,11 @@ def add_processes(config: Config, specs: Iterable[ProcessSpec]) -> None:
     """Add (or replace) supervised processes, e.g. inference replicas; requires `tokenmill up`."""
     run_dir = RunDir(config.data_dir)
     if run_dir.supervisor_running() is None:
+        if run_dir.orphans():
+            raise RuntimeError(
+                "the platform's supervisor is not running (killed?) though its processes are; "
+                "run `tokenmill up` to take them back, then retry"
+            )
         raise RuntimeError("the platform is not running; start it with `tokenmill up`")
     table = {s.name: s for s in run_dir.read_processes()}
     table.update({s.name: s for s in specs})

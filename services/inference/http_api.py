@@ -170,7 +170,7 @@ def build_app(
     async def models(request: Request) -> JSONResponse:
         if not authorized(request):
             return unauthorized()
-        replicas = await run_in_threadpool(dispatcher.replicas)
+        replicas = await run_in_threadpool(dispatcher.routable)
         return JSONResponse({"object": "list", "data": model_list(replicas)})
 
     async def model(request: Request) -> JSONResponse:
@@ -181,7 +181,7 @@ def build_app(
         name = request.path_params["model"]
         try:
             selector = Selector.parse(name)
-            replicas = await run_in_threadpool(dispatcher.replicas)
+            replicas = await run_in_threadpool(dispatcher.routable)
         except TokenmillError as exc:
             return error_response(exc)
         refs = sorted({s.ref for r in replicas for s in r.serving() if selector and selector.matches(s)})

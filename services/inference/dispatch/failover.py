@@ -170,6 +170,10 @@ class RouterDispatcher:
     def replicas(self) -> list[ReplicaInfo]:
         return live_replicas(self.r, self.dead_after_s)
 
+    def routable(self) -> list[ReplicaInfo]:
+        """The live replicas that take new requests (not draining): what is served right now."""
+        return [r for r in self.replicas() if not r.draining]
+
     def queue_depth(self) -> int:
         """Routed requests no replica has taken yet, over all models."""
         return sum(length for length, _ in self.backlog().values())
@@ -184,7 +188,7 @@ class RouterDispatcher:
         replicas could not load it, NOT_FOUND (saying what is served) when nothing serves or served
         it, INVALID_ARGUMENT for bad syntax."""
         selector = Selector.parse(model)
-        replicas = self.replicas()
+        replicas = self.routable()
         live = [r for r in replicas if selector is None or any(selector.matches(s) for s in r.serving())]
         if live:
             return live

@@ -253,6 +253,9 @@ class ReplicaInfo:
     preemptions: int = 0
     tags: list[str] = field(default_factory=list)  # the tags `model` was resolved through
     adapters: dict[str, list[str]] = field(default_factory=dict)  # LoRA adapter ref -> its tags
+    # Shutting down (SIGTERM: removed or replaced): finishing what it took, taking nothing new. Still
+    # live (its requests are not failed over), but no longer a routing target for new ones.
+    draining: bool = False
 
     @property
     def name(self) -> str:
@@ -272,7 +275,7 @@ class ReplicaInfo:
 
     @classmethod
     def from_stats(
-        cls, replica_id: str, address: str, serving: list[Served], stats: EngineStats
+        cls, replica_id: str, address: str, serving: list[Served], stats: EngineStats, draining: bool = False
     ) -> ReplicaInfo:
         """`serving`: the base model first, then the adapters (Replica.serving)."""
         served, adapters = serving[0], serving[1:]
@@ -290,6 +293,7 @@ class ReplicaInfo:
             prefix_queries=stats.prefix_cache_queries,
             prefix_hits=stats.prefix_cache_hits,
             preemptions=stats.preemptions,
+            draining=draining,
         )
 
 

@@ -133,6 +133,8 @@ class ReplicaPuller:
     def drain(self, timeout: float) -> bool:
         """Stop taking new work and wait for the routed requests in flight to finish (SIGTERM)."""
         self._draining.set()
+        with contextlib.suppress(redis.RedisError):
+            self.heartbeat()  # routers stop sending new requests here at once, not a heartbeat later
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
@@ -382,7 +384,10 @@ class ReplicaPuller:
     def heartbeat(self) -> None:
         stats = self.replica.aengine.stats()
         publish_heartbeat(
-            self.r, ReplicaInfo.from_stats(self.consumer, self.address, self.replica.serving(), stats)
+            self.r,
+            ReplicaInfo.from_stats(
+                self.consumer, self.address, self.replica.serving(), stats, self._draining.is_set()
+            ),
         )
 
     def cancel_expired(self) -> None:
