@@ -10,7 +10,7 @@ InvalidArgument naming the field, so a checkpoint is never stored and then serve
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.common.errors import InvalidArgument
@@ -38,6 +38,13 @@ class Family:
     architecture: str
     biases: Callable[[Mapping[str, Any]], Biases]
     has_sliding_window: bool
+    # What transformers' config class assumes for a field config.json leaves out (a hand-written or
+    # trimmed config.json must mean what it means to transformers, e.g. Mistral's 4096-token window).
+    hf_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_hf_defaults(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """`cfg` with this family's transformers defaults for the fields it omits."""
+        return {**self.hf_defaults, **cfg}
 
     def hf_bias_fields(self, biases: Biases) -> dict[str, Any]:
         """The config.json fields that make transformers build these biases."""
@@ -76,13 +83,34 @@ def _llama_biases(cfg: Mapping[str, Any]) -> Biases:
     return Biases(qkv=attn, o_proj=attn, mlp=bool(cfg.get("mlp_bias", False)))
 
 
+# transformers' LlamaConfig / Qwen2Config / MistralConfig defaults (4.x and 5.x agree) for the
+# fields tokenmill reads; an omitted num_key_value_heads is the head count for Llama only.
+_COMMON_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False}
+_LLAMA_DEFAULTS = {**_COMMON_DEFAULTS, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2}
+_QWEN2_DEFAULTS = {
+    **_COMMON_DEFAULTS,
+    "max_position_embeddings": 32768,
+    "num_key_value_heads": 32,
+    "use_sliding_window": False,
+    "sliding_window": 4096,
+    "max_window_layers": 28,
+}
+_MISTRAL_DEFAULTS = {
+    **_COMMON_DEFAULTS,
+    "max_position_embeddings": 131072,
+    "num_key_value_heads": 8,
+    "sliding_window": 4096,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("llama", "LlamaForCausalLM", _llama_biases, has_sliding_window=False),
+        Family("llama", "LlamaForCausalLM", _llama_biases, False, _LLAMA_DEFAULTS),
         # Qwen2/2.5: q/k/v carry biases, o_proj and the MLP do not (transformers' Qwen2Attention).
-        Family("qwen2", "Qwen2ForCausalLM", lambda cfg: Biases(qkv=True), has_sliding_window=True),
-        Family("mistral", "MistralForCausalLM", lambda cfg: Biases(), has_sliding_window=True),
+        Family("qwen2", "Qwen2ForCausalLM", lambda cfg: Biases(qkv=True), True, _QWEN2_DEFAULTS),
+        Family("mistral", "MistralForCausalLM", lambda cfg: Biases(), True, _MISTRAL_DEFAULTS),
     )
 }
 _BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
@@ -194,15 +222,17 @@ ROPE_REQUIRED: dict[str, tuple[str, ...]] = {
 
 
 def hf_rope(cfg: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling in tokenmill form) from either HF spelling; refuses unknown types."""
-    params = cfg.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    """(rope_theta, rope_scaling in tokenmill form) from either HF spelling; refuses unknown types.
+    As transformers reads them: a non-empty ``rope_scaling`` (4.x) wins and ``rope_parameters`` is
+    then ignored, theta included; the theta inside the chosen dict beats the top-level one."""
     scaling = cfg.get("rope_scaling") or None
+    params = scaling if scaling is not None else (cfg.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     field = "rope_scaling"
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
         field = "rope_parameters"
-    partial = (scaling or params).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         raise InvalidArgument(f"partial_rotary_factor={partial!r} is not supported; only 1.0")
     if scaling is None:

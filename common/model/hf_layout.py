@@ -9,6 +9,7 @@ has only ``pytorch_model.bin`` is refused rather than unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -91,13 +92,15 @@ def check_tensors(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         )
     if missing:
         raise InvalidArgument(f"{len(missing)} tensor(s) missing from the checkpoint: {missing[:8]}")
-    wrong = [
-        f"{k} {tuple(tensors[k].shape)} != {shape}"
-        for k, shape in expected.items()
-        if k in tensors and tuple(tensors[k].shape) != shape
-    ]
+    wrong = [k for k, shape in expected.items() if k in tensors and tuple(tensors[k].shape) != shape]
     if wrong:
-        raise InvalidArgument(f"tensor shapes do not match config.json: {wrong[:8]}")
+        fields = sorted({f for k in wrong for f in _shape_fields(k)})
+        values = _hf_shape_values(cfg)
+        raise InvalidArgument(
+            "tensor shapes do not match config.json: "
+            f"{[f'{k} {tuple(tensors[k].shape)} != {expected[k]}' for k in wrong[:8]]}; "
+            f"check {', '.join(f'{f}={values[f]}' for f in fields)}"
+        )
     embed = tensors["model.embed_tokens.weight"]
     head = tensors.get("lm_head.weight") if cfg.tie_embeddings else None
     if head is not None and not torch.equal(head.to(embed.dtype), embed):
@@ -106,6 +109,40 @@ def check_tensors(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
             "tie_word_embeddings=True but lm_head.weight differs from model.embed_tokens.weight; "
             "set tie_word_embeddings=False if the output projection is its own tensor"
         )
+
+
+# The config.json fields a parameter's shape follows, by the end of its name.
+_SHAPE_FIELDS = (
+    (("q_proj.weight", "q_proj.bias", "o_proj.weight"), ("num_attention_heads", "head_dim", "hidden_size")),
+    (
+        ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"),
+        ("num_key_value_heads", "head_dim", "hidden_size"),
+    ),
+    (
+        ("gate_proj.weight", "up_proj.weight", "down_proj.weight", "_proj.bias"),
+        ("intermediate_size", "hidden_size"),
+    ),
+    (("embed_tokens.weight", "lm_head.weight"), ("vocab_size", "hidden_size")),
+)
+
+
+def _shape_fields(name: str) -> tuple[str, ...]:
+    for suffixes, fields in _SHAPE_FIELDS:
+        if name.endswith(suffixes):
+            return fields
+    return ("hidden_size",)
+
+
+def _hf_shape_values(cfg: Any) -> dict[str, int]:
+    """The shape fields as config.json names them, with the values this config gives them."""
+    return {
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.dim_head,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+    }
 
 
 def write_hf_dir(
@@ -131,11 +168,21 @@ def write_hf_dir(
     tmp = out / "model.safetensors.tmp"
     save_file(weights, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(dict(hf_config), indent=2, sort_keys=True) + "\n")
+    (out / "config.json").write_bytes(_config_bytes(hf_config, files.get("config.json")))
     for name, data in files.items():
         if name in SIDE_FILES and name != "config.json":
             (out / name).write_bytes(data)
     return out
+
+
+def _config_bytes(hf_config: Mapping[str, Any], stored: bytes | None) -> bytes:
+    """The checkpoint's own config.json bytes when they say `hf_config` (an export then imports
+    again as the same bytes), else `hf_config` written out."""
+    if stored is not None:
+        with contextlib.suppress(ValueError):
+            if json.loads(stored) == dict(hf_config):
+                return stored
+    return (json.dumps(dict(hf_config), indent=2, sort_keys=True) + "\n").encode()
 
 
 def read_hf_dir(

@@ -23,11 +23,13 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoRALinear(nn.Module):
-    """A bias-free linear layer plus a low-rank trainable update."""
+    """A linear layer (frozen weight and, where the family has one, e.g. Qwen2's q/k/v, its frozen
+    bias under the same name) plus a low-rank trainable update."""
 
     in_features: int
     out_features: int
     weight: torch.Tensor
+    bias: torch.Tensor | None
     lora_A: nn.Linear
     lora_B: nn.Linear
     dropout: nn.Module
@@ -35,13 +37,14 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        if base.bias is not None:
-            raise ValueError("LoRALinear supports bias-free linear layers only")
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.weight.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
         self.rank, self.alpha = rank, float(alpha)
         self.scaling = self.alpha / rank
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=base.weight.device)
@@ -54,7 +57,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r) · B @ A, the update that merging adds to the base weight."""
@@ -124,10 +127,16 @@ def merge_lora(model: nn.Module) -> int:
         for child_name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 linear = nn.Linear(
-                    child.in_features, child.out_features, bias=False, device=child.weight.device
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    device=child.weight.device,
+                    dtype=child.weight.dtype,
                 )
                 with torch.no_grad():
                     linear.weight.copy_(child.weight + child.delta_weight().to(child.weight.dtype))
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias)
                 setattr(parent, child_name, linear)
                 merged += 1
     return merged

@@ -130,6 +130,12 @@ class ModelConfig:
                 f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} "
                 "(grouped-query attention shares each K/V head across a whole group)"
             )
+        if self.head_dim is not None and int(self.head_dim) <= 0:
+            raise ValueError(
+                f"head_dim must be positive (or null: hidden_size // num_heads), got {self.head_dim}"
+            )
+        if not self.rope_theta > 0 or math.isinf(self.rope_theta):
+            raise ValueError(f"rope_theta must be a positive finite number, got {self.rope_theta}")
         if self.dim_head % 2:
             raise ValueError(f"head_dim={self.dim_head} must be even for rotary embeddings")
         kind = rope_kind(self.rope_scaling)
@@ -227,6 +233,7 @@ class ModelConfig:
         """Read a ``config.json`` of a supported family (transformers 4.x ``rope_scaling`` or 5.x
         ``rope_parameters``). InvalidArgument names the field of anything this code cannot run."""
         fam = family_of_hf(cfg)
+        cfg = fam.with_hf_defaults(cfg)
         if cfg.get("hidden_act", "silu") != "silu":
             raise InvalidArgument(f"hidden_act={cfg.get('hidden_act')!r} is not supported; only 'silu'")
         try:

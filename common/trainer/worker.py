@@ -47,6 +47,9 @@ from tokenmill.common.trainer.preference import check_reference
 from tokenmill.common.trainer.schedule import lr_at
 
 TRAIN_STATE = "train_state.json"
+# files of an init checkpoint that a run carries forward (HF layout side files)
+INIT_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+INIT_MODEL_FILES = ("generation_config.json",)
 
 
 class Channel(Protocol):
@@ -84,10 +87,38 @@ def resolve_model_config(cfg: TrainConfig, io: CheckpointIO | None) -> ModelConf
     return model
 
 
+def resolve_hf_config(
+    cfg: TrainConfig, io: CheckpointIO | None, model: ModelConfig
+) -> tuple[dict[str, Any], bytes]:
+    """(config.json, its bytes) for the run's checkpoints: the init checkpoint's own, unchanged
+    when it describes this model (its other fields, e.g. pad_token_id, and its exact bytes survive
+    fine-tuning and an HF export; only a dtype other than the float32 the run saves is corrected),
+    else the one the model config writes."""
+    if cfg.init_checkpoint and cfg.mode != "distill" and io is not None:
+        with contextlib.suppress(NotFound):
+            raw = io.read_files(cfg.init_checkpoint, ["config.json"])["config.json"]
+            hf = json.loads(raw)
+            if ModelConfig.from_hf_config(hf) == model:
+                return _saved_dtype(hf, raw)
+    hf = model.to_hf_config()
+    return hf, json.dumps(hf, indent=2).encode()
+
+
+def _saved_dtype(hf: dict[str, Any], raw: bytes) -> tuple[dict[str, Any], bytes]:
+    """`hf` declaring the float32 the trainer's checkpoints hold (transformers loads weights in
+    the dtype config.json names)."""
+    wrong = [k for k in ("dtype", "torch_dtype") if k in hf and hf[k] != "float32"]
+    if not wrong:
+        return hf, raw
+    hf = {**hf, **dict.fromkeys(wrong, "float32")}
+    return hf, (json.dumps(hf, indent=2, sort_keys=True) + "\n").encode()
+
+
 class _Run:
     def __init__(self, cfg: TrainConfig, io: CheckpointIO, channel: Channel, d: Dist):
         self.cfg, self.io, self.channel, self.d = cfg, io, channel, d
         self.model_cfg = resolve_model_config(cfg, io)
+        self.hf_config, self.hf_config_bytes = resolve_hf_config(cfg, io, self.model_cfg)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
         self.history: list[dict[str, Any]] = []
         self.last_ckpt = ""
@@ -217,7 +248,7 @@ class _Run:
             metrics["reason"] = reason
             upload_id = self.io.begin(
                 cfg.output_name,
-                config={**self.model_cfg.to_hf_config(), **manifest_extra(cfg)},
+                config={**self.hf_config, **manifest_extra(cfg)},
                 tags=tags,
                 metrics=metrics,
                 lineage=lineage,
@@ -262,16 +293,9 @@ class _Run:
         }
         files = {
             TRAIN_STATE: json.dumps(state).encode(),
-            "config.json": json.dumps(self.model_cfg.to_hf_config(), indent=2).encode(),
+            "config.json": self.hf_config_bytes,
         }
-        tok = cfg.tokenizer_path or (
-            str(Path(cfg.dataset_path) / "tokenizer.json") if cfg.dataset_path else ""
-        )
-        if tok and Path(tok).is_file():
-            files["tokenizer.json"] = Path(tok).read_bytes()
-        elif cfg.init_checkpoint:
-            with contextlib.suppress(NotFound):
-                files.update(self.io.read_files(cfg.init_checkpoint, ["tokenizer.json"]))
+        files.update(self._model_files())
         files.update(self.objective.state_files())
         if cfg.lora_active:
             lo = cfg.lora
@@ -279,6 +303,33 @@ class _Run:
             body["base_model_name_or_path"] = cfg.init_checkpoint
             files["adapter_config.json"] = json.dumps(body).encode()
         return files
+
+    def _model_files(self) -> dict[str, bytes]:
+        """tokenizer.json (the run's, else the init checkpoint's), and the init checkpoint's files
+        that belong with it: its tokenizer/chat files when the run uses its tokenizer, and its
+        generation config. A fine-tuned import so keeps its chat template, special tokens and
+        every EOS id through the trainer and an HF export."""
+        cfg = self.cfg
+        init = cfg.init_checkpoint if cfg.mode != "distill" else ""
+        inherited = self._init_files(init, ("tokenizer.json", *INIT_TOKENIZER_FILES, *INIT_MODEL_FILES))
+        files = {k: v for k, v in inherited.items() if k in INIT_MODEL_FILES}
+        tok = cfg.tokenizer_path or (
+            str(Path(cfg.dataset_path) / "tokenizer.json") if cfg.dataset_path else ""
+        )
+        own = Path(tok).read_bytes() if tok and Path(tok).is_file() else None
+        if own is not None:
+            files["tokenizer.json"] = own
+        if "tokenizer.json" in inherited and own in (None, inherited["tokenizer.json"]):
+            files.update({k: v for k, v in inherited.items() if k not in INIT_MODEL_FILES})
+        return files
+
+    def _init_files(self, ref: str, names: Sequence[str]) -> dict[str, bytes]:
+        """Those of `names` that checkpoint `ref` holds ({} without a ref)."""
+        out: dict[str, bytes] = {}
+        for name in names if ref else ():
+            with contextlib.suppress(NotFound):
+                out.update(self.io.read_files(ref, [name]))
+        return out
 
     # ------------------------------------------------------------------------------------ steps
     def _mean(self, value: float) -> float:
