@@ -105,6 +105,21 @@ def test_bad_requests_are_rejected_before_any_worker_starts(trainer_service):
             c.submit(bad, dataset="stories", **SMALL)
         assert info.value.code == "INVALID_ARGUMENT" and "output_name" in info.value.message
     assert not list(c.iter_jobs()), "a rejected request must not queue a job"
+    # A model started from a checkpoint has the checkpoint's shapes: an override of them was ignored.
+    from tokenmill.common.model.transformer import ModelConfig, Transformer
+
+    base = ModelConfig(
+        vocab_size=448, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2
+    )
+    hf_json = json.dumps(base.to_hf_config()).encode()
+    tensors = dict(Transformer(base).state_dict())
+    trainer_service.ckpt.client.save(
+        "init-base", tensors, config=base.to_dict(), files={"config.json": hf_json}
+    )
+    for method in (c.submit, c.validate):
+        with pytest.raises(errors.InvalidArgument, match=r"model_overrides \['hidden_size'\] cannot change"):
+            method("bad", dataset="stories", init_checkpoint="init-base", model_overrides={"hidden_size": 64})
+    assert not list(c.iter_jobs())
     ok = c.validate("fine", dataset="stories", **SMALL)
     assert (
         ok.ok

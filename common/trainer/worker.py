@@ -82,8 +82,14 @@ def resolve_model_config(cfg: TrainConfig, io: CheckpointIO | None) -> ModelConf
             )
         hf = json.loads(io.read_files(cfg.init_checkpoint, ["config.json"])["config.json"])
         model = ModelConfig.from_hf_config(hf)
+        fixed = sorted(set(cfg.model_overrides) - {"max_seq_len"})
+        if fixed:
+            raise InvalidArgument(
+                f"model_overrides {fixed} cannot change a model started from {cfg.init_checkpoint!r}: its "
+                "shapes and settings are the checkpoint's (only max_seq_len may be overridden); drop them"
+            )
         if cfg.model_overrides:
-            model = model.replace(**{k: v for k, v in cfg.model_overrides.items() if k == "max_seq_len"})
+            model = model.replace(max_seq_len=cfg.model_overrides["max_seq_len"])
     return model
 
 

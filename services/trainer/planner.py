@@ -26,6 +26,7 @@ from tokenmill.common.trainer.config import LoraSettings, TrainConfig
 from tokenmill.common.trainer.distill import student_config, teacher_config
 from tokenmill.common.trainer.metrics import estimate_bytes_per_worker
 from tokenmill.common.trainer.preference import check_reference, read_preference_jsonl
+from tokenmill.common.trainer.worker import resolve_model_config
 
 # SubmitTrainRequest field -> TrainConfig field (same meaning); zero/empty means "use the default".
 DIRECT_FIELDS = (
@@ -111,13 +112,8 @@ class Planner:
     def plan(self, spec: dict[str, Any]) -> Plan:
         cfg = self.to_config(spec)
         model = cfg.validate()
-        if cfg.init_checkpoint:
-            if self.io is None or self.io.resolve(cfg.init_checkpoint) is None:
-                raise NotFound(
-                    f"checkpoint {cfg.init_checkpoint!r} not found; list them with 'tokenmill ckpt list'"
-                )
-            hf = json.loads(self.io.read_files(cfg.init_checkpoint, ["config.json"])["config.json"])
-            model = ModelConfig.from_hf_config(hf)
+        if cfg.init_checkpoint and cfg.mode != "distill":  # the checkpoint's model, as the workers build it
+            model = resolve_model_config(cfg, self.io)
         vocab = self._data_vocab(cfg)
         warnings: list[str] = []
         teacher_bytes = 0
