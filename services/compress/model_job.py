@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.common.checkpoint.format import torch_dtype
+from tokenmill.common.checkpoint.format import layout_of, torch_dtype
 from tokenmill.common.clients.checkpoint import CheckpointClient
 from tokenmill.common.data.dataset import PackedDataset, read_manifest
 from tokenmill.common.errors import FailedPrecondition, NotFound
@@ -50,20 +50,28 @@ class StoredModel:
         return dict(recorded) if isinstance(recorded, dict) else {}
 
     def meta_tensors(self) -> dict[str, torch.Tensor]:
-        """Shape-and-dtype stand-ins (device 'meta') for checks that need no values."""
+        """Shape-and-dtype stand-ins (device 'meta') of the model's tensors as `load` returns them,
+        for checks that need no values: a trainer's FSDP shards (`name@offsets`) as their logical
+        tensor, its optimizer state left out."""
         out = {}
-        for t in self.version.manifest.tensors:
-            dtype = torch_dtype(t.dtype) or torch.float32
-            out[t.name] = torch.empty([int(s) for s in t.shape], dtype=dtype, device="meta")
+        for name, pieces in layout_of(self.version.manifest.tensors).items():
+            if is_model_tensor(name):
+                dtype = torch_dtype(pieces[0].dtype) or torch.float32
+                out[name] = torch.empty(pieces[0].global_shape, dtype=dtype, device="meta")
         return out
 
     def load(self, client: CheckpointClient) -> dict[str, torch.Tensor]:
         tensors = client.load(self.ref)
-        return {k: v for k, v in tensors.items() if not k.startswith(("optim.", "optimizer."))}
+        return {k: v for k, v in tensors.items() if is_model_tensor(k)}
 
     def files(self, client: CheckpointClient, names: set[str]) -> dict[str, bytes]:
         present = sorted(names & {f.name for f in self.version.manifest.files})
         return client.load_files(self.ref, present) if present else {}
+
+
+def is_model_tensor(name: str) -> bool:
+    """Not a trainer's optimizer state (stored beside the weights, e.g. optim.exp_avg.<weight>)."""
+    return not name.startswith(("optim.", "optimizer."))
 
 
 def find_model(client: CheckpointClient, ref: str) -> StoredModel:
