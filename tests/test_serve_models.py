@@ -3,11 +3,13 @@ replacement that drops no request, removal, and a model that cannot load failing
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,11 +30,18 @@ def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.Co
 
 @pytest.fixture
 def platform(tmp_path: Path):
+    with local_platform(tmp_path, no_replica_wait_s=3) as up:
+        yield up
+
+
+@contextlib.contextmanager
+def local_platform(tmp_path: Path, no_replica_wait_s: float) -> Iterator[tuple[dict[str, str], dict, str]]:
+    """`tokenmill up` on free ports in `tmp_path`: (the CLI's env, service ports, auth token)."""
     from tests.test_launcher import _free_ports
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENMILL_") and k != "REDIS_URL"}
     env["TOKENMILL_DATA_DIR"] = str(tmp_path / "data")
-    env["TOKENMILL_INFERENCE_LIMITS__NO_REPLICA_WAIT_SECONDS"] = "3"
+    env["TOKENMILL_INFERENCE_LIMITS__NO_REPLICA_WAIT_SECONDS"] = str(no_replica_wait_s)
     ports = dict(zip(SERVICE_NAMES, _free_ports(len(SERVICE_NAMES)), strict=True))
     for name, port in ports.items():
         env[f"TOKENMILL_SERVICES__{name.upper()}__PORT"] = str(port)

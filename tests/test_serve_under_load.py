@@ -19,41 +19,18 @@ from typing import Any
 import pytest
 
 from tests.fixtures.inference import TinyCheckpoint, random_model, reference_greedy, tiny_config
+from tests.test_serve_models import _cli, _save, local_platform
 from tokenmill.common import errors
-from tokenmill.common.clients.checkpoint import CheckpointClient
 from tokenmill.common.clients.inference import InferenceClient
-from tokenmill.common.config import SERVICE_NAMES
 
-TOKENMILL = str(Path(sys.executable).parent / "tokenmill")
 PROMPT = "Once upon a time"
 MAX_NEW = 6
 
 
-def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([TOKENMILL, *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture
 def platform(tmp_path: Path):
-    from tests.test_launcher import _free_ports
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENMILL_") and k != "REDIS_URL"}
-    env["TOKENMILL_DATA_DIR"] = str(tmp_path / "data")
-    env["TOKENMILL_INFERENCE_LIMITS__NO_REPLICA_WAIT_SECONDS"] = "5"
-    ports = dict(zip(SERVICE_NAMES, _free_ports(len(SERVICE_NAMES)), strict=True))
-    for name, port in ports.items():
-        env[f"TOKENMILL_SERVICES__{name.upper()}__PORT"] = str(port)
-    result = _cli(env, "up", "--timeout", "90")
-    try:
-        assert result.returncode == 0, result.stdout + result.stderr
-        yield env, ports, (tmp_path / "data" / "auth_token").read_text().strip()
-    finally:
-        _cli(env, "down")
-
-
-def _save(ports: dict[str, int], token: str, name: str, ckpt: TinyCheckpoint) -> None:
-    with CheckpointClient(f"127.0.0.1:{ports['checkpoint']}", token=token) as store:
-        ckpt.save_to(store, name)
+    with local_platform(tmp_path, no_replica_wait_s=5) as up:
+        yield up
 
 
 def _serve(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
