@@ -24,8 +24,9 @@ def tiny_tokenizer_json() -> bytes:
     return tok.to_str().encode()
 
 
-def test_import_export_round_trip_in_transformers(ckpt, tmp_path):
-    cfg = transformers.LlamaConfig(
+def tiny_llama_config() -> transformers.LlamaConfig:
+    """A Llama small enough to build, save and run in a test: 2 layers, GQA (4 heads, 2 KV)."""
+    return transformers.LlamaConfig(
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
@@ -34,6 +35,10 @@ def test_import_export_round_trip_in_transformers(ckpt, tmp_path):
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
+
+
+def test_import_export_round_trip_in_transformers(ckpt, tmp_path):
+    cfg = tiny_llama_config()
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     src = tmp_path / "hf"
@@ -107,15 +112,7 @@ def test_compressed_checkpoint_exports_dense_weights_transformers_loads(ckpt, tm
     tensor (none left randomly initialised) and computes what the dequantized weights compute."""
     from tokenmill.common.model.quant import dequantize_state_dict, quantize_state_dict
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_llama_config()
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
     base = ckpt.client.import_hf(tmp_path / "hf", "llama-q")
